@@ -1,0 +1,58 @@
+"""Checkpoints in Hugging Face format, written atomically.
+
+A checkpoint is a directory that `transformers.pipeline("text-classification", model=DIR)`
+and `AutoModelForSequenceClassification.from_pretrained(DIR)` load as is:
+`config.json` (with `id2label`), `model.safetensors`, the tokenizer files, and our own
+`training_args.json` describing the run that produced it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch.nn as nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The inner model of a DDP wrapper (native or hand-written); the model itself otherwise."""
+    return getattr(model, "module", model)
+
+
+def save_checkpoint(model: nn.Module, tokenizer: PreTrainedTokenizerBase, out_dir: str | os.PathLike,
+                    metadata: dict | None = None) -> Path:
+    """Save model (safetensors) and tokenizer to `out_dir`, atomically.
+
+    Everything is written to a temporary sibling directory first and renamed into
+    place, so a crash mid-save never leaves a half-written checkpoint where a server
+    or a later run would load it. An existing `out_dir` is replaced.
+    Call on one rank only (rank 0).
+
+    Returns:
+        The checkpoint directory.
+    """
+    out = Path(out_dir).resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    inner = unwrap(model)
+    if not isinstance(inner, PreTrainedModel):
+        raise TypeError(f"save_checkpoint needs a transformers model, got {type(inner).__name__}")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        inner.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if metadata is not None:
+            (tmp / "training_args.json").write_text(json.dumps(metadata, indent=2, default=str))
+        old = None
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            os.rename(out, old)
+        os.rename(tmp, out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
