@@ -1,0 +1,68 @@
+"""Communication hooks: what the DDP wrapper does with a full bucket.
+
+A hook takes `(state, bucket)` and returns a `torch.futures.Future` whose value is
+the reduced flat gradient tensor (same number of elements as `bucket.buffer`). The
+wrapper waits for every future at the end of backward and copies the value back
+into the bucket. This is the interface of torch's `DistributedDataParallel.
+register_comm_hook` (torch/distributed/algorithms/ddp_comm_hooks/default_hooks.py),
+with our `Bucket` in place of torch's `GradBucket` (`bucket.buffer` is an
+attribute here, `bucket.buffer()` a method there).
+
+Without a registered hook the wrapper does what torch's reducer does: each
+gradient is multiplied by 1/world_size while it is copied into the bucket, and the
+bucket is all-reduced with SUM, which averages it (gloo has no AVG op).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class CommState:
+    """What a hook needs to talk to the other ranks.
+
+    Attributes:
+        process_group: the group to reduce over (None = the default group).
+        world_size: number of ranks in it.
+        all_reduce: launches an asynchronous SUM all-reduce of a tensor in place and
+            returns a `torch.futures.Future` whose value is that tensor; chosen by
+            the wrapper's `all_reduce=` option ("torch" or "ring").
+    """
+    process_group: object
+    world_size: int
+    all_reduce: Callable[[torch.Tensor], torch.futures.Future]
+
+
+def torch_all_reduce(process_group) -> Callable[[torch.Tensor], torch.futures.Future]:
+    """`dist.all_reduce(SUM, async_op=True)` as a launcher whose future's value is the tensor itself."""
+    def launch(tensor: torch.Tensor) -> torch.futures.Future:
+        work = dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=process_group, async_op=True)
+        return work.get_future().then(lambda fut: fut.value()[0])
+    return launch
+
+
+def allreduce_hook(state: CommState, bucket) -> torch.futures.Future:
+    """Average the bucket: divide by world size, then SUM all-reduce (torch's `default_hooks.allreduce_hook`)."""
+    bucket.buffer.div_(state.world_size)
+    return state.all_reduce(bucket.buffer)
+
+
+def _compress_hook(dtype: torch.dtype):
+    def hook(state: CommState, bucket) -> torch.futures.Future:
+        # Halve the bytes on the wire: cast to 16 bits, divide before the sum so the
+        # fp16 range (max 65504) is not exceeded by adding world_size gradients.
+        compressed = bucket.buffer.to(dtype).div_(state.world_size)
+        fut = state.all_reduce(compressed)
+        return fut.then(lambda f: bucket.buffer.copy_(f.value()))  # decompress into the bucket
+    hook.__name__ = f"{str(dtype).removeprefix('torch.')}_compress_hook"
+    hook.__doc__ = (f"Average the bucket in {dtype}: half the bytes of float32 on the wire, at the cost of "
+                    f"rounding every gradient to {dtype} (torch's `default_hooks.{hook.__name__}`).")
+    return hook
+
+
+fp16_compress_hook = _compress_hook(torch.float16)
+bf16_compress_hook = _compress_hook(torch.bfloat16)
