@@ -1,0 +1,130 @@
+"""Process-group setup shared by every run: rank, world size, backend, device.
+
+torchrun starts N copies of the program and tells each who it is through the
+environment: RANK (0..N-1 across all machines), LOCAL_RANK (index on this machine,
+which picks the GPU), WORLD_SIZE (N), MASTER_ADDR/MASTER_PORT (where rank 0 listens).
+Without torchrun a run is world size 1.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class DistEnv:
+    """Who this process is in the job.
+
+    Attributes:
+        rank: global rank, 0..world_size-1.
+        local_rank: rank on this machine; selects `cuda:local_rank`.
+        world_size: number of processes.
+        backend: "nccl" (one GPU per rank) or "gloo" (CPU), or "" when no process group.
+        device: this rank's device.
+    """
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    backend: str = ""
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 alone prints, shows progress bars and writes files."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return bool(self.backend)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def choose_backend(requested: str | None, local_world_size: int) -> str:
+    """NCCL when CUDA is there and every rank on this machine has its own GPU; gloo otherwise.
+
+    Raises:
+        SystemExit: nccl was requested but there are fewer GPUs than local ranks.
+    """
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if requested in (None, "auto"):
+        return "nccl" if gpus >= local_world_size > 0 and gpus > 0 else "gloo"
+    if requested == "nccl" and gpus < local_world_size:
+        raise SystemExit(f"--backend nccl needs one GPU per rank: {local_world_size} ranks on this machine but "
+                         f"{gpus} GPU(s) visible. Use --backend gloo (CPU) or fewer processes.")
+    return requested
+
+
+def setup(ddp: str, backend: str | None = None, timeout_s: float = 300.0) -> DistEnv:
+    """Initialise the process group for `--ddp native|scratch`; nothing for `--ddp none`.
+
+    Args:
+        ddp: "none", "native" or "scratch".
+        backend: "auto" (default), "gloo" or "nccl".
+        timeout_s: process-group timeout in seconds: a rank that waits longer than
+            this for a peer (dead, or stuck) raises instead of hanging.
+
+    Raises:
+        SystemExit: `--ddp none` launched with several processes.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if ddp == "none":
+        if world_size > 1:
+            raise SystemExit("--ddp none trains in one process; launch it without torchrun "
+                             "(or --nproc_per_node=1), or pick --ddp native / --ddp scratch.")
+        return DistEnv()
+    if "RANK" not in os.environ:  # plain `python -m experiments.train`: a group of one
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    backend = choose_backend(backend, int(os.environ.get("LOCAL_WORLD_SIZE", world_size)))
+    if backend == "nccl":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)  # before init, so NCCL binds this rank to its own GPU
+    else:
+        device = torch.device("cpu")
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s),
+                            **({"device_id": device} if backend == "nccl" else {}))
+    return DistEnv(rank, local_rank, world_size, backend, device)
+
+
+def teardown() -> None:
+    """Destroy the process group if there is one (always call it, also after an error)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def run_on_main_first(env: DistEnv, fn):
+    """Run `fn()` on rank 0, then on the other ranks (which then hit rank 0's caches).
+
+    If rank 0 fails, every rank raises SystemExit with rank 0's message instead of
+    waiting for it at a barrier until the timeout.
+    """
+    if not env.distributed or env.world_size == 1:
+        return fn()
+    result, error = None, [None]
+    if env.is_main:
+        try:
+            result = fn()
+        except (SystemExit, Exception) as e:  # noqa: BLE001 - any failure must reach the other ranks
+            error = [f"{type(e).__name__}: {e}" if not isinstance(e, SystemExit) else str(e)]
+    dist.broadcast_object_list(error, src=0)
+    if error[0] is not None:
+        raise SystemExit(error[0])
+    return fn() if not env.is_main else result
+
+
+def all_reduce_sum(tensor: torch.Tensor, env: DistEnv) -> torch.Tensor:
+    """Sum `tensor` over ranks in place (a no-op in one process); returns it."""
+    if env.distributed and env.world_size > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor

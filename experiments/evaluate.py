@@ -1,0 +1,50 @@
+"""Distributed evaluation: every example counted exactly once across ranks.
+
+The training sampler pads so all ranks get the same number of batches; evaluation
+must not pad (a repeated example would be counted twice). Rank r takes examples
+r, r+N, r+2N, ... of the split, runs the *inner* model (no DDP wrapper, so ranks
+with one batch fewer never leave a peer waiting in a collective), and the per-rank
+confusion matrices and loss sums are added up with one all-reduce.
+"""
+from __future__ import annotations
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from .checkpoint import unwrap
+from .distributed import DistEnv, all_reduce_sum
+
+
+@torch.inference_mode()
+def evaluate(model, dataset, collate_fn, env: DistEnv, batch_size: int = 64, num_labels: int = 4,
+             desc: str = "eval") -> dict:
+    """Accuracy, mean loss and confusion matrix of `model` on `dataset`, over all ranks.
+
+    Args:
+        dataset: tokenized split with `input_ids`, `attention_mask`, `labels`.
+        batch_size: examples per forward pass on each rank.
+
+    Returns:
+        {"accuracy": float in [0, 1], "loss": mean cross-entropy (nats), "n": examples
+        counted (= len(dataset)), "confusion": list of lists, [true][predicted] counts}.
+    """
+    inner = unwrap(model)
+    was_training = inner.training
+    inner.eval()
+    shard = list(range(env.rank, len(dataset), env.world_size))  # disjoint, complete, no padding
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=shard, collate_fn=collate_fn)
+    confusion = torch.zeros(num_labels, num_labels, dtype=torch.int64, device=env.device)
+    loss_sum = torch.zeros(1, dtype=torch.float64, device=env.device)
+    for batch in tqdm(loader, desc=desc, disable=not env.is_main, leave=False):
+        batch = {k: v.to(env.device) for k, v in batch.items()}
+        out = inner(**batch)
+        pred = out.logits.argmax(dim=-1)
+        confusion.index_put_((batch["labels"], pred), torch.ones_like(pred), accumulate=True)
+        loss_sum += out.loss.double() * len(pred)
+    all_reduce_sum(confusion, env)
+    all_reduce_sum(loss_sum, env)
+    inner.train(was_training)
+    n = int(confusion.sum())
+    return {"accuracy": float(confusion.trace()) / max(n, 1), "loss": float(loss_sum) / max(n, 1), "n": n,
+            "confusion": confusion.cpu().tolist()}

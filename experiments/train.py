@@ -1,0 +1,203 @@
+"""Train an AG News classifier with data parallelism: the one training loop of the project.
+
+The parallel wrapper and the sampler are the only things that change between runs:
+    --ddp none      one process, no wrapper (torch's DistributedSampler with 1 replica)
+    --ddp native    torch.nn.parallel.DistributedDataParallel + torch's DistributedSampler
+    --ddp scratch   ddp_from_scratch.DistributedDataParallel + our DistributedSampler
+
+Launch (CPU: gloo; one GPU per rank: nccl):
+    python -m experiments.train --ddp none --data-dir ../shared/ag_news --model minilm-l6
+    torchrun --nproc_per_node=2 -m experiments.train --ddp scratch --data-dir ../shared/ag_news --model minilm-l6
+    torchrun --nproc_per_node=2 -m experiments.train --ddp native  --data-dir ../shared/ag_news --model minilm-l6
+    # several machines: torchrun --nnodes=2 --node_rank=K --master_addr=HOST --nproc_per_node=G -m experiments.train ...
+
+Writes to --output-dir (rank 0 only): metrics.jsonl (one line per optimizer step:
+loss, learning rate, seconds in forward / backward (incl. waiting for gradient
+sync) / optimizer, and one line per evaluation), summary.json, checkpoint/ (a
+Hugging Face model directory that `transformers.pipeline` and `python -m server` load).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import get_linear_schedule_with_warmup
+
+from . import distributed as D
+from .checkpoint import save_checkpoint, unwrap
+from .data import DataError, load_ag_news, make_collator, tokenize
+from .evaluate import evaluate
+from .model import build_model, build_tokenizer
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m experiments.train", description=__doc__.split("\n")[0])
+    p.add_argument("--ddp", choices=["none", "native", "scratch"], default="scratch", help="parallel wrapper")
+    p.add_argument("--model", default="distilbert", help="preset (distilbert, minilm-l6, tiny), hub id or path")
+    p.add_argument("--data-dir", default=None, help="directory with train.csv/test.csv (ag_news_csv); default: the hub")
+    p.add_argument("--output-dir", default=None, help="default: runs/<ddp>-np<world size>")
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=16, help="micro-batch per rank; global batch = this x world size")
+    p.add_argument("--eval-batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=5e-5)
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--warmup-ratio", type=float, default=0.06, help="share of steps with linear warm-up")
+    p.add_argument("--max-grad-norm", type=float, default=1.0, help="0 disables clipping")
+    p.add_argument("--max-length", type=int, default=128, help="tokens per text (truncation)")
+    p.add_argument("--max-train-samples", type=int, default=None)
+    p.add_argument("--max-eval-samples", type=int, default=None, help="cap on validation and test examples")
+    p.add_argument("--val-size", type=float, default=0.05, help="fraction (<1) or count of train held out")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--dropout", type=float, default=None, help="tiny model only")
+    p.add_argument("--bucket-cap-mb", type=float, default=25.0, help="DDP bucket cap, both implementations")
+    p.add_argument("--all-reduce", choices=["torch", "ring"], default="torch", help="--ddp scratch: collective")
+    p.add_argument("--backend", choices=["auto", "gloo", "nccl"], default="auto")
+    p.add_argument("--timeout", type=float, default=300.0, help="process-group timeout, seconds")
+    p.add_argument("--cache-dir", default=os.path.join(".cache", "tokenized"), help="tokenized-data cache")
+    p.add_argument("--no-test", action="store_true", help="skip the final test-set evaluation")
+    p.add_argument("--no-save", action="store_true", help="skip writing the checkpoint")
+    args = p.parse_args(argv)
+    for name in ("epochs", "batch_size", "eval_batch_size", "max_length"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.bucket_cap_mb <= 0:
+        p.error("--bucket-cap-mb must be positive")
+    return args
+
+
+def wrap_model(model, args, env: D.DistEnv):
+    """The only place where the three runs differ: wrapper and sampler factory."""
+    if args.ddp == "none":
+        from torch.utils.data import DistributedSampler
+        return model, lambda ds: DistributedSampler(ds, num_replicas=1, rank=0, shuffle=True, seed=args.seed)
+    if args.ddp == "native":
+        import ddp_native as impl
+        kwargs = {}
+    else:
+        import ddp_from_scratch as impl
+        kwargs = {"all_reduce": args.all_reduce}
+    wrapped = impl.wrap(model, env.device, bucket_cap_mb=args.bucket_cap_mb, **kwargs)
+    return wrapped, lambda ds: impl.DistributedSampler(ds, num_replicas=env.world_size, rank=env.rank,
+                                                        shuffle=True, seed=args.seed)
+
+
+def _sync(env):
+    if env.device.type == "cuda":  # CUDA is asynchronous: wait, or the timers measure only launches
+        torch.cuda.synchronize(env.device)
+
+
+def train(args, env: D.DistEnv) -> dict:
+    """Data, model, loop, evaluation, checkpoint. Returns the summary (rank 0's view)."""
+    out_dir = args.output_dir or os.path.join("runs", f"{args.ddp}-np{env.world_size}")
+    tokenizer = build_tokenizer(args.model)
+
+    def prepare():
+        raw = load_ag_news(args.data_dir, val_size=args.val_size if args.val_size < 1 else int(args.val_size),
+                           seed=args.seed, max_train_samples=args.max_train_samples,
+                           max_eval_samples=args.max_eval_samples)
+        return tokenize(raw, tokenizer, max_length=args.max_length, cache_dir=args.cache_dir)
+    data = D.run_on_main_first(env, prepare)  # rank 0 tokenizes and caches, the others load
+
+    torch.manual_seed(args.seed)  # identical initial weights (and classifier head) on every rank and run
+    model = build_model(args.model, vocab_size=len(tokenizer), dropout=args.dropout).to(env.device)
+    model, make_sampler = wrap_model(model, args, env)
+    torch.manual_seed(args.seed + env.rank)  # per-rank dropout masks, identical for native and scratch runs
+
+    collate = make_collator(tokenizer)
+    sampler = make_sampler(data["train"])
+    loader = DataLoader(data["train"], batch_size=args.batch_size, sampler=sampler, collate_fn=collate)
+    steps = args.epochs * len(loader)
+    decay = [p for n, p in unwrap(model).named_parameters() if p.ndim > 1]  # no decay on biases, LayerNorm
+    rest = [p for n, p in unwrap(model).named_parameters() if p.ndim <= 1]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                             {"params": rest, "weight_decay": 0.0}], lr=args.lr)
+    sched = get_linear_schedule_with_warmup(opt, int(args.warmup_ratio * steps), steps)
+
+    if env.is_main:
+        os.makedirs(out_dir, exist_ok=True)
+        print(f"[{args.ddp}] world size {env.world_size}, backend {env.backend or '-'}, device {env.device}, "
+              f"model {args.model} ({sum(p.numel() for p in unwrap(model).parameters()) / 1e6:.1f}M params), "
+              f"train/val/test {len(data['train'])}/{len(data['validation'])}/{len(data['test'])}, "
+              f"global batch {args.batch_size * env.world_size}, {steps} steps", flush=True)
+    log = open(os.path.join(out_dir, "metrics.jsonl"), "w") if env.is_main else None
+    epoch_times, samples_seen, step = [], 0, 0
+    evals = []
+    model.train()
+    for epoch in range(args.epochs):
+        sampler.set_epoch(epoch)  # every rank, every epoch: a new shuffle, the same on all ranks
+        if env.distributed and env.world_size > 1:
+            torch.distributed.barrier()  # start the clock together
+        t_epoch = t_prev = time.perf_counter()
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not env.is_main)
+        for batch in bar:
+            batch = {k: v.to(env.device, non_blocking=True) for k, v in batch.items()}
+            _sync(env); t0 = time.perf_counter()
+            loss = model(**batch).loss
+            _sync(env); t1 = time.perf_counter()
+            loss.backward()  # DDP: returns once gradients are averaged across ranks
+            _sync(env); t2 = time.perf_counter()
+            if args.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+            opt.step(); sched.step(); opt.zero_grad(set_to_none=True)
+            _sync(env); t3 = time.perf_counter()
+            n = len(batch["labels"]) * env.world_size  # ranks get equal shards (the sampler pads)
+            samples_seen += n
+            step += 1
+            if log:
+                log.write(json.dumps({"type": "step", "step": step, "epoch": epoch, "loss": loss.item(),
+                                      "lr": sched.get_last_lr()[0], "samples": n, "data_s": t0 - t_prev,
+                                      "forward_s": t1 - t0, "backward_s": t2 - t1, "optimizer_s": t3 - t2,
+                                      "step_s": t3 - t_prev}) + "\n")
+                bar.set_postfix(loss=f"{loss.item():.3f}")
+            t_prev = t3
+        epoch_times.append(time.perf_counter() - t_epoch)
+        val = evaluate(model, data["validation"], collate, env, args.eval_batch_size, desc="validation")
+        evals.append({"type": "eval", "split": "validation", "epoch": epoch, **val})
+        if log:
+            log.write(json.dumps(evals[-1]) + "\n")
+            print(f"epoch {epoch + 1}: {epoch_times[-1]:.1f} s, {samples_seen / sum(epoch_times):.1f} samples/s, "
+                  f"validation accuracy {val['accuracy']:.4f}", flush=True)
+    test = None if args.no_test else evaluate(model, data["test"], collate, env, args.eval_batch_size, desc="test")
+    summary = {"ddp": args.ddp, "world_size": env.world_size, "backend": env.backend, "model": args.model,
+               "global_batch": args.batch_size * env.world_size, "steps": step, "train_samples": samples_seen,
+               "train_time_s": sum(epoch_times), "epoch_times_s": epoch_times,
+               "samples_per_s": samples_seen / max(sum(epoch_times), 1e-9),
+               "val_accuracy": evals[-1]["accuracy"] if evals else None,
+               "test_accuracy": test["accuracy"] if test else None, "test": test, "args": vars(args)}
+    if env.is_main:
+        if test:
+            log.write(json.dumps({"type": "eval", "split": "test", **test}) + "\n")
+            print(f"test accuracy {test['accuracy']:.4f} on {test['n']} examples", flush=True)
+        log.close()
+        if not args.no_save:
+            ckpt = save_checkpoint(model, tokenizer, os.path.join(out_dir, "checkpoint"),
+                                   {**vars(args), "world_size": env.world_size})
+            summary["checkpoint"] = str(ckpt)
+            print(f"checkpoint: {ckpt}", flush=True)
+        with open(os.path.join(out_dir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+    return summary
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    env = D.setup(args.ddp, args.backend, args.timeout)
+    try:
+        train(args, env)
+    except DataError as e:
+        if env.is_main:
+            print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        D.teardown()  # always, also after an error: frees the port and the peers
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
