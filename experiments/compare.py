@@ -1,0 +1,116 @@
+"""Side by side: the same training job with 1 process, native DDP and hand-written DDP.
+
+    python -m experiments.compare --nproc 2 --data-dir ../shared/ag_news --model minilm-l6 \
+        --max-train-samples 4000 --max-length 64
+
+runs, one after the other (so they never compete for the cores):
+    python -m experiments.train --ddp none    --batch-size B*N ...        (the same global batch)
+    torchrun --nproc_per_node=N -m experiments.train --ddp native  --batch-size B ...
+    torchrun --nproc_per_node=N -m experiments.train --ddp scratch --batch-size B ...
+with the same seed, data order, initial weights and bucket cap, then prints and
+writes (`<out>/comparison.md`, `<out>/comparison.json`) one table: samples/s, time
+per epoch, speedup over 1 process, parallel efficiency (speedup / N), validation
+and test accuracy, and the largest absolute difference between the native and the
+hand-written final weights (0 up to float rounding: same data, same dropout masks,
+same averaged gradients).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+import torch
+from safetensors.torch import load_file
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m experiments.compare", description=__doc__.split("\n")[0],
+                                epilog="Any other flag is passed to experiments.train (e.g. --epochs, --lr).")
+    p.add_argument("--nproc", type=int, default=2, help="processes for the DDP runs")
+    p.add_argument("--batch-size", type=int, default=16, help="micro-batch per rank")
+    p.add_argument("--out", default=os.path.join("runs", "compare"), help="directory for the three runs and the table")
+    p.add_argument("--runs", default="none,native,scratch", help="comma-separated subset of none,native,scratch")
+    args, train_args = p.parse_known_args(argv)
+    if args.nproc < 1:
+        p.error("--nproc must be at least 1")
+    args.runs = [r.strip() for r in args.runs.split(",") if r.strip()]
+    bad = set(args.runs) - {"none", "native", "scratch"}
+    if bad:
+        p.error(f"--runs: unknown {sorted(bad)}; choose from none, native, scratch")
+    return args, train_args
+
+
+def command(kind: str, nproc: int, batch_size: int, out_dir: str, train_args: list[str]) -> list[str]:
+    """The exact command line of one run (printed, so a learner can rerun it alone)."""
+    common = ["--output-dir", out_dir, *train_args]
+    if kind == "none":  # one process trains on the whole global batch
+        return [sys.executable, "-m", "experiments.train", "--ddp", "none", "--batch-size", str(batch_size * nproc),
+                *common]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            "-m", "experiments.train", "--ddp", kind, "--batch-size", str(batch_size), *common]
+
+
+def max_weight_difference(dir_a: str, dir_b: str) -> float:
+    """Largest |a - b| over all weights of two checkpoints (model.safetensors)."""
+    a = load_file(os.path.join(dir_a, "model.safetensors"))
+    b = load_file(os.path.join(dir_b, "model.safetensors"))
+    if a.keys() != b.keys():
+        raise ValueError(f"checkpoints {dir_a} and {dir_b} hold different tensors")
+    return max(float((a[k].double() - b[k].double()).abs().max()) if a[k].numel() else 0.0 for k in a)
+
+
+def table(summaries: dict, weight_diff: float | None) -> str:
+    """The Markdown comparison table."""
+    base = summaries.get("none", {}).get("samples_per_s")
+    rows = ["| run | processes | samples/s | s/epoch | speedup vs 1 process | parallel efficiency "
+            "| val acc | test acc |", "|---|---|---|---|---|---|---|---|"]
+    for kind, s in summaries.items():
+        speedup = s["samples_per_s"] / base if base else None
+        fmt = lambda x, f: "-" if x is None else format(x, f)  # noqa: E731
+        rows.append(f"| {kind} | {s['world_size']} | {s['samples_per_s']:.1f} | "
+                    f"{sum(s['epoch_times_s']) / len(s['epoch_times_s']):.1f} | {fmt(speedup, '.2f')} | "
+                    f"{fmt(speedup / s['world_size'] if speedup else None, '.0%')} | {fmt(s['val_accuracy'], '.4f')} "
+                    f"| {fmt(s['test_accuracy'], '.4f')} |")
+    if weight_diff is not None:
+        rows.append(f"\nLargest absolute difference between native and hand-written final weights: {weight_diff:.3g}")
+    return "\n".join(rows)
+
+
+def main(argv=None) -> int:
+    args, train_args = parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    summaries = {}
+    for kind in args.runs:
+        out_dir = os.path.join(args.out, kind)
+        cmd = command(kind, args.nproc, args.batch_size, out_dir, train_args)
+        print(f"\n=== {kind}: {' '.join(cmd)}", flush=True)
+        env = dict(os.environ)
+        if kind != "none":
+            env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc)))
+        if subprocess.run(cmd, env=env).returncode != 0:
+            print(f"error: the {kind} run failed (its output is above); rerun it alone with the command shown.",
+                  file=sys.stderr)
+            return 1
+        with open(os.path.join(out_dir, "summary.json")) as f:
+            summaries[kind] = json.load(f)
+    diff = None
+    if {"native", "scratch"} <= summaries.keys() and all("checkpoint" in summaries[k] for k in ("native", "scratch")):
+        diff = max_weight_difference(summaries["native"]["checkpoint"], summaries["scratch"]["checkpoint"])
+    md = table(summaries, diff)
+    header = (f"Machine: {os.cpu_count()} CPU cores, torch {torch.__version__}, "
+              f"{'CUDA' if torch.cuda.is_available() else 'no GPU'}.\n"
+              f"Command: python -m experiments.compare {' '.join(argv if argv is not None else sys.argv[1:])}\n\n")
+    with open(os.path.join(args.out, "comparison.md"), "w") as f:
+        f.write(header + md + "\n")
+    with open(os.path.join(args.out, "comparison.json"), "w") as f:
+        json.dump({"runs": summaries, "max_weight_diff_native_vs_scratch": diff}, f, indent=2)
+    print("\n" + header + md)
+    print(f"\nwritten: {os.path.join(args.out, 'comparison.md')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
