@@ -45,6 +45,33 @@ def torch_all_reduce(process_group) -> Callable[[torch.Tensor], torch.futures.Fu
     return launch
 
 
+class HandleFuture:
+    """The part of `torch.futures.Future` that hooks use (`wait`, `value`, `then`), over a
+    `collectives.Handle`. `then(fn)` runs `fn(self)` lazily, when the result is waited for."""
+
+    def __init__(self, wait_fn: Callable[[], torch.Tensor]):
+        self._wait_fn, self._done, self._value = wait_fn, False, None
+
+    def wait(self) -> torch.Tensor:
+        if not self._done:
+            self._value, self._done = self._wait_fn(), True
+        return self._value
+
+    value = wait
+
+    def then(self, fn) -> "HandleFuture":
+        return HandleFuture(lambda: fn(self))
+
+
+def ring_all_reduce(process_group) -> Callable[[torch.Tensor], HandleFuture]:
+    """Our ring all-reduce (collectives.py, from send/recv) as a launcher, SUM, asynchronous."""
+    from . import collectives
+
+    def launch(tensor: torch.Tensor) -> HandleFuture:
+        return HandleFuture(collectives.all_reduce(tensor, group=process_group, async_op=True).wait)
+    return launch
+
+
 def allreduce_hook(state: CommState, bucket) -> torch.futures.Future:
     """Average the bucket: divide by world size, then SUM all-reduce (torch's `default_hooks.allreduce_hook`)."""
     bucket.buffer.div_(state.world_size)

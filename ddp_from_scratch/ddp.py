@@ -34,7 +34,9 @@ import torch.nn as nn
 from torch.autograd import Variable
 
 from .bucket import MB, Bucket, build_buckets
-from .comm_hooks import CommState, torch_all_reduce
+from .comm_hooks import CommState, ring_all_reduce, torch_all_reduce
+from .join import join_context, join_round
+from .replicas import broadcast_from_rank0, params_reached_by, verify_same_model
 
 DEBUG = os.environ.get("DDP_FROM_SCRATCH_DEBUG", "0") not in ("", "0")  # log every collective to stderr
 
@@ -82,6 +84,7 @@ class DistributedDataParallel(nn.Module):
         self.find_unused_parameters = find_unused_parameters
         self.gradient_as_bucket_view = gradient_as_bucket_view
         self.require_backward_grad_sync = True  # False inside no_sync()
+        self._in_join = False  # True inside join()
         self.caps_bytes = [int(first_bucket_cap_mb * MB), int(bucket_cap_mb * MB)]
 
         # module.named_parameters() yields a shared (tied) parameter once, so it gets
@@ -91,14 +94,13 @@ class DistributedDataParallel(nn.Module):
         self.params = [p for _, p in named]
         self._buffers_list = [b for b in module.buffers()]
 
-        self._verify_same_model_on_every_rank()
-        self._broadcast_from_rank0([p.data for p in module.parameters()] + self._buffers_list)
+        verify_same_model(module, process_group)  # before anything is paired across ranks
+        broadcast_from_rank0([p.data for p in module.parameters()] + self._buffers_list, process_group)
 
         if all_reduce == "torch":
             launcher = torch_all_reduce(process_group)
         elif all_reduce == "ring":
-            from .collectives import ring_all_reduce_future
-            launcher = ring_all_reduce_future(process_group)
+            launcher = ring_all_reduce(process_group)
         else:
             raise ValueError(f"all_reduce must be 'torch' or 'ring', got {all_reduce!r}")
         self.comm_state = CommState(process_group, self.world_size, launcher)
@@ -120,41 +122,7 @@ class DistributedDataParallel(nn.Module):
         self._hooks = [p.register_post_accumulate_grad_hook(self._make_grad_hook(i))
                        for i, p in enumerate(self.params)]
 
-    # ---- wrap time --------------------------------------------------------------------
-    def _verify_same_model_on_every_rank(self) -> None:
-        """Every rank gathers every rank's (name, shape, dtype) list and compares it with rank 0's.
-
-        A mismatch would otherwise pair different tensors in the broadcast and the
-        all-reduces, which hangs or silently corrupts; torch's DDP does the same check
-        (`_verify_param_shape_across_processes`).
-        """
-        mine = [(n, tuple(p.shape), str(p.dtype)) for n, p in self.module.named_parameters()]
-        everyone: list = [None] * self.world_size
-        dist.all_gather_object(everyone, mine, group=self.process_group)
-        ref = everyone[0]
-        for r, theirs in enumerate(everyone[1:], start=1):
-            for i in range(max(len(ref), len(theirs))):
-                a = ref[i] if i < len(ref) else "<missing>"
-                b = theirs[i] if i < len(theirs) else "<missing>"
-                if a != b:
-                    raise RuntimeError(
-                        f"DistributedDataParallel: ranks wrap different models. Parameter #{i} is {a} on "
-                        f"rank 0 but {b} on rank {r} (name, shape, dtype). Build the same model on every rank.")
-
-    def _broadcast_from_rank0(self, tensors: list[torch.Tensor]) -> None:
-        """Overwrite `tensors` with rank 0's copies, one flat broadcast per dtype."""
-        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
-        for t in tensors:
-            by_dtype.setdefault(t.dtype, []).append(t)
-        for group in by_dtype.values():
-            flat = torch.cat([t.detach().reshape(-1) for t in group])
-            dist.broadcast(flat, src=0, group=self.process_group)
-            offset = 0
-            with torch.no_grad():
-                for t in group:
-                    t.copy_(flat[offset:offset + t.numel()].view_as(t))
-                    offset += t.numel()
-
+    # ---- wrap time ---------------------------------------------------------------------
     def _locate_params(self) -> None:
         """param index -> (bucket, position in bucket), for the hot path of the gradient hook."""
         self._where = {}
@@ -166,8 +134,10 @@ class DistributedDataParallel(nn.Module):
     def forward(self, *args, **kwargs):
         """Run the wrapped module; in training (grad enabled, not in no_sync) get ready to sync."""
         sync = torch.is_grad_enabled() and self.require_backward_grad_sync
+        if sync and self._in_join:
+            join_round(self, active=True)  # tell ranks that ran out of data that we still train
         if sync and self.broadcast_buffers and self._buffers_list and self.world_size > 1:
-            self._broadcast_from_rank0(self._buffers_list)
+            broadcast_from_rank0(self._buffers_list, self.process_group)
         out = self.module(*args, **kwargs)
         if sync:
             self._prepare_for_backward(out)
@@ -181,7 +151,7 @@ class DistributedDataParallel(nn.Module):
         if self.find_unused_parameters:
             # Parameters that the graph of `output` never reaches will get no gradient:
             # they are marked ready (with zeros) at the first gradient hook, as torch does.
-            reached = _params_reached_by(output)
+            reached = params_reached_by(output)
             self._unused_in_forward = [i for i, p in enumerate(self.params) if id(p) not in reached]
             self._unused_marked = False
 
@@ -197,6 +167,13 @@ class DistributedDataParallel(nn.Module):
             yield
         finally:
             self.require_backward_grad_sync = old
+
+    def join(self):
+        """Context manager for uneven inputs: ranks may run out of batches at different steps.
+
+        See join.py. Usage: `with model.join(): for batch in loader: ...`.
+        """
+        return join_context(self)
 
     def register_comm_hook(self, state, hook) -> None:
         """Replace the default averaging all-reduce by `hook(state, bucket) -> Future[Tensor]` (comm_hooks.py).
@@ -317,28 +294,3 @@ class DistributedDataParallel(nn.Module):
                         p.grad = view
         del old
 
-
-def _params_reached_by(output) -> set:
-    """Parameters reachable backwards from the tensors in `output` (a tensor, or a
-    dict/list/tuple/ModelOutput of them): torch's DDP traverses the same graph when
-    `find_unused_parameters=True`."""
-    tensors, stack = [], [output]
-    while stack:
-        x = stack.pop()
-        if isinstance(x, torch.Tensor):
-            tensors.append(x)
-        elif isinstance(x, dict):
-            stack.extend(x.values())
-        elif isinstance(x, (list, tuple)):
-            stack.extend(x)
-    reached, seen = set(), set()  # ids of parameters, autograd nodes
-    nodes = [t.grad_fn for t in tensors if t.grad_fn is not None]
-    while nodes:
-        node = nodes.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        if hasattr(node, "variable"):  # an AccumulateGrad node: its variable is a leaf parameter
-            reached.add(id(node.variable))
-        nodes.extend(fn for fn, _ in node.next_functions)
-    return reached

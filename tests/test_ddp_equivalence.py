@@ -69,20 +69,21 @@ def train(model, kind, opt_name, world_size, rank):
     return {k: v.detach().clone() for k, v in getattr(model, "module", model).state_dict().items()}
 
 
-def _worker(rank, world_size, cases, out_path, collective):
+def _worker(rank, world_size, cases, out_path):
     results = {}
     for kind, opt_name, cap_name in cases:
         base = make_model(kind)
         native = ddp_native.wrap(copy.deepcopy(base), torch.device("cpu"), bucket_cap_mb=CAPS_MB[cap_name])
-        ours = DistributedDataParallel(copy.deepcopy(base), bucket_cap_mb=CAPS_MB[cap_name],
-                                       first_bucket_cap_mb=min(1.0, CAPS_MB[cap_name]), all_reduce=collective)
-        results[(kind, opt_name, cap_name)] = {
-            "native": train(native, kind, opt_name, world_size, rank),
-            "scratch": train(ours, kind, opt_name, world_size, rank),
-            "n_buckets": len(ours.buckets)}
+        results[(kind, opt_name, cap_name)] = res = {"native": train(native, kind, opt_name, world_size, rank)}
+        for collective in COLLECTIVES:
+            ours = DistributedDataParallel(copy.deepcopy(base), bucket_cap_mb=CAPS_MB[cap_name],
+                                           first_bucket_cap_mb=min(1.0, CAPS_MB[cap_name]), all_reduce=collective)
+            res[collective] = train(ours, kind, opt_name, world_size, rank)
+            res["n_buckets"] = len(ours.buckets)
     torch.save(results, f"{out_path}.rank{rank}")
 
 
+COLLECTIVES = ("torch", "ring")  # dist.all_reduce, and ours from send/recv
 CASES = [("mlp", "sgd", c) for c in CAPS_MB] + [("mlp", "adamw", "default"), ("tiny", "adamw", "default"),
                                                 ("tiny", "sgd", "per-parameter")]
 
@@ -90,7 +91,7 @@ CASES = [("mlp", "sgd", c) for c in CAPS_MB] + [("mlp", "adamw", "default"), ("t
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_scratch_equals_native_equals_single_process(tmp_path, world_size):
     out = tmp_path / "params"
-    run(_worker, world_size, tmp_path, CASES, str(out), "torch")
+    run(_worker, world_size, tmp_path, CASES, str(out))
     per_rank = [torch.load(f"{out}.rank{r}") for r in range(world_size)]
     for case in CASES:
         kind, opt_name, cap_name = case
@@ -99,10 +100,12 @@ def test_scratch_equals_native_equals_single_process(tmp_path, world_size):
         for r in range(world_size):
             res = per_rank[r][case]
             for name, ref in single.items():
-                nat, ours = res["native"][name], res["scratch"][name]
-                assert torch.allclose(ours, nat, rtol=0, atol=1e-6), (case, r, name, (ours - nat).abs().max())
-                assert torch.allclose(ours, ref, rtol=0, atol=2e-5), (case, r, name, (ours - ref).abs().max())
-                assert torch.equal(ours, per_rank[0][case]["scratch"][name]), "replicas diverged across ranks"
+                for collective in COLLECTIVES:
+                    nat, ours = res["native"][name], res[collective][name]
+                    where = (case, collective, r, name)
+                    assert torch.allclose(ours, nat, rtol=0, atol=1e-6), (where, (ours - nat).abs().max())
+                    assert torch.allclose(ours, ref, rtol=0, atol=2e-5), (where, (ours - ref).abs().max())
+                    assert torch.equal(ours, per_rank[0][case][collective][name]), "replicas diverged across ranks"
         # The test must be able to fail: training moved the weights well beyond the tolerance.
         moved = max((single[k].float() - start[k].float()).abs().max().item() for k in single)
         assert moved > 1e-3, case

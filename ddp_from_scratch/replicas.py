@@ -1,0 +1,87 @@
+"""Keeping the replicas identical: check at wrap time, copy rank 0's state, find what forward used.
+
+Data parallelism only works if every rank holds the same model: the same parameters
+in the same order (or the all-reduces would add unrelated tensors together) with
+the same values (or the replicas would train different models). torch's DDP checks
+shapes with `_verify_param_shape_across_processes` and copies rank 0's state with
+`_sync_module_states` (torch/nn/parallel/distributed.py); these are ours.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+
+def verify_same_model(module: nn.Module, group=None) -> None:
+    """Check that every rank wraps a model with the same parameter names, shapes and dtypes.
+
+    Every rank gathers every rank's list and compares it with rank 0's, so all ranks
+    reach the same verdict and raise together instead of one rank hanging in a
+    broadcast its peers never join.
+
+    Raises:
+        RuntimeError: on every rank, naming the first parameter that differs (index,
+            name, shape, dtype on rank 0 and on the first differing rank).
+    """
+    mine = [(n, tuple(p.shape), str(p.dtype)) for n, p in module.named_parameters()]
+    everyone: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(everyone, mine, group=group)
+    ref = everyone[0]
+    for r, theirs in enumerate(everyone[1:], start=1):
+        for i in range(max(len(ref), len(theirs))):
+            a = ref[i] if i < len(ref) else "<missing>"
+            b = theirs[i] if i < len(theirs) else "<missing>"
+            if a != b:
+                raise RuntimeError(
+                    f"DistributedDataParallel: ranks wrap different models. Parameter #{i} is {a} on rank 0 "
+                    f"but {b} on rank {r} (name, shape, dtype). Build the same model on every rank.")
+
+
+def broadcast_from_rank0(tensors: list[torch.Tensor], group=None) -> None:
+    """Overwrite `tensors` (any shapes) in place with rank 0's values.
+
+    One flat broadcast per dtype instead of one per tensor: a few large messages are
+    much cheaper than ~100 small ones (the same reason gradients travel in buckets).
+    """
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for t in tensors:
+        by_dtype.setdefault(t.dtype, []).append(t)
+    for group_tensors in by_dtype.values():
+        flat = torch.cat([t.detach().reshape(-1) for t in group_tensors])
+        dist.broadcast(flat, src=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
+        offset = 0
+        with torch.no_grad():
+            for t in group_tensors:
+                t.copy_(flat[offset:offset + t.numel()].view_as(t))
+                offset += t.numel()
+
+
+def params_reached_by(output) -> set[int]:
+    """ids of the parameters that backward from `output` will reach.
+
+    `output` is a tensor or a dict/list/tuple/ModelOutput of tensors. We walk the
+    autograd graph from each tensor's `grad_fn`; a leaf parameter shows up as the
+    `variable` of an AccumulateGrad node. torch's DDP does this traversal when
+    `find_unused_parameters=True` (reducer.cpp, `prepare_for_backward`).
+    """
+    tensors, stack = [], [output]
+    while stack:
+        x = stack.pop()
+        if isinstance(x, torch.Tensor):
+            tensors.append(x)
+        elif isinstance(x, dict):
+            stack.extend(x.values())
+        elif isinstance(x, (list, tuple)):
+            stack.extend(x)
+    reached, seen = set(), set()  # ids of parameters; autograd nodes already visited
+    nodes = [t.grad_fn for t in tensors if t.grad_fn is not None]
+    while nodes:
+        node = nodes.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if hasattr(node, "variable"):  # AccumulateGrad
+            reached.add(id(node.variable))
+        nodes.extend(fn for fn, _ in node.next_functions)
+    return reached
