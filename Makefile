@@ -10,7 +10,7 @@ TORCH  ?= torch==2.13.0
 NPROC  ?= 2
 DATA   ?= ../shared/ag_news
 MODEL  ?= minilm-l6
-MAIN_ARGS ?= --max-train-samples 4000 --max-length 64 --batch-size 16 --epochs 1
+MAIN_ARGS ?= --max-train-samples 4000 --max-length 64 --batch-size 16 --epochs 1 --lr 1e-4
 
 .PHONY: install main test bench clean
 install: $(VENV)/.installed
