@@ -43,7 +43,7 @@ import torch.distributed as dist
 
 SUM, AVG, MAX = dist.ReduceOp.SUM, dist.ReduceOp.AVG, dist.ReduceOp.MAX
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.int64)
-SEGMENT_BYTES = 1 << 20  # data to reduce, and broadcasts, travel in pieces of 1 MiB (as in gloo)
+SEGMENT_BYTES = 1 << 20  # no message carries more than 1 MiB (gloo's segment size too)
 WINDOW = 2  # pieces in flight while reducing, each landing in a scratch slot (gloo: 2)
 
 

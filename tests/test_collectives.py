@@ -100,6 +100,26 @@ def _check_shapes(rank: int, ws: int) -> None:
     assert torch.equal(base, expected)
 
 
+def _check_subgroup(rank: int, ws: int) -> None:
+    """On a group of ranks 1..ws-1, group ranks differ from global ranks: isend/irecv need the latter."""
+    if ws < 3:
+        return
+    members = list(range(1, ws))
+    group = dist.new_group(members)  # every rank must call new_group, members or not
+    if rank not in members:
+        return
+    x = _input(rank, (1001,), torch.int64, 300)
+    for fn in (C.all_reduce, naive_all_reduce, halving_doubling_all_reduce):
+        ours, theirs = x.clone(), x.clone()
+        fn(ours, group=group)
+        dist.all_reduce(theirs, group=group)
+        assert torch.equal(ours, theirs), fn.__name__
+    ours, theirs = x.clone(), x.clone()
+    C.broadcast(ours, src=1, group=group)  # group rank 1 ...
+    dist.broadcast(theirs, src=2, group=group)  # ... is global rank 2, which torch's broadcast takes
+    assert torch.equal(ours, theirs)
+
+
 def _check_async(rank: int, ws: int) -> None:
     """Eight operations launched before any wait: each must pair with its twin on the other ranks."""
     specs = [  # (function, kwargs, shape, dtype); the large one first so the others queue behind it
@@ -194,6 +214,7 @@ def _worker(rank: int, ws: int) -> None:
     C.SEGMENT_BYTES = 1 << 20
     _check_against_torch(rank, ws, counts=[(1 << 19) + 3], dtypes=(torch.float32,), seed=200)
     _check_shapes(rank, ws)
+    _check_subgroup(rank, ws)
     _check_async(rank, ws)
     _check_errors(rank, ws)
     dist.barrier()  # nobody tears the group down while a peer still talks
