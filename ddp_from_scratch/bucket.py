@@ -19,6 +19,12 @@ torch/csrc/distributed/c10d/reducer.cpp), and how we do the same:
 3. After the first iteration the buckets are rebuilt once, in the order gradients
    *actually* became ready (rank 0's order, shared with every rank), since the
    registration order is only a guess.
+
+Two details where torch (2.x, distributed.py `BucketCapacityConfig`) differs: it uses
+the 1 MiB first bucket only when `bucket_cap_mb` is left at its default (an explicit
+value caps the first bucket too), and without `find_unused_parameters` its very first
+iteration puts every gradient into one bucket, since the rebuild fixes the layout anyway.
+Our first cap is the explicit `first_bucket_cap_mb` (1 MiB), from the first iteration on.
 """
 from __future__ import annotations
 
@@ -119,3 +125,25 @@ def build_buckets(params: list[torch.Tensor], order: list[int], caps_bytes: list
     """`assign_buckets`, then allocate a `Bucket` for each group; returns them in launch order."""
     groups = assign_buckets(params, order, caps_bytes)
     return [Bucket.create(k, g, [params[i] for i in g]) for k, g in enumerate(groups)]
+
+
+def rebuild_in_ready_order(params: list[torch.Tensor], ready_order: list[int], caps_bytes: list[int],
+                           broadcast, move_grads: bool) -> list[Bucket]:
+    """New buckets in the order gradients became ready on rank 0 (reducer.cpp `rebuild_buckets`).
+
+    Each rank saw its own order (`ready_order`, recorded during the first synced backward);
+    `broadcast(order_tensor)` overwrites it with rank 0's, so every rank builds identical
+    buckets and the k-th all-reduce still pairs up across ranks. With `move_grads`
+    (gradient_as_bucket_view), existing gradients are copied into the new buckets and
+    `param.grad` re-pointed at them, as reducer.cpp's `initialize_bucket_views` does.
+    """
+    order = torch.tensor(ready_order, dtype=torch.int64)
+    broadcast(order)
+    buckets = build_buckets(params, order.tolist(), caps_bytes)
+    if move_grads:
+        for b in buckets:
+            for p, view in zip(b.params, b.views):
+                if p.grad is not None:
+                    view.copy_(p.grad)
+                    p.grad = view
+    return buckets
