@@ -31,10 +31,31 @@ class CommState:
         all_reduce: launches an asynchronous SUM all-reduce of a tensor in place and
             returns a `torch.futures.Future` whose value is that tensor; chosen by
             the wrapper's `all_reduce=` option ("torch" or "ring").
+        algorithm: that option's value, for debug logging.
+        peers: global ranks this rank exchanges data with in one all-reduce (debug logging).
     """
     process_group: object
     world_size: int
     all_reduce: Callable[[torch.Tensor], torch.futures.Future]
+    algorithm: str = "torch"
+    peers: tuple = ()
+
+
+def make_comm_state(process_group, algorithm: str) -> CommState:
+    """The CommState for `all_reduce="torch"` or `"ring"`.
+
+    Raises:
+        ValueError: any other algorithm name.
+    """
+    rank, n = dist.get_rank(process_group), dist.get_world_size(process_group)
+    glob = (lambda r: dist.get_global_rank(process_group, r)) if process_group is not None else (lambda r: r)
+    if algorithm == "torch":  # gloo talks to every other rank
+        return CommState(process_group, n, torch_all_reduce(process_group), "torch",
+                         tuple(glob(r) for r in range(n) if r != rank))
+    if algorithm == "ring":  # ours receives from rank-1 and sends to rank+1 only
+        return CommState(process_group, n, ring_all_reduce(process_group), "ring",
+                         tuple(sorted({glob((rank - 1) % n), glob((rank + 1) % n)} - {glob(rank)})))
+    raise ValueError(f"all_reduce must be 'torch' or 'ring', got {algorithm!r}")
 
 
 def torch_all_reduce(process_group) -> Callable[[torch.Tensor], torch.futures.Future]:
@@ -45,30 +66,16 @@ def torch_all_reduce(process_group) -> Callable[[torch.Tensor], torch.futures.Fu
     return launch
 
 
-class HandleFuture:
-    """The part of `torch.futures.Future` that hooks use (`wait`, `value`, `then`), over a
-    `collectives.Handle`. `then(fn)` runs `fn(self)` lazily, when the result is waited for."""
+def ring_all_reduce(process_group) -> Callable[[torch.Tensor], torch.futures.Future]:
+    """Our ring all-reduce (collectives.py, from send/recv) as a launcher, SUM, asynchronous.
 
-    def __init__(self, wait_fn: Callable[[], torch.Tensor]):
-        self._wait_fn, self._done, self._value = wait_fn, False, None
-
-    def wait(self) -> torch.Tensor:
-        if not self._done:
-            self._value, self._done = self._wait_fn(), True
-        return self._value
-
-    value = wait
-
-    def then(self, fn) -> "HandleFuture":
-        return HandleFuture(lambda: fn(self))
-
-
-def ring_all_reduce(process_group) -> Callable[[torch.Tensor], HandleFuture]:
-    """Our ring all-reduce (collectives.py, from send/recv) as a launcher, SUM, asynchronous."""
+    `collectives.Handle.get_future()` is a real `torch.futures.Future`, completed by the
+    collectives' worker thread, so hooks can chain `.then()` on it exactly as on gloo's.
+    """
     from . import collectives
 
-    def launch(tensor: torch.Tensor) -> HandleFuture:
-        return HandleFuture(collectives.all_reduce(tensor, group=process_group, async_op=True).wait)
+    def launch(tensor: torch.Tensor) -> torch.futures.Future:
+        return collectives.all_reduce(tensor, group=process_group, async_op=True).get_future()
     return launch
 
 

@@ -24,21 +24,18 @@ Usage (identical to torch's wrapper):
 from __future__ import annotations
 
 import contextlib
-import os
-import sys
-import time
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch.autograd import Variable
 
-from .bucket import MB, Bucket, build_buckets
-from .comm_hooks import CommState, ring_all_reduce, torch_all_reduce
+from . import debug
+from .bucket import MB, Bucket, build_buckets, rebuild_in_ready_order
+from .comm_hooks import make_comm_state
 from .join import join_context, join_round
-from .replicas import broadcast_from_rank0, params_reached_by, verify_same_model
-
-DEBUG = os.environ.get("DDP_FROM_SCRATCH_DEBUG", "0") not in ("", "0")  # log every collective to stderr
+from .replicas import broadcast_from, params_reached_by, verify_same_model
+from .unused import exchange_used_counts, launch_incomplete_buckets, raise_if_missing
 
 
 class DistributedDataParallel(nn.Module):
@@ -50,8 +47,8 @@ class DistributedDataParallel(nn.Module):
         bucket_cap_mb: cap of every bucket but the first, in MiB (torch: `bucket_cap_mb`, 25).
         first_bucket_cap_mb: cap of the first bucket, in MiB (torch: 1 MiB,
             `dist._DEFAULT_FIRST_BUCKET_BYTES`), so the first all-reduce starts early.
-        broadcast_buffers: before each training forward, copy rank 0's buffers (e.g.
-            BatchNorm running stats) to every rank, like torch's option of the same name.
+        broadcast_buffers: copy rank 0's buffers (e.g. BatchNorm running stats) to every
+            rank at the start of a forward, like torch's option of the same name (see forward).
         find_unused_parameters: allow parameters that get no gradient in an iteration
             (torch's option). Without it such a parameter raises a RuntimeError naming it.
         gradient_as_bucket_view: make `param.grad` a view into its bucket, saving one
@@ -64,8 +61,11 @@ class DistributedDataParallel(nn.Module):
 
     Raises:
         RuntimeError: no process group is initialised; or ranks wrap models whose
-            parameters differ in name, shape or dtype (raised on every rank, naming the
-            first difference, before anything else is sent).
+            parameters differ in name, shape, dtype or requires_grad (raised on every rank,
+            naming the first difference, before anything else is sent).
+        ValueError: unknown `all_reduce`.
+
+    Set DDP_FROM_SCRATCH_DEBUG=1 to get one stderr line per collective (debug.py).
     """
 
     def __init__(self, module: nn.Module, process_group=None, bucket_cap_mb: float = 25.0,
@@ -84,7 +84,7 @@ class DistributedDataParallel(nn.Module):
         self.find_unused_parameters = find_unused_parameters
         self.gradient_as_bucket_view = gradient_as_bucket_view
         self.require_backward_grad_sync = True  # False inside no_sync()
-        self._in_join = False  # True inside join()
+        self.debug = debug.enabled()
         self.caps_bytes = [int(first_bucket_cap_mb * MB), int(bucket_cap_mb * MB)]
 
         # module.named_parameters() yields a shared (tied) parameter once, so it gets
@@ -95,15 +95,8 @@ class DistributedDataParallel(nn.Module):
         self._buffers_list = [b for b in module.buffers()]
 
         verify_same_model(module, process_group)  # before anything is paired across ranks
-        broadcast_from_rank0([p.data for p in module.parameters()] + self._buffers_list, process_group)
-
-        if all_reduce == "torch":
-            launcher = torch_all_reduce(process_group)
-        elif all_reduce == "ring":
-            launcher = ring_all_reduce(process_group)
-        else:
-            raise ValueError(f"all_reduce must be 'torch' or 'ring', got {all_reduce!r}")
-        self.comm_state = CommState(process_group, self.world_size, launcher)
+        self.comm_state = make_comm_state(process_group, all_reduce)  # before any send: a typo fails everywhere
+        self._broadcast([p.data for p in module.parameters()] + self._buffers_list, 0, "parameters+buffers")
         self._comm_hook = None
         self._hook_state = None
 
@@ -112,56 +105,86 @@ class DistributedDataParallel(nn.Module):
         self._locate_params()
         self._rebuild_pending = rebuild_buckets and not find_unused_parameters
         self._ready_order: list[int] = []
-        device = self.params[0].device if self.params else torch.device("cpu")
-        self._used = torch.zeros(len(self.params), dtype=torch.int32, device=device)  # got a grad this iteration
+        n = len(self.params)
+        self._marked = bytearray(n)  # slot filled in this backward (each param exactly once)
+        self._used = bytearray(n)    # got a gradient since the last synced backward
+        self._expect_hooks = False   # a synced forward ran: the next backward fills the buckets
+        self._buffers_need_sync = True  # torch's `require_forward_param_sync`, see forward()
+        self._in_join = False        # inside join()
+        self._ranks_in_step = self.world_size  # ranks running this backward (fewer under join)
         self._callback_queued = False
         self._next_bucket = 0  # buckets are launched strictly in index order
-        self._unused_marked = True
         self._unused_in_forward: list[int] = []
         self.timeline: list[dict] | None = None  # set to [] to record per-bucket times
         self._hooks = [p.register_post_accumulate_grad_hook(self._make_grad_hook(i))
                        for i, p in enumerate(self.params)]
 
-    # ---- wrap time ---------------------------------------------------------------------
     def _locate_params(self) -> None:
         """param index -> (bucket, position in bucket), for the hot path of the gradient hook."""
-        self._where = {}
-        for b in self.buckets:
-            for pos, i in enumerate(b.param_indices):
-                self._where[i] = (b, pos)
+        self._where = {i: (b, pos) for b in self.buckets for pos, i in enumerate(b.param_indices)}
+
+    def _broadcast(self, tensors: list[torch.Tensor], src: int, what: str) -> None:
+        """`broadcast_from` (replicas.py), logged in debug mode."""
+        start = debug.now()
+        broadcast_from(tensors, src, self.process_group)
+        if self.debug:
+            peers = [r for r in range(self.world_size) if r != src] if self.rank == src else [src]
+            debug.log(self.rank, f"broadcast({what})", None, sum(t.numel() * t.element_size() for t in tensors),
+                      peers, start)
 
     # ---- forward ----------------------------------------------------------------------
     def forward(self, *args, **kwargs):
-        """Run the wrapped module; in training (grad enabled, not in no_sync) get ready to sync."""
+        """Run the wrapped module; in training (grad enabled, not in no_sync) get ready to sync.
+
+        Buffers are broadcast at the start of a forward iff the *previous* forward was a
+        synced training forward (torch's `require_forward_param_sync`, set in its
+        `_post_forward`): the first forward, and the one after each synced step, start
+        from rank 0's buffers; forwards under no_sync or no_grad leave the next one alone.
+        So every rank must call the wrapper's forward equally often (evaluate the inner
+        `module` if only some ranks evaluate).
+        """
         sync = torch.is_grad_enabled() and self.require_backward_grad_sync
+        buffer_src = 0
         if sync and self._in_join:
-            join_round(self, active=True)  # tell ranks that ran out of data that we still train
-        if sync and self.broadcast_buffers and self._buffers_list and self.world_size > 1:
-            broadcast_from_rank0(self._buffers_list, self.process_group)
+            # tell ranks that ran out of data that we still train; rank 0 may have joined
+            # with stale buffers, so torch takes them from the highest rank still training
+            self._ranks_in_step, buffer_src = join_round(self, active=True)
+        if self._buffers_need_sync and self.broadcast_buffers and self._buffers_list and self.world_size > 1:
+            self._broadcast(self._buffers_list, buffer_src, "buffers")
+        self._buffers_need_sync = sync
         out = self.module(*args, **kwargs)
         if sync:
             self._prepare_for_backward(out)
+        elif torch.is_grad_enabled():
+            self._expect_hooks = False  # a training forward under no_sync: its backward accumulates only
         return out
 
     def _prepare_for_backward(self, output) -> None:
         for b in self.buckets:
             b.reset()
         self._next_bucket = 0
-        self._used.zero_()
+        self._marked = bytearray(len(self.params))
+        self._expect_hooks = True
+        self._unused_in_forward = []
         if self.find_unused_parameters:
             # Parameters that the graph of `output` never reaches will get no gradient:
-            # they are marked ready (with zeros) at the first gradient hook, as torch does.
+            # they are marked ready at the first gradient hook, as torch does.
             reached = params_reached_by(output)
             self._unused_in_forward = [i for i, p in enumerate(self.params) if id(p) not in reached]
-            self._unused_marked = False
 
     @contextlib.contextmanager
     def no_sync(self):
-        """Skip gradient sync inside the block: gradients accumulate locally in `param.grad`.
+        """Skip gradient sync for forwards run inside the block: gradients accumulate in `param.grad`.
 
-        The first backward outside the block all-reduces the accumulated sum, so k
-        micro-batches under no_sync plus one outside cost one all-reduce (torch's `no_sync`).
+        The first forward+backward outside the block all-reduces the accumulated sum, so k
+        micro-batches under no_sync plus one outside cost one all-reduce (torch's `no_sync`;
+        like torch, what counts is whether the *forward* ran inside the block).
+
+        Raises:
+            RuntimeError: inside join() (see join.py).
         """
+        if self._in_join:
+            raise RuntimeError("no_sync() inside join() is not supported: sync every step while inputs are uneven.")
         old, self.require_backward_grad_sync = self.require_backward_grad_sync, False
         try:
             yield
@@ -188,82 +211,89 @@ class DistributedDataParallel(nn.Module):
     # ---- backward: called by autograd ------------------------------------------------
     def _make_grad_hook(self, index: int):
         def hook(param: torch.Tensor) -> None:  # runs right after param.grad was accumulated
-            if self.require_backward_grad_sync:
-                self._mark_ready(index, param.grad)
+            if self._expect_hooks:
+                self._mark_ready(index, param.grad, used=True)
+            elif self.find_unused_parameters:
+                # under no_sync: remember the use, so that the synced step that follows
+                # reduces this gradient even if its own micro-batch leaves the parameter
+                # unused (reducer.cpp keeps local_used_map_ across no_sync iterations)
+                self._used[index] = 1
         return hook
 
-    def _mark_ready(self, index: int, grad: torch.Tensor | None) -> None:
+    def _mark_ready(self, index: int, grad: torch.Tensor | None, used: bool) -> None:
         """Copy one gradient into its bucket slot; launch every bucket that is now complete."""
         if not self._callback_queued:
             # Runs once the whole backward pass is done, so the training loop needs no extra call.
             Variable._execution_engine.queue_callback(self._finish_backward)
             self._callback_queued = True
-            if not self._unused_marked:
-                self._unused_marked = True
-                for i in self._unused_in_forward:
-                    self._mark_ready(i, None)
-        bucket, pos = self._where[index]
-        view = bucket.views[pos]
-        scale = 1.0 / self.world_size if self._comm_hook is None else 1.0
-        if grad is None:
-            view.zero_()
-        else:
+            for i in self._unused_in_forward:  # reducer.cpp: marked at the first hook, not before
+                self._mark_ready(i, self.params[i].grad, used=False)  # .grad: e.g. what no_sync accumulated
+        if self._marked[index]:
+            raise RuntimeError(
+                f"DistributedDataParallel (rank {self.rank}): parameter {self.param_names[index]} got a gradient "
+                "twice in one backward pass (backward twice after one forward, or reentrant checkpointing?). "
+                "Each parameter can be reduced only once per iteration.")
+        self._marked[index] = 1
+        if used:
             self._used[index] = 1
-            if self.gradient_as_bucket_view and self.params[index].grad is not view:
-                view.copy_(grad)
-                self.params[index].grad = view  # from now on autograd accumulates into the bucket
-                grad = view
-            if grad is view:
-                if scale != 1.0:
-                    view.mul_(scale)
-            else:
-                torch.mul(grad, scale, out=view)  # copy and pre-divide in one pass, like reducer.cpp
+        bucket, pos = self._where[index]
+        self._fill_slot(index, grad, bucket.views[pos], repoint=used)
         if self._rebuild_pending:
             self._ready_order.append(index)
         bucket.pending -= 1
         if bucket.pending == 0:
-            bucket.ready_time = time.perf_counter()
+            bucket.ready_time = debug.now()
             while self._next_bucket < len(self.buckets) and self.buckets[self._next_bucket].pending == 0:
                 self._launch(self.buckets[self._next_bucket])
                 self._next_bucket += 1
 
+    def _fill_slot(self, index: int, grad: torch.Tensor | None, view: torch.Tensor, repoint: bool) -> None:
+        """view <- grad / world_size (no division with a comm hook: the hook averages, as in torch)."""
+        scale = 1.0 / self.world_size if self._comm_hook is None else 1.0
+        if grad is None:
+            view.zero_()
+        elif grad.data_ptr() == view.data_ptr():  # gradient_as_bucket_view: already in place
+            if scale != 1.0:
+                view.mul_(scale)
+        else:
+            torch.mul(grad, scale, out=view)  # copy and pre-divide in one pass, like reducer.cpp
+            if self.gradient_as_bucket_view and repoint:
+                self.params[index].grad = view  # from now on autograd accumulates into the bucket
+
     def _launch(self, bucket: Bucket) -> None:
-        bucket.launch_time = time.perf_counter()
+        bucket.launch_time = debug.now()
         if self._comm_hook is None:
             bucket.future = self.comm_state.all_reduce(bucket.buffer)
         else:
             bucket.future = self._comm_hook(self._hook_state, bucket)
-        if DEBUG:
-            print(f"[ddp rank {self.rank}] all_reduce bucket {bucket.index} ({bucket.nbytes} bytes, "
-                  f"{len(bucket.params)} params) launched at {bucket.launch_time:.6f}", file=sys.stderr, flush=True)
+        if self.debug:
+            op = "all_reduce" if self._comm_hook is None else getattr(self._comm_hook, "__name__", "comm_hook")
+            debug.log_when_done(bucket.future, self.rank, f"{op}/{self.comm_state.algorithm}", bucket.index,
+                                bucket.nbytes, self.comm_state.peers, bucket.launch_time)
 
     def _finish_backward(self) -> None:
-        """End of backward: wait for every bucket, write averaged gradients to `param.grad`."""
+        """End of backward: wait for every bucket, check every rank got every gradient it
+        needed, write the averaged gradients to `param.grad`; rebuild buckets once."""
         self._callback_queued = False
+        self._expect_hooks = False
         if self._next_bucket < len(self.buckets):
-            missing = [self.param_names[i] for b in self.buckets if b.pending > 0
-                       for i in b.param_indices if not self._used[i]]
-            raise RuntimeError(
-                f"DistributedDataParallel (rank {self.rank}): these parameters got no gradient in this backward "
-                f"pass, so their buckets could never be all-reduced: {missing}. If they are legitimately unused, "
-                "wrap with find_unused_parameters=True; if they should never train, set requires_grad=False.")
-        used = self._used
-        if self.find_unused_parameters:
-            used = self._used.clone()  # params unused on *every* rank keep their old .grad, like torch
-            self.comm_state.all_reduce(used).wait()
+            launch_incomplete_buckets(self)  # some parameter got no gradient here (unused.py)
+        counts_future = exchange_used_counts(self, self._used)
         for b in self.buckets:
             result = b.future.wait()
             if isinstance(result, list):
                 result = result[0]
             if result is not b.buffer:
                 b.buffer.copy_(result.view_as(b.buffer))
-            b.done_time = time.perf_counter()
-            if DEBUG:
-                print(f"[ddp rank {self.rank}] all_reduce bucket {b.index} done at {b.done_time:.6f} "
-                      f"({(b.done_time - b.launch_time) * 1e3:.2f} ms after launch)", file=sys.stderr, flush=True)
+            b.done_time = debug.now()
+        counts = counts_future.wait().tolist()
+        self._used = bytearray(len(self.params))
+        if not self.find_unused_parameters:
+            raise_if_missing(self, counts)
+        for b in self.buckets:
             for i, p, view in zip(b.param_indices, b.params, b.views):
-                if not used[i]:
-                    continue
+                if counts[i] == 0:
+                    continue  # no rank produced a gradient: keep .grad as it is (None stays None), like torch
                 if self.gradient_as_bucket_view:
                     p.grad = view
                 elif p.grad is None:
@@ -277,20 +307,10 @@ class DistributedDataParallel(nn.Module):
             self._rebuild_buckets_in_ready_order()
 
     def _rebuild_buckets_in_ready_order(self) -> None:
-        """Rebuild buckets once, in the order rank 0 saw gradients become ready (reducer.cpp's
-        `rebuild_buckets`). Rank 0 decides so that every rank builds identical buckets."""
+        """Rebuild the buckets once, in rank 0's gradient-ready order (bucket.py)."""
         self._rebuild_pending = False
-        order = torch.tensor(self._ready_order, dtype=torch.int64)
-        dist.broadcast(order, src=0, group=self.process_group)
-        old = self.buckets
-        self.buckets = build_buckets(self.params, order.tolist(), self.caps_bytes)
+        self.buckets = rebuild_in_ready_order(self.params, self._ready_order, self.caps_bytes,
+                                              lambda order: self._broadcast([order], 0, "bucket-order"),
+                                              self.gradient_as_bucket_view)
         self._locate_params()
         self._ready_order = []
-        if self.gradient_as_bucket_view:  # move the gradients into the new buckets
-            for b in self.buckets:
-                for p, view in zip(b.params, b.views):
-                    if p.grad is not None:
-                        view.copy_(p.grad)
-                        p.grad = view
-        del old
-

@@ -14,17 +14,20 @@ import torch.nn as nn
 
 
 def verify_same_model(module: nn.Module, group=None) -> None:
-    """Check that every rank wraps a model with the same parameter names, shapes and dtypes.
+    """Check that every rank wraps a model with the same parameters and buffers.
 
-    Every rank gathers every rank's list and compares it with rank 0's, so all ranks
-    reach the same verdict and raise together instead of one rank hanging in a
-    broadcast its peers never join.
+    Compared, in registration order: parameter name, shape, dtype and requires_grad (a
+    parameter frozen on one rank only would shift every bucket after it), then buffer
+    name, shape and dtype (buffers are broadcast from rank 0). Every rank gathers every
+    rank's list and compares it with rank 0's, so all ranks reach the same verdict and
+    raise together instead of one rank hanging in a broadcast its peers never join.
 
     Raises:
-        RuntimeError: on every rank, naming the first parameter that differs (index,
-            name, shape, dtype on rank 0 and on the first differing rank).
+        RuntimeError: on every rank, naming the first entry that differs (its index, and
+            (name, shape, dtype, requires_grad) on rank 0 and on the first differing rank).
     """
-    mine = [(n, tuple(p.shape), str(p.dtype)) for n, p in module.named_parameters()]
+    mine = ([("parameter", n, tuple(p.shape), str(p.dtype), p.requires_grad) for n, p in module.named_parameters()]
+            + [("buffer", n, tuple(b.shape), str(b.dtype), False) for n, b in module.named_buffers()])
     everyone: list = [None] * dist.get_world_size(group)
     dist.all_gather_object(everyone, mine, group=group)
     ref = everyone[0]
@@ -34,22 +37,24 @@ def verify_same_model(module: nn.Module, group=None) -> None:
             b = theirs[i] if i < len(theirs) else "<missing>"
             if a != b:
                 raise RuntimeError(
-                    f"DistributedDataParallel: ranks wrap different models. Parameter #{i} is {a} on rank 0 "
-                    f"but {b} on rank {r} (name, shape, dtype). Build the same model on every rank.")
+                    f"DistributedDataParallel: ranks wrap different models. Entry #{i} is {a} on rank 0 "
+                    f"but {b} on rank {r} (kind, name, shape, dtype, requires_grad). "
+                    "Build the same model on every rank.")
 
 
-def broadcast_from_rank0(tensors: list[torch.Tensor], group=None) -> None:
-    """Overwrite `tensors` (any shapes) in place with rank 0's values.
+def broadcast_from(tensors: list[torch.Tensor], src: int = 0, group=None) -> None:
+    """Overwrite `tensors` (any shapes) in place with the values of rank `src` (a rank of `group`).
 
     One flat broadcast per dtype instead of one per tensor: a few large messages are
     much cheaper than ~100 small ones (the same reason gradients travel in buckets).
+    torch's `_sync_module_states` / `_broadcast_coalesced` do the same.
     """
     by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
     for t in tensors:
         by_dtype.setdefault(t.dtype, []).append(t)
     for group_tensors in by_dtype.values():
         flat = torch.cat([t.detach().reshape(-1) for t in group_tensors])
-        dist.broadcast(flat, src=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
+        dist.broadcast(flat, src=dist.get_global_rank(group, src) if group is not None else src, group=group)
         offset = 0
         with torch.no_grad():
             for t in group_tensors:
