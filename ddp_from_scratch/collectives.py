@@ -24,8 +24,8 @@ order; every rank launches in the same order, so the k-th operations of all rank
 several can be in flight (one per gradient bucket). Each operation also has its own p2p tag, so
 messages of two operations could not be confused even if they overlapped. `Work.wait()` and
 torch kernels release the GIL, so the worker overlaps a main thread busy in torch kernels
-(backward); a main thread spinning in pure Python starves it, as CPython hands the GIL over only
-every 5 ms (`sys.getswitchinterval()`) and the worker needs it briefly between two messages.
+(backward). A main thread running pure Python slows it down: the worker needs the GIL briefly
+between two messages, and CPython hands it over only every 5 ms (`sys.getswitchinterval()`).
 
 Sources: P. Patarasuk, X. Yuan, "Bandwidth optimal all-reduce algorithms for clusters of
 workstations", JPDC 2009; R. Thakur, R. Rabenseifner, W. Gropp, "Optimization of collective
@@ -200,7 +200,8 @@ class _GroupState:
 
     def __init__(self):
         self.tags, self.queue, self.error = itertools.count(), queue.Queue(), None  # error: the first failure
-        threading.Thread(target=self._loop, name="collectives-worker", daemon=True).start()
+        self.thread = threading.Thread(target=self._loop, name="collectives-worker", daemon=True)
+        self.thread.start()
 
     def next_tag(self) -> int:
         return (1 << 30) + next(self.tags) % (1 << 30)  # int32 >= 0 for gloo, far above tags users pick
@@ -240,9 +241,13 @@ def _state(group) -> _GroupState:
 
 def _launch(kernel, tensor: torch.Tensor, group, async_op: bool, *args, result=None):
     """Run `kernel(flat, group, tag, *args)` now and return `result` (default `tensor`), or
-    if `async_op` queue it on the group's worker and return a `Handle` of `result`."""
+    if `async_op` queue it on the group's worker and return a `Handle` of `result`.
+    Launch from one thread: the launch order is what pairs operations across ranks."""
     result = tensor if result is None else result
     state = _state(group)
+    if not async_op and threading.current_thread() is state.thread:
+        raise RuntimeError("a blocking collective on the worker thread (e.g. in a .then() callback) "
+                           "would wait for itself; use async_op=True")
     tag = state.next_tag()  # taken in launch order on the caller's thread, so equal on every rank
     if async_op:
         handle = Handle(result)

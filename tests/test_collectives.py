@@ -188,15 +188,18 @@ def _check_errors(rank: int, ws: int) -> None:
         C.broadcast(torch.zeros(4), src=ws)
 
     # An exception on the worker thread reaches wait(), and the group refuses further work.
-    # (A real network failure cannot be produced on demand, so a kernel that raises stands in.)
+    # Our failure: a blocking collective called on the worker itself (as from a future's
+    # .then() callback) would wait for itself forever, so it raises instead.
     group = dist.new_group(list(range(ws)))
 
-    def broken_kernel(flat, group, tag):
-        raise ConnectionError("link down")
+    def kernel_calling_blocking(flat, group, tag):
+        C.all_reduce(flat, group=group)
 
-    handle = C._launch(broken_kernel, torch.zeros(3), group, True)
-    with pytest.raises(ConnectionError, match="link down"):
+    handle = C._launch(kernel_calling_blocking, torch.zeros(3), group, True)
+    with pytest.raises(RuntimeError, match="wait for itself"):
         handle.wait()
+    with pytest.raises(RuntimeError, match="wait for itself"):
+        handle.get_future().wait()
     assert handle.is_completed()
     with pytest.raises(RuntimeError, match="earlier collective"):
         C.all_reduce(torch.zeros(3), group=group, async_op=True).wait()
