@@ -26,7 +26,7 @@ import torch.distributed as dist
 sys.path.insert(0, __file__.rsplit("/benchmarks/", 1)[0])  # run as a script from anywhere
 
 import ddp_native  # noqa: E402
-from ddp_from_scratch import DistributedDataParallel  # noqa: E402
+import ddp_from_scratch  # noqa: E402
 from experiments.model import build_model, build_tokenizer  # noqa: E402
 
 
@@ -37,7 +37,7 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--steps", type=int, default=20, help="measured rounds (one step per implementation each)")
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--bucket-cap-mb", type=float, default=25.0)
+    p.add_argument("--bucket-cap-mb", type=float, default=None, help="default: torch's (25 MiB, first 1 MiB)")
     p.add_argument("--impls", default="native,scratch-torch,scratch-ring")
     p.add_argument("--json", default=None, help="write the results here (rank 0)")
     args = p.parse_args()
@@ -53,8 +53,8 @@ def main() -> None:
         if name == "native":
             wrappers[name] = ddp_native.wrap(m, torch.device("cpu"), bucket_cap_mb=args.bucket_cap_mb)
         else:
-            wrappers[name] = DistributedDataParallel(m, bucket_cap_mb=args.bucket_cap_mb,
-                                                     all_reduce=name.removeprefix("scratch-"))
+            wrappers[name] = ddp_from_scratch.wrap(m, torch.device("cpu"), bucket_cap_mb=args.bucket_cap_mb,
+                                                   all_reduce=name.removeprefix("scratch-"))
     opts = {n: torch.optim.AdamW(w.parameters(), lr=1e-5) for n, w in wrappers.items()}
     g = torch.Generator().manual_seed(rank)
     times: dict[str, list[float]] = {n: [] for n in wrappers}
@@ -78,7 +78,7 @@ def main() -> None:
                                  "ratio_to_first": med / ref}
     if rank == 0:
         print(f"{world} ranks, {args.model}, batch {args.batch_size} x {args.seq_len} tokens, "
-              f"bucket cap {args.bucket_cap_mb} MB, {args.steps} steps each (interleaved)")
+              f"bucket cap {args.bucket_cap_mb or 'default'} MB, {args.steps} steps each (interleaved)")
         print(f"{'implementation':16s} {'median ms':>10s} {'mean ms':>10s} {'ratio':>7s}")
         for name, r in result["impls"].items():
             print(f"{name:16s} {r['median_ms']:10.1f} {r['mean_ms']:10.1f} {r['ratio_to_first']:7.3f}")

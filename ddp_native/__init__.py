@@ -11,8 +11,12 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 
 
-def wrap(module: nn.Module, device: torch.device, bucket_cap_mb: float = 25.0, **kwargs) -> DistributedDataParallel:
+def wrap(module: nn.Module, device: torch.device, bucket_cap_mb: float | None = None,
+         **kwargs) -> DistributedDataParallel:
     """torch's DDP around `module` (already on `device`).
+
+    `bucket_cap_mb=None` keeps torch's default (25 MiB, first bucket 1 MiB); an explicit cap
+    also caps the first bucket (torch 2.13's `_BucketConfig`).
 
     On GPU, `device_ids=[local rank]` pins the replica to this rank's GPU; on CPU
     `device_ids` must be None. Extra keyword arguments go to torch's constructor.

@@ -55,7 +55,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--val-size", type=float, default=0.05, help="fraction (<1) or count of train held out")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--dropout", type=float, default=None, help="tiny model only")
-    p.add_argument("--bucket-cap-mb", type=float, default=25.0, help="DDP bucket cap, both implementations")
+    p.add_argument("--bucket-cap-mb", type=float, default=None,
+                   help="DDP bucket cap in MiB, both implementations (default: torch's, 25 with a 1 MiB first bucket)")
     p.add_argument("--all-reduce", choices=["torch", "ring"], default="torch", help="--ddp scratch: collective")
     p.add_argument("--backend", choices=["auto", "gloo", "nccl"], default="auto")
     p.add_argument("--timeout", type=float, default=300.0, help="process-group timeout, seconds")
@@ -66,7 +67,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in ("epochs", "batch_size", "eval_batch_size", "max_length"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
-    if args.bucket_cap_mb <= 0:
+    if args.bucket_cap_mb is not None and args.bucket_cap_mb <= 0:
         p.error("--bucket-cap-mb must be positive")
     return args
 
