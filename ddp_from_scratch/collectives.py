@@ -255,7 +255,11 @@ def _launch(kernel, tensor: torch.Tensor, group, async_op: bool, *args, result=N
         return handle
     state.queue.join()  # operations launched earlier go first, on every rank alike
     state.raise_if_failed()
-    kernel(tensor.view(-1), group, tag, *args)
+    try:
+        kernel(tensor.view(-1), group, tag, *args)
+    except Exception as e:  # e.g. a peer died: the group is unusable from now on, as after async failures
+        state.error = state.error or e
+        raise
     return result
 
 
