@@ -85,7 +85,7 @@ def main() -> None:
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(result, f, indent=2)
-    del wrappers, opts  # release the process group's users before destroying it
+    del wrappers, opts, model  # release the process group's users before destroying it
     dist.destroy_process_group()
 
 
