@@ -44,13 +44,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 from ddp_from_scratch import collectives as C  # noqa: E402
 from ddp_from_scratch.ddp import DistributedDataParallel  # noqa: E402
 
-# Where rank 0 stops in collectives.py: the entry of the ring kernel, and each line below that
-# exists: (function, text of a line in it, stop on the line after it instead?).
-RING_KERNELS = ("_ring", "_ring_all_reduce")  # the first that exists is the kernel all_reduce runs
+# Where rank 0 stops in collectives.py: the entry of the ring kernel that `all_reduce` runs,
+# and each (function, text of a line in it, stop on the line after it?) found below. If
+# collectives.py is reorganised, adjust these; a missing one is skipped, not an error.
+RING_KERNELS = ("_ring",)
 RING_STOPS = [
-    ("_ring", "in _receive_pieces(", True),          # a received piece is final: `t`, `c`, `piece`
-    ("_ring_reduce_scatter", "_exchange(", False),   # older layout: one exchange per step
-    ("_ring_all_gather", "_exchange(", False),
+    ("_ring", "in _receive_pieces(", True),  # a received piece is final: `t`, `c`, `piece`, `flat`
 ]
 
 
@@ -79,7 +78,7 @@ def fmt(t: torch.Tensor) -> list:
 
 def find_line(func, needle: str, after: bool) -> tuple[str, int] | None:
     """(file, line) of the first line of `func` containing `needle` (or the line after it)."""
-    func = inspect.unwrap(func)  # kernels are wrapped by @torch.no_grad()
+    func = inspect.unwrap(func)
     lines, first = inspect.getsourcelines(func)
     for k, text in enumerate(lines):
         if needle in text:
@@ -89,16 +88,19 @@ def find_line(func, needle: str, after: bool) -> tuple[str, int] | None:
 
 def set_ring_breakpoints(dbg: pdb.Pdb) -> list[str]:
     """Set the breakpoints of RING_KERNELS and RING_STOPS that exist in collectives.py; describe them."""
-    kernel = inspect.unwrap(next(getattr(C, k) for k in RING_KERNELS if hasattr(C, k)))
-    dbg.set_break(inspect.getsourcefile(kernel), kernel.__code__.co_firstlineno, funcname=kernel.__name__)
-    done = [f"entry of {kernel.__name__}"]
+    done = []
+    kernel = next((getattr(C, k) for k in RING_KERNELS if hasattr(C, k)), None)
+    if kernel is not None:
+        kernel = inspect.unwrap(kernel)  # the kernels are wrapped by @torch.no_grad()
+        dbg.set_break(inspect.getsourcefile(kernel), kernel.__code__.co_firstlineno, funcname=kernel.__name__)
+        done.append(f"entry of {kernel.__name__}")
     for name, needle, after in RING_STOPS:
         func = getattr(C, name, None)
         where = func and find_line(func, needle, after)
         if where:
             dbg.set_break(*where)
             done.append(f"{os.path.relpath(where[0])}:{where[1]} ({name}, {'after' if after else 'at'} `{needle}`)")
-    return done
+    return done or ["none found (collectives.py changed?): step into all_reduce with s"]
 
 
 class TracedWork:
