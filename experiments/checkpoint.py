@@ -45,6 +45,10 @@ def save_checkpoint(model: nn.Module, tokenizer: PreTrainedTokenizerBase, out_di
         tokenizer.save_pretrained(tmp)
         if metadata is not None:
             (tmp / "training_args.json").write_text(json.dumps(metadata, indent=2, default=str))
+        # mkdtemp makes a private (0700) directory; a checkpoint is meant to be shared (e.g. a server account)
+        os.chmod(tmp, 0o755)
+        for f in tmp.iterdir():
+            os.chmod(f, 0o644)
         old = None
         if out.exists():
             old = out.parent / f".{out.name}.old-{os.getpid()}"

@@ -116,10 +116,11 @@ def run_on_main_first(env: DistEnv, fn):
         try:
             result = fn()
         except (SystemExit, Exception) as e:  # noqa: BLE001 - any failure must reach the other ranks
-            error = [f"{type(e).__name__}: {e}" if not isinstance(e, SystemExit) else str(e)]
+            error = [e if type(e).__name__ == "DataError" else SystemExit(
+                str(e) if isinstance(e, SystemExit) else f"{type(e).__name__}: {e}")]
     dist.broadcast_object_list(error, src=0)
     if error[0] is not None:
-        raise SystemExit(error[0])
+        raise error[0]  # the same exception on every rank (DataError keeps its type: exit code 2)
     return fn() if not env.is_main else result
 
 

@@ -71,7 +71,7 @@ def _tiny_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def tiny_config(vocab_size: int, dropout: float = 0.1) -> DistilBertConfig:
-    """A 2-layer DistilBERT (dim 32, 2 heads, FFN 64): ~20k params, fast on one CPU core."""
+    """A 2-layer DistilBERT (dim 32, 2 heads, FFN 64): ~40k params, fast on one CPU core."""
     return DistilBertConfig(vocab_size=vocab_size, dim=32, n_layers=2, n_heads=2, hidden_dim=64,
                             max_position_embeddings=512, dropout=dropout, attention_dropout=dropout,
                             seq_classif_dropout=dropout, num_labels=len(LABELS),

@@ -12,7 +12,7 @@ Launch (CPU: gloo; one GPU per rank: nccl):
     # several machines: torchrun --nnodes=2 --node_rank=K --master_addr=HOST --nproc_per_node=G -m experiments.train ...
 
 Writes to --output-dir (rank 0 only): metrics.jsonl (one line per optimizer step:
-loss, learning rate, seconds in forward / backward (incl. waiting for gradient
+loss of rank 0's micro-batch, learning rate, seconds in forward / backward (incl. waiting for gradient
 sync) / optimizer, and one line per evaluation), summary.json, checkpoint/ (a
 Hugging Face model directory that `transformers.pipeline` and `python -m server` load).
 """
@@ -123,7 +123,7 @@ def train(args, env: D.DistEnv) -> dict:
     if env.is_main:
         os.makedirs(out_dir, exist_ok=True)
         print(f"[{args.ddp}] world size {env.world_size}, backend {env.backend or '-'}, device {env.device}, "
-              f"model {args.model} ({sum(p.numel() for p in unwrap(model).parameters()) / 1e6:.1f}M params), "
+              f"model {args.model} ({sum(p.numel() for p in unwrap(model).parameters()):,} params), "
               f"train/val/test {len(data['train'])}/{len(data['validation'])}/{len(data['test'])}, "
               f"global batch {args.batch_size * env.world_size}, {steps} steps", flush=True)
     log = open(os.path.join(out_dir, "metrics.jsonl"), "w") if env.is_main else None
@@ -145,6 +145,7 @@ def train(args, env: D.DistEnv) -> dict:
             _sync(env); t2 = time.perf_counter()
             if args.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+            lr = sched.get_last_lr()[0]  # the rate this step used
             opt.step(); sched.step(); opt.zero_grad(set_to_none=True)
             _sync(env); t3 = time.perf_counter()
             n = len(batch["labels"]) * env.world_size  # ranks get equal shards (the sampler pads)
@@ -152,7 +153,7 @@ def train(args, env: D.DistEnv) -> dict:
             step += 1
             if log:
                 log.write(json.dumps({"type": "step", "step": step, "epoch": epoch, "loss": loss.item(),
-                                      "lr": sched.get_last_lr()[0], "samples": n, "data_s": t0 - t_prev,
+                                      "lr": lr, "samples": n, "data_s": t0 - t_prev,
                                       "forward_s": t1 - t0, "backward_s": t2 - t1, "optimizer_s": t3 - t2,
                                       "step_s": t3 - t_prev}) + "\n")
                 bar.set_postfix(loss=f"{loss.item():.3f}")

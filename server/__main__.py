@@ -1,6 +1,6 @@
 """Run the inference server with uvicorn.
 
-    python -m server --checkpoint runs/ddp/final [--host 127.0.0.1] [--port 8000]
+    python -m server --checkpoint runs/compare/scratch/checkpoint [--host 127.0.0.1] [--port 8000]
 
 See server/app.py for the endpoints and their limits.
 """
@@ -20,7 +20,7 @@ def main(argv: list[str] | None = None) -> None:
     missing or invalid, and with uvicorn's status 3 if the model fails to load at startup.
     """
     p = argparse.ArgumentParser(prog="python -m server", description="Serve an AG News classifier over HTTP.")
-    p.add_argument("--checkpoint", required=True, help="checkpoint directory (experiments.train --output-dir)")
+    p.add_argument("--checkpoint", required=True, help="checkpoint directory (<experiments.train --output-dir>/checkpoint)")
     p.add_argument("--host", default="127.0.0.1", help="interface to bind; 0.0.0.0 exposes it to the network")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-batch-size", type=int, default=MAX_BATCH_SIZE, help="texts per /predict/batch")

@@ -1,6 +1,6 @@
 """HTTP inference server: serve an AG News checkpoint as JSON.
 
-    python -m server --checkpoint DIR        # DIR written by experiments.train --output-dir
+    python -m server --checkpoint DIR/checkpoint   # DIR = experiments.train --output-dir
     curl -s localhost:8000/predict -d '{"text": "Oil prices fell as stocks rallied"}'
 
 Endpoints (JSON in, JSON out):
@@ -39,7 +39,7 @@ MAX_BATCH_SIZE = 64          # texts per /predict/batch request
 MAX_BODY_BYTES = 1_000_000   # bytes per request body
 DEFAULT_MAX_LENGTH = 128     # tokens per text, when the checkpoint's training_args.json has none
 HOW_TO_TRAIN = ("Produce a checkpoint with: torchrun --nproc-per-node N -m experiments.train ... "
-                "--output-dir DIR, then pass that DIR.")
+                "--output-dir DIR, then pass DIR/checkpoint.")
 ENDPOINTS = "GET /health, POST /predict {\"text\": ...}, POST /predict/batch {\"texts\": [...]}"
 
 
