@@ -1,6 +1,7 @@
 """Two classic all-reduce algorithms, to set the ring (collectives.py) against.
 
-n ranks, N elements of b bytes, p = largest power of two <= n:
+n ranks, N elements of b bytes, p = largest power of two <= n (a "message" here is one transfer;
+on the wire it goes as ceil(bytes / SEGMENT_BYTES) messages):
 
     algorithm                 messages per rank          bytes sent per rank                 rounds
     naive (reduce + bcast)    rank 0: 2(n-1), others 2   rank 0: (n-1)*N*b, others: N*b      2(n-1) at rank 0
