@@ -7,8 +7,10 @@ copy per implementation: native DDP, ours with `dist.all_reduce` ("scratch-torch
 ours with the ring all-reduce from send/recv ("scratch-ring"). The implementations
 then take turns, one training step each (forward, backward, AdamW step), for
 --steps rounds after --warmup rounds, so slow drifts of the machine (another process,
-thermal throttling) hit all of them alike. Reported: median and mean step time in
-ms, and each one's ratio to native (median). Random token ids: the content of the
+thermal throttling) hit all of them alike; the order rotates every round, so no
+implementation always runs first (it matters: caches, the allocator). Reported:
+median and mean step time in ms, and the median over rounds of each one's step time
+divided by the first implementation's step time in the same round (paired ratio). Random token ids: the content of the
 batch does not change the time of a dense forward/backward.
 """
 from __future__ import annotations
@@ -61,7 +63,9 @@ def main() -> None:
     for i in range(args.warmup + args.steps):
         ids = torch.randint(min(1000, vocab // 2), vocab, (args.batch_size, args.seq_len), generator=g)
         labels = torch.randint(0, 4, (args.batch_size,), generator=g)
-        for name, model in wrappers.items():
+        names = list(wrappers)
+        for name in names[i % len(names):] + names[:i % len(names)]:  # rotate the order
+            model = wrappers[name]
             dist.barrier()  # all ranks start the step together, as in training
             t0 = time.perf_counter()
             model(input_ids=ids, labels=labels).loss.backward()
@@ -69,19 +73,20 @@ def main() -> None:
             opts[name].zero_grad(set_to_none=True)
             if i >= args.warmup:
                 times[name].append(time.perf_counter() - t0)
-    ref = statistics.median(times[next(iter(times))])
+    first = next(iter(times))
     result = {"world_size": world, "model": args.model, "batch_size": args.batch_size, "seq_len": args.seq_len,
               "bucket_cap_mb": args.bucket_cap_mb, "steps": args.steps, "impls": {}}
     for name, ts in times.items():
         med = statistics.median(ts)
+        paired = statistics.median(t / r for t, r in zip(ts, times[first]))
         result["impls"][name] = {"median_ms": med * 1e3, "mean_ms": statistics.mean(ts) * 1e3,
-                                 "ratio_to_first": med / ref}
+                                 "ratio_to_first": paired}
     if rank == 0:
         print(f"{world} ranks, {args.model}, batch {args.batch_size} x {args.seq_len} tokens, "
               f"bucket cap {args.bucket_cap_mb or 'default'} MB, {args.steps} steps each (interleaved)")
-        print(f"{'implementation':16s} {'median ms':>10s} {'mean ms':>10s} {'ratio':>7s}")
+        print(f"{'implementation':16s} {'median ms':>10s} {'mean ms':>10s} {'paired ratio':>13s}")
         for name, r in result["impls"].items():
-            print(f"{name:16s} {r['median_ms']:10.1f} {r['mean_ms']:10.1f} {r['ratio_to_first']:7.3f}")
+            print(f"{name:16s} {r['median_ms']:10.1f} {r['mean_ms']:10.1f} {r['ratio_to_first']:13.3f}")
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(result, f, indent=2)
