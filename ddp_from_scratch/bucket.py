@@ -137,7 +137,8 @@ def rebuild_in_ready_order(params: list[torch.Tensor], ready_order: list[int], c
     (gradient_as_bucket_view), existing gradients are copied into the new buckets and
     `param.grad` re-pointed at them, as reducer.cpp's `initialize_bucket_views` does.
     """
-    order = torch.tensor(ready_order, dtype=torch.int64)
+    # on the parameters' device: NCCL only sends GPU tensors
+    order = torch.tensor(ready_order, dtype=torch.int64, device=params[0].device if params else "cpu")
     broadcast(order)
     buckets = build_buckets(params, order.tolist(), caps_bytes)
     if move_grads:

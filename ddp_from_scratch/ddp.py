@@ -92,6 +92,8 @@ class DistributedDataParallel(nn.Module):
         named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
         self.param_names = [n for n, _ in named]
         self.params = [p for _, p in named]
+        # where the wrapper's own small tensors (flags, counts) live: NCCL sends only GPU tensors
+        self.device = next(module.parameters(), torch.empty(0)).device
         self._buffers_list = [b for b in module.buffers()]
 
         verify_same_model(module, process_group)  # before anything is paired across ranks

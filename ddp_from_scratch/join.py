@@ -48,7 +48,7 @@ def _others(ddp) -> list[int]:
 
 def join_round(ddp, active: bool) -> tuple[int, int]:
     """One vote. Returns (number of ranks still training, highest of them; -1 if none)."""
-    flags = torch.zeros(ddp.world_size, dtype=torch.int64)
+    flags = torch.zeros(ddp.world_size, dtype=torch.int64, device=ddp.device)
     if active:
         flags[ddp.rank] = 1
     start = debug.now()
@@ -80,7 +80,7 @@ def _shadow_iteration(ddp, buffer_src: int) -> None:
 
 def _sync_final_model(ddp, is_last_joiner: bool) -> None:
     """Broadcast the model of the highest rank that trained until the end (torch's `_sync_final_model`)."""
-    candidate = torch.tensor([ddp.rank if is_last_joiner else -1], dtype=torch.int64)
+    candidate = torch.tensor([ddp.rank if is_last_joiner else -1], dtype=torch.int64, device=ddp.device)
     start = debug.now()
     dist.all_reduce(candidate, op=dist.ReduceOp.MAX, group=ddp.process_group)
     if ddp.debug:

@@ -35,7 +35,8 @@ def exchange_used_counts(ddp, used: bytearray) -> torch.futures.Future:
     gradient for it in this step. Launched after the last bucket, so it pairs up on every
     rank. A rank that has joined (join.py) sends zeros.
     """
-    counts = torch.tensor(list(used), dtype=torch.int64)  # int64: our ring all-reduce takes no int32
+    # int64: our ring all-reduce takes no int32; on the model's device: NCCL only sends GPU tensors
+    counts = torch.tensor(list(used), dtype=torch.int64, device=ddp.device)
     start = debug.now()
     future = ddp.comm_state.all_reduce(counts)
     if ddp.debug:
