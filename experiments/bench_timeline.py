@@ -1,0 +1,228 @@
+"""Where a DDP step's milliseconds go: a per-rank timeline of compute and bucket all-reduces.
+
+    python -m experiments.bench_timeline --out runs/timeline            # 2 ranks, minilm-l6
+    python -m experiments.bench_timeline --quick --out runs/timeline    # tiny model, seconds
+
+For native and hand-written DDP (same model, same buckets: torch's default 25 MiB with a
+1 MiB first bucket), every rank records per step the forward, backward and optimizer
+intervals and, for every bucket, when its all-reduce was launched (= when the bucket's
+last gradient was ready) and when it finished. Both record through the same
+communication hook (torch's `register_comm_hook` interface, which ours mirrors), which
+averages exactly like the default path and stamps the times; "finished" is stamped by a
+callback on the all-reduce's future, so it is the completion, not the moment someone
+waited for it. All ranks use the same monotonic clock (one machine).
+
+Written to --out: `timeline.json` (every interval), `trace.json` (Chrome trace: open it
+in https://ui.perfetto.dev or chrome://tracing), `timeline.png` and `timeline.md` with
+the *overlap*: the share of all-reduce time hidden behind backward, i.e. the part of the
+union of [launch, finish] intervals that falls before the last gradient was computed
+(Li et al., VLDB 2020, §3.2: overlapping communication with backward is DDP's main speed trick).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+IMPLS = ("native", "scratch")
+
+
+def _timed_allreduce_hook(records: list):
+    """A comm hook that averages a bucket (divide, SUM all-reduce) and records its times."""
+    import torch.distributed as dist
+
+    def hook(state, bucket):
+        buf = bucket.buffer() if callable(bucket.buffer) else bucket.buffer  # torch's GradBucket vs ours
+        index = bucket.index() if callable(bucket.index) else bucket.index
+        rec = {"bucket": index, "bytes": buf.numel() * buf.element_size(), "launch": time.perf_counter()}
+        records.append(rec)
+        buf.div_(dist.get_world_size())
+        fut = dist.all_reduce(buf, async_op=True).get_future()
+
+        def done(f):
+            rec["done"] = time.perf_counter()  # runs on the communication thread, at completion
+            return f.value()[0]
+        return fut.then(done)
+    return hook
+
+
+def _worker(out_dir: str, model_name: str, steps: int, warmup: int, batch_size: int, seq_len: int) -> None:
+    """One rank (under torchrun): time `steps` training steps of each implementation."""
+    import torch.distributed as dist
+
+    import ddp_from_scratch
+    import ddp_native
+    from experiments.model import build_model, build_tokenizer
+
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    vocab = len(build_tokenizer(model_name))
+    torch.manual_seed(0)
+    base = build_model(model_name, vocab_size=vocab, dropout=0.0) if model_name == "tiny" else build_model(model_name)
+    g = torch.Generator().manual_seed(rank)
+    batches = [(torch.randint(min(1000, vocab // 2), vocab, (batch_size, seq_len), generator=g),
+                torch.randint(0, 4, (batch_size,), generator=g)) for _ in range(warmup + steps)]
+    events = []
+    for impl in IMPLS:
+        records: list = []
+        wrap = ddp_native.wrap if impl == "native" else ddp_from_scratch.wrap
+        model = wrap(copy.deepcopy(base), torch.device("cpu"))
+        model.register_comm_hook(None, _timed_allreduce_hook(records))
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+        for step, (ids, labels) in enumerate(batches):
+            dist.barrier()
+            t0 = time.perf_counter()
+            loss = model(input_ids=ids, labels=labels).loss
+            t1 = time.perf_counter()
+            n_before = len(records)
+            loss.backward()  # returns after every bucket's all-reduce was waited for
+            t2 = time.perf_counter()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            t3 = time.perf_counter()
+            if step < warmup:
+                continue
+            s = step - warmup
+            events += [{"impl": impl, "rank": rank, "step": s, "kind": k, "start": a, "end": b}
+                       for k, a, b in (("forward", t0, t1), ("backward", t1, t2), ("optimizer", t2, t3))]
+            events += [{"impl": impl, "rank": rank, "step": s, "kind": "allreduce", "bucket": r["bucket"],
+                        "bytes": r["bytes"], "start": r["launch"], "end": r["done"]} for r in records[n_before:]]
+        del model, opt
+    with open(os.path.join(out_dir, f"events-rank{rank}.json"), "w") as f:
+        json.dump(events, f)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _measure(intervals: list[tuple[float, float]]) -> float:
+    """Total length of the union of intervals (seconds)."""
+    total, end = 0.0, float("-inf")
+    for a, b in sorted(intervals):
+        if b > end:
+            total += b - max(a, end)
+            end = b
+    return total
+
+
+def overlap(events: list[dict], impl: str) -> dict:
+    """Share of all-reduce time hidden behind backward compute, over all ranks and steps.
+
+    For each (rank, step): communication = union of the buckets' [launch, done]; the backward's
+    compute ends when the last bucket is launched (its last gradient was just computed).
+    Hidden = communication before that moment and after backward started.
+    """
+    hidden = total = 0.0
+    keys = {(e["rank"], e["step"]) for e in events if e["impl"] == impl}
+    for key in keys:
+        evs = [e for e in events if e["impl"] == impl and (e["rank"], e["step"]) == key]
+        comm = [(e["start"], e["end"]) for e in evs if e["kind"] == "allreduce"]
+        if not comm:
+            continue
+        bwd = next(e for e in evs if e["kind"] == "backward")
+        compute_end = max(a for a, _ in comm)
+        total += _measure(comm)
+        hidden += _measure([(max(a, bwd["start"]), min(b, compute_end)) for a, b in comm if min(b, compute_end) > a])
+    steps = [e for e in events if e["impl"] == impl and e["kind"] in ("forward", "backward", "optimizer")]
+    per = {k: sum(e["end"] - e["start"] for e in steps if e["kind"] == k) / max(len(keys), 1)
+           for k in ("forward", "backward", "optimizer")}
+    return {"overlap": hidden / total if total else 0.0, "allreduce_ms_per_step": 1e3 * total / max(len(keys), 1),
+            **{f"{k}_ms_per_step": 1e3 * v for k, v in per.items()}}
+
+
+def chrome_trace(events: list[dict]) -> dict:
+    """Chrome trace-event format: one process per (implementation, rank), compute and comm threads."""
+    t0 = min(e["start"] for e in events)
+    pids = {key: i for i, key in enumerate(sorted({(e["impl"], e["rank"]) for e in events}))}
+    out = [{"ph": "M", "name": "process_name", "pid": pid, "args": {"name": f"{impl} rank {rank}"}}
+           for (impl, rank), pid in pids.items()]
+    for e in events:
+        comm = e["kind"] == "allreduce"
+        out.append({"ph": "X", "pid": pids[(e["impl"], e["rank"])], "tid": "all-reduce" if comm else "compute",
+                    "name": f"bucket {e['bucket']}" if comm else e["kind"], "ts": (e["start"] - t0) * 1e6,
+                    "dur": (e["end"] - e["start"]) * 1e6, "args": {"step": e["step"], **({"bytes": e["bytes"]} if comm else {})}})
+    return {"traceEvents": out, "displayTimeUnit": "ms"}
+
+
+def plot(events: list[dict], path: Path, step: int) -> None:
+    """One step per (implementation, rank): compute bars above, bucket all-reduce bars below."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colors = {"forward": "tab:blue", "backward": "tab:orange", "optimizer": "tab:green", "allreduce": "tab:purple"}
+    rows = sorted({(e["impl"], e["rank"]) for e in events})
+    fig, axes = plt.subplots(len(rows), 1, figsize=(10, 1.6 * len(rows)), squeeze=False)
+    for ax, (impl, rank) in zip(axes[:, 0], rows):
+        evs = [e for e in events if e["impl"] == impl and e["rank"] == rank and e["step"] == step]
+        t0 = min(e["start"] for e in evs)
+        for e in evs:
+            y = 0 if e["kind"] == "allreduce" else 1
+            ax.broken_barh([((e["start"] - t0) * 1e3, (e["end"] - e["start"]) * 1e3)], (y + 0.1, 0.8),
+                           facecolors=colors[e["kind"]], edgecolor="white", linewidth=0.5)
+        ax.set_yticks([0.5, 1.5], ["all-reduce", "compute"])
+        ax.set_title(f"{impl} DDP, rank {rank}, step {step}", fontsize=9, loc="left")
+    axes[-1, 0].set_xlabel("ms since the step started")
+    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in colors.values()]
+    fig.legend(handles, list(colors), loc="upper right", ncol=4, fontsize=8)
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run(out_dir: Path, quick: bool = False, nproc: int = 2) -> dict:
+    """Launch the ranks with torchrun, then write timeline.json, trace.json, timeline.png, timeline.md."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cfg = dict(model="tiny", steps=2, warmup=1, batch_size=8, seq_len=32) if quick else \
+        dict(model="minilm-l6", steps=6, warmup=2, batch_size=16, seq_len=64)
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "-m", "experiments.bench_timeline", "--worker", tmp, *[f"--{k.replace('_', '-')}={v}" for k, v in cfg.items()]]
+        subprocess.run(cmd, check=True, capture_output=quick)
+        events = [e for r in range(nproc) for e in json.loads(Path(tmp, f"events-rank{r}.json").read_text())]
+    (out_dir / "timeline.json").write_text(json.dumps(events))
+    (out_dir / "trace.json").write_text(json.dumps(chrome_trace(events)))
+    plot(events, out_dir / "timeline.png", step=cfg["steps"] - 1)
+    stats = {impl: overlap(events, impl) for impl in IMPLS}
+    md = [f"{nproc} ranks, gloo, {cfg['model']}, micro-batch {cfg['batch_size']} x {cfg['seq_len']} tokens, "
+          f"torch's default buckets, {cfg['steps']} measured steps (after {cfg['warmup']} warm-up).", "",
+          "| DDP | forward ms | backward ms (incl. wait) | optimizer ms | all-reduce ms | hidden behind backward |",
+          "|---|---|---|---|---|---|"]
+    for impl, s in stats.items():
+        md.append(f"| {impl} | {s['forward_ms_per_step']:.1f} | {s['backward_ms_per_step']:.1f} | "
+                  f"{s['optimizer_ms_per_step']:.1f} | {s['allreduce_ms_per_step']:.1f} | {s['overlap']:.0%} |")
+    md = "\n".join(md)
+    (out_dir / "timeline.md").write_text(md + "\n")
+    return {"markdown": md, "stats": stats, "config": cfg,
+            "files": [str(out_dir / f) for f in ("timeline.json", "trace.json", "timeline.png", "timeline.md")]}
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", default="runs/timeline")
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: rank process
+    p.add_argument("--model", default="minilm-l6")
+    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seq-len", type=int, default=64)
+    a = p.parse_args(argv)
+    if a.worker:
+        _worker(a.worker, a.model, a.steps, a.warmup, a.batch_size, a.seq_len)
+        return
+    result = run(Path(a.out), quick=a.quick)
+    print(result["markdown"])
+    print("\nwritten:\n  " + "\n  ".join(result["files"]))
+
+
+if __name__ == "__main__":
+    main()

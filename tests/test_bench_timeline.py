@@ -1,0 +1,31 @@
+"""The timeline benchmark in quick mode: real ranks, both DDPs, files a learner can open."""
+from __future__ import annotations
+
+import json
+
+from experiments.bench_timeline import IMPLS, _measure, overlap, run
+
+
+def test_union_and_overlap_arithmetic():
+    assert _measure([(0, 2), (1, 3), (5, 6)]) == 4
+    events = [{"impl": "x", "rank": 0, "step": 0, "kind": "backward", "start": 0.0, "end": 10.0},
+              {"impl": "x", "rank": 0, "step": 0, "kind": "allreduce", "bucket": 0, "bytes": 4, "start": 2.0, "end": 5.0},
+              {"impl": "x", "rank": 0, "step": 0, "kind": "allreduce", "bucket": 1, "bytes": 4, "start": 6.0, "end": 9.0}]
+    # compute ends when the last bucket is launched (6.0): 3 of the 6 units of all-reduce are hidden
+    assert abs(overlap(events, "x")["overlap"] - 0.5) < 1e-12
+
+
+def test_quick_timeline_writes_trace_plot_and_table(tmp_path):
+    result = run(tmp_path, quick=True)
+    events = json.loads((tmp_path / "timeline.json").read_text())
+    for impl in IMPLS:
+        for rank in (0, 1):
+            mine = [e for e in events if e["impl"] == impl and e["rank"] == rank]
+            kinds = {e["kind"] for e in mine}
+            assert {"forward", "backward", "optimizer", "allreduce"} <= kinds, (impl, rank, kinds)
+            assert all(e["end"] >= e["start"] for e in mine)
+        assert 0.0 <= result["stats"][impl]["overlap"] <= 1.0
+    trace = json.loads((tmp_path / "trace.json").read_text())
+    assert any(e.get("name", "").startswith("bucket") for e in trace["traceEvents"])
+    assert (tmp_path / "timeline.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| scratch |" in (tmp_path / "timeline.md").read_text()
