@@ -9,6 +9,8 @@ Parts (each a module with `run(out_dir, quick) -> {"markdown", "files", ...}`):
                                                Chrome trace, PNG, share of all-reduce hidden behind backward
     allreduce  experiments/bench_allreduce.py  time, algbw and busbw of gloo / ring / naive /
                                                halving-doubling all-reduce against message size
+    accuracy   experiments/bench_accuracy.py   minilm-l6 on the AG News rows in ../shared/ag_news with
+                                               native and hand-written DDP: loss curves, accuracy, confusion
 
 Writes `<out>/<part>/...` (JSON, Markdown tables, PNG plots) and `<out>/README.md`, which
 gathers every part's table with the command and the machine, then prints where it all is.
@@ -26,7 +28,8 @@ from pathlib import Path
 
 import torch
 
-PARTS = {"timeline": "experiments.bench_timeline", "allreduce": "experiments.bench_allreduce"}
+PARTS = {"timeline": "experiments.bench_timeline", "allreduce": "experiments.bench_allreduce",
+         "accuracy": "experiments.bench_accuracy"}
 
 
 def machine() -> str:
