@@ -1,0 +1,267 @@
+"""Step time against bucket cap: why DDP packs gradients into ~25 MB buckets.
+
+    python -m experiments.bench_buckets --out runs/buckets            # 2 ranks, minilm-l6, a few minutes
+    python -m experiments.bench_buckets --quick --out runs/buckets    # tiny model, 2 caps, seconds
+
+One all-reduce costs a fixed latency plus a cost per byte. Tiny buckets (one per parameter)
+start communicating early but pay the latency ~100 times; one bucket pays it once but can
+only start when backward is over, so nothing overlaps. Buckets of a few MB sit in between
+(Li et al., "PyTorch Distributed", VLDB 2020, §3.2 and Fig. 7; torch's DDP design notes,
+"Internal Design: Reducer"). For every cap in CAPS_MB (MiB; None = torch's default, 25 MiB
+with a 1 MiB first bucket) and every implementation -- torch's DDP ("native"), ours with
+`dist.all_reduce` ("scratch-torch") and ours with the ring from send/recv ("scratch-ring") --
+each rank wraps its own replica, then all configurations take turns, one training step each,
+in a fresh shuffled order every round (seeded, so all ranks agree), so drift of the machine
+hits them alike (as in benchmarks/ddp_step.py).
+
+Reported per configuration: median step time over rounds (ms, the slowest rank's forward +
+backward + optimizer), the paired ratio to native DDP with the same cap in the same round,
+the number of buckets (all-reduces per step), and the share of all-reduce time hidden behind
+backward (`bench_timeline.overlap`). The all-reduces are timed by `bench_timeline.
+_timed_allreduce_hook` for native DDP and, for ours, by wrapping the wrapper's own launcher
+(`comm_state.all_reduce`), because a comm hook calling `dist.all_reduce` would bypass the ring.
+The optimizer is plain SGD: 21 replicas with AdamW state would not fit in memory, and the
+optimizer's cost does not depend on the bucket cap.
+
+Written to --out: `buckets.json`, `buckets.md`, `buckets.png`.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from .bench_timeline import _timed_allreduce_hook, overlap
+
+IMPLS = ("native", "scratch-torch", "scratch-ring")
+PER_PARAM, ONE_BUCKET = 1e-6, 1e4  # MiB: a 1-byte cap closes a bucket after every parameter; 10 GB holds all
+CAPS_MB = (PER_PARAM, 1.0, 5.0, 25.0, 100.0, ONE_BUCKET, None)
+FULL = dict(model="minilm-l6", steps=8, warmup=1, batch_size=16, seq_len=64)
+QUICK = dict(model="tiny", steps=2, warmup=1, batch_size=8, seq_len=32)
+QUICK_CAPS = (PER_PARAM, ONE_BUCKET)
+
+
+def cap_label(cap: float | None) -> str:
+    """Short, stable name of a cap for tables and JSON keys."""
+    names = {None: "default", PER_PARAM: "per-parameter", ONE_BUCKET: "one bucket"}
+    return names[cap] if cap in names else f"{cap:g}"
+
+
+def model_and_batches(model_name: str, n: int, batch_size: int, seq_len: int, seed: int):
+    """The same seeded model on every rank, and `n` random (ids, labels) batches for this rank.
+
+    Random token ids: the content of a batch does not change the time of a dense forward/backward.
+    """
+    from .model import build_model, build_tokenizer
+
+    vocab = len(build_tokenizer(model_name))
+    torch.manual_seed(0)
+    base = build_model(model_name, vocab_size=vocab, dropout=0.0) if model_name == "tiny" else build_model(model_name)
+    g = torch.Generator().manual_seed(seed)
+    return base, [(torch.randint(min(1000, vocab // 2), vocab, (batch_size, seq_len), generator=g),
+                   torch.randint(0, 4, (batch_size,), generator=g)) for _ in range(n)]
+
+
+def _timed_launcher(ddp, records: list):
+    """Wrap our DDP's all-reduce launcher (comm_hooks.CommState.all_reduce) to stamp launch and completion.
+
+    Only bucket all-reduces are recorded: ours also all-reduces the per-parameter "used" counts
+    once per step, after backward (unused.py); counting it as communication would move the
+    end of backward's compute (the last launch, see `overlap`) past the real one.
+    """
+    launch = ddp.comm_state.all_reduce
+
+    def timed(tensor: torch.Tensor) -> torch.futures.Future:
+        if not any(tensor is b.buffer for b in ddp.buckets):
+            return launch(tensor)
+        rec = {"bucket": len(records), "bytes": tensor.numel() * tensor.element_size(), "launch": time.perf_counter()}
+        records.append(rec)
+
+        def done(f):
+            rec["done"] = time.perf_counter()  # runs when the all-reduce completes, not when it is waited for
+            return f.value()
+        return launch(tensor).then(done)
+    return timed
+
+
+def _worker(out_dir: str, caps: list, impls: list, model: str, steps: int, warmup: int,
+            batch_size: int, seq_len: int) -> None:
+    """One rank (under torchrun): every (implementation, cap) takes one step per round."""
+    import torch.distributed as dist
+
+    import ddp_from_scratch
+    import ddp_native
+
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    base, batches = model_and_batches(model, warmup + steps, batch_size, seq_len, seed=rank)
+    configs, records = [], {}
+    for cap in caps:
+        for impl in impls:
+            key = f"{impl}|{cap_label(cap)}"
+            records[key] = []
+            if impl == "native":
+                m = ddp_native.wrap(copy.deepcopy(base), torch.device("cpu"), bucket_cap_mb=cap)
+                m.register_comm_hook(None, _timed_allreduce_hook(records[key]))
+            else:
+                m = ddp_from_scratch.wrap(copy.deepcopy(base), torch.device("cpu"), bucket_cap_mb=cap,
+                                          all_reduce=impl.removeprefix("scratch-"))
+                m.comm_state.all_reduce = _timed_launcher(m, records[key])
+            configs.append((key, m, torch.optim.SGD(m.parameters(), lr=1e-5)))
+    events, order_rng = [], random.Random(0)  # same seed everywhere: every rank runs the same order
+    for i, (ids, labels) in enumerate(batches):
+        order = configs[:]
+        order_rng.shuffle(order)
+        for key, model_, opt in order:
+            dist.barrier()  # all ranks start the step together, as in training
+            t0 = time.perf_counter()
+            loss = model_(input_ids=ids, labels=labels).loss
+            t1 = time.perf_counter()
+            n_before = len(records[key])
+            loss.backward()  # returns after every bucket's all-reduce was waited for
+            t2 = time.perf_counter()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            t3 = time.perf_counter()
+            if i < warmup:  # the first step builds/rebuilds buckets (bucket.py)
+                continue
+            s = i - warmup
+            events += [{"impl": key, "rank": rank, "step": s, "kind": k, "start": a, "end": b}
+                       for k, a, b in (("forward", t0, t1), ("backward", t1, t2), ("optimizer", t2, t3))]
+            events += [{"impl": key, "rank": rank, "step": s, "kind": "allreduce", "bucket": r["bucket"],
+                        "bytes": r["bytes"], "start": r["launch"], "end": r["done"]} for r in records[key][n_before:]]
+    n_params = sum(1 for p in base.parameters() if p.requires_grad)
+    Path(out_dir, f"events-rank{rank}.json").write_text(json.dumps({"n_params": n_params, "events": events}))
+    del configs, order
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def summarize(events: list[dict], key: str) -> dict:
+    """Median step time (slowest rank per round), buckets per step and overlap of one configuration."""
+    mine = [e for e in events if e["impl"] == key]
+    steps = sorted({e["step"] for e in mine})
+    step_s = [max(e["end"] for e in mine if e["step"] == s and e["kind"] == "optimizer")
+              - min(e["start"] for e in mine if e["step"] == s and e["kind"] == "forward") for s in steps]
+    per_rank_step = {}
+    for e in mine:
+        if e["kind"] == "allreduce":
+            per_rank_step[(e["rank"], e["step"])] = per_rank_step.get((e["rank"], e["step"]), 0) + 1
+    return {"median_ms": 1e3 * statistics.median(step_s), "step_ms": [1e3 * t for t in step_s],
+            "buckets": sorted(set(per_rank_step.values())), **overlap(mine, key)}
+
+
+def plot(results: dict, caps: list, impls: list, path: Path) -> None:
+    """Left: median step time against cap (log x); right: share of all-reduce hidden behind backward."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fixed = [c for c in caps if c is not None]
+    # 1e-6 .. 1e4 spans ten decades: draw the two extremes one decade beyond 1 and 100 instead
+    x = {PER_PARAM: 0.1, ONE_BUCKET: 1000.0}
+    xs = [x.get(c, c) for c in fixed]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for impl, color in zip(impls, ("tab:blue", "tab:orange", "tab:green")):
+        for ax, field, scale in ((axes[0], "median_ms", 1), (axes[1], "overlap", 100)):
+            ax.plot(xs, [scale * results[f"{impl}|{cap_label(c)}"][field] for c in fixed], "o-", color=color,
+                    label=impl)
+            if None in caps:  # torch's default: 25 MiB with a 1 MiB first bucket, drawn at 25
+                ax.plot([25], [scale * results[f"{impl}|default"][field]], "*", ms=12, color=color)
+    for ax, ylabel in zip(axes, ("median step time (ms)", "all-reduce hidden behind backward (%)")):
+        ax.set_xscale("log")
+        ax.set_xticks(xs, [cap_label(c) for c in fixed], rotation=30, fontsize=8)
+        ax.minorticks_off()
+        ax.set_xlabel("bucket cap (MiB, log); star = torch's default (25, first bucket 1)")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    axes[1].set_ylim(-5, 105)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run(out_dir: Path, quick: bool = False, nproc: int = 2) -> dict:
+    """Launch the ranks with torchrun, then write buckets.json, buckets.md and buckets.png."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cfg, caps = (QUICK, QUICK_CAPS) if quick else (FULL, CAPS_MB)
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "-m", "experiments.bench_buckets", "--worker", tmp, "--caps", ",".join(cap_label(c) for c in caps),
+               *[f"--{k.replace('_', '-')}={v}" for k, v in cfg.items()]]
+        subprocess.run(cmd, check=True, capture_output=quick, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        ranks = [json.loads(Path(tmp, f"events-rank{r}.json").read_text()) for r in range(nproc)]
+    events = [e for r in ranks for e in r["events"]]
+    results = {f"{impl}|{cap_label(c)}": summarize(events, f"{impl}|{cap_label(c)}") for c in caps for impl in IMPLS}
+    for c in caps:  # paired: same cap, same round, both started after the same barrier
+        ref = results[f"native|{cap_label(c)}"]["step_ms"]
+        for impl in IMPLS:
+            r = results[f"{impl}|{cap_label(c)}"]
+            r["ratio_to_native"] = statistics.median(t / n for t, n in zip(r["step_ms"], ref))
+    plot(results, list(caps), list(IMPLS), out_dir / "buckets.png")
+    md = [f"{nproc} ranks, gloo, {cfg['model']} ({ranks[0]['n_params']} parameter tensors), micro-batch "
+          f"{cfg['batch_size']} x {cfg['seq_len']} tokens, SGD, {cfg['steps']} rounds (after {cfg['warmup']} "
+          "warm-up), configurations shuffled every round.", "",
+          "| bucket cap (MiB) | DDP | buckets | median step ms | vs native (paired) | all-reduce ms/step "
+          "| hidden behind backward |", "|---|---|---|---|---|---|---|"]
+    for c in caps:
+        for impl in IMPLS:
+            r = results[f"{impl}|{cap_label(c)}"]
+            md.append(f"| {cap_label(c)} | {impl} | {'/'.join(map(str, r['buckets']))} | {r['median_ms']:.1f} | "
+                      f"{r['ratio_to_native']:.3f} | {r['allreduce_ms_per_step']:.1f} | {r['overlap']:.0%} |")
+    md += ["", "Step time: forward + backward (incl. waiting for the last all-reduce) + SGD step, slowest rank. "
+           "Hidden: the share of the union of all-reduce intervals that ends before the last bucket was launched "
+           "(backward's compute was still running), as in the timeline part. `default` = torch's 25 MiB buckets "
+           "with a 1 MiB first bucket; `per-parameter` = a 1-byte cap; `one bucket` = 10 GB. Ours also "
+           "all-reduces one small tensor of per-parameter 'got a gradient' counts per step (unused.py): in the "
+           "step time, not in the bucket count."]
+    md = "\n".join(md)
+    (out_dir / "buckets.md").write_text(md + "\n")
+    summary = {k: {f: v for f, v in r.items()} for k, r in results.items()}
+    (out_dir / "buckets.json").write_text(json.dumps(
+        {"config": cfg, "nproc": nproc, "n_params": ranks[0]["n_params"], "caps_mb": list(caps),
+         "impls": list(IMPLS), "results": summary}, indent=2))
+    return {"markdown": md, "results": results, "n_params": ranks[0]["n_params"], "config": cfg,
+            "files": [str(out_dir / f) for f in ("buckets.json", "buckets.md", "buckets.png")]}
+
+
+def _parse_cap(s: str) -> float | None:
+    inverse = {cap_label(c): c for c in CAPS_MB}
+    return inverse[s] if s in inverse else float(s)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", default="runs/buckets")
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: rank process
+    p.add_argument("--caps", default=",".join(cap_label(c) for c in CAPS_MB))
+    p.add_argument("--model", default=FULL["model"])
+    p.add_argument("--steps", type=int, default=FULL["steps"])
+    p.add_argument("--warmup", type=int, default=FULL["warmup"])
+    p.add_argument("--batch-size", type=int, default=FULL["batch_size"])
+    p.add_argument("--seq-len", type=int, default=FULL["seq_len"])
+    a = p.parse_args(argv)
+    if a.worker:
+        _worker(a.worker, [_parse_cap(c) for c in a.caps.split(",")], list(IMPLS), a.model, a.steps, a.warmup,
+                a.batch_size, a.seq_len)
+        return
+    result = run(Path(a.out), quick=a.quick)
+    print(result["markdown"])
+    print("\nwritten:\n  " + "\n  ".join(result["files"]))
+
+
+if __name__ == "__main__":
+    main()
