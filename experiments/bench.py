@@ -11,6 +11,10 @@ Parts (each a module with `run(out_dir, quick) -> {"markdown", "files", ...}`):
                                                halving-doubling all-reduce against message size
     accuracy   experiments/bench_accuracy.py   minilm-l6 on the AG News rows in ../shared/ag_news with
                                                native and hand-written DDP: loss curves, accuracy, confusion
+    buckets    experiments/bench_buckets.py    step time, bucket count and overlap against bucket cap
+                                               (per-parameter ... one bucket) for native, scratch-torch, scratch-ring
+    scaling    experiments/bench_scaling.py    1 vs 2 vs 4 processes, same global batch: samples/s, speedup,
+                                               efficiency, compute slow-down vs exposed communication
 
 Writes `<out>/<part>/...` (JSON, Markdown tables, PNG plots) and `<out>/README.md`, which
 gathers every part's table with the command and the machine, then prints where it all is.
@@ -29,7 +33,8 @@ from pathlib import Path
 import torch
 
 PARTS = {"timeline": "experiments.bench_timeline", "allreduce": "experiments.bench_allreduce",
-         "accuracy": "experiments.bench_accuracy"}
+         "accuracy": "experiments.bench_accuracy", "buckets": "experiments.bench_buckets",
+         "scaling": "experiments.bench_scaling"}
 
 
 def machine() -> str:

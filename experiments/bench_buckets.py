@@ -6,22 +6,25 @@
 One all-reduce costs a fixed latency plus a cost per byte. Tiny buckets (one per parameter)
 start communicating early but pay the latency ~100 times; one bucket pays it once but can
 only start when backward is over, so nothing overlaps. Buckets of a few MB sit in between
-(Li et al., "PyTorch Distributed", VLDB 2020, §3.2 and Fig. 7; torch's DDP design notes,
-"Internal Design: Reducer"). For every cap in CAPS_MB (MiB; None = torch's default, 25 MiB
-with a 1 MiB first bucket) and every implementation -- torch's DDP ("native"), ours with
-`dist.all_reduce` ("scratch-torch") and ours with the ring from send/recv ("scratch-ring") --
-each rank wraps its own replica, then all configurations take turns, one training step each,
-in a fresh shuffled order every round (seeded, so all ranks agree), so drift of the machine
-hits them alike (as in benchmarks/ddp_step.py).
+(Li et al., "PyTorch Distributed: Experiences on Accelerating Data Parallel Training", VLDB
+2020, §3.2; torch's DDP design notes, docs/notes/ddp, "Internal Design").
 
-Reported per configuration: median step time over rounds (ms, the slowest rank's forward +
-backward + optimizer), the paired ratio to native DDP with the same cap in the same round,
-the number of buckets (all-reduces per step), and the share of all-reduce time hidden behind
-backward (`bench_timeline.overlap`). The all-reduces are timed by `bench_timeline.
-_timed_allreduce_hook` for native DDP and, for ours, by wrapping the wrapper's own launcher
+For every cap in CAPS_MB (MiB; None = torch's default, 25 MiB with a 1 MiB first bucket)
+and every implementation -- torch's DDP ("native"), ours with `dist.all_reduce`
+("scratch-torch") and ours with the ring from send/recv ("scratch-ring") -- each rank wraps
+its own replica; then all configurations take turns, one training step each, in a fresh
+shuffled order every round (seeded, so all ranks agree), so drift of the machine hits them
+alike (as in benchmarks/ddp_step.py).
+
+Reported per configuration: median step time over rounds (ms; forward + backward + optimizer,
+first rank's start to last rank's end), the paired ratio to native DDP at the same cap in the
+same round, the number of buckets (bucket all-reduces per step), and the share of all-reduce
+time hidden behind backward (`bench_timeline.overlap`). Native DDP's all-reduces are timed by
+`bench_timeline._timed_allreduce_hook`; ours by wrapping the wrapper's own launcher
 (`comm_state.all_reduce`), because a comm hook calling `dist.all_reduce` would bypass the ring.
-The optimizer is plain SGD: 21 replicas with AdamW state would not fit in memory, and the
-optimizer's cost does not depend on the bucket cap.
+The optimizer is plain SGD: AdamW's two state tensors would add ~180 MB to each of the 21
+minilm-l6 replicas per rank (~8 GB on 2 ranks), and the optimizer's cost does not depend on
+the bucket cap.
 
 Written to --out: `buckets.json`, `buckets.md`, `buckets.png`.
 """
@@ -221,12 +224,12 @@ def run(out_dir: Path, quick: bool = False, nproc: int = 2) -> dict:
             r = results[f"{impl}|{cap_label(c)}"]
             md.append(f"| {cap_label(c)} | {impl} | {'/'.join(map(str, r['buckets']))} | {r['median_ms']:.1f} | "
                       f"{r['ratio_to_native']:.3f} | {r['allreduce_ms_per_step']:.1f} | {r['overlap']:.0%} |")
-    md += ["", "Step time: forward + backward (incl. waiting for the last all-reduce) + SGD step, slowest rank. "
-           "Hidden: the share of the union of all-reduce intervals that ends before the last bucket was launched "
-           "(backward's compute was still running), as in the timeline part. `default` = torch's 25 MiB buckets "
-           "with a 1 MiB first bucket; `per-parameter` = a 1-byte cap; `one bucket` = 10 GB. Ours also "
-           "all-reduces one small tensor of per-parameter 'got a gradient' counts per step (unused.py): in the "
-           "step time, not in the bucket count."]
+    md += ["", "Step time: forward + backward (incl. waiting for the last all-reduce) + SGD step, first start "
+           "to last end over ranks. Hidden: the share of the union of all-reduce intervals that ends before the "
+           "last bucket was launched (backward's compute was still running), as in the timeline part. "
+           "`default` = torch's 25 MiB buckets with a 1 MiB first bucket; `per-parameter` = a 1-byte cap; "
+           "`one bucket` = 10 GB. Ours also all-reduces one small tensor of per-parameter 'got a gradient' "
+           "counts per step (unused.py): in the step time, not in the bucket count."]
     md = "\n".join(md)
     (out_dir / "buckets.md").write_text(md + "\n")
     summary = {k: {f: v for f, v in r.items()} for k, r in results.items()}
