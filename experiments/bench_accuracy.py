@@ -79,7 +79,7 @@ def run(out_dir: Path, quick: bool = False, data_dir: Path = DATA_DIR) -> dict:
     runs = result["runs"]
     best = max(runs, key=lambda k: runs[k]["test_accuracy"])
     files = plot(out_dir, runs, best)
-    md = ["| DDP | train rows | epochs | val acc | test acc (7,600 rows unless capped) |", "|---|---|---|---|---|"]
+    md = ["| DDP | samples per epoch (incl. sampler padding) | epochs | val acc | test acc (7,600 rows unless capped) |", "|---|---|---|---|---|"]
     for kind, s in runs.items():
         md.append(f"| {kind} | {s['train_samples'] // max(s['args']['epochs'], 1)} | {s['args']['epochs']} | "
                   f"{s['val_accuracy']:.4f} | {s['test_accuracy']:.4f} |")

@@ -1,0 +1,19 @@
+"""`python -m experiments.bench`: the one command dispatches to its parts and gathers their tables."""
+from __future__ import annotations
+
+import pytest
+
+from experiments import bench
+
+
+def test_quick_run_writes_one_readme_with_every_selected_part(tmp_path):
+    assert bench.main(["--quick", "--only", "timeline", "--out", str(tmp_path)]) == 0
+    readme = (tmp_path / "README.md").read_text()
+    assert "## timeline" in readme and "Machine:" in readme and "| scratch |" in readme
+    assert (tmp_path / "timeline" / "trace.json").exists() and (tmp_path / "summary.json").exists()
+
+
+def test_unknown_part_is_a_clear_usage_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--only", "nope", "--out", str(tmp_path)])
+    assert e.value.code == 2 and "unknown part" in capsys.readouterr().err
