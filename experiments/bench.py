@@ -44,6 +44,18 @@ def machine() -> str:
             f"Python {platform.python_version()}, torch {torch.__version__}")
 
 
+def result_files(result: dict) -> list[str]:
+    """A part's written files as paths (parts return a list, or a dict kind -> path)."""
+    files = result["files"]
+    return [str(f) for f in (files.values() if isinstance(files, dict) else files)]
+
+
+def print_result(result: dict) -> None:
+    """What every part prints when run on its own: its table, then where its files are."""
+    print(result["markdown"])
+    print("\nwritten:\n  " + "\n  ".join(result_files(result)))
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m experiments.bench", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny sizes: checks that everything runs, measures little")
@@ -65,7 +77,7 @@ def main(argv=None) -> int:
         elapsed = time.perf_counter() - t0
         summary[name] = {k: v for k, v in result.items() if k != "markdown"} | {"seconds": elapsed}
         sections.append(f"## {name}\n\n{result['markdown']}\n\nFiles: "
-                        + ", ".join(f"`{os.path.relpath(f, out)}`" for f in result["files"]))
+                        + ", ".join(f"`{os.path.relpath(f, out)}`" for f in result_files(result)))
         print(result["markdown"], flush=True)
     header = f"# Benchmark run\n\nCommand: `{command.strip()}`\n\nMachine: {machine()}\n\n"
     (out / "README.md").write_text(header + "\n\n".join(sections) + "\n")

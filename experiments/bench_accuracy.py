@@ -99,8 +99,8 @@ def main(argv=None) -> None:
     p.add_argument("--data-dir", default=str(DATA_DIR))
     a = p.parse_args(argv)
     result = run(Path(a.out), quick=a.quick, data_dir=Path(a.data_dir))
-    print(result["markdown"])
-    print("\nwritten:\n  " + "\n  ".join(result["files"]))
+    from .bench import print_result
+    print_result(result)
 
 
 if __name__ == "__main__":

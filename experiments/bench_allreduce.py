@@ -226,7 +226,5 @@ if __name__ == "__main__":
     parser.add_argument("--quick", action="store_true", help="2 ranks, 1 KB and 1 MB, 3 runs (smoke test)")
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("runs/bench_allreduce"), help="output directory")
     args = parser.parse_args()
-    out = run(args.out, quick=args.quick)
-    print(out["markdown"])
-    for kind, path in out["files"].items():
-        print(f"wrote {kind}: {path}")
+    from experiments.bench import print_result
+    print_result(run(args.out, quick=args.quick))

@@ -262,8 +262,8 @@ def main(argv=None) -> None:
                 a.batch_size, a.seq_len)
         return
     result = run(Path(a.out), quick=a.quick)
-    print(result["markdown"])
-    print("\nwritten:\n  " + "\n  ".join(result["files"]))
+    from .bench import print_result
+    print_result(result)
 
 
 if __name__ == "__main__":

@@ -220,8 +220,8 @@ def main(argv=None) -> None:
         _worker(a.worker, a.model, a.steps, a.warmup, a.micro_batch, a.seq_len, a.global_batch)
         return
     result = run(Path(a.out), quick=a.quick)
-    print(result["markdown"])
-    print("\nwritten:\n  " + "\n  ".join(result["files"]))
+    from .bench import print_result
+    print_result(result)
 
 
 if __name__ == "__main__":
