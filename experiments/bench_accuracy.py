@@ -1,6 +1,6 @@
 """Accuracy on real AG News with native and hand-written DDP, same seed: loss curves and confusion matrix.
 
-    python -m experiments.bench_accuracy --out runs/accuracy            # minilm-l6, all train rows, 2 epochs
+    python -m experiments.bench_accuracy --out runs/accuracy            # minilm-l6, all train rows, 3 epochs, length 128
     python -m experiments.bench_accuracy --quick --out runs/accuracy    # tiny model, a few rows
 
 Runs `experiments.compare --runs native,scratch` (2 ranks each, `--data-dir ../shared/ag_news`),
@@ -21,7 +21,7 @@ from pathlib import Path
 from .model import LABELS
 
 DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "ag_news"
-FULL = ["--model", "minilm-l6", "--epochs", "2", "--max-length", "64", "--lr", "1e-4", "--batch-size", "16"]
+FULL = ["--model", "minilm-l6", "--epochs", "3", "--max-length", "128", "--lr", "1e-4", "--batch-size", "16"]
 QUICK = ["--model", "tiny", "--epochs", "1", "--max-length", "32", "--batch-size", "8",
          "--max-train-samples", "64", "--max-eval-samples", "40"]
 

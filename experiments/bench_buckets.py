@@ -20,8 +20,8 @@ Reported per configuration: median step time over rounds (ms; forward + backward
 first rank's start to last rank's end), the paired ratio to native DDP at the same cap in the
 same round, the number of buckets (bucket all-reduces per step), and the share of all-reduce
 time hidden behind backward (`bench_timeline.overlap`). Native DDP's all-reduces are timed by
-`bench_timeline._timed_allreduce_hook`; ours by wrapping the wrapper's own launcher
-(`comm_state.all_reduce`), because a comm hook calling `dist.all_reduce` would bypass the ring.
+`bench_timeline.wrap_timed`: a comm hook for native DDP, the wrapper's own launcher
+(`comm_state.all_reduce`) for ours, because a comm hook calling `dist.all_reduce` would bypass the ring.
 The optimizer is plain SGD: AdamW's two state tensors would add ~180 MB to each of the 21
 minilm-l6 replicas per rank (~8 GB on 2 ranks), and the optimizer's cost does not depend on
 the bucket cap.
@@ -44,7 +44,7 @@ from pathlib import Path
 
 import torch
 
-from .bench_timeline import _timed_allreduce_hook, overlap
+from .bench_timeline import overlap, wrap_timed
 
 IMPLS = ("native", "scratch-torch", "scratch-ring")
 PER_PARAM, ONE_BUCKET = 1e-6, 1e4  # MiB: a 1-byte cap closes a bucket after every parameter; 10 GB holds all
@@ -75,35 +75,10 @@ def model_and_batches(model_name: str, n: int, batch_size: int, seq_len: int, se
                    torch.randint(0, 4, (batch_size,), generator=g)) for _ in range(n)]
 
 
-def _timed_launcher(ddp, records: list):
-    """Wrap our DDP's all-reduce launcher (comm_hooks.CommState.all_reduce) to stamp launch and completion.
-
-    Only bucket all-reduces are recorded: ours also all-reduces the per-parameter "used" counts
-    once per step, after backward (unused.py); counting it as communication would move the
-    end of backward's compute (the last launch, see `overlap`) past the real one.
-    """
-    launch = ddp.comm_state.all_reduce
-
-    def timed(tensor: torch.Tensor) -> torch.futures.Future:
-        if not any(tensor is b.buffer for b in ddp.buckets):
-            return launch(tensor)
-        rec = {"bucket": len(records), "bytes": tensor.numel() * tensor.element_size(), "launch": time.perf_counter()}
-        records.append(rec)
-
-        def done(f):
-            rec["done"] = time.perf_counter()  # runs when the all-reduce completes, not when it is waited for
-            return f.value()
-        return launch(tensor).then(done)
-    return timed
-
-
 def _worker(out_dir: str, caps: list, impls: list, model: str, steps: int, warmup: int,
             batch_size: int, seq_len: int) -> None:
     """One rank (under torchrun): every (implementation, cap) takes one step per round."""
     import torch.distributed as dist
-
-    import ddp_from_scratch
-    import ddp_native
 
     dist.init_process_group("gloo")
     rank = dist.get_rank()
@@ -113,13 +88,7 @@ def _worker(out_dir: str, caps: list, impls: list, model: str, steps: int, warmu
         for impl in impls:
             key = f"{impl}|{cap_label(cap)}"
             records[key] = []
-            if impl == "native":
-                m = ddp_native.wrap(copy.deepcopy(base), torch.device("cpu"), bucket_cap_mb=cap)
-                m.register_comm_hook(None, _timed_allreduce_hook(records[key]))
-            else:
-                m = ddp_from_scratch.wrap(copy.deepcopy(base), torch.device("cpu"), bucket_cap_mb=cap,
-                                          all_reduce=impl.removeprefix("scratch-"))
-                m.comm_state.all_reduce = _timed_launcher(m, records[key])
+            m = wrap_timed(impl, copy.deepcopy(base), records[key], cap)
             configs.append((key, m, torch.optim.SGD(m.parameters(), lr=1e-5)))
     events, order_rng = [], random.Random(0)  # same seed everywhere: every rank runs the same order
     for i, (ids, labels) in enumerate(batches):

@@ -1,16 +1,18 @@
 """Where a DDP step's milliseconds go: a per-rank timeline of compute and bucket all-reduces.
 
-    python -m experiments.bench_timeline --out runs/timeline            # 2 ranks, minilm-l6
-    python -m experiments.bench_timeline --quick --out runs/timeline    # tiny model, seconds
+    python -m experiments.bench_timeline --out runs/timeline                      # 2 ranks, minilm-l6
+    python -m experiments.bench_timeline --bucket-cap-mb 5 --out runs/timeline-5  # another bucket cap
+    python -m experiments.bench_timeline --quick --out runs/timeline              # tiny model, seconds
 
-For native and hand-written DDP (same model, same buckets: torch's default 25 MiB with a
-1 MiB first bucket), every rank records per step the forward, backward and optimizer
-intervals and, for every bucket, when its all-reduce was launched (= when the bucket's
-last gradient was ready) and when it finished. Both record through the same
-communication hook (torch's `register_comm_hook` interface, which ours mirrors), which
-averages exactly like the default path and stamps the times; "finished" is stamped by a
-callback on the all-reduce's future, so it is the completion, not the moment someone
-waited for it. All ranks use the same monotonic clock (one machine).
+For native DDP ("native") and ours with `dist.all_reduce` ("scratch-torch") or with the ring
+built from send/recv ("scratch-ring"), all with the same model and the same buckets (default:
+torch's 25 MiB with a 1 MiB first bucket), every rank records per step the forward, backward
+and optimizer intervals and, for every bucket, when its all-reduce was launched (= when the
+bucket's last gradient was ready) and when it finished. Native DDP records through a
+communication hook (`_timed_allreduce_hook`, averaging exactly like its default path); ours
+through its own launcher (`_timed_launcher`), so the ring is really what is timed. "Finished"
+is stamped by a callback on the all-reduce's future, so it is the completion, not the moment
+someone waited for it. All ranks use the same monotonic clock (one machine).
 
 Written to --out: `timeline.json` (every interval), `trace.json` (Chrome trace: open it
 in https://ui.perfetto.dev or chrome://tracing), `timeline.png` and `timeline.md` with
@@ -32,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-IMPLS = ("native", "scratch")
+IMPLS = ("native", "scratch-torch", "scratch-ring")
 
 
 def _timed_allreduce_hook(records: list):
@@ -54,12 +56,48 @@ def _timed_allreduce_hook(records: list):
     return hook
 
 
-def _worker(out_dir: str, model_name: str, steps: int, warmup: int, batch_size: int, seq_len: int) -> None:
+def _timed_launcher(ddp, records: list):
+    """Wrap our DDP's all-reduce launcher (comm_hooks.CommState.all_reduce) to stamp launch and completion.
+
+    Only bucket all-reduces are recorded: ours also all-reduces the per-parameter "used" counts
+    once per step, after backward (unused.py); counting it as communication would move the
+    end of backward's compute (the last launch, see `overlap`) past the real one.
+    """
+    launch = ddp.comm_state.all_reduce
+
+    def timed(tensor: torch.Tensor) -> torch.futures.Future:
+        if not any(tensor is b.buffer for b in ddp.buckets):
+            return launch(tensor)
+        rec = {"bucket": len(records), "bytes": tensor.numel() * tensor.element_size(), "launch": time.perf_counter()}
+        records.append(rec)
+
+        def done(f):
+            rec["done"] = time.perf_counter()  # runs when the all-reduce completes, not when it is waited for
+            return f.value()
+        return launch(tensor).then(done)
+    return timed
+
+
+def wrap_timed(impl: str, module: torch.nn.Module, records: list, bucket_cap_mb: float | None = None):
+    """`module` wrapped by `impl` ("native", "scratch-torch", "scratch-ring"), its bucket all-reduces timed into `records`."""
+    import ddp_from_scratch
+    import ddp_native
+
+    if impl == "native":
+        model = ddp_native.wrap(module, torch.device("cpu"), bucket_cap_mb=bucket_cap_mb)
+        model.register_comm_hook(None, _timed_allreduce_hook(records))
+    else:
+        model = ddp_from_scratch.wrap(module, torch.device("cpu"), bucket_cap_mb=bucket_cap_mb,
+                                      all_reduce=impl.removeprefix("scratch-"))
+        model.comm_state.all_reduce = _timed_launcher(model, records)
+    return model
+
+
+def _worker(out_dir: str, model_name: str, steps: int, warmup: int, batch_size: int, seq_len: int,
+            bucket_cap_mb: float | None = None) -> None:
     """One rank (under torchrun): time `steps` training steps of each implementation."""
     import torch.distributed as dist
 
-    import ddp_from_scratch
-    import ddp_native
     from experiments.model import build_model, build_tokenizer
 
     dist.init_process_group("gloo")
@@ -73,9 +111,7 @@ def _worker(out_dir: str, model_name: str, steps: int, warmup: int, batch_size: 
     events = []
     for impl in IMPLS:
         records: list = []
-        wrap = ddp_native.wrap if impl == "native" else ddp_from_scratch.wrap
-        model = wrap(copy.deepcopy(base), torch.device("cpu"))
-        model.register_comm_hook(None, _timed_allreduce_hook(records))
+        model = wrap_timed(impl, copy.deepcopy(base), records, bucket_cap_mb)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
         for step, (ids, labels) in enumerate(batches):
             dist.barrier()
@@ -177,15 +213,19 @@ def plot(events: list[dict], path: Path, step: int) -> None:
     plt.close(fig)
 
 
-def run(out_dir: Path, quick: bool = False, nproc: int = 2) -> dict:
-    """Launch the ranks with torchrun, then write timeline.json, trace.json, timeline.png, timeline.md."""
+def run(out_dir: Path, quick: bool = False, nproc: int = 2, bucket_cap_mb: float | None = None) -> dict:
+    """Launch the ranks with torchrun, then write timeline.json, trace.json, timeline.png, timeline.md.
+
+    `bucket_cap_mb` (MiB; None = torch's default 25 with a 1 MiB first bucket) applies to all three.
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg = dict(model="tiny", steps=2, warmup=1, batch_size=8, seq_len=32) if quick else \
         dict(model="minilm-l6", steps=6, warmup=2, batch_size=16, seq_len=64)
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "-m", "experiments.bench_timeline", "--worker", tmp, *[f"--{k.replace('_', '-')}={v}" for k, v in cfg.items()]]
+               "-m", "experiments.bench_timeline", "--worker", tmp, *[f"--{k.replace('_', '-')}={v}" for k, v in cfg.items()],
+               *([f"--bucket-cap-mb={bucket_cap_mb!r}"] if bucket_cap_mb is not None else [])]
         subprocess.run(cmd, check=True, capture_output=quick)
         events = [e for r in range(nproc) for e in json.loads(Path(tmp, f"events-rank{r}.json").read_text())]
     (out_dir / "timeline.json").write_text(json.dumps(events))
@@ -193,7 +233,8 @@ def run(out_dir: Path, quick: bool = False, nproc: int = 2) -> dict:
     plot(events, out_dir / "timeline.png", step=cfg["steps"] - 1)
     stats = {impl: overlap(events, impl) for impl in IMPLS}
     md = [f"{nproc} ranks, gloo, {cfg['model']}, micro-batch {cfg['batch_size']} x {cfg['seq_len']} tokens, "
-          f"torch's default buckets, {cfg['steps']} measured steps (after {cfg['warmup']} warm-up).", "",
+          + (f"bucket cap {bucket_cap_mb:g} MiB" if bucket_cap_mb is not None else "torch's default buckets")
+          + f", {cfg['steps']} measured steps (after {cfg['warmup']} warm-up).", "",
           "| DDP | forward ms | backward ms (incl. wait) | optimizer ms | all-reduce ms | hidden behind backward |",
           "|---|---|---|---|---|---|"]
     for impl, s in stats.items():
@@ -201,7 +242,7 @@ def run(out_dir: Path, quick: bool = False, nproc: int = 2) -> dict:
                   f"{s['optimizer_ms_per_step']:.1f} | {s['allreduce_ms_per_step']:.1f} | {s['overlap']:.0%} |")
     md = "\n".join(md)
     (out_dir / "timeline.md").write_text(md + "\n")
-    return {"markdown": md, "stats": stats, "config": cfg,
+    return {"markdown": md, "stats": stats, "config": {**cfg, "bucket_cap_mb": bucket_cap_mb},
             "files": [str(out_dir / f) for f in ("timeline.json", "trace.json", "timeline.png", "timeline.md")]}
 
 
@@ -215,11 +256,13 @@ def main(argv=None) -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=64)
+    p.add_argument("--bucket-cap-mb", type=float, default=None,
+                   help="bucket cap in MiB for all implementations (default: torch's 25, first bucket 1)")
     a = p.parse_args(argv)
     if a.worker:
-        _worker(a.worker, a.model, a.steps, a.warmup, a.batch_size, a.seq_len)
+        _worker(a.worker, a.model, a.steps, a.warmup, a.batch_size, a.seq_len, a.bucket_cap_mb)
         return
-    result = run(Path(a.out), quick=a.quick)
+    result = run(Path(a.out), quick=a.quick, bucket_cap_mb=a.bucket_cap_mb)
     from .bench import print_result
     print_result(result)
 

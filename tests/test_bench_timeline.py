@@ -28,4 +28,23 @@ def test_quick_timeline_writes_trace_plot_and_table(tmp_path):
     trace = json.loads((tmp_path / "trace.json").read_text())
     assert any(e.get("name", "").startswith("bucket") for e in trace["traceEvents"])
     assert (tmp_path / "timeline.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "| scratch |" in (tmp_path / "timeline.md").read_text()
+    md = (tmp_path / "timeline.md").read_text()
+    assert all(f"| {impl} |" in md for impl in IMPLS), md
+
+
+def test_bucket_cap_reaches_every_implementation(tmp_path):
+    """A 1-byte cap closes a bucket after every parameter, in all three (the ring included)."""
+    from experiments.model import build_model, build_tokenizer
+
+    n_params = sum(1 for p in build_model("tiny", vocab_size=len(build_tokenizer("tiny"))).parameters()
+                   if p.requires_grad)
+    result = run(tmp_path, quick=True, bucket_cap_mb=1e-6)
+    events = json.loads((tmp_path / "timeline.json").read_text())
+    for impl in IMPLS:
+        per_step = {}
+        for e in events:
+            if e["impl"] == impl and e["kind"] == "allreduce":
+                per_step[(e["rank"], e["step"])] = per_step.get((e["rank"], e["step"]), 0) + 1
+        assert set(per_step.values()) == {n_params}, (impl, per_step, n_params)
+    assert result["config"]["bucket_cap_mb"] == 1e-6
+    assert "bucket cap 1e-06 MiB" in (tmp_path / "timeline.md").read_text()
