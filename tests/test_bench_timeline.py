@@ -12,7 +12,14 @@ def test_union_and_overlap_arithmetic():
               {"impl": "x", "rank": 0, "step": 0, "kind": "allreduce", "bucket": 0, "bytes": 4, "start": 2.0, "end": 5.0},
               {"impl": "x", "rank": 0, "step": 0, "kind": "allreduce", "bucket": 1, "bytes": 4, "start": 6.0, "end": 9.0}]
     # compute ends when the last bucket is launched (6.0): 3 of the 6 units of all-reduce are hidden
-    assert abs(overlap(events, "x")["overlap"] - 0.5) < 1e-12
+    stats = overlap(events, "x")
+    assert abs(stats["overlap"] - 0.5) < 1e-12
+    # the last bucket (3 units, after compute) is the exposed half; the earlier one is fully hidden
+    assert abs(stats["last_bucket_ms_per_step"] - 3000.0) < 1e-9
+    assert abs(stats["overlap_of_earlier"] - 1.0) < 1e-12
+    events[1]["end"] = 7.0  # the first all-reduce now runs 1 unit past the last launch: 4 of its 5 hidden
+    stats = overlap(events, "x")
+    assert abs(stats["overlap_of_earlier"] - 0.8) < 1e-12 and abs(stats["overlap"] - 4 / 7) < 1e-12
 
 
 def test_quick_timeline_writes_trace_plot_and_table(tmp_path):
@@ -32,19 +39,21 @@ def test_quick_timeline_writes_trace_plot_and_table(tmp_path):
     assert all(f"| {impl} |" in md for impl in IMPLS), md
 
 
-def test_bucket_cap_reaches_every_implementation(tmp_path):
-    """A 1-byte cap closes a bucket after every parameter, in all three (the ring included)."""
+def test_bucket_cap_and_frozen_embeddings_reach_every_implementation(tmp_path):
+    """A 1-byte cap closes a bucket after every parameter, in all three (the ring included);
+    frozen word embeddings are in no bucket."""
     from experiments.model import build_model, build_tokenizer
 
     n_params = sum(1 for p in build_model("tiny", vocab_size=len(build_tokenizer("tiny"))).parameters()
                    if p.requires_grad)
-    result = run(tmp_path, quick=True, bucket_cap_mb=1e-6)
+    result = run(tmp_path, quick=True, bucket_cap_mb=1e-6, freeze_embeddings=True)
     events = json.loads((tmp_path / "timeline.json").read_text())
     for impl in IMPLS:
         per_step = {}
         for e in events:
             if e["impl"] == impl and e["kind"] == "allreduce":
                 per_step[(e["rank"], e["step"])] = per_step.get((e["rank"], e["step"]), 0) + 1
-        assert set(per_step.values()) == {n_params}, (impl, per_step, n_params)
+        assert set(per_step.values()) == {n_params - 1}, (impl, per_step, n_params)
     assert result["config"]["bucket_cap_mb"] == 1e-6
-    assert "bucket cap 1e-06 MiB" in (tmp_path / "timeline.md").read_text()
+    md = (tmp_path / "timeline.md").read_text()
+    assert "bucket cap 1e-06 MiB" in md and "word embeddings frozen" in md
