@@ -44,6 +44,21 @@ def machine() -> str:
             f"Python {platform.python_version()}, torch {torch.__version__}")
 
 
+def launch(cmd: list[str], quiet: bool, env: dict | None = None) -> None:
+    """Run a part's torchrun (or other) command; its output goes to the terminal unless `quiet`.
+
+    Raises:
+        RuntimeError: the command failed; the message holds the command and, when `quiet`
+            captured it, the last 40 lines of its output (the ranks' tracebacks are there).
+    """
+    import subprocess
+
+    proc = subprocess.run(cmd, capture_output=quiet, text=True, env=env)
+    if proc.returncode != 0:
+        tail = "\n".join(((proc.stdout or "") + (proc.stderr or "")).splitlines()[-40:])
+        raise RuntimeError(f"exit status {proc.returncode} from: {' '.join(cmd)}" + (f"\n{tail}" if tail else ""))
+
+
 def result_files(result: dict) -> list[str]:
     """A part's written files as paths (parts return a list, or a dict kind -> path)."""
     files = result["files"]

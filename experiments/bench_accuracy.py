@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 from pathlib import Path
 
+from .bench import launch
 from .model import LABELS
 
 DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "ag_news"
@@ -74,7 +74,7 @@ def run(out_dir: Path, quick: bool = False, data_dir: Path = DATA_DIR) -> dict:
         raise FileNotFoundError(f"{data_dir}: AG News CSVs not found (pass data_dir, e.g. ../shared/ag_news)")
     cmd = [sys.executable, "-m", "experiments.compare", "--nproc", "2", "--runs", "native,scratch",
            "--out", str(out_dir), "--data-dir", str(data_dir), *(QUICK if quick else FULL)]
-    subprocess.run(cmd, check=True, capture_output=quick)
+    launch(cmd, quiet=quick)
     result = json.loads((out_dir / "comparison.json").read_text())
     runs = result["runs"]
     best = max(runs, key=lambda k: runs[k]["test_accuracy"])

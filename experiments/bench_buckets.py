@@ -36,7 +36,6 @@ import json
 import os
 import random
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -44,6 +43,7 @@ from pathlib import Path
 
 import torch
 
+from .bench import launch
 from .bench_timeline import overlap, wrap_timed
 
 IMPLS = ("native", "scratch-torch", "scratch-ring")
@@ -91,10 +91,13 @@ def _worker(out_dir: str, caps: list, impls: list, model: str, steps: int, warmu
             m = wrap_timed(impl, copy.deepcopy(base), records[key], cap)
             configs.append((key, m, torch.optim.SGD(m.parameters(), lr=1e-5)))
     events, order_rng = [], random.Random(0)  # same seed everywhere: every rank runs the same order
+    from tqdm.auto import tqdm
+    bar = tqdm(total=len(batches) * len(configs), desc="bucket sweep", unit="step", disable=rank != 0)
     for i, (ids, labels) in enumerate(batches):
         order = configs[:]
         order_rng.shuffle(order)
         for key, model_, opt in order:
+            bar.update()
             dist.barrier()  # all ranks start the step together, as in training
             t0 = time.perf_counter()
             loss = model_(input_ids=ids, labels=labels).loss
@@ -112,6 +115,7 @@ def _worker(out_dir: str, caps: list, impls: list, model: str, steps: int, warmu
                        for k, a, b in (("forward", t0, t1), ("backward", t1, t2), ("optimizer", t2, t3))]
             events += [{"impl": key, "rank": rank, "step": s, "kind": "allreduce", "bucket": r["bucket"],
                         "bytes": r["bytes"], "start": r["launch"], "end": r["done"]} for r in records[key][n_before:]]
+    bar.close()
     n_params = sum(1 for p in base.parameters() if p.requires_grad)
     Path(out_dir, f"events-rank{rank}.json").write_text(json.dumps({"n_params": n_params, "events": events}))
     del configs, order
@@ -173,7 +177,7 @@ def run(out_dir: Path, quick: bool = False, nproc: int = 2) -> dict:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                "-m", "experiments.bench_buckets", "--worker", tmp, "--caps", ",".join(cap_label(c) for c in caps),
                *[f"--{k.replace('_', '-')}={v}" for k, v in cfg.items()]]
-        subprocess.run(cmd, check=True, capture_output=quick, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        launch(cmd, quiet=quick, env={**os.environ, "OMP_NUM_THREADS": "1"})
         ranks = [json.loads(Path(tmp, f"events-rank{r}.json").read_text()) for r in range(nproc)]
     events = [e for r in ranks for e in r["events"]]
     results = {f"{impl}|{cap_label(c)}": summarize(events, f"{impl}|{cap_label(c)}") for c in caps for impl in IMPLS}

@@ -39,7 +39,6 @@ import copy
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -47,6 +46,7 @@ from pathlib import Path
 
 import torch
 
+from .bench import launch
 from .bench_buckets import model_and_batches
 
 IMPLS = ("native", "scratch")
@@ -72,7 +72,8 @@ def _worker(out_dir: str, model: str, steps: int, warmup: int, micro_batch: int,
     opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-5) for k, m in models.items()}
     kinds = [(impl, sync) for impl in IMPLS for sync in (True, False)]
     times = {f"{impl}|{'sync' if sync else 'nosync'}": [] for impl, sync in kinds}
-    for i in range(warmup + steps):
+    from tqdm.auto import tqdm
+    for i in tqdm(range(warmup + steps), desc=f"{world} process(es)", unit="round", disable=rank != 0):
         micro = batches[i * accum:(i + 1) * accum]
         for impl, sync in kinds[i % len(kinds):] + kinds[:i % len(kinds)]:  # rotate the order
             model_ = models[impl]
@@ -101,7 +102,7 @@ def measure(world: int, cfg: dict, global_batch: int, quick: bool) -> dict:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
                "-m", "experiments.bench_scaling", "--worker", tmp, f"--global-batch={global_batch}",
                *[f"--{k.replace('_', '-')}={v}" for k, v in cfg.items() if k != "world_sizes"]]
-        subprocess.run(cmd, check=True, capture_output=quick, env=env)
+        launch(cmd, quiet=quick, env=env)
         ranks = [json.loads(Path(tmp, f"times-rank{r}.json").read_text()) for r in range(world)]
     out = {"threads_per_process": ranks[0]["threads"], "micro_batches_per_rank": ranks[0]["accum"]}
     for key in ranks[0]["times"]:

@@ -27,13 +27,14 @@ import argparse
 import copy
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+
+from .bench import launch
 
 IMPLS = ("native", "scratch-torch", "scratch-ring")
 
@@ -103,6 +104,8 @@ def _worker(out_dir: str, model_name: str, steps: int, warmup: int, batch_size: 
     """
     import torch.distributed as dist
 
+    from tqdm.auto import tqdm
+
     from experiments.model import build_model, build_tokenizer
 
     dist.init_process_group("gloo")
@@ -120,7 +123,7 @@ def _worker(out_dir: str, model_name: str, steps: int, warmup: int, batch_size: 
         records: list = []
         model = wrap_timed(impl, copy.deepcopy(base), records, bucket_cap_mb)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
-        for step, (ids, labels) in enumerate(batches):
+        for step, (ids, labels) in enumerate(tqdm(batches, desc=impl, unit="step", disable=rank != 0)):
             dist.barrier()
             t0 = time.perf_counter()
             loss = model(input_ids=ids, labels=labels).loss
@@ -249,7 +252,7 @@ def run(out_dir: Path, quick: bool = False, nproc: int = 2, bucket_cap_mb: float
                "-m", "experiments.bench_timeline", "--worker", tmp, *[f"--{k.replace('_', '-')}={v}" for k, v in cfg.items()],
                *([f"--bucket-cap-mb={bucket_cap_mb!r}"] if bucket_cap_mb is not None else []),
                *(["--freeze-embeddings"] if freeze_embeddings else [])]
-        subprocess.run(cmd, check=True, capture_output=quick)
+        launch(cmd, quiet=quick)
         events = [e for r in range(nproc) for e in json.loads(Path(tmp, f"events-rank{r}.json").read_text())]
     (out_dir / "timeline.json").write_text(json.dumps(events))
     (out_dir / "trace.json").write_text(json.dumps(chrome_trace(events)))

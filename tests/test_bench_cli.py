@@ -9,7 +9,7 @@ from experiments import bench
 def test_quick_run_writes_one_readme_with_every_selected_part(tmp_path):
     assert bench.main(["--quick", "--only", "timeline,allreduce", "--out", str(tmp_path)]) == 0
     readme = (tmp_path / "README.md").read_text()
-    assert "## timeline" in readme and "Machine:" in readme and "| scratch |" in readme
+    assert "## timeline" in readme and "Machine:" in readme and "| scratch-ring |" in readme
     # parts return their files as a list or as a dict kind -> path: both are listed as paths
     assert "`allreduce/allreduce.png`" in readme and "`timeline/trace.json`" in readme
     assert (tmp_path / "timeline" / "trace.json").exists() and (tmp_path / "summary.json").exists()
