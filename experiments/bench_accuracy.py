@@ -2,6 +2,7 @@
 
     python -m experiments.bench_accuracy --out runs/accuracy            # minilm-l6, all train rows, 3 epochs, length 128
     python -m experiments.bench_accuracy --quick --out runs/accuracy    # tiny model, a few rows
+    python -m experiments.bench_accuracy --out runs/acc-lr --lr 5e-5    # other flags go to experiments.train
 
 Runs `experiments.compare --runs native,scratch` (2 ranks each, `--data-dir ../shared/ag_news`),
 then writes `loss_curves.png` (per-step training loss of rank 0's micro-batch for both runs:
@@ -67,13 +68,17 @@ def plot(out_dir: Path, runs: dict, best: str) -> list[Path]:
     return [out_dir / "loss_curves.png", out_dir / "confusion.png"]
 
 
-def run(out_dir: Path, quick: bool = False, data_dir: Path = DATA_DIR) -> dict:
-    """Train both, plot, tabulate. Raises FileNotFoundError if `data_dir` is missing."""
+def run(out_dir: Path, quick: bool = False, data_dir: Path = DATA_DIR, overrides: list[str] = ()) -> dict:
+    """Train both, plot, tabulate. Raises FileNotFoundError if `data_dir` is missing.
+
+    `overrides`: extra `experiments.train` flags placed after the defaults (FULL or QUICK), so
+    they win, e.g. ["--epochs", "2", "--lr", "5e-5"].
+    """
     out_dir = Path(out_dir)
     if not (Path(data_dir) / "train.csv").exists():
         raise FileNotFoundError(f"{data_dir}: AG News CSVs not found (pass data_dir, e.g. ../shared/ag_news)")
     cmd = [sys.executable, "-m", "experiments.compare", "--nproc", "2", "--runs", "native,scratch",
-           "--out", str(out_dir), "--data-dir", str(data_dir), *(QUICK if quick else FULL)]
+           "--out", str(out_dir), "--data-dir", str(data_dir), *(QUICK if quick else FULL), *overrides]
     launch(cmd, quiet=quick)
     result = json.loads((out_dir / "comparison.json").read_text())
     runs = result["runs"]
@@ -93,12 +98,13 @@ def run(out_dir: Path, quick: bool = False, data_dir: Path = DATA_DIR) -> dict:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                epilog="Any other flag (--epochs, --lr, --max-length, ...) goes to experiments.train.")
     p.add_argument("--out", default="runs/accuracy")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--data-dir", default=str(DATA_DIR))
-    a = p.parse_args(argv)
-    result = run(Path(a.out), quick=a.quick, data_dir=Path(a.data_dir))
+    a, overrides = p.parse_known_args(argv)
+    result = run(Path(a.out), quick=a.quick, data_dir=Path(a.data_dir), overrides=overrides)
     from .bench import print_result
     print_result(result)
 

@@ -13,11 +13,12 @@ AG_NEWS = Path(__file__).resolve().parents[2] / "shared" / "ag_news"
 
 @pytest.mark.skipif(not AG_NEWS.exists(), reason="needs ../shared/ag_news")
 def test_quick_accuracy_plots_both_runs_and_the_better_confusion_matrix(tmp_path):
-    result = run(tmp_path, quick=True, data_dir=AG_NEWS)
+    result = run(tmp_path, quick=True, data_dir=AG_NEWS, overrides=["--max-train-samples", "48"])
     acc = json.loads((tmp_path / "accuracy.json").read_text())
     native, scratch = (json.loads((tmp_path / k / "summary.json").read_text()) for k in ("native", "scratch"))
     assert acc["best"] in ("native", "scratch") and result["test_accuracy"] == max(
         native["test_accuracy"], scratch["test_accuracy"])
+    assert native["steps"] == scratch["steps"] == 3  # the override won: 48 rows / global batch 16
     assert acc["max_weight_diff_native_vs_scratch"] <= 1e-6  # same seed and data order: the same model
     # the confusion matrix counts every capped test row once
     assert sum(map(sum, acc["runs"][acc["best"]]["test"]["confusion"])) == acc["runs"][acc["best"]]["test"]["n"]
