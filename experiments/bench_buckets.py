@@ -49,7 +49,7 @@ from .bench_timeline import overlap, wrap_timed
 IMPLS = ("native", "scratch-torch", "scratch-ring")
 PER_PARAM, ONE_BUCKET = 1e-6, 1e4  # MiB: a 1-byte cap closes a bucket after every parameter; 10 GB holds all
 CAPS_MB = (PER_PARAM, 1.0, 5.0, 25.0, 100.0, ONE_BUCKET, None)
-FULL = dict(model="minilm-l6", steps=8, warmup=1, batch_size=16, seq_len=64)
+FULL = dict(model="minilm-l6", steps=12, warmup=1, batch_size=16, seq_len=64)
 QUICK = dict(model="tiny", steps=2, warmup=1, batch_size=8, seq_len=32)
 QUICK_CAPS = (PER_PARAM, ONE_BUCKET)
 

@@ -50,7 +50,7 @@ from .bench import launch
 from .bench_buckets import model_and_batches
 
 IMPLS = ("native", "scratch")
-FULL = dict(model="minilm-l6", steps=6, warmup=1, micro_batch=16, seq_len=64, world_sizes=(1, 2, 4))
+FULL = dict(model="minilm-l6", steps=12, warmup=1, micro_batch=16, seq_len=64, world_sizes=(1, 2, 4))
 QUICK = dict(model="tiny", steps=2, warmup=1, micro_batch=8, seq_len=32, world_sizes=(1, 2))
 
 

@@ -68,9 +68,10 @@ def _timed_launcher(ddp, records: list):
     launch = ddp.comm_state.all_reduce
 
     def timed(tensor: torch.Tensor) -> torch.futures.Future:
-        if not any(tensor is b.buffer for b in ddp.buckets):
+        bucket = next((b for b in ddp.buckets if tensor is b.buffer), None)
+        if bucket is None:
             return launch(tensor)
-        rec = {"bucket": len(records), "bytes": tensor.numel() * tensor.element_size(), "launch": time.perf_counter()}
+        rec = {"bucket": bucket.index, "bytes": tensor.numel() * tensor.element_size(), "launch": time.perf_counter()}
         records.append(rec)
 
         def done(f):
@@ -210,28 +211,44 @@ def chrome_trace(events: list[dict]) -> dict:
 
 
 def plot(events: list[dict], path: Path, step: int) -> None:
-    """One step per (implementation, rank): compute bars above, bucket all-reduce bars below."""
+    """One step per (implementation, rank): compute bars above, bucket all-reduce bars below.
+
+    Backward is split at the last bucket's launch: before it, gradients were being computed
+    (orange); after it, `loss.backward()` only waited for all-reduces still running (grey), the
+    communication that was *not* hidden. Bars are drawn on the same time axis for every row.
+    """
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colors = {"forward": "tab:blue", "backward": "tab:orange", "optimizer": "tab:green", "allreduce": "tab:purple"}
-    rows = sorted({(e["impl"], e["rank"]) for e in events})
-    fig, axes = plt.subplots(len(rows), 1, figsize=(10, 1.6 * len(rows)), squeeze=False)
+    colors = {"forward": "tab:blue", "backward": "tab:orange", "waiting for all-reduce": "tab:gray",
+              "optimizer": "tab:green", "all-reduce (one bar per bucket)": "tab:purple"}
+    order = {impl: i for i, impl in enumerate(IMPLS)}  # native first, then ours
+    rows = sorted({(e["impl"], e["rank"]) for e in events}, key=lambda x: (order.get(x[0], len(IMPLS)), x))
+    fig, axes = plt.subplots(len(rows), 1, figsize=(10, 1.5 * len(rows) + 0.6), squeeze=False, sharex=True)
     for ax, (impl, rank) in zip(axes[:, 0], rows):
         evs = [e for e in events if e["impl"] == impl and e["rank"] == rank and e["step"] == step]
         t0 = min(e["start"] for e in evs)
+        launches = [e["start"] for e in evs if e["kind"] == "allreduce"]
+        bars = []  # (kind, start, end, row)
         for e in evs:
-            y = 0 if e["kind"] == "allreduce" else 1
-            ax.broken_barh([((e["start"] - t0) * 1e3, (e["end"] - e["start"]) * 1e3)], (y + 0.1, 0.8),
-                           facecolors=colors[e["kind"]], edgecolor="white", linewidth=0.5)
+            if e["kind"] == "allreduce":
+                bars.append(("all-reduce (one bar per bucket)", e["start"], e["end"], 0))
+            elif e["kind"] == "backward" and launches:
+                split = min(max(max(launches), e["start"]), e["end"])
+                bars += [("backward", e["start"], split, 1), ("waiting for all-reduce", split, e["end"], 1)]
+            else:
+                bars.append((e["kind"], e["start"], e["end"], 1))
+        for kind, start, end, y in bars:
+            ax.broken_barh([((start - t0) * 1e3, (end - start) * 1e3)], (y + 0.1, 0.8),
+                           facecolors=colors[kind], edgecolor="white", linewidth=0.5)
         ax.set_yticks([0.5, 1.5], ["all-reduce", "compute"])
         ax.set_title(f"{impl} DDP, rank {rank}, step {step}", fontsize=9, loc="left")
     axes[-1, 0].set_xlabel("ms since the step started")
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in colors.values()]
-    fig.legend(handles, list(colors), loc="upper right", ncol=4, fontsize=8)
-    fig.tight_layout(rect=(0, 0, 1, 0.95))
-    fig.savefig(path, dpi=110)
+    fig.legend(handles, list(colors), loc="upper center", ncol=5, fontsize=8)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.5 / (1.5 * len(rows) + 0.6)))
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
@@ -246,7 +263,7 @@ def run(out_dir: Path, quick: bool = False, nproc: int = 2, bucket_cap_mb: float
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg = dict(model="tiny", steps=2, warmup=1, batch_size=8, seq_len=32) if quick else \
-        dict(model="minilm-l6", steps=6, warmup=2, batch_size=16, seq_len=64)
+        dict(model="minilm-l6", steps=12, warmup=2, batch_size=16, seq_len=64)
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                "-m", "experiments.bench_timeline", "--worker", tmp, *[f"--{k.replace('_', '-')}={v}" for k, v in cfg.items()],
@@ -284,7 +301,7 @@ def main(argv=None) -> None:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: rank process
     p.add_argument("--model", default="minilm-l6")
-    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--steps", type=int, default=12)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=64)

@@ -54,6 +54,10 @@ def test_bucket_cap_and_frozen_embeddings_reach_every_implementation(tmp_path):
             if e["impl"] == impl and e["kind"] == "allreduce":
                 per_step[(e["rank"], e["step"])] = per_step.get((e["rank"], e["step"]), 0) + 1
         assert set(per_step.values()) == {n_params - 1}, (impl, per_step, n_params)
+        # every step names the buckets 0 .. n-1 (the trace labels them so)
+        first = sorted(e["bucket"] for e in events if e["impl"] == impl and e["kind"] == "allreduce"
+                       and e["rank"] == 0 and e["step"] == 1)
+        assert first == list(range(n_params - 1)), (impl, first)
     assert result["config"]["bucket_cap_mb"] == 1e-6
     md = (tmp_path / "timeline.md").read_text()
     assert "bucket cap 1e-06 MiB" in md and "word embeddings frozen" in md
