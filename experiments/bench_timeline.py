@@ -197,14 +197,23 @@ def overlap(events: list[dict], impl: str) -> dict:
 
 
 def chrome_trace(events: list[dict]) -> dict:
-    """Chrome trace-event format: one process per (implementation, rank), compute and comm threads."""
+    """Chrome trace-event format (the JSON that https://ui.perfetto.dev and chrome://tracing open).
+
+    One process per (implementation, rank), each with two threads: tid 0 "compute" (forward,
+    backward, optimizer) and tid 1 "all-reduce" (one slice per bucket, args: step, bytes).
+    Times are microseconds since the first event; pid and tid are integers, named by "M"
+    (metadata) events, as the format specifies.
+    """
     t0 = min(e["start"] for e in events)
     pids = {key: i for i, key in enumerate(sorted({(e["impl"], e["rank"]) for e in events}))}
-    out = [{"ph": "M", "name": "process_name", "pid": pid, "args": {"name": f"{impl} rank {rank}"}}
-           for (impl, rank), pid in pids.items()]
+    out = []
+    for (impl, rank), pid in pids.items():
+        out.append({"ph": "M", "name": "process_name", "pid": pid, "args": {"name": f"{impl} rank {rank}"}})
+        out += [{"ph": "M", "name": "thread_name", "pid": pid, "tid": tid, "args": {"name": name}}
+                for tid, name in ((0, "compute"), (1, "all-reduce"))]
     for e in events:
         comm = e["kind"] == "allreduce"
-        out.append({"ph": "X", "pid": pids[(e["impl"], e["rank"])], "tid": "all-reduce" if comm else "compute",
+        out.append({"ph": "X", "pid": pids[(e["impl"], e["rank"])], "tid": int(comm),
                     "name": f"bucket {e['bucket']}" if comm else e["kind"], "ts": (e["start"] - t0) * 1e6,
                     "dur": (e["end"] - e["start"]) * 1e6, "args": {"step": e["step"], **({"bytes": e["bytes"]} if comm else {})}})
     return {"traceEvents": out, "displayTimeUnit": "ms"}

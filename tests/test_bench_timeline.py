@@ -33,7 +33,11 @@ def test_quick_timeline_writes_trace_plot_and_table(tmp_path):
             assert all(e["end"] >= e["start"] for e in mine)
         assert 0.0 <= result["stats"][impl]["overlap"] <= 1.0
     trace = json.loads((tmp_path / "trace.json").read_text())
-    assert any(e.get("name", "").startswith("bucket") for e in trace["traceEvents"])
+    slices = [e for e in trace["traceEvents"] if e["ph"] == "X"]
+    assert any(e["name"].startswith("bucket") and e["tid"] == 1 for e in slices)
+    assert all(isinstance(e["pid"], int) and isinstance(e["tid"], int) and e["dur"] >= 0 for e in slices)
+    names = {e["args"]["name"] for e in trace["traceEvents"] if e["ph"] == "M"}
+    assert {"compute", "all-reduce", "native rank 0", "scratch-ring rank 1"} <= names
     assert (tmp_path / "timeline.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (tmp_path / "timeline.md").read_text()
     assert all(f"| {impl} |" in md for impl in IMPLS), md
