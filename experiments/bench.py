@@ -44,7 +44,7 @@ def machine() -> str:
             f"Python {platform.python_version()}, torch {torch.__version__}")
 
 
-def launch(cmd: list[str], quiet: bool, env: dict | None = None) -> None:
+def run_command(cmd: list[str], quiet: bool, env: dict | None = None) -> None:
     """Run a part's torchrun (or other) command; its output goes to the terminal unless `quiet`.
 
     Raises:

@@ -18,7 +18,7 @@ import json
 import sys
 from pathlib import Path
 
-from .bench import launch
+from .bench import print_result, run_command
 from .model import LABELS
 
 DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "ag_news"
@@ -79,7 +79,7 @@ def run(out_dir: Path, quick: bool = False, data_dir: Path = DATA_DIR, overrides
         raise FileNotFoundError(f"{data_dir}: AG News CSVs not found (pass data_dir, e.g. ../shared/ag_news)")
     cmd = [sys.executable, "-m", "experiments.compare", "--nproc", "2", "--runs", "native,scratch",
            "--out", str(out_dir), "--data-dir", str(data_dir), *(QUICK if quick else FULL), *overrides]
-    launch(cmd, quiet=quick)
+    run_command(cmd, quiet=quick)
     result = json.loads((out_dir / "comparison.json").read_text())
     runs = result["runs"]
     best = max(runs, key=lambda k: runs[k]["test_accuracy"])
@@ -105,7 +105,6 @@ def main(argv=None) -> None:
     p.add_argument("--data-dir", default=str(DATA_DIR))
     a, overrides = p.parse_known_args(argv)
     result = run(Path(a.out), quick=a.quick, data_dir=Path(a.data_dir), overrides=overrides)
-    from .bench import print_result
     print_result(result)
 
 

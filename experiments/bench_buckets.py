@@ -43,7 +43,7 @@ from pathlib import Path
 
 import torch
 
-from .bench import launch
+from .bench import print_result, run_command
 from .bench_timeline import overlap, wrap_timed
 
 IMPLS = ("native", "scratch-torch", "scratch-ring")
@@ -177,7 +177,7 @@ def run(out_dir: Path, quick: bool = False, nproc: int = 2) -> dict:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                "-m", "experiments.bench_buckets", "--worker", tmp, "--caps", ",".join(cap_label(c) for c in caps),
                *[f"--{k.replace('_', '-')}={v}" for k, v in cfg.items()]]
-        launch(cmd, quiet=quick, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        run_command(cmd, quiet=quick, env={**os.environ, "OMP_NUM_THREADS": "1"})
         ranks = [json.loads(Path(tmp, f"events-rank{r}.json").read_text()) for r in range(nproc)]
     events = [e for r in ranks for e in r["events"]]
     results = {f"{impl}|{cap_label(c)}": summarize(events, f"{impl}|{cap_label(c)}") for c in caps for impl in IMPLS}
@@ -236,7 +236,6 @@ def main(argv=None) -> None:
                 a.batch_size, a.seq_len)
         return
     result = run(Path(a.out), quick=a.quick)
-    from .bench import print_result
     print_result(result)
 
 

@@ -46,7 +46,7 @@ from pathlib import Path
 
 import torch
 
-from .bench import launch
+from .bench import print_result, run_command
 from .bench_buckets import model_and_batches
 
 IMPLS = ("native", "scratch")
@@ -102,7 +102,7 @@ def measure(world: int, cfg: dict, global_batch: int, quick: bool) -> dict:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
                "-m", "experiments.bench_scaling", "--worker", tmp, f"--global-batch={global_batch}",
                *[f"--{k.replace('_', '-')}={v}" for k, v in cfg.items() if k != "world_sizes"]]
-        launch(cmd, quiet=quick, env=env)
+        run_command(cmd, quiet=quick, env=env)
         ranks = [json.loads(Path(tmp, f"times-rank{r}.json").read_text()) for r in range(world)]
     out = {"threads_per_process": ranks[0]["threads"], "micro_batches_per_rank": ranks[0]["accum"]}
     for key in ranks[0]["times"]:
@@ -221,7 +221,6 @@ def main(argv=None) -> None:
         _worker(a.worker, a.model, a.steps, a.warmup, a.micro_batch, a.seq_len, a.global_batch)
         return
     result = run(Path(a.out), quick=a.quick)
-    from .bench import print_result
     print_result(result)
 
 

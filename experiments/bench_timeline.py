@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from .bench import launch
+from .bench import print_result, run_command
 
 IMPLS = ("native", "scratch-torch", "scratch-ring")
 
@@ -278,7 +278,7 @@ def run(out_dir: Path, quick: bool = False, nproc: int = 2, bucket_cap_mb: float
                "-m", "experiments.bench_timeline", "--worker", tmp, *[f"--{k.replace('_', '-')}={v}" for k, v in cfg.items()],
                *([f"--bucket-cap-mb={bucket_cap_mb!r}"] if bucket_cap_mb is not None else []),
                *(["--freeze-embeddings"] if freeze_embeddings else [])]
-        launch(cmd, quiet=quick)
+        run_command(cmd, quiet=quick)
         events = [e for r in range(nproc) for e in json.loads(Path(tmp, f"events-rank{r}.json").read_text())]
     (out_dir / "timeline.json").write_text(json.dumps(events))
     (out_dir / "trace.json").write_text(json.dumps(chrome_trace(events)))
@@ -323,7 +323,6 @@ def main(argv=None) -> None:
         _worker(a.worker, a.model, a.steps, a.warmup, a.batch_size, a.seq_len, a.bucket_cap_mb, a.freeze_embeddings)
         return
     result = run(Path(a.out), quick=a.quick, bucket_cap_mb=a.bucket_cap_mb, freeze_embeddings=a.freeze_embeddings)
-    from .bench import print_result
     print_result(result)
 
 
