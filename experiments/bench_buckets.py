@@ -42,6 +42,7 @@ import time
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from .bench import print_result, run_command
 from .bench_timeline import overlap, wrap_timed
@@ -91,7 +92,6 @@ def _worker(out_dir: str, caps: list, impls: list, model: str, steps: int, warmu
             m = wrap_timed(impl, copy.deepcopy(base), records[key], cap)
             configs.append((key, m, torch.optim.SGD(m.parameters(), lr=1e-5)))
     events, order_rng = [], random.Random(0)  # same seed everywhere: every rank runs the same order
-    from tqdm.auto import tqdm
     bar = tqdm(total=len(batches) * len(configs), desc="bucket sweep", unit="step", disable=rank != 0)
     for i, (ids, labels) in enumerate(batches):
         order = configs[:]

@@ -45,6 +45,7 @@ import time
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from .bench import print_result, run_command
 from .bench_buckets import model_and_batches
@@ -72,7 +73,6 @@ def _worker(out_dir: str, model: str, steps: int, warmup: int, micro_batch: int,
     opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-5) for k, m in models.items()}
     kinds = [(impl, sync) for impl in IMPLS for sync in (True, False)]
     times = {f"{impl}|{'sync' if sync else 'nosync'}": [] for impl, sync in kinds}
-    from tqdm.auto import tqdm
     for i in tqdm(range(warmup + steps), desc=f"{world} process(es)", unit="round", disable=rank != 0):
         micro = batches[i * accum:(i + 1) * accum]
         for impl, sync in kinds[i % len(kinds):] + kinds[:i % len(kinds)]:  # rotate the order

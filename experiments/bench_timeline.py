@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from .bench import print_result, run_command
 
@@ -104,8 +105,6 @@ def _worker(out_dir: str, model_name: str, steps: int, warmup: int, batch_size: 
     is in no bucket; both DDPs then all-reduce only the rest of the model.
     """
     import torch.distributed as dist
-
-    from tqdm.auto import tqdm
 
     from experiments.model import build_model, build_tokenizer
 
