@@ -45,7 +45,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .bench import print_result, run_command
-from .bench_timeline import overlap, wrap_timed
+from .bench_timeline import model_and_batches, overlap, wrap_timed
 
 IMPLS = ("native", "scratch-torch", "scratch-ring")
 PER_PARAM, ONE_BUCKET = 1e-6, 1e4  # MiB: a 1-byte cap closes a bucket after every parameter; 10 GB holds all
@@ -59,21 +59,6 @@ def cap_label(cap: float | None) -> str:
     """Short, stable name of a cap for tables and JSON keys."""
     names = {None: "default", PER_PARAM: "per-parameter", ONE_BUCKET: "one bucket"}
     return names[cap] if cap in names else f"{cap:g}"
-
-
-def model_and_batches(model_name: str, n: int, batch_size: int, seq_len: int, seed: int):
-    """The same seeded model on every rank, and `n` random (ids, labels) batches for this rank.
-
-    Random token ids: the content of a batch does not change the time of a dense forward/backward.
-    """
-    from .model import build_model, build_tokenizer
-
-    vocab = len(build_tokenizer(model_name))
-    torch.manual_seed(0)
-    base = build_model(model_name, vocab_size=vocab, dropout=0.0) if model_name == "tiny" else build_model(model_name)
-    g = torch.Generator().manual_seed(seed)
-    return base, [(torch.randint(min(1000, vocab // 2), vocab, (batch_size, seq_len), generator=g),
-                   torch.randint(0, 4, (batch_size,), generator=g)) for _ in range(n)]
 
 
 def _worker(out_dir: str, caps: list, impls: list, model: str, steps: int, warmup: int,

@@ -48,7 +48,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .bench import print_result, run_command
-from .bench_buckets import model_and_batches
+from .bench_timeline import model_and_batches
 
 IMPLS = ("native", "scratch")
 FULL = dict(model="minilm-l6", steps=12, warmup=1, micro_batch=16, seq_len=64, world_sizes=(1, 2, 4))

@@ -97,6 +97,21 @@ def wrap_timed(impl: str, module: torch.nn.Module, records: list, bucket_cap_mb:
     return model
 
 
+def model_and_batches(model_name: str, n: int, batch_size: int, seq_len: int, seed: int):
+    """The same seeded model on every rank, and `n` random (ids, labels) batches for this rank.
+
+    Random token ids: the content of a batch does not change the time of a dense forward/backward.
+    """
+    from .model import build_model, build_tokenizer
+
+    vocab = len(build_tokenizer(model_name))
+    torch.manual_seed(0)
+    base = build_model(model_name, vocab_size=vocab, dropout=0.0) if model_name == "tiny" else build_model(model_name)
+    g = torch.Generator().manual_seed(seed)
+    return base, [(torch.randint(min(1000, vocab // 2), vocab, (batch_size, seq_len), generator=g),
+                   torch.randint(0, 4, (batch_size,), generator=g)) for _ in range(n)]
+
+
 def _worker(out_dir: str, model_name: str, steps: int, warmup: int, batch_size: int, seq_len: int,
             bucket_cap_mb: float | None = None, freeze_embeddings: bool = False) -> None:
     """One rank (under torchrun): time `steps` training steps of each implementation.
@@ -106,18 +121,11 @@ def _worker(out_dir: str, model_name: str, steps: int, warmup: int, batch_size: 
     """
     import torch.distributed as dist
 
-    from experiments.model import build_model, build_tokenizer
-
     dist.init_process_group("gloo")
     rank = dist.get_rank()
-    vocab = len(build_tokenizer(model_name))
-    torch.manual_seed(0)
-    base = build_model(model_name, vocab_size=vocab, dropout=0.0) if model_name == "tiny" else build_model(model_name)
+    base, batches = model_and_batches(model_name, warmup + steps, batch_size, seq_len, seed=rank)
     if freeze_embeddings:
         base.get_input_embeddings().weight.requires_grad_(False)
-    g = torch.Generator().manual_seed(rank)
-    batches = [(torch.randint(min(1000, vocab // 2), vocab, (batch_size, seq_len), generator=g),
-                torch.randint(0, 4, (batch_size,), generator=g)) for _ in range(warmup + steps)]
     events = []
     for impl in IMPLS:
         records: list = []
