@@ -25,7 +25,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from ddp_from_scratch import collectives  # noqa: E402
+from ddp_from_scratch import collectives, work  # noqa: E402
 
 
 def timed(fn) -> float:
@@ -95,7 +95,7 @@ def overlap_check(mb: float) -> None:
         for _ in range(5):
             dist.barrier()
             start = time.perf_counter()
-            handle = collectives.all_reduce(x, async_op=True)
+            handle = work.launch(collectives.all_reduce, x)
             handle.get_future().then(lambda _: finished.append(time.perf_counter() - start))  # on the worker
             done_work.append(work(comm))
             handle.wait()

@@ -1,16 +1,19 @@
 """Data parallelism written by hand over torch.distributed.
 
-Read in this order:
-1. collectives.py         - all-reduce and friends built from send/recv (ring = reduce-scatter + all-gather)
-   collectives_classic.py - for contrast: naive (reduce + broadcast) and recursive halving-doubling
-2. replicas.py            - the same model on every rank: verify at wrap time, broadcast rank 0's state
-3. bucket.py              - packing gradients into buckets, in which order, and the one-time rebuild
-4. comm_hooks.py          - what happens to a full bucket (average it; or compress it first)
-5. ddp.py                 - the wrapper: autograd hooks, overlap of all-reduce with backward, wait at the end
-6. unused.py              - parameters that get no gradient (find_unused_parameters)
-7. join.py                - uneven inputs: ranks that run out of data early
-8. debug.py               - DDP_FROM_SCRATCH_DEBUG=1: one log line per collective
-9. sampler.py             - which samples each rank sees
+Read in this order (each file imports only files above it; tests/test_reading_order.py checks):
+ 1. sampler.py             - which samples each rank sees: disjoint, equal shards, reshuffled per epoch
+ 2. replicas.py            - the same model on every rank: verify at wrap time, broadcast rank 0's state
+ 3. naive.py               - step 0, the smallest correct DDP: one blocking all-reduce per parameter
+ 4. collectives.py         - all-reduce from send/recv: the ring (reduce-scatter + all-gather), broadcast
+ 5. collectives_classic.py - for contrast: naive (reduce + broadcast) and recursive halving-doubling
+ 6. work.py                - asynchronous collectives: launch now, wait later (a worker thread per group)
+ 7. bucket.py              - packing gradients into buckets, in which order, and the one-time rebuild
+ 8. comm_hooks.py          - what happens to a full bucket (average it; or compress it first)
+ 9. unused.py              - parameters that get no gradient: find them, or fail on every rank
+10. debug.py               - DDP_FROM_SCRATCH_DEBUG=1: one log line per collective
+11. reducer.py             - the state of one backward: hooks, ready marks, launches, the final wait, rebuild
+12. join.py                - uneven inputs: ranks that run out of data early
+13. ddp.py                 - the wrapper: wrap-time checks, forward, no_sync, join; backward is the reducer's
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ import torch
 import torch.nn as nn
 
 from .ddp import DistributedDataParallel
+from .naive import NaiveDistributedDataParallel
 from .sampler import DistributedSampler
 
 
@@ -35,4 +39,4 @@ def wrap(module: nn.Module, device: torch.device, bucket_cap_mb: float | None = 
     return DistributedDataParallel(module, bucket_cap_mb=bucket_cap_mb, first_bucket_cap_mb=bucket_cap_mb, **kwargs)
 
 
-__all__ = ["DistributedDataParallel", "DistributedSampler", "wrap"]
+__all__ = ["DistributedDataParallel", "DistributedSampler", "NaiveDistributedDataParallel", "wrap"]

@@ -28,7 +28,7 @@ Our first cap is the explicit `first_bucket_cap_mb` (1 MiB), from the first iter
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -43,8 +43,11 @@ def assign_buckets(params: list[torch.Tensor], order: list[int], caps_bytes: lis
         order: indices of `params` in the order their gradients are expected to be ready.
         caps_bytes: byte caps; bucket k of a (dtype, device) group is capped at
             `caps_bytes[min(k, len(caps_bytes) - 1)]`, so `[1 MB, 25 MB]` gives a
-            small first bucket, like torch's `_DEFAULT_FIRST_BUCKET_BYTES`. A single
-            parameter larger than the cap gets a bucket of its own.
+            small first bucket, like torch's `_DEFAULT_FIRST_BUCKET_BYTES`. A parameter
+            joins the open bucket first; the bucket closes once it holds >= its cap. So a
+            parameter larger than the cap shares its bucket with those before it, and no
+            bucket minus its last member reaches the cap (reducer.cpp's
+            `compute_bucket_assignment_by_size` does the same).
 
     Returns:
         Buckets as lists of parameter indices, ordered by when each bucket is expected
@@ -93,22 +96,17 @@ class Bucket:
     views: list[torch.Tensor]
     pending: int = 0
     future: object = None
-    ready_time: float = 0.0
-    launch_time: float = 0.0
-    done_time: float = 0.0
-    offsets: list[int] = field(default_factory=list)
 
     @classmethod
     def create(cls, index: int, param_indices: list[int], params: list[torch.Tensor]) -> "Bucket":
         """Allocate the zeroed flat buffer for `params` and its shaped views."""
         numels = [p.numel() for p in params]
         buffer = torch.zeros(sum(numels), dtype=params[0].dtype, device=params[0].device)
-        views, offsets, offset = [], [], 0
+        views, offset = [], 0
         for p, n in zip(params, numels):
             views.append(buffer[offset:offset + n].view_as(p))
-            offsets.append(offset)
             offset += n
-        return cls(index, list(param_indices), list(params), buffer, views, len(params), offsets=offsets)
+        return cls(index, list(param_indices), list(params), buffer, views, len(params))
 
     @property
     def nbytes(self) -> int:

@@ -19,13 +19,11 @@ send-then-recv every rank would wait in `send` for a neighbour itself blocked in
 link would only ever carry one direction. Chunks travel as pieces of SEGMENT_BYTES, each passed
 on as soon as it is final, so the pieces stream round the ring without a pause between steps.
 
-Async operations (`async_op=True`) run on one worker thread per process group, in launch
-order; every rank launches in the same order, so the k-th operations of all ranks meet, and
-several can be in flight (one per gradient bucket). Each operation also has its own p2p tag, so
-messages of two operations could not be confused even if they overlapped. `Work.wait()` and
-torch kernels release the GIL, so the worker overlaps a main thread busy in torch kernels
-(backward). A main thread running pure Python slows it down: the worker needs the GIL briefly
-between two messages, and CPython hands it over only every 5 ms (`sys.getswitchinterval()`).
+Every call here blocks until this rank has its result. Every message carries the operation's
+*tag*, taken from a per-group counter in call order (`next_tag`): every rank calls in the same
+order, so the k-th operation gets the same tag everywhere and its messages can never be
+confused with another operation's, even when several run at once. work.py (next in the reading
+order) runs these same functions in the background, which is what DDP needs.
 
 Sources: P. Patarasuk, X. Yuan, "Bandwidth optimal all-reduce algorithms for clusters of
 workstations", JPDC 2009; R. Thakur, R. Rabenseifner, W. Gropp, "Optimization of collective
@@ -34,7 +32,6 @@ communication operations in MPICH", IJHPCA 2005; nccl-tests doc/PERFORMANCE.md (
 from __future__ import annotations
 
 import itertools
-import queue
 import threading
 import weakref
 
@@ -47,47 +44,32 @@ SEGMENT_BYTES = 1 << 20  # no message carries more than 1 MiB (gloo's segment si
 WINDOW = 2  # pieces in flight while reducing, each landing in a scratch slot (gloo: 2)
 
 
-# ----------------------------------------------------------------------------- helpers
+# ----------------------------------------------------------------------------- the ring
 
-def _check(tensor: torch.Tensor, op=SUM, group=None):
-    """Validate what every public function takes; return the process group to use. Raises
-    RuntimeError (no process group), TypeError (not a tensor, dtype not in DTYPES, AVG on int64:
-    the mean of integers is no integer, gloo refuses it too; use SUM and divide as you see fit),
-    ValueError (op not SUM/AVG/MAX, tensor not contiguous or not on the CPU)."""
-    if not dist.is_initialized():
-        raise RuntimeError("no process group: call torch.distributed.init_process_group first")
-    if not isinstance(tensor, torch.Tensor):
-        raise TypeError(f"expected a torch.Tensor, got {type(tensor).__name__}")
-    if tensor.dtype not in DTYPES:
-        raise TypeError(f"dtype {tensor.dtype} not supported; use one of {DTYPES}")
-    if op not in (SUM, AVG, MAX):
-        raise ValueError(f"op {op} not supported; use ReduceOp.SUM, AVG or MAX")
-    if op == AVG and not tensor.is_floating_point():
-        raise TypeError("ReduceOp.AVG needs a floating-point tensor; for int64 use SUM and divide")
-    if not tensor.is_contiguous():
-        raise ValueError("tensor must be contiguous (we send slices of its memory); call .contiguous()")
-    if tensor.device.type != "cpu":
-        raise ValueError(f"tensor must be on the CPU for gloo, got {tensor.device}")
-    return group if group is not None else dist.group.WORLD
+@torch.no_grad()
+def _ring(flat: torch.Tensor, group, tag: int, op, reduce_steps: int, gather_steps: int) -> None:
+    """`reduce_steps` steps of ring reduce-scatter, then `gather_steps` of ring all-gather, on `flat`.
 
-
-def _neighbours(group) -> tuple[int, int, int, int]:
-    """(rank, world size, next, previous) in `group`; next/previous as global ranks, which isend/irecv take."""
-    rank, n = dist.get_rank(group), dist.get_world_size(group)
-    return rank, n, dist.get_global_rank(group, (rank + 1) % n), dist.get_global_rank(group, (rank - 1) % n)
-
-
-def _reduce_into(acc: torch.Tensor, incoming: torch.Tensor, op) -> None:
-    """acc <- acc (op) incoming, in place. AVG reduces like SUM; the division comes once, at the end."""
-    if op == MAX:
-        torch.maximum(acc, incoming, out=acc)
-    else:
-        acc.add_(incoming)
-
-
-def _pieces(t: torch.Tensor) -> list[torch.Tensor]:
-    """`t` cut into its non-empty views of at most SEGMENT_BYTES: one message each."""
-    return [piece for piece in t.split(max(1, SEGMENT_BYTES // t.element_size())) if piece.numel()]
+    At step t a rank receives one chunk from the previous rank and reduces it in (reduce-scatter)
+    or copies it (all-gather). What it receives at step t is what the next rank needs at step
+    t+1, so each piece is passed on the moment it is final: no pause between steps or phases.
+    """
+    rank, n, nxt, prv = _neighbours(group)
+    chunks = [_pieces(chunk) for chunk in flat.tensor_split(n)]
+    # the chunk received at each step: (rank-s-2) in reduce-scatter, (rank-s-1) in all-gather
+    plan = [(rank - s - 2) % n for s in range(reduce_steps)] + [(rank - s - 1) % n for s in range(gather_steps)]
+    if not plan:  # world size 1
+        return
+    first = (rank - 1) % n if reduce_steps else rank  # our own data starts the stream
+    sends = [dist.isend(piece, dst=nxt, group=group, tag=tag) for piece in chunks[first]]
+    for t, c in enumerate(plan):
+        for piece in _receive_pieces(chunks[c], prv, group, tag, op if t < reduce_steps else None):
+            if op == AVG and t == reduce_steps - 1:
+                piece.div_(n)  # chunk `rank` is complete: average it (only 1/n of the data)
+            if t + 1 < len(plan):
+                sends.append(dist.isend(piece, dst=nxt, group=group, tag=tag))
+    for work in sends:
+        work.wait()  # before anyone may touch the tensor again
 
 
 def _receive_pieces(targets: list[torch.Tensor], src: int, group, tag: int, op=None):
@@ -114,38 +96,9 @@ def _receive_pieces(targets: list[torch.Tensor], src: int, group, tag: int, op=N
         yield target
 
 
-# ----------------------------------------------------------------------------- the algorithms
-# Each works on `flat`, a 1-D view of the caller's tensor, on whichever thread calls it (the
-# caller's for blocking calls, the group's worker for async ones).
-
-@torch.no_grad()
-def _ring(flat: torch.Tensor, group, tag: int, op, reduce_steps: int, gather_steps: int) -> None:
-    """`reduce_steps` steps of ring reduce-scatter, then `gather_steps` of ring all-gather.
-
-    At step t a rank receives one chunk from the previous rank and reduces it in (reduce-scatter)
-    or copies it (all-gather). What it receives at step t is what the next rank needs at step
-    t+1, so each piece is passed on the moment it is final: no pause between steps or phases.
-    """
-    rank, n, nxt, prv = _neighbours(group)
-    chunks = [_pieces(chunk) for chunk in flat.tensor_split(n)]
-    # the chunk received at each step: (rank-s-2) in reduce-scatter, (rank-s-1) in all-gather
-    plan = [(rank - s - 2) % n for s in range(reduce_steps)] + [(rank - s - 1) % n for s in range(gather_steps)]
-    if not plan:  # world size 1
-        return
-    first = (rank - 1) % n if reduce_steps else rank  # our own data starts the stream
-    sends = [dist.isend(piece, dst=nxt, group=group, tag=tag) for piece in chunks[first]]
-    for t, c in enumerate(plan):
-        for piece in _receive_pieces(chunks[c], prv, group, tag, op if t < reduce_steps else None):
-            if op == AVG and t == reduce_steps - 1:
-                piece.div_(n)  # chunk `rank` is complete: average it (only 1/n of the data)
-            if t + 1 < len(plan):
-                sends.append(dist.isend(piece, dst=nxt, group=group, tag=tag))
-    for work in sends:
-        work.wait()  # before anyone may touch the tensor again
-
-
 @torch.no_grad()
 def _chain_broadcast(flat: torch.Tensor, group, tag: int, src: int) -> None:
+    """Rank `src` (of `group`) sends `flat` down the chain src -> src+1 -> ...; see `broadcast`."""
     rank, n, nxt, prv = _neighbours(group)
     if n == 1:
         return
@@ -161,111 +114,9 @@ def _chain_broadcast(flat: torch.Tensor, group, tag: int, src: int) -> None:
         work.wait()
 
 
-# ----------------------------------------------------------------------------- async machinery
-
-class Handle:
-    """What `async_op=True` returns, like torch's `Work`. Leave the tensor alone until `wait()` returns."""
-
-    def __init__(self, result: torch.Tensor):
-        self.result, self.error, self._done, self._future = result, None, threading.Event(), torch.futures.Future()
-
-    def is_completed(self) -> bool:
-        """True once the operation has finished, successfully or not. Never blocks."""
-        return self._done.is_set()
-
-    def wait(self, timeout: float | None = None) -> torch.Tensor:
-        """Block until done; return the result or re-raise the operation's exception.
-        TimeoutError if not done within `timeout` seconds (the operation carries on)."""
-        if not self._done.wait(timeout):
-            raise TimeoutError(f"collective not finished after {timeout} s")
-        if self.error is not None:
-            raise self.error
-        return self.result
-
-    def get_future(self) -> torch.futures.Future:
-        """A `torch.futures.Future` of the result, like `Work.get_future()`; `.then()` callbacks run on the worker."""
-        return self._future
-
-    def _finish(self, error: Exception | None) -> None:
-        self.error = error
-        if error is None:
-            self._future.set_result(self.result)
-        else:
-            self._future.set_exception(error)
-        self._done.set()
-
-
-class _GroupState:
-    """Per process group: the tag counter, and the worker thread that runs async operations in order."""
-
-    def __init__(self):
-        self.tags, self.queue, self.error = itertools.count(), queue.Queue(), None  # error: the first failure
-        self.thread = threading.Thread(target=self._loop, name="collectives-worker", daemon=True)
-        self.thread.start()
-
-    def next_tag(self) -> int:
-        return (1 << 30) + next(self.tags) % (1 << 30)  # int32 >= 0 for gloo, far above tags users pick
-
-    def _loop(self) -> None:
-        while (item := self.queue.get()) is not None:  # None: the process group is gone
-            self._run(*item)
-            del item  # hold no reference to the group while idle, so it can be destroyed
-            self.queue.task_done()
-
-    def _run(self, handle: Handle, kernel, args: tuple) -> None:
-        try:
-            self.raise_if_failed()  # after a failure, peers may be stuck mid-way: refuse
-            kernel(*args)
-        except Exception as e:
-            self.error = self.error or e
-            handle._finish(e)
-        else:
-            handle._finish(None)
-
-    def raise_if_failed(self) -> None:
-        if self.error is not None:
-            raise RuntimeError("an earlier collective on this process group failed") from self.error
-
-
-_states: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # ProcessGroup -> _GroupState
-_states_lock = threading.Lock()
-
-
-def _state(group) -> _GroupState:
-    with _states_lock:
-        if group not in _states:
-            _states[group] = state = _GroupState()
-            weakref.finalize(group, state.queue.put, None)  # stop the worker with its group
-        return _states[group]
-
-
-def _launch(kernel, tensor: torch.Tensor, group, async_op: bool, *args, result=None):
-    """Run `kernel(flat, group, tag, *args)` now and return `result` (default `tensor`), or
-    if `async_op` queue it on the group's worker and return a `Handle` of `result`.
-    Launch from one thread: the launch order is what pairs operations across ranks."""
-    result = tensor if result is None else result
-    state = _state(group)
-    if not async_op and threading.current_thread() is state.thread:
-        raise RuntimeError("a blocking collective on the worker thread (e.g. in a .then() callback) "
-                           "would wait for itself; use async_op=True")
-    tag = state.next_tag()  # taken in launch order on the caller's thread, so equal on every rank
-    if async_op:
-        handle = Handle(result)
-        state.queue.put((handle, kernel, (tensor.view(-1), group, tag, *args)))
-        return handle
-    state.queue.join()  # operations launched earlier go first, on every rank alike
-    state.raise_if_failed()
-    try:
-        kernel(tensor.view(-1), group, tag, *args)
-    except Exception as e:  # e.g. a peer died: the group is unusable from now on, as after async failures
-        state.error = state.error or e
-        raise
-    return result
-
-
 # ----------------------------------------------------------------------------- public API
 
-def all_reduce(tensor: torch.Tensor, op=SUM, group=None, async_op: bool = False):
+def all_reduce(tensor: torch.Tensor, op=SUM, group=None, tag: int | None = None) -> torch.Tensor:
     """Ring all-reduce, in place: afterwards every rank's `tensor` holds op(tensor of all ranks).
 
     Args:
@@ -273,60 +124,127 @@ def all_reduce(tensor: torch.Tensor, op=SUM, group=None, async_op: bool = False)
             dtype float32/float16/bfloat16/int64; same shape and dtype on every rank.
         op: `dist.ReduceOp.SUM`, `AVG` (SUM, then divide by n; floating point only; float16
             sums overflow above 65504 before the division) or `MAX`.
-        group: process group (default: the world). async_op: return a `Handle` at once.
-    Returns: `tensor`, or a `Handle` whose `wait()` returns it.
+        group: process group (default: the world).
+        tag: the operation's message tag; None takes `next_tag(group)` (work.py passes the tag
+            it took at launch).
+    Returns: `tensor`, once this rank holds the result.
     Cost per rank (chunk sizes c_i ~= N/n): 2(n-1) steps of one chunk, each chunk sent as
         ceil(c_i*b / SEGMENT_BYTES) messages (none if empty); bytes sent
         (2N - c_r - c_{r+1}) * b ~= 2(n-1)/n * N * b, and as many received.
     Raises: RuntimeError (no process group), TypeError (dtype, int64 AVG), ValueError (op,
-        non-contiguous, not CPU); see `_check`.
+        non-contiguous, not CPU); see `check`.
     Sources: Patarasuk & Yuan 2009; nccl-tests doc/PERFORMANCE.md (busbw = algbw * 2(n-1)/n).
     """
-    group = _check(tensor, op, group)
+    group, tag = check(tensor, op, group, tag)
     n = dist.get_world_size(group)
-    return _launch(_ring, tensor, group, async_op, op, n - 1, n - 1)
+    _ring(tensor.view(-1), group, tag, op, n - 1, n - 1)
+    return tensor
 
 
-def reduce_scatter(tensor: torch.Tensor, op=SUM, group=None, async_op: bool = False):
+def reduce_scatter(tensor: torch.Tensor, op=SUM, group=None, tag: int | None = None) -> torch.Tensor:
     """Ring reduce-scatter, in place: rank r's chunk `tensor.view(-1).tensor_split(n)[r]` becomes
     op over all ranks of that chunk; the other chunks are left holding partial results.
 
     Args, dtypes, ops, errors: as `all_reduce`.
-    Returns: the 1-D view of rank r's chunk (c_r elements), or a `Handle` whose `wait()` returns it.
+    Returns: the 1-D view of rank r's chunk (c_r elements).
     Cost per rank: n-1 steps of one chunk (messages as in `all_reduce`), (N - c_r) * b bytes
         sent ~= (n-1)/n * N * b. Sources: Patarasuk & Yuan 2009; Thakur et al. 2005.
     """
-    group = _check(tensor, op, group)
+    group, tag = check(tensor, op, group, tag)
     n = dist.get_world_size(group)
-    shard = tensor.view(-1).tensor_split(n)[dist.get_rank(group)]
-    return _launch(_ring, tensor, group, async_op, op, n - 1, 0, result=shard)
+    _ring(tensor.view(-1), group, tag, op, n - 1, 0)
+    return tensor.view(-1).tensor_split(n)[dist.get_rank(group)]
 
 
-def all_gather(tensor: torch.Tensor, group=None, async_op: bool = False):
+def all_gather(tensor: torch.Tensor, group=None, tag: int | None = None) -> torch.Tensor:
     """Ring all-gather, in place: rank r contributes chunk `tensor.view(-1).tensor_split(n)[r]`;
     afterwards every rank holds all n chunks (whatever it had elsewhere is overwritten).
 
-    Args, dtypes, errors: as `all_reduce` (no op). Returns: `tensor`, or a `Handle`.
+    Args, dtypes, errors: as `all_reduce` (no op). Returns: `tensor`.
     Cost per rank: n-1 steps of one chunk, (N - c_{r+1}) * b bytes sent ~= (n-1)/n * N * b.
     Sources: Patarasuk & Yuan 2009; Thakur, Rabenseifner & Gropp 2005.
     """
-    group = _check(tensor, SUM, group)
-    return _launch(_ring, tensor, group, async_op, None, 0, dist.get_world_size(group) - 1)
+    group, tag = check(tensor, SUM, group, tag)
+    _ring(tensor.view(-1), group, tag, None, 0, dist.get_world_size(group) - 1)
+    return tensor
 
 
-def broadcast(tensor: torch.Tensor, src: int = 0, group=None, async_op: bool = False):
+def broadcast(tensor: torch.Tensor, src: int = 0, group=None, tag: int | None = None) -> torch.Tensor:
     """Pipelined chain broadcast, in place: every rank's `tensor` becomes rank `src`'s.
 
     The tensor flows src -> src+1 -> ... in S = ceil(N*b / SEGMENT_BYTES) pieces, every rank
     forwarding piece k-1 while receiving piece k: time ~ (S + n - 2) piece transfers. (A binomial
     tree takes log2(n) rounds but its root sends N*b*log2(n) bytes: fine for small tensors, the
     chain is the bandwidth-optimal choice for large ones; Thakur, Rabenseifner & Gropp 2005.)
-    Args: `src`, a rank of `group`; the rest as `all_reduce`. Returns: `tensor`, or a `Handle`.
+    Args: `src`, a rank of `group`; the rest as `all_reduce`. Returns: `tensor`.
     Cost per rank: S messages, N*b bytes sent, by every rank but the chain's last (src-1),
         which only receives.
     Raises: as `all_reduce`, and ValueError if `src` is not a rank of the group.
     """
-    group = _check(tensor, SUM, group)
+    group, tag = check(tensor, SUM, group, tag)
     if not 0 <= src < dist.get_world_size(group):
         raise ValueError(f"src={src} is not a rank of a group of {dist.get_world_size(group)}")
-    return _launch(_chain_broadcast, tensor, group, async_op, src)
+    _chain_broadcast(tensor.view(-1), group, tag, src)
+    return tensor
+
+
+# ----------------------------------------------------------------------------- helpers
+
+_tags: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # ProcessGroup -> counter
+_tags_lock = threading.Lock()
+
+
+def next_tag(group=None) -> int:
+    """The next message tag of `group` (default: the world), in call order on this process.
+
+    Every rank takes tags in the same order, so operation k has the same tag on every rank.
+    Tags start at 2**30: int32 >= 0 for gloo, far above the small tags users pick.
+    """
+    group = group if group is not None else dist.group.WORLD
+    with _tags_lock:  # one counter, whichever thread asks
+        counter = _tags.setdefault(group, itertools.count())
+        return (1 << 30) + next(counter) % (1 << 30)
+
+
+def check(tensor: torch.Tensor, op=SUM, group=None, tag: int | None = None):
+    """Validate what every public function takes; return (process group, tag) to use.
+
+    Raises: RuntimeError (no process group), TypeError (not a tensor, dtype not in DTYPES, AVG
+    on int64: the mean of integers is no integer, gloo refuses it too; use SUM and divide as you
+    see fit), ValueError (op not SUM/AVG/MAX, tensor not contiguous or not on the CPU).
+    """
+    if not dist.is_initialized():
+        raise RuntimeError("no process group: call torch.distributed.init_process_group first")
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"expected a torch.Tensor, got {type(tensor).__name__}")
+    if tensor.dtype not in DTYPES:
+        raise TypeError(f"dtype {tensor.dtype} not supported; use one of {DTYPES}")
+    if op not in (SUM, AVG, MAX):
+        raise ValueError(f"op {op} not supported; use ReduceOp.SUM, AVG or MAX")
+    if op == AVG and not tensor.is_floating_point():
+        raise TypeError("ReduceOp.AVG needs a floating-point tensor; for int64 use SUM and divide")
+    if not tensor.is_contiguous():
+        raise ValueError("tensor must be contiguous (we send slices of its memory); call .contiguous()")
+    if tensor.device.type != "cpu":
+        raise ValueError(f"tensor must be on the CPU for gloo, got {tensor.device}")
+    group = group if group is not None else dist.group.WORLD
+    return group, (next_tag(group) if tag is None else tag)
+
+
+def _neighbours(group) -> tuple[int, int, int, int]:
+    """(rank, world size, next, previous) in `group`; next/previous as global ranks, which isend/irecv take."""
+    rank, n = dist.get_rank(group), dist.get_world_size(group)
+    return rank, n, dist.get_global_rank(group, (rank + 1) % n), dist.get_global_rank(group, (rank - 1) % n)
+
+
+def _reduce_into(acc: torch.Tensor, incoming: torch.Tensor, op) -> None:
+    """acc <- acc (op) incoming, in place. AVG reduces like SUM; the division comes once, at the end."""
+    if op == MAX:
+        torch.maximum(acc, incoming, out=acc)
+    else:
+        acc.add_(incoming)
+
+
+def _pieces(t: torch.Tensor) -> list[torch.Tensor]:
+    """`t` cut into its non-empty views of at most SEGMENT_BYTES: one message each."""
+    return [piece for piece in t.split(max(1, SEGMENT_BYTES // t.element_size())) if piece.numel()]

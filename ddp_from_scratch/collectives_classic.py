@@ -13,8 +13,9 @@ grows linearly with n. Recursive halving-doubling (Rabenseifner) sends as few by
 but in log2(p) rounds instead of n-1, so it wins when messages are small and latency dominates;
 for large messages on a ring-shaped network the ring's neighbour-only traffic wins.
 
-Same call as `collectives.all_reduce` (in place, any shape, float32/float16/bfloat16/int64,
-SUM/AVG/MAX, `async_op` returns a `Handle`) and the same errors (see `collectives._check`).
+Same call as `collectives.all_reduce` (in place, blocking, any shape, float32/float16/bfloat16/
+int64, SUM/AVG/MAX; `work.launch` runs them in the background too) and the same errors (see
+`collectives.check`).
 
 Sources: R. Thakur, R. Rabenseifner, W. Gropp, "Optimization of collective communication
 operations in MPICH", IJHPCA 2005 (sections 4.4-4.5: recursive halving and doubling, and the
@@ -25,7 +26,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from .collectives import AVG, SUM, _check, _launch, _pieces, _receive_pieces
+from .collectives import AVG, SUM, _pieces, _receive_pieces, check
 
 
 def _exchange(send_buf, dst: int, recv_buf, src: int, group, tag: int, op=None) -> None:
@@ -60,7 +61,7 @@ def _naive(flat: torch.Tensor, group, tag: int, op) -> None:
         _exchange(flat, dst, None, dst, group, tag)
 
 
-def naive_all_reduce(tensor: torch.Tensor, op=SUM, group=None, async_op: bool = False):
+def naive_all_reduce(tensor: torch.Tensor, op=SUM, group=None, tag: int | None = None) -> torch.Tensor:
     """Reduce everything to rank 0, then send the result from rank 0 to every other rank.
 
     Args/returns/errors: as `collectives.all_reduce`.
@@ -69,8 +70,9 @@ def naive_all_reduce(tensor: torch.Tensor, op=SUM, group=None, async_op: bool = 
         are cut into SEGMENT_BYTES pieces, which changes the message count, not the bytes.
     Source: the "reduce + broadcast" baseline of Thakur, Rabenseifner & Gropp 2005.
     """
-    group = _check(tensor, op, group)
-    return _launch(_naive, tensor, group, async_op, op)
+    group, tag = check(tensor, op, group, tag)
+    _naive(tensor.view(-1), group, tag, op)
+    return tensor
 
 
 @torch.no_grad()
@@ -119,7 +121,7 @@ def _halving_doubling(flat: torch.Tensor, group, tag: int, op) -> None:
         _exchange(flat, gr(rank - 1), None, 0, group, tag)
 
 
-def halving_doubling_all_reduce(tensor: torch.Tensor, op=SUM, group=None, async_op: bool = False):
+def halving_doubling_all_reduce(tensor: torch.Tensor, op=SUM, group=None, tag: int | None = None) -> torch.Tensor:
     """Rabenseifner's all-reduce: reduce-scatter by recursive halving, all-gather by recursive doubling.
 
     Any world size: if n is not a power of two, the first 2(n-p) ranks fold pairwise first
@@ -130,5 +132,6 @@ def halving_doubling_all_reduce(tensor: torch.Tensor, op=SUM, group=None, async_
         all-gather). A folding pair adds N*b each way (the odd rank also sends N*b back).
     Source: Thakur, Rabenseifner & Gropp 2005, section 4.5.
     """
-    group = _check(tensor, op, group)
-    return _launch(_halving_doubling, tensor, group, async_op, op)
+    group, tag = check(tensor, op, group, tag)
+    _halving_doubling(tensor.view(-1), group, tag, op)
+    return tensor

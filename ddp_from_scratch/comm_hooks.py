@@ -20,6 +20,8 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from . import collectives, work
+
 
 @dataclass
 class CommState:
@@ -69,13 +71,11 @@ def torch_all_reduce(process_group) -> Callable[[torch.Tensor], torch.futures.Fu
 def ring_all_reduce(process_group) -> Callable[[torch.Tensor], torch.futures.Future]:
     """Our ring all-reduce (collectives.py, from send/recv) as a launcher, SUM, asynchronous.
 
-    `collectives.Handle.get_future()` is a real `torch.futures.Future`, completed by the
-    collectives' worker thread, so hooks can chain `.then()` on it exactly as on gloo's.
+    `work.Work.get_future()` is a real `torch.futures.Future`, completed by the group's worker
+    thread (work.py), so hooks can chain `.then()` on it exactly as on gloo's.
     """
-    from . import collectives
-
     def launch(tensor: torch.Tensor) -> torch.futures.Future:
-        return collectives.all_reduce(tensor, group=process_group, async_op=True).get_future()
+        return work.launch(collectives.all_reduce, tensor, group=process_group).get_future()
     return launch
 
 

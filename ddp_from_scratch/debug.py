@@ -48,6 +48,12 @@ def log(rank: int, op: str, bucket, nbytes: int, peers, start: float, end: float
         sys.stderr.flush()
 
 
+def log_broadcast(rank: int, world_size: int, src: int, what: str, tensors, start: float) -> None:
+    """The line for a broadcast of `tensors` from rank `src`: the source lists every receiver as peers."""
+    peers = [r for r in range(world_size) if r != src] if rank == src else [src]
+    log(rank, f"broadcast({what})", None, sum(t.numel() * t.element_size() for t in tensors), peers, start)
+
+
 def log_when_done(future, rank: int, op: str, bucket, nbytes: int, peers, start: float) -> None:
     """Print the line as soon as `future` (a torch.futures.Future) completes, on whichever
     thread completes it; a failed collective is reported by whoever waits for it, not here."""

@@ -1,4 +1,4 @@
-"""Keeping the replicas identical: check at wrap time, copy rank 0's state, find what forward used.
+"""Keeping the replicas identical: check at wrap time, then copy rank 0's state to every rank.
 
 Data parallelism only works if every rank holds the same model: the same parameters
 in the same order (or the all-reduces would add unrelated tensors together) with
@@ -61,32 +61,3 @@ def broadcast_from(tensors: list[torch.Tensor], src: int = 0, group=None) -> Non
                 t.copy_(flat[offset:offset + t.numel()].view_as(t))
                 offset += t.numel()
 
-
-def params_reached_by(output) -> set[int]:
-    """ids of the parameters that backward from `output` will reach.
-
-    `output` is a tensor or a dict/list/tuple/ModelOutput of tensors. We walk the
-    autograd graph from each tensor's `grad_fn`; a leaf parameter shows up as the
-    `variable` of an AccumulateGrad node. torch's DDP does this traversal when
-    `find_unused_parameters=True` (reducer.cpp, `prepare_for_backward`).
-    """
-    tensors, stack = [], [output]
-    while stack:
-        x = stack.pop()
-        if isinstance(x, torch.Tensor):
-            tensors.append(x)
-        elif isinstance(x, dict):
-            stack.extend(x.values())
-        elif isinstance(x, (list, tuple)):
-            stack.extend(x)
-    reached, seen = set(), set()  # ids of parameters; autograd nodes already visited
-    nodes = [t.grad_fn for t in tensors if t.grad_fn is not None]
-    while nodes:
-        node = nodes.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        if hasattr(node, "variable"):  # AccumulateGrad
-            reached.add(id(node.variable))
-        nodes.extend(fn for fn, _ in node.next_functions)
-    return reached

@@ -66,10 +66,10 @@ def _timed_launcher(ddp, records: list):
     once per step, after backward (unused.py); counting it as communication would move the
     end of backward's compute (the last launch, see `overlap`) past the real one.
     """
-    launch = ddp.comm_state.all_reduce
+    launch = ddp.reducer.comm_state.all_reduce
 
     def timed(tensor: torch.Tensor) -> torch.futures.Future:
-        bucket = next((b for b in ddp.buckets if tensor is b.buffer), None)
+        bucket = next((b for b in ddp.reducer.buckets if tensor is b.buffer), None)
         if bucket is None:
             return launch(tensor)
         rec = {"bucket": bucket.index, "bytes": tensor.numel() * tensor.element_size(), "launch": time.perf_counter()}
@@ -93,7 +93,7 @@ def wrap_timed(impl: str, module: torch.nn.Module, records: list, bucket_cap_mb:
     else:
         model = ddp_from_scratch.wrap(module, torch.device("cpu"), bucket_cap_mb=bucket_cap_mb,
                                       all_reduce=impl.removeprefix("scratch-"))
-        model.comm_state.all_reduce = _timed_launcher(model, records)
+        model.reducer.comm_state.all_reduce = _timed_launcher(model, records)
     return model
 
 

@@ -4,7 +4,7 @@ One spawn per world size (1, 2, 3, 4); every rank then runs all cases: ring all-
 and halving-doubling all-reduce (SUM, AVG, MAX), reduce-scatter, all-gather and broadcast, for
 element counts 0, 1, ws-1, 7, 1000, 1001 and dtypes float32, float16, bfloat16, int64, each
 compared with `dist.all_reduce` / `all_gather` / `broadcast` on the same inputs. Then several
-async operations in flight at once, and the errors.
+async operations in flight at once (work.py), and the errors.
 
 Tolerance. int64, MAX, broadcast and all-gather must match exactly (no rounding involved). A
 floating-point SUM over 2 ranks is one correctly rounded addition whatever the order, so it too
@@ -23,6 +23,7 @@ import torch.distributed as dist
 from spawn_utils import run
 
 from ddp_from_scratch import collectives as C
+from ddp_from_scratch import work as W
 from ddp_from_scratch.collectives_classic import halving_doubling_all_reduce, naive_all_reduce
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.int64)
@@ -143,17 +144,17 @@ def _check_async(rank: int, ws: int) -> None:
         else:
             dist.all_reduce(e, **kwargs)
         expected.append(e.tensor_split(ws)[rank] if fn is C.reduce_scatter else e)
-    handles = [fn(x, async_op=True, **kwargs) for (fn, kwargs, _, _), x in zip(specs, inputs)]
+    handles = [W.launch(fn, x, **kwargs) for (fn, kwargs, _, _), x in zip(specs, inputs)]
 
-    # A blocking call made now runs after the eight launched before it, on every rank alike.
+    # A blocking call made now runs on this thread while the eight may still be in flight on the
+    # worker: its tag, taken after theirs on every rank, keeps its messages apart from theirs.
     y = torch.full((5,), float(rank))
     C.all_reduce(y)
     assert torch.equal(y, torch.full((5,), float(sum(range(ws)))))
-    assert all(h.is_completed() for h in handles)
 
     # Launched, never waited on: is_completed() must turn true by itself.
     z = torch.ones(10)
-    handle = C.all_reduce(z, async_op=True)
+    handle = W.launch(C.all_reduce, z)
     deadline = time.monotonic() + 30
     while not handle.is_completed():
         assert time.monotonic() < deadline, "async all-reduce never completed"
@@ -165,7 +166,7 @@ def _check_async(rank: int, ws: int) -> None:
             abs_sum = abs_sum.tensor_split(ws)[rank]
         exact = not dtype.is_floating_point or kwargs.get("op") == C.MAX or fn is C.broadcast or ws <= 2
         _assert_close(h.wait(), e, abs_sum, exact, f"async {fn.__name__} {kwargs} ws={ws}")
-    assert torch.equal(C.all_reduce(torch.ones(3), async_op=True).get_future().wait(), torch.full((3,), float(ws)))
+    assert torch.equal(W.launch(C.all_reduce, torch.ones(3)).get_future().wait(), torch.full((3,), float(ws)))
 
 
 def _check_errors(rank: int, ws: int) -> None:
@@ -182,30 +183,29 @@ def _check_errors(rank: int, ws: int) -> None:
     for fn in every[:4]:
         with pytest.raises(ValueError, match="op"):
             fn(torch.zeros(4), op=dist.ReduceOp.PRODUCT)
-        with pytest.raises(TypeError, match="AVG"):
-            fn(torch.zeros(4, dtype=torch.int64), op=C.AVG, async_op=True)
+        with pytest.raises(TypeError, match="AVG"):  # checked at launch, not at wait()
+            W.launch(fn, torch.zeros(4, dtype=torch.int64), op=C.AVG)
     with pytest.raises(ValueError, match="src"):
         C.broadcast(torch.zeros(4), src=ws)
 
-    # An exception on the worker thread reaches wait(), and the group refuses further work.
-    # Our failure: a blocking collective called on the worker itself (as from a future's
-    # .then() callback) would wait for itself forever, so it raises instead.
+    # An exception on the worker thread reaches wait() and the future, and the group's worker
+    # refuses further work (peers may be stuck half-way through the failed operation).
     group = dist.new_group(list(range(ws)))
 
-    def kernel_calling_blocking(flat, group, tag):
-        C.all_reduce(flat, group=group)
+    def failing_collective(tensor, group, tag):
+        raise OSError("connection reset by peer (injected)")
 
-    handle = C._launch(kernel_calling_blocking, torch.zeros(3), group, True)
-    with pytest.raises(RuntimeError, match="wait for itself"):
+    handle = W.launch(failing_collective, torch.zeros(3), group=group)
+    with pytest.raises(OSError, match="injected"):
         handle.wait()
-    with pytest.raises(RuntimeError, match="wait for itself"):
+    with pytest.raises(OSError, match="injected"):
         handle.get_future().wait()
     assert handle.is_completed()
     with pytest.raises(RuntimeError, match="earlier collective"):
-        C.all_reduce(torch.zeros(3), group=group, async_op=True).wait()
-    with pytest.raises(RuntimeError, match="earlier collective"):
-        C.all_reduce(torch.zeros(3), group=group)
-    assert torch.equal(C.all_reduce(torch.ones(2)), torch.full((2,), float(ws)))  # other groups unaffected
+        W.launch(C.all_reduce, torch.zeros(3), group=group).wait()
+    with pytest.raises(TimeoutError):  # a Work that is not done yet: wait(timeout) gives up
+        W.launch(lambda t, group, tag: time.sleep(0.5), torch.zeros(1)).wait(0.01)
+    assert torch.equal(W.launch(C.all_reduce, torch.ones(2)).wait(), torch.full((2,), float(ws)))  # others unaffected
 
 
 def _worker(rank: int, ws: int) -> None:

@@ -1,9 +1,10 @@
-"""The hand-written DDP trains exactly like torch's DDP and like one process on the global batch.
+"""The hand-written DDPs (naive.py and ddp.py) train exactly like torch's DDP and like one process on the global batch.
 
 Real processes (gloo, CPU), world sizes 2 and 3. Every rank starts from the same
 seed-0 model and takes micro-batch `rank` of each global batch. After a few optimizer
 steps we compare, parameter by parameter:
-- hand-written DDP vs native DDP, on every rank;
+- hand-written DDP (the bucketed one with both collectives, and the naive one) vs native DDP,
+  on every rank;
 - both vs one process trained on the concatenated global batch.
 
 Tolerances: all float32. DDP averages per-rank mean gradients, the single process
@@ -23,7 +24,7 @@ import torch
 import torch.nn as nn
 
 import ddp_native
-from ddp_from_scratch import DistributedDataParallel
+from ddp_from_scratch import DistributedDataParallel, NaiveDistributedDataParallel
 from spawn_utils import run
 
 STEPS, MICRO_BATCH = 3, 4
@@ -79,11 +80,13 @@ def _worker(rank, world_size, cases, out_path):
             ours = DistributedDataParallel(copy.deepcopy(base), bucket_cap_mb=CAPS_MB[cap_name],
                                            first_bucket_cap_mb=min(1.0, CAPS_MB[cap_name]), all_reduce=collective)
             res[collective] = train(ours, kind, opt_name, world_size, rank)
-            res["n_buckets"] = len(ours.buckets)
+            res["n_buckets"] = len(ours.reducer.buckets)
+        res["naive"] = train(NaiveDistributedDataParallel(copy.deepcopy(base)), kind, opt_name, world_size, rank)
     torch.save(results, f"{out_path}.rank{rank}")
 
 
 COLLECTIVES = ("torch", "ring")  # dist.all_reduce, and ours from send/recv
+OURS = (*COLLECTIVES, "naive")  # the bucketed wrapper with each collective, and naive.py
 CASES = [("mlp", "sgd", c) for c in CAPS_MB] + [("mlp", "adamw", "default"), ("tiny", "adamw", "default"),
                                                 ("tiny", "sgd", "per-parameter")]
 
@@ -100,7 +103,7 @@ def test_scratch_equals_native_equals_single_process(tmp_path, world_size):
         for r in range(world_size):
             res = per_rank[r][case]
             for name, ref in single.items():
-                for collective in COLLECTIVES:
+                for collective in OURS:
                     nat, ours = res["native"][name], res[collective][name]
                     where = (case, collective, r, name)
                     assert torch.allclose(ours, nat, rtol=0, atol=1e-6), (where, (ours - nat).abs().max())

@@ -41,6 +41,7 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
 import ddp_native
 from ddp_from_scratch import DistributedDataParallel as Ours
+from ddp_from_scratch import NaiveDistributedDataParallel as Naive
 from ddp_from_scratch import comm_hooks
 from spawn_utils import run
 
@@ -169,7 +170,7 @@ def case_matrix(rank, world):
                 for coll in ("torch", "ring"):
                     m = ours(Net(bn), bucket_cap_mb=cap, all_reduce=coll)
                     out[(coll, bn, opt, cap_name, False)] = train(m, opt, world, rank)
-                    out[("n_buckets", bn, cap_name)] = len(m.buckets)
+                    out[("n_buckets", bn, cap_name)] = len(m.reducer.buckets)
             for cap_name in ("per-param", "default"):  # gradient_as_bucket_view
                 cap = CAPS[cap_name]
                 out[("native", bn, opt, cap_name, True)] = train(
@@ -189,6 +190,7 @@ def case_no_sync(rank, world):
             for gav in (False, True):
                 out[(coll, bn, gav)] = train(ours(Net(bn), all_reduce=coll, gradient_as_bucket_view=gav),
                                             "sgd", world, rank, micro=3)
+        out[("naive", bn)] = train(Naive(Net(bn)), "sgd", world, rank, micro=3)
     return out
 
 
@@ -290,17 +292,17 @@ def case_buckets(rank, world):
     # (1) small caps, so that b2 and b1 land in different buckets: bucket 0 holds b2 on rank 0's order
     m = Ours(Wide(), bucket_cap_mb=0.3, first_bucket_cap_mb=0.5)
     order = []
-    hooks = [p.register_post_accumulate_grad_hook(lambda p, i=i: order.append(i)) for i, p in enumerate(m.params)]
+    hooks = [p.register_post_accumulate_grad_hook(lambda p, i=i: order.append(i)) for i, p in enumerate(m.reducer.params)]
 
     def step_hook(s):
         if s == 1:
             for h in hooks:
                 h.remove()
-            m.timeline = []  # record bucket times after the rebuild
+            m.reducer.timeline = []  # record bucket times after the rebuild
 
     _wide_steps(m, rank, 3, step_hook)
-    out["small"] = {"ready_order": order, "buckets": [b.param_indices for b in m.buckets],
-                    "bytes": [b.nbytes for b in m.buckets], "timeline": m.timeline, "names": m.param_names}
+    out["small"] = {"ready_order": order, "buckets": [b.param_indices for b in m.reducer.buckets],
+                    "bytes": [b.nbytes for b in m.reducer.buckets], "timeline": m.reducer.timeline, "names": m.reducer.param_names}
     # (2) default caps (1 MB first bucket, 25 MB others): ours vs torch's DDP built with its defaults
     # (not ddp_native.wrap, which passes bucket_cap_mb explicitly and so turns torch's small first bucket off)
     n = torch.nn.parallel.DistributedDataParallel(Wide())
@@ -309,8 +311,8 @@ def case_buckets(rank, world):
     native_buckets = [[names[p.data_ptr()] for p in b.parameters()] for b in n.reducer._get_zeros_like_grad_buckets()]
     m = Ours(Wide())
     _wide_steps(m, rank, 2)
-    out["default"] = {"ours": [[m.param_names[i] for i in b.param_indices] for b in m.buckets],
-                      "bytes": [b.nbytes for b in m.buckets], "native": native_buckets}
+    out["default"] = {"ours": [[m.reducer.param_names[i] for i in b.param_indices] for b in m.reducer.buckets],
+                      "bytes": [b.nbytes for b in m.reducer.buckets], "native": native_buckets}
     return out
 
 
@@ -322,18 +324,18 @@ def case_debug(rank, world):
             old, sys.stderr = sys.stderr, io.StringIO()
             try:
                 m = ours(Net(), bucket_cap_mb=1e-6, all_reduce=coll)  # one bucket per parameter
-                m.timeline = []
+                m.reducer.timeline = []
                 train(m, "sgd", world, rank, steps=2)
                 # a line is printed by the future's done-callback, which may run just after wait() returned
                 deadline = time.monotonic() + 5
                 while sys.stderr.getvalue().count(" bucket=") - sys.stderr.getvalue().count(" bucket=-") \
-                        < len(m.timeline) and time.monotonic() < deadline:
+                        < len(m.reducer.timeline) and time.monotonic() < deadline:
                     time.sleep(0.01)
                 time.sleep(0.05)  # and nothing more comes
                 log = sys.stderr.getvalue()
             finally:
                 sys.stderr = old
-            out[coll] = {"log": log, "timeline": m.timeline, "n_params": len(m.params)}
+            out[coll] = {"log": log, "timeline": m.reducer.timeline, "n_params": len(m.reducer.params)}
     finally:
         del os.environ["DDP_FROM_SCRATCH_DEBUG"]
     return out
@@ -464,6 +466,11 @@ def test_no_sync_accumulates_then_syncs_once(spawned):
                     # buffers too: BatchNorm stats follow torch's rule of when buffers are broadcast
                     assert_close(got, res["no_sync"][("native", bn, False)]["params"], ATOL_NATIVE, where)
                     assert_close(got, ref, ATOL_SGD, where, skip=buffer_names(bn))
+        if not bn:  # naive.py broadcasts buffers only at wrap time, so BatchNorm stats stay per rank
+            for r, res in enumerate(ranks):
+                got, where = res["no_sync"][("naive", bn)]["params"], (world, r, "naive", bn)
+                assert_close(got, res["no_sync"][("native", bn, False)]["params"], ATOL_NATIVE, where)
+                assert_close(got, ref, ATOL_SGD, where)
 
 
 def test_compression_hooks_match_torch_hooks(spawned):

@@ -5,7 +5,7 @@ From the repository root:
     torchrun --nproc_per_node=2 docs/examples/ring_breakpoint.py   # torchrun starts the ranks
     python docs/examples/ring_breakpoint.py                        # this script starts them itself
     python docs/examples/ring_breakpoint.py --nproc 3              # a longer ring
-    python docs/examples/ring_breakpoint.py --ddp                  # step through ddp.py instead
+    python docs/examples/ring_breakpoint.py --ddp                  # step through reducer.py instead
 
 Ring mode (default). Every rank holds a small float32 tensor whose digits say whose it is
 (rank 0: 1 2 3 4, rank 1: 10 20 30 40, rank 2: 100 ...) and calls `collectives.all_reduce` on
@@ -17,7 +17,8 @@ wait for rank 0 while rank 0 sits at the prompt.
 
 DDP mode (`--ddp`). Every rank wraps a 17-parameter model in our DistributedDataParallel
 (all_reduce="ring", 32-byte buckets so there are two) and takes one backward. Rank 0 stops
-before `loss.backward()` with breakpoints on `_mark_ready`, `_launch` and `_finish_backward`.
+before `loss.backward()` with breakpoints on the reducer's `_mark_ready`, `_launch` and
+`_finish_backward` (reducer.py).
 The ring then runs on the "collectives-worker" thread, which pdb does not stop: watch rank 1
 finish an all-reduce while rank 0's main thread is paused (that is the overlap).
 
@@ -43,6 +44,7 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 from ddp_from_scratch import collectives as C  # noqa: E402
 from ddp_from_scratch.ddp import DistributedDataParallel  # noqa: E402
+from ddp_from_scratch.reducer import Reducer  # noqa: E402
 
 # Where rank 0 stops in collectives.py: the entry of the ring kernel that `all_reduce` runs,
 # and each (function, text of a line in it, stop on the line after it?) found below. If
@@ -164,7 +166,7 @@ def ddp_demo(rank: int, n: int) -> None:
     model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2))  # 17 numbers
     cap = 32 / 2**20  # 32-byte buckets (8 floats): [bias 2, weight 2], then [bias 0, weight 0]
     ddp = DistributedDataParallel(model, bucket_cap_mb=cap, first_bucket_cap_mb=cap, all_reduce="ring")
-    say(f"[rank {rank}] buckets (parameter indices, launch order): {[b.param_indices for b in ddp.buckets]}")
+    say(f"[rank {rank}] buckets (parameter indices, launch order): {[b.param_indices for b in ddp.reducer.buckets]}")
     if rank != 0:
         show_messages(rank)  # here the ring runs on the "collectives-worker" thread, during backward
     torch.manual_seed(1 + rank)  # a different micro-batch on every rank
@@ -172,9 +174,9 @@ def ddp_demo(rank: int, n: int) -> None:
     if rank == 0:
         dbg = TerminalPdb()
         for name in ("_mark_ready", "_launch", "_finish_backward"):
-            func = getattr(DistributedDataParallel, name)
+            func = getattr(Reducer, name)
             dbg.set_break(inspect.getsourcefile(func), func.__code__.co_firstlineno, funcname=name)  # = `b name`
-        dbg.message("\n[rank 0] breakpoints on DistributedDataParallel._mark_ready, _launch and _finish_backward.\n"
+        dbg.message("\n[rank 0] breakpoints on Reducer._mark_ready, _launch and _finish_backward.\n"
                     "  c = continue;  p index;  p [b.pending for b in self.buckets];  p bucket.index;  "
                     "bt = who called us;  n, s;  cl = clear breakpoints\n")
         dbg.set_trace()
@@ -214,7 +216,7 @@ def launch(args) -> int:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--nproc", type=int, default=2, help="ranks to start (plain python only)")
-    parser.add_argument("--ddp", action="store_true", help="step through ddp.py instead of the bare ring")
+    parser.add_argument("--ddp", action="store_true", help="step through reducer.py instead of the bare ring")
     parser.add_argument("--timeout", type=float, default=3600.0, help="process-group timeout, seconds")
     args = parser.parse_args()
     if "RANK" in os.environ:
