@@ -8,11 +8,12 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 
 NPROC  ?= 2
-DATA   ?= ../shared/ag_news
+# AG News: the CSVs in ../shared/ag_news when they are there, else the Hugging Face hub
+DATA   ?= $(if $(wildcard ../shared/ag_news/train.csv),../shared/ag_news,)
 MODEL  ?= minilm-l6
 MAIN_ARGS ?= --max-train-samples 4000 --max-length 64 --batch-size 16 --epochs 1 --lr 1e-4
 
-.PHONY: install main test bench clean
+.PHONY: install main test lint bench clean
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml Makefile
@@ -23,10 +24,18 @@ $(VENV)/.installed: pyproject.toml Makefile
 	touch $@
 
 main: install
-	$(BIN)/python -m experiments.compare --nproc $(NPROC) --data-dir $(DATA) --model $(MODEL) $(MAIN_ARGS)
+	$(BIN)/python -m experiments.compare --nproc $(NPROC) $(if $(DATA),--data-dir $(DATA),) --model $(MODEL) $(MAIN_ARGS)
 
-test: install
+# The fast checks first (lint and format, seconds), then the test suite (minutes).
+test: install lint
 	$(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+bench: install
+	$(BIN)/python -m experiments.bench
 
 clean:
 	rm -rf $(VENV) runs

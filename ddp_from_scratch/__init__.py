@@ -15,6 +15,7 @@ Read in this order (each file imports only files above it; tests/test_reading_or
 12. join.py                - uneven inputs: ranks that run out of data early
 13. ddp.py                 - the wrapper: wrap-time checks, forward, no_sync, join; backward is the reducer's
 """
+
 from __future__ import annotations
 
 import torch
@@ -25,8 +26,9 @@ from .naive import NaiveDistributedDataParallel
 from .sampler import DistributedSampler
 
 
-def wrap(module: nn.Module, device: torch.device, bucket_cap_mb: float | None = None,
-         **kwargs) -> DistributedDataParallel:
+def wrap(
+    module: nn.Module, device: torch.device, bucket_cap_mb: float | None = None, **kwargs
+) -> DistributedDataParallel:
     """Our DDP around `module` (already on `device`), same call and same buckets as `ddp_native.wrap`.
 
     `bucket_cap_mb=None` means torch's default: 25 MiB buckets and a 1 MiB first bucket. An

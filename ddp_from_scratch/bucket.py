@@ -26,6 +26,7 @@ value caps the first bucket too), and without `find_unused_parameters` its very 
 iteration puts every gradient into one bucket, since the rebuild fixes the layout anyway.
 Our first cap is the explicit `first_bucket_cap_mb` (1 MiB), from the first iteration on.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -89,6 +90,7 @@ class Bucket:
         pending: members whose gradient has not been copied in yet this iteration.
         future: the in-flight all-reduce of `buffer` (None until launched).
     """
+
     index: int
     param_indices: list[int]
     params: list[torch.Tensor]
@@ -98,13 +100,13 @@ class Bucket:
     future: object = None
 
     @classmethod
-    def create(cls, index: int, param_indices: list[int], params: list[torch.Tensor]) -> "Bucket":
+    def create(cls, index: int, param_indices: list[int], params: list[torch.Tensor]) -> Bucket:
         """Allocate the zeroed flat buffer for `params` and its shaped views."""
         numels = [p.numel() for p in params]
         buffer = torch.zeros(sum(numels), dtype=params[0].dtype, device=params[0].device)
         views, offset = [], 0
         for p, n in zip(params, numels):
-            views.append(buffer[offset:offset + n].view_as(p))
+            views.append(buffer[offset : offset + n].view_as(p))
             offset += n
         return cls(index, list(param_indices), list(params), buffer, views, len(params))
 
@@ -125,8 +127,9 @@ def build_buckets(params: list[torch.Tensor], order: list[int], caps_bytes: list
     return [Bucket.create(k, g, [params[i] for i in g]) for k, g in enumerate(groups)]
 
 
-def rebuild_in_ready_order(params: list[torch.Tensor], ready_order: list[int], caps_bytes: list[int],
-                           broadcast, move_grads: bool) -> list[Bucket]:
+def rebuild_in_ready_order(
+    params: list[torch.Tensor], ready_order: list[int], caps_bytes: list[int], broadcast, move_grads: bool
+) -> list[Bucket]:
     """New buckets in the order gradients became ready on rank 0 (reducer.cpp `rebuild_buckets`).
 
     Each rank saw its own order (`ready_order`, recorded during the first synced backward);

@@ -29,6 +29,7 @@ Sources: P. Patarasuk, X. Yuan, "Bandwidth optimal all-reduce algorithms for clu
 workstations", JPDC 2009; R. Thakur, R. Rabenseifner, W. Gropp, "Optimization of collective
 communication operations in MPICH", IJHPCA 2005; nccl-tests doc/PERFORMANCE.md (bus bandwidth).
 """
+
 from __future__ import annotations
 
 import itertools
@@ -45,6 +46,7 @@ WINDOW = 2  # pieces in flight while reducing, each landing in a scratch slot (g
 
 
 # ----------------------------------------------------------------------------- the ring
+
 
 @torch.no_grad()
 def _ring(flat: torch.Tensor, group, tag: int, op, reduce_steps: int, gather_steps: int) -> None:
@@ -115,6 +117,7 @@ def _chain_broadcast(flat: torch.Tensor, group, tag: int, src: int) -> None:
 
 
 # ----------------------------------------------------------------------------- public API
+
 
 def all_reduce(tensor: torch.Tensor, op=SUM, group=None, tag: int | None = None) -> torch.Tensor:
     """Ring all-reduce, in place: afterwards every rank's `tensor` holds op(tensor of all ranks).

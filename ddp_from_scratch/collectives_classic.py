@@ -21,6 +21,7 @@ Sources: R. Thakur, R. Rabenseifner, W. Gropp, "Optimization of collective commu
 operations in MPICH", IJHPCA 2005 (sections 4.4-4.5: recursive halving and doubling, and the
 fold for non-power-of-two n used below).
 """
+
 from __future__ import annotations
 
 import torch
@@ -102,7 +103,7 @@ def _halving_doubling(flat: torch.Tensor, group, tag: int, op) -> None:
         keep, give = ((lo, mid), (mid, hi)) if vrank & mask == 0 else ((mid, hi), (lo, mid))
         ranges.append((lo, hi))
         peer = real(vrank ^ mask)
-        _exchange(flat[give[0]:give[1]], peer, flat[keep[0]:keep[1]], peer, group, tag, op)
+        _exchange(flat[give[0] : give[1]], peer, flat[keep[0] : keep[1]], peer, group, tag, op)
         lo, hi = keep
         mask //= 2
     if op == AVG:
@@ -113,7 +114,7 @@ def _halving_doubling(flat: torch.Tensor, group, tag: int, op) -> None:
     for plo, phi in reversed(ranges):
         peer = real(vrank ^ mask)
         other = (hi, phi) if lo == plo else (plo, lo)
-        _exchange(flat[lo:hi], peer, flat[other[0]:other[1]], peer, group, tag)
+        _exchange(flat[lo:hi], peer, flat[other[0] : other[1]], peer, group, tag)
         lo, hi = plo, phi
         mask *= 2
     # 4. Unfold: hand the result back to the even rank that sat out.

@@ -12,10 +12,11 @@ Without a registered hook the wrapper does what torch's reducer does: each
 gradient is multiplied by 1/world_size while it is copied into the bucket, and the
 bucket is all-reduced with SUM, which averages it (gloo has no AVG op).
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -36,6 +37,7 @@ class CommState:
         algorithm: that option's value, for debug logging.
         peers: global ranks this rank exchanges data with in one all-reduce (debug logging).
     """
+
     process_group: object
     world_size: int
     all_reduce: Callable[[torch.Tensor], torch.futures.Future]
@@ -52,19 +54,27 @@ def make_comm_state(process_group, algorithm: str) -> CommState:
     rank, n = dist.get_rank(process_group), dist.get_world_size(process_group)
     glob = (lambda r: dist.get_global_rank(process_group, r)) if process_group is not None else (lambda r: r)
     if algorithm == "torch":  # gloo talks to every other rank
-        return CommState(process_group, n, torch_all_reduce(process_group), "torch",
-                         tuple(glob(r) for r in range(n) if r != rank))
+        return CommState(
+            process_group, n, torch_all_reduce(process_group), "torch", tuple(glob(r) for r in range(n) if r != rank)
+        )
     if algorithm == "ring":  # ours receives from rank-1 and sends to rank+1 only
-        return CommState(process_group, n, ring_all_reduce(process_group), "ring",
-                         tuple(sorted({glob((rank - 1) % n), glob((rank + 1) % n)} - {glob(rank)})))
+        return CommState(
+            process_group,
+            n,
+            ring_all_reduce(process_group),
+            "ring",
+            tuple(sorted({glob((rank - 1) % n), glob((rank + 1) % n)} - {glob(rank)})),
+        )
     raise ValueError(f"all_reduce must be 'torch' or 'ring', got {algorithm!r}")
 
 
 def torch_all_reduce(process_group) -> Callable[[torch.Tensor], torch.futures.Future]:
     """`dist.all_reduce(SUM, async_op=True)` as a launcher whose future's value is the tensor itself."""
+
     def launch(tensor: torch.Tensor) -> torch.futures.Future:
         work = dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=process_group, async_op=True)
         return work.get_future().then(lambda fut: fut.value()[0])
+
     return launch
 
 
@@ -74,8 +84,10 @@ def ring_all_reduce(process_group) -> Callable[[torch.Tensor], torch.futures.Fut
     `work.Work.get_future()` is a real `torch.futures.Future`, completed by the group's worker
     thread (work.py), so hooks can chain `.then()` on it exactly as on gloo's.
     """
+
     def launch(tensor: torch.Tensor) -> torch.futures.Future:
         return work.launch(collectives.all_reduce, tensor, group=process_group).get_future()
+
     return launch
 
 
@@ -92,9 +104,12 @@ def _compress_hook(dtype: torch.dtype):
         compressed = bucket.buffer.to(dtype).div_(state.world_size)
         fut = state.all_reduce(compressed)
         return fut.then(lambda f: bucket.buffer.copy_(f.value()))  # decompress into the bucket
+
     hook.__name__ = f"{str(dtype).removeprefix('torch.')}_compress_hook"
-    hook.__doc__ = (f"Average the bucket in {dtype}: half the bytes of float32 on the wire, at the cost of "
-                    f"rounding every gradient to {dtype} (torch's `default_hooks.{hook.__name__}`).")
+    hook.__doc__ = (
+        f"Average the bucket in {dtype}: half the bytes of float32 on the wire, at the cost of "
+        f"rounding every gradient to {dtype} (torch's `default_hooks.{hook.__name__}`)."
+    )
     return hook
 
 

@@ -25,6 +25,7 @@ Usage (identical to torch's wrapper):
     loss.backward()          # gradients are averaged across ranks when this returns
     optimizer.step()
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -72,14 +73,24 @@ class DistributedDataParallel(nn.Module):
     Set DDP_FROM_SCRATCH_DEBUG=1 to get one stderr line per collective (debug.py).
     """
 
-    def __init__(self, module: nn.Module, process_group=None, bucket_cap_mb: float = 25.0,
-                 first_bucket_cap_mb: float = 1.0, broadcast_buffers: bool = True,
-                 find_unused_parameters: bool = False, gradient_as_bucket_view: bool = False,
-                 rebuild_buckets: bool = True, all_reduce: str = "torch"):
+    def __init__(
+        self,
+        module: nn.Module,
+        process_group=None,
+        bucket_cap_mb: float = 25.0,
+        first_bucket_cap_mb: float = 1.0,
+        broadcast_buffers: bool = True,
+        find_unused_parameters: bool = False,
+        gradient_as_bucket_view: bool = False,
+        rebuild_buckets: bool = True,
+        all_reduce: str = "torch",
+    ):
         super().__init__()
         if not dist.is_initialized():
-            raise RuntimeError("DistributedDataParallel needs a process group: call "
-                               "torch.distributed.init_process_group() first (torchrun sets the environment).")
+            raise RuntimeError(
+                "DistributedDataParallel needs a process group: call "
+                "torch.distributed.init_process_group() first (torchrun sets the environment)."
+            )
         self.module = module
         self.process_group = process_group
         self.rank = dist.get_rank(process_group)
@@ -97,10 +108,16 @@ class DistributedDataParallel(nn.Module):
         # module.named_parameters() yields a shared (tied) parameter once, so it gets one slot
         # and one all-reduce; frozen parameters need no gradient sync at all.
         named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
-        self.reducer = Reducer([p for _, p in named], [n for n, _ in named], process_group, comm_state,
-                               [int(first_bucket_cap_mb * MB), int(bucket_cap_mb * MB)],
-                               find_unused_parameters=find_unused_parameters,
-                               gradient_as_bucket_view=gradient_as_bucket_view, rebuild_buckets=rebuild_buckets)
+        self.reducer = Reducer(
+            [p for _, p in named],
+            [n for n, _ in named],
+            process_group,
+            comm_state,
+            [int(first_bucket_cap_mb * MB), int(bucket_cap_mb * MB)],
+            find_unused_parameters=find_unused_parameters,
+            gradient_as_bucket_view=gradient_as_bucket_view,
+            rebuild_buckets=rebuild_buckets,
+        )
         self._buffers_need_sync = True  # torch's `require_forward_param_sync`, see forward()
         self._in_join = False
 

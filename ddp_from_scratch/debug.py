@@ -3,7 +3,8 @@
 torch's reducer can log too (TORCH_DISTRIBUTED_DEBUG=DETAIL, TORCH_CPP_LOG_LEVEL=INFO), but
 not per collective. Here every collective becomes one line, printed when it *completes*:
 
-    [ddp_from_scratch] rank=1 op=all_reduce/ring bucket=0 bytes=1048576 peers=0,2 start=1732370000.123456 end=1732370000.125012 ms=1.556
+    [ddp_from_scratch] rank=1 op=all_reduce/ring bucket=0 bytes=1048576 peers=0,2 \
+        start=1732370000.123456 end=1732370000.125012 ms=1.556      (one line; cut here to fit)
 
 - op: what was done and with which implementation (torch = `dist.all_reduce`, ring = ours);
 - bucket: the gradient bucket's index, or `-` for collectives that carry no gradients
@@ -17,6 +18,7 @@ not per collective. Here every collective becomes one line, printed when it *com
 The variable is read when a wrapper is built, so a test can switch it on in one process.
 Lines go to `sys.stderr` as looked up at print time (so they can be captured).
 """
+
 from __future__ import annotations
 
 import os
@@ -41,8 +43,10 @@ def log(rank: int, op: str, bucket, nbytes: int, peers, start: float, end: float
     """Print one line for one finished collective (end defaults to now)."""
     end = now() if end is None else end
     peer_list = ",".join(str(p) for p in peers) or "-"
-    line = (f"[ddp_from_scratch] rank={rank} op={op} bucket={'-' if bucket is None else bucket} bytes={nbytes} "
-            f"peers={peer_list} start={start:.6f} end={end:.6f} ms={(end - start) * 1e3:.3f}\n")
+    line = (
+        f"[ddp_from_scratch] rank={rank} op={op} bucket={'-' if bucket is None else bucket} bytes={nbytes} "
+        f"peers={peer_list} start={start:.6f} end={end:.6f} ms={(end - start) * 1e3:.3f}\n"
+    )
     with _lock:  # completion callbacks print from communication threads: one whole line at a time
         sys.stderr.write(line)
         sys.stderr.flush()
@@ -57,10 +61,12 @@ def log_broadcast(rank: int, world_size: int, src: int, what: str, tensors, star
 def log_when_done(future, rank: int, op: str, bucket, nbytes: int, peers, start: float) -> None:
     """Print the line as soon as `future` (a torch.futures.Future) completes, on whichever
     thread completes it; a failed collective is reported by whoever waits for it, not here."""
+
     def done(fut) -> None:
         if not fut.done() or _failed(fut):
             return
         log(rank, op, bucket, nbytes, peers, start)
+
     future.add_done_callback(done)
 
 

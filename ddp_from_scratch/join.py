@@ -33,6 +33,7 @@ skipped its all-reduces; torch spends an extra all-reduce per step on that); it 
 These functions take the wrapper (ddp.py, next) and use only its public interface and its
 reducer's (reducer.py).
 """
+
 from __future__ import annotations
 
 import torch
@@ -54,8 +55,9 @@ def vote(ddp, active: bool) -> tuple[int, int]:
     start = debug.now()
     dist.all_reduce(flags, group=ddp.process_group)
     if ddp.debug:
-        debug.log(ddp.rank, "all_reduce/torch(join-vote)", None, flags.numel() * flags.element_size(),
-                  _others(ddp), start)
+        debug.log(
+            ddp.rank, "all_reduce/torch(join-vote)", None, flags.numel() * flags.element_size(), _others(ddp), start
+        )
     training = flags.nonzero().flatten().tolist()
     return len(training), (training[-1] if training else -1)
 
@@ -73,7 +75,7 @@ def shadow_until_all_done(ddp) -> bool:
         is_last_joiner = False
         ddp.reducer.ranks_in_step = n_training
         ddp.sync_buffers(src=highest, synced_forward=True)  # what the active ranks' forward does
-        ddp.reducer.run_empty_backward()                     # what their backward does
+        ddp.reducer.run_empty_backward()  # what their backward does
     ddp.reducer.ranks_in_step = ddp.world_size
     return is_last_joiner
 

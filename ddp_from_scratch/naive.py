@@ -13,8 +13,8 @@ Three moves make data parallelism correct (concepts.md, section 4):
    parameter, divide by the world size, then SUM all-reduce (torch's DDP divides first too).
 
 That is all this file does, and its results equal torch's DDP and one process on the global
-batch (tests/test_ddp_equivalence.py, tests/test_ddp_features.py). What it costs is the lesson of the rest of the package, measured
-in `python -m experiments.bench --only step`:
+batch (tests/test_ddp_equivalence.py, tests/test_ddp_features.py). What it costs is the lesson
+of the rest of the package, measured by `python -m experiments.bench.step`:
 - one all-reduce per parameter tensor (~100 for minilm-l6), each paying a fixed latency:
   bucket.py packs them into a few large messages;
 - nothing is sent before backward is over, and backward's compute is idle while the
@@ -22,6 +22,7 @@ in `python -m experiments.bench --only step`:
   (work.py), so communication hides behind the rest of backward.
 picotron starts the same way (`DataParallelNaive`, then `DataParallelBucket`).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -55,8 +56,10 @@ class NaiveDistributedDataParallel(nn.Module):
     def __init__(self, module: nn.Module, process_group=None):
         super().__init__()
         if not dist.is_initialized():
-            raise RuntimeError("NaiveDistributedDataParallel needs a process group: call "
-                               "torch.distributed.init_process_group() first (torchrun sets the environment).")
+            raise RuntimeError(
+                "NaiveDistributedDataParallel needs a process group: call "
+                "torch.distributed.init_process_group() first (torchrun sets the environment)."
+            )
         self.module, self.process_group = module, process_group
         self.world_size = dist.get_world_size(process_group)
         verify_same_model(module, process_group)

@@ -22,6 +22,7 @@ Its public interface, all that ddp.py and join.py call:
     ranks_in_step                       ranks running this backward (fewer under join)
     buckets, timeline                   to look at (timeline: set to [] to record bucket times)
 """
+
 from __future__ import annotations
 
 import time
@@ -54,9 +55,17 @@ class Reducer:
     gradients stay fp32 on the wire.
     """
 
-    def __init__(self, params: list[torch.Tensor], param_names: list[str], process_group, comm_state: CommState,
-                 caps_bytes: list[int], find_unused_parameters: bool = False,
-                 gradient_as_bucket_view: bool = False, rebuild_buckets: bool = True):
+    def __init__(
+        self,
+        params: list[torch.Tensor],
+        param_names: list[str],
+        process_group,
+        comm_state: CommState,
+        caps_bytes: list[int],
+        find_unused_parameters: bool = False,
+        gradient_as_bucket_view: bool = False,
+        rebuild_buckets: bool = True,
+    ):
         self.params, self.param_names = params, param_names
         self.process_group, self.comm_state, self.caps_bytes = process_group, comm_state, caps_bytes
         self.rank, self.world_size = dist.get_rank(process_group), dist.get_world_size(process_group)
@@ -75,8 +84,8 @@ class Reducer:
         self._ready_order: list[int] = []  # recorded during the first backward, for the rebuild
         n = len(params)
         self._marked = bytearray(n)  # slot filled in this backward (each param exactly once)
-        self._used = bytearray(n)    # got a gradient since the last synced backward
-        self._expect_hooks = False   # a synced forward ran: the next backward fills the buckets
+        self._used = bytearray(n)  # got a gradient since the last synced backward
+        self._expect_hooks = False  # a synced forward ran: the next backward fills the buckets
         self._unused_in_forward: list[int] = []
         self._callback_queued = False
         self._next_bucket = 0  # buckets are launched strictly in index order
@@ -147,6 +156,7 @@ class Reducer:
                 # reduces this gradient even if its own micro-batch leaves the parameter
                 # unused (reducer.cpp keeps local_used_map_ across no_sync iterations)
                 self._used[index] = 1
+
         return hook
 
     def _mark_ready(self, index: int, grad: torch.Tensor | None, used: bool) -> None:
@@ -161,7 +171,8 @@ class Reducer:
             raise RuntimeError(
                 f"DistributedDataParallel (rank {self.rank}): parameter {self.param_names[index]} got a gradient "
                 "twice in one backward pass (backward twice after one forward, or reentrant checkpointing?). "
-                "Each parameter can be reduced only once per iteration.")
+                "Each parameter can be reduced only once per iteration."
+            )
         self._marked[index] = 1
         if used:
             self._used[index] = 1
@@ -198,19 +209,31 @@ class Reducer:
         else:
             future = self._comm_hook(self._hook_state, bucket)
         if self.timeline is not None:
-            record = {"bucket": bucket.index, "bytes": bucket.nbytes, "launch": time.perf_counter(),
-                      "ready": self._ready_times.get(bucket.index, time.perf_counter())}
+            record = {
+                "bucket": bucket.index,
+                "bytes": bucket.nbytes,
+                "launch": time.perf_counter(),
+                "ready": self._ready_times.get(bucket.index, time.perf_counter()),
+            }
             self.timeline.append(record)
 
             def stamp(fut, record=record):
                 record["done"] = time.perf_counter()  # on the thread that completed it, at completion
                 return fut.value()
+
             future = future.then(stamp)  # waiting for the bucket now waits for the stamp too
         bucket.future = future
         if self.debug:
             op = "all_reduce" if self._comm_hook is None else getattr(self._comm_hook, "__name__", "comm_hook")
-            debug.log_when_done(future, self.rank, f"{op}/{self.comm_state.algorithm}", bucket.index,
-                                bucket.nbytes, self.comm_state.peers, start)
+            debug.log_when_done(
+                future,
+                self.rank,
+                f"{op}/{self.comm_state.algorithm}",
+                bucket.index,
+                bucket.nbytes,
+                self.comm_state.peers,
+                start,
+            )
 
     def _exchange_used_counts(self, used: bytearray) -> torch.futures.Future:
         """Launch the SUM all-reduce of this rank's 0/1 "got a gradient" flags (one per parameter).
@@ -224,8 +247,15 @@ class Reducer:
         start = debug.now()
         future = self.comm_state.all_reduce(counts)
         if self.debug:
-            debug.log_when_done(future, self.rank, f"all_reduce/{self.comm_state.algorithm}(used-counts)", None,
-                                counts.numel() * counts.element_size(), self.comm_state.peers, start)
+            debug.log_when_done(
+                future,
+                self.rank,
+                f"all_reduce/{self.comm_state.algorithm}(used-counts)",
+                None,
+                counts.numel() * counts.element_size(),
+                self.comm_state.peers,
+                start,
+            )
         return future
 
     def _finish_backward(self) -> None:
@@ -242,7 +272,7 @@ class Reducer:
                 if not done:
                     bucket, pos = self._where[i]
                     bucket.views[pos].zero_()
-            for bucket in self.buckets[self._next_bucket:]:
+            for bucket in self.buckets[self._next_bucket :]:
                 self._launch(bucket)
             self._next_bucket = len(self.buckets)
         counts_future = self._exchange_used_counts(self._used)
@@ -255,8 +285,13 @@ class Reducer:
         counts = counts_future.wait().tolist()
         self._used = bytearray(len(self.params))
         if not self.find_unused_parameters:
-            error = missing_gradients_error(self.rank, self.param_names, counts, self.ranks_in_step,
-                                            [i for i, done in enumerate(self._marked) if not done])
+            error = missing_gradients_error(
+                self.rank,
+                self.param_names,
+                counts,
+                self.ranks_in_step,
+                [i for i, done in enumerate(self._marked) if not done],
+            )
             if error is not None:
                 raise error
         for b in self.buckets:
@@ -281,7 +316,9 @@ class Reducer:
             broadcast_from([order], 0, self.process_group)
             if self.debug:
                 debug.log_broadcast(self.rank, self.world_size, 0, "bucket-order", [order], start)
-        self.buckets = rebuild_in_ready_order(self.params, self._ready_order, self.caps_bytes, broadcast,
-                                              self.gradient_as_bucket_view)
+
+        self.buckets = rebuild_in_ready_order(
+            self.params, self._ready_order, self.caps_bytes, broadcast, self.gradient_as_bucket_view
+        )
         self._locate_params()
         self._ready_order = []

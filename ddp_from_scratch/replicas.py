@@ -6,6 +6,7 @@ the same values (or the replicas would train different models). torch's DDP chec
 shapes with `_verify_param_shape_across_processes` and copies rank 0's state with
 `_sync_module_states` (torch/nn/parallel/distributed.py); these are ours.
 """
+
 from __future__ import annotations
 
 import torch
@@ -26,8 +27,9 @@ def verify_same_model(module: nn.Module, group=None) -> None:
         RuntimeError: on every rank, naming the first entry that differs (its index, and
             (name, shape, dtype, requires_grad) on rank 0 and on the first differing rank).
     """
-    mine = ([("parameter", n, tuple(p.shape), str(p.dtype), p.requires_grad) for n, p in module.named_parameters()]
-            + [("buffer", n, tuple(b.shape), str(b.dtype), False) for n, b in module.named_buffers()])
+    mine = [("parameter", n, tuple(p.shape), str(p.dtype), p.requires_grad) for n, p in module.named_parameters()] + [
+        ("buffer", n, tuple(b.shape), str(b.dtype), False) for n, b in module.named_buffers()
+    ]
     everyone: list = [None] * dist.get_world_size(group)
     dist.all_gather_object(everyone, mine, group=group)
     ref = everyone[0]
@@ -39,7 +41,8 @@ def verify_same_model(module: nn.Module, group=None) -> None:
                 raise RuntimeError(
                     f"DistributedDataParallel: ranks wrap different models. Entry #{i} is {a} on rank 0 "
                     f"but {b} on rank {r} (kind, name, shape, dtype, requires_grad). "
-                    "Build the same model on every rank.")
+                    "Build the same model on every rank."
+                )
 
 
 def broadcast_from(tensors: list[torch.Tensor], src: int = 0, group=None) -> None:
@@ -58,6 +61,5 @@ def broadcast_from(tensors: list[torch.Tensor], src: int = 0, group=None) -> Non
         offset = 0
         with torch.no_grad():
             for t in group_tensors:
-                t.copy_(flat[offset:offset + t.numel()].view_as(t))
+                t.copy_(flat[offset : offset + t.numel()].view_as(t))
                 offset += t.numel()
-

@@ -13,10 +13,11 @@ for it forever). So, each epoch:
 This reproduces torch.utils.data.DistributedSampler index for index (same seed,
 same epoch -> same order), so runs of our DDP and torch's see identical batches.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Iterator, Sized
+from collections.abc import Iterator, Sized
 
 import torch
 import torch.distributed as dist
@@ -42,8 +43,15 @@ class DistributedSampler(Sampler[int]):
         ValueError: rank outside [0, num_replicas).
     """
 
-    def __init__(self, dataset: Sized, num_replicas: int | None = None, rank: int | None = None,
-                 shuffle: bool = True, seed: int = 0, drop_last: bool = False):
+    def __init__(
+        self,
+        dataset: Sized,
+        num_replicas: int | None = None,
+        rank: int | None = None,
+        shuffle: bool = True,
+        seed: int = 0,
+        drop_last: bool = False,
+    ):
         if num_replicas is None:
             num_replicas = dist.get_world_size() if dist.is_initialized() else 1
         if rank is None:
@@ -70,12 +78,12 @@ class DistributedSampler(Sampler[int]):
         else:
             indices = list(range(n))
         if self.drop_last:
-            indices = indices[:self.total_size]
+            indices = indices[: self.total_size]
         else:
             pad = self.total_size - n  # < num_replicas, but may exceed n for tiny datasets
             indices += (indices * math.ceil(pad / n))[:pad] if pad > 0 else []
         assert len(indices) == self.total_size
-        return iter(indices[self.rank:self.total_size:self.num_replicas])
+        return iter(indices[self.rank : self.total_size : self.num_replicas])
 
     def __len__(self) -> int:
         return self.num_samples

@@ -21,6 +21,7 @@ for it until the process-group timeout. One all-reduce of a few hundred bytes pe
 immediate, identical error on every rank. The reducer (reducer.py, next) does the exchange; this
 file holds the graph walk and the error.
 """
+
 from __future__ import annotations
 
 import torch
@@ -62,8 +63,9 @@ def unused_parameters(params: list[torch.Tensor], output) -> list[int]:
     return [i for i, p in enumerate(params) if id(p) not in reached]
 
 
-def missing_gradients_error(rank: int, names: list[str], counts: list[int], expected: int,
-                            missing_here: list[int]) -> RuntimeError | None:
+def missing_gradients_error(
+    rank: int, names: list[str], counts: list[int], expected: int, missing_here: list[int]
+) -> RuntimeError | None:
     """The error every rank raises when some parameter got no gradient on some rank, or None.
 
     Args:
@@ -82,4 +84,5 @@ def missing_gradients_error(rank: int, names: list[str], counts: list[int], expe
         f"DistributedDataParallel (rank {rank}): these parameters got no gradient in this backward pass: "
         f"{listing}. On this rank: {mine or 'none'}. Every parameter that requires grad must get a gradient "
         "on every rank each step, or its bucket could never be all-reduced. If they are legitimately unused, "
-        "wrap with find_unused_parameters=True; if they should never train, set requires_grad=False.")
+        "wrap with find_unused_parameters=True; if they should never train, set requires_grad=False."
+    )

@@ -26,6 +26,7 @@ running pure Python slows it down: the worker needs the GIL briefly between two 
 CPython hands it over only every 5 ms (`sys.getswitchinterval()`). torch's ProcessGroupGloo
 does the same with C++ threads, which need no GIL at all.
 """
+
 from __future__ import annotations
 
 import queue
@@ -127,4 +128,3 @@ def launch(collective, tensor: torch.Tensor, *args, group=None, **kwargs) -> Wor
     work = Work()
     _worker(group).queue.put((work, collective, (tensor, *args), {**kwargs, "group": group, "tag": tag}))
     return work
-

@@ -5,6 +5,7 @@ and `AutoModelForSequenceClassification.from_pretrained(DIR)` load as is:
 `config.json` (with `id2label`), `model.safetensors`, the tokenizer files, and our own
 `training_args.json` describing the run that produced it.
 """
+
 from __future__ import annotations
 
 import json
@@ -22,8 +23,9 @@ def unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "module", model)
 
 
-def save_checkpoint(model: nn.Module, tokenizer: PreTrainedTokenizerBase, out_dir: str | os.PathLike,
-                    metadata: dict | None = None) -> Path:
+def save_checkpoint(
+    model: nn.Module, tokenizer: PreTrainedTokenizerBase, out_dir: str | os.PathLike, metadata: dict | None = None
+) -> Path:
     """Save model (safetensors) and tokenizer to `out_dir`, atomically.
 
     Everything is written to a temporary sibling directory first and renamed into

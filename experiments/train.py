@@ -16,6 +16,7 @@ loss of rank 0's micro-batch, learning rate, seconds in forward / backward (incl
 sync) / optimizer, and one line per evaluation), summary.json, checkpoint/ (a
 Hugging Face model directory that `transformers.pipeline` and `python -m server` load).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,8 +56,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--val-size", type=float, default=0.05, help="fraction (<1) or count of train held out")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--dropout", type=float, default=None, help="tiny model only")
-    p.add_argument("--bucket-cap-mb", type=float, default=None,
-                   help="DDP bucket cap in MiB, both implementations (default: torch's, 25 with a 1 MiB first bucket)")
+    p.add_argument(
+        "--bucket-cap-mb",
+        type=float,
+        default=None,
+        help="DDP bucket cap in MiB, both implementations (default: torch's, 25 with a 1 MiB first bucket)",
+    )
     p.add_argument("--all-reduce", choices=["torch", "ring"], default="torch", help="--ddp scratch: collective")
     p.add_argument("--backend", choices=["auto", "gloo", "nccl"], default="auto")
     p.add_argument("--timeout", type=float, default=300.0, help="process-group timeout, seconds")
@@ -76,16 +81,20 @@ def wrap_model(model, args, env: D.DistEnv):
     """The only place where the three runs differ: wrapper and sampler factory."""
     if args.ddp == "none":
         from torch.utils.data import DistributedSampler
+
         return model, lambda ds: DistributedSampler(ds, num_replicas=1, rank=0, shuffle=True, seed=args.seed)
     if args.ddp == "native":
         import ddp_native as impl
+
         kwargs = {}
     else:
         import ddp_from_scratch as impl
+
         kwargs = {"all_reduce": args.all_reduce}
     wrapped = impl.wrap(model, env.device, bucket_cap_mb=args.bucket_cap_mb, **kwargs)
-    return wrapped, lambda ds: impl.DistributedSampler(ds, num_replicas=env.world_size, rank=env.rank,
-                                                        shuffle=True, seed=args.seed)
+    return wrapped, lambda ds: impl.DistributedSampler(
+        ds, num_replicas=env.world_size, rank=env.rank, shuffle=True, seed=args.seed
+    )
 
 
 def _sync(env):
@@ -99,10 +108,15 @@ def train(args, env: D.DistEnv) -> dict:
     tokenizer = build_tokenizer(args.model)
 
     def prepare():
-        raw = load_ag_news(args.data_dir, val_size=args.val_size if args.val_size < 1 else int(args.val_size),
-                           seed=args.seed, max_train_samples=args.max_train_samples,
-                           max_eval_samples=args.max_eval_samples)
+        raw = load_ag_news(
+            args.data_dir,
+            val_size=args.val_size if args.val_size < 1 else int(args.val_size),
+            seed=args.seed,
+            max_train_samples=args.max_train_samples,
+            max_eval_samples=args.max_eval_samples,
+        )
         return tokenize(raw, tokenizer, max_length=args.max_length, cache_dir=args.cache_dir)
+
     data = D.run_on_main_first(env, prepare)  # rank 0 tokenizes and caches, the others load
 
     torch.manual_seed(args.seed)  # identical initial weights (and classifier head) on every rank and run
@@ -116,16 +130,20 @@ def train(args, env: D.DistEnv) -> dict:
     steps = args.epochs * len(loader)
     decay = [p for n, p in unwrap(model).named_parameters() if p.ndim > 1]  # no decay on biases, LayerNorm
     rest = [p for n, p in unwrap(model).named_parameters() if p.ndim <= 1]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                             {"params": rest, "weight_decay": 0.0}], lr=args.lr)
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": args.weight_decay}, {"params": rest, "weight_decay": 0.0}], lr=args.lr
+    )
     sched = get_linear_schedule_with_warmup(opt, int(args.warmup_ratio * steps), steps)
 
     if env.is_main:
         os.makedirs(out_dir, exist_ok=True)
-        print(f"[{args.ddp}] world size {env.world_size}, backend {env.backend or '-'}, device {env.device}, "
-              f"model {args.model} ({sum(p.numel() for p in unwrap(model).parameters()):,} params), "
-              f"train/val/test {len(data['train'])}/{len(data['validation'])}/{len(data['test'])}, "
-              f"global batch {args.batch_size * env.world_size}, {steps} steps", flush=True)
+        print(
+            f"[{args.ddp}] world size {env.world_size}, backend {env.backend or '-'}, device {env.device}, "
+            f"model {args.model} ({sum(p.numel() for p in unwrap(model).parameters()):,} params), "
+            f"train/val/test {len(data['train'])}/{len(data['validation'])}/{len(data['test'])}, "
+            f"global batch {args.batch_size * env.world_size}, {steps} steps",
+            flush=True,
+        )
     log = open(os.path.join(out_dir, "metrics.jsonl"), "w") if env.is_main else None
     epoch_times, samples_seen, step = [], 0, 0
     evals = []
@@ -138,24 +156,44 @@ def train(args, env: D.DistEnv) -> dict:
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not env.is_main)
         for batch in bar:
             batch = {k: v.to(env.device, non_blocking=True) for k, v in batch.items()}
-            _sync(env); t0 = time.perf_counter()
+            _sync(env)
+            t0 = time.perf_counter()
             loss = model(**batch).loss
-            _sync(env); t1 = time.perf_counter()
+            _sync(env)
+            t1 = time.perf_counter()
             loss.backward()  # DDP: returns once gradients are averaged across ranks
-            _sync(env); t2 = time.perf_counter()
+            _sync(env)
+            t2 = time.perf_counter()
             if args.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
             lr = sched.get_last_lr()[0]  # the rate this step used
-            opt.step(); sched.step(); opt.zero_grad(set_to_none=True)
-            _sync(env); t3 = time.perf_counter()
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            _sync(env)
+            t3 = time.perf_counter()
             n = len(batch["labels"]) * env.world_size  # ranks get equal shards (the sampler pads)
             samples_seen += n
             step += 1
             if log:
-                log.write(json.dumps({"type": "step", "step": step, "epoch": epoch, "loss": loss.item(),
-                                      "lr": lr, "samples": n, "data_s": t0 - t_prev,
-                                      "forward_s": t1 - t0, "backward_s": t2 - t1, "optimizer_s": t3 - t2,
-                                      "step_s": t3 - t_prev}) + "\n")
+                log.write(
+                    json.dumps(
+                        {
+                            "type": "step",
+                            "step": step,
+                            "epoch": epoch,
+                            "loss": loss.item(),
+                            "lr": lr,
+                            "samples": n,
+                            "data_s": t0 - t_prev,
+                            "forward_s": t1 - t0,
+                            "backward_s": t2 - t1,
+                            "optimizer_s": t3 - t2,
+                            "step_s": t3 - t_prev,
+                        }
+                    )
+                    + "\n"
+                )
                 bar.set_postfix(loss=f"{loss.item():.3f}")
             t_prev = t3
         epoch_times.append(time.perf_counter() - t_epoch)
@@ -163,23 +201,37 @@ def train(args, env: D.DistEnv) -> dict:
         evals.append({"type": "eval", "split": "validation", "epoch": epoch, **val})
         if log:
             log.write(json.dumps(evals[-1]) + "\n")
-            print(f"epoch {epoch + 1}: {epoch_times[-1]:.1f} s, {samples_seen / sum(epoch_times):.1f} samples/s, "
-                  f"validation accuracy {val['accuracy']:.4f}", flush=True)
+            print(
+                f"epoch {epoch + 1}: {epoch_times[-1]:.1f} s, {samples_seen / sum(epoch_times):.1f} samples/s, "
+                f"validation accuracy {val['accuracy']:.4f}",
+                flush=True,
+            )
     test = None if args.no_test else evaluate(model, data["test"], collate, env, args.eval_batch_size, desc="test")
-    summary = {"ddp": args.ddp, "world_size": env.world_size, "backend": env.backend, "model": args.model,
-               "global_batch": args.batch_size * env.world_size, "steps": step, "train_samples": samples_seen,
-               "train_time_s": sum(epoch_times), "epoch_times_s": epoch_times,
-               "samples_per_s": samples_seen / max(sum(epoch_times), 1e-9),
-               "val_accuracy": evals[-1]["accuracy"] if evals else None,
-               "test_accuracy": test["accuracy"] if test else None, "test": test, "args": vars(args)}
+    summary = {
+        "ddp": args.ddp,
+        "world_size": env.world_size,
+        "backend": env.backend,
+        "model": args.model,
+        "global_batch": args.batch_size * env.world_size,
+        "steps": step,
+        "train_samples": samples_seen,
+        "train_time_s": sum(epoch_times),
+        "epoch_times_s": epoch_times,
+        "samples_per_s": samples_seen / max(sum(epoch_times), 1e-9),
+        "val_accuracy": evals[-1]["accuracy"] if evals else None,
+        "test_accuracy": test["accuracy"] if test else None,
+        "test": test,
+        "args": vars(args),
+    }
     if env.is_main:
         if test:
             log.write(json.dumps({"type": "eval", "split": "test", **test}) + "\n")
             print(f"test accuracy {test['accuracy']:.4f} on {test['n']} examples", flush=True)
         log.close()
         if not args.no_save:
-            ckpt = save_checkpoint(model, tokenizer, os.path.join(out_dir, "checkpoint"),
-                                   {**vars(args), "world_size": env.world_size})
+            ckpt = save_checkpoint(
+                model, tokenizer, os.path.join(out_dir, "checkpoint"), {**vars(args), "world_size": env.world_size}
+            )
             summary["checkpoint"] = str(ckpt)
             print(f"checkpoint: {ckpt}", flush=True)
         with open(os.path.join(out_dir, "summary.json"), "w") as f:

@@ -17,6 +17,7 @@ unknown paths and methods, and 500 for anything else (a bug: see the server log)
 The model loads once, in the Starlette lifespan, and runs in a worker thread, so the
 event loop keeps answering (e.g. /health) during a forward pass.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -34,13 +35,15 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
-MAX_TEXT_CHARS = 10_000      # characters per text (Python str length)
-MAX_BATCH_SIZE = 64          # texts per /predict/batch request
-MAX_BODY_BYTES = 1_000_000   # bytes per request body
-DEFAULT_MAX_LENGTH = 128     # tokens per text, when the checkpoint's training_args.json has none
-HOW_TO_TRAIN = ("Produce a checkpoint with: torchrun --nproc-per-node N -m experiments.train ... "
-                "--output-dir DIR, then pass DIR/checkpoint.")
-ENDPOINTS = "GET /health, POST /predict {\"text\": ...}, POST /predict/batch {\"texts\": [...]}"
+MAX_TEXT_CHARS = 10_000  # characters per text (Python str length)
+MAX_BATCH_SIZE = 64  # texts per /predict/batch request
+MAX_BODY_BYTES = 1_000_000  # bytes per request body
+DEFAULT_MAX_LENGTH = 128  # tokens per text, when the checkpoint's training_args.json has none
+HOW_TO_TRAIN = (
+    "Produce a checkpoint with: torchrun --nproc-per-node N -m experiments.train ... "
+    "--output-dir DIR, then pass DIR/checkpoint."
+)
+ENDPOINTS = 'GET /health, POST /predict {"text": ...}, POST /predict/batch {"texts": [...]}'
 
 
 def _checkpoint_dir(path: str | os.PathLike) -> Path:
@@ -49,8 +52,9 @@ def _checkpoint_dir(path: str | os.PathLike) -> Path:
     if not p.is_dir():
         raise FileNotFoundError(f"checkpoint directory {str(p)!r} does not exist. {HOW_TO_TRAIN}")
     if not (p / "config.json").is_file():
-        raise FileNotFoundError(f"{str(p)!r} has no config.json, so it is not a Hugging Face checkpoint. "
-                                f"{HOW_TO_TRAIN}")
+        raise FileNotFoundError(
+            f"{str(p)!r} has no config.json, so it is not a Hugging Face checkpoint. {HOW_TO_TRAIN}"
+        )
     return p.resolve()
 
 
@@ -68,8 +72,15 @@ def _training_args(ckpt: Path) -> dict:
 
 def _json_type(x) -> str:
     """The JSON name of a parsed value's type, for error messages."""
-    names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean",
-             int: "a number", float: "a number", type(None): "null"}
+    names = {
+        dict: "an object",
+        list: "an array",
+        str: "a string",
+        bool: "a boolean",
+        int: "a number",
+        float: "a number",
+        type(None): "null",
+    }
     return names.get(type(x), type(x).__name__)
 
 
@@ -115,13 +126,17 @@ def _check_text(text, where: str, max_chars: int) -> str:
     if not text.strip():
         raise HTTPException(422, f"{where} is empty or only whitespace; send the news text to classify")
     if len(text) > max_chars:
-        raise HTTPException(422, f"{where} has {len(text)} characters, over the limit of {max_chars}; "
-                                 "shorten it (the model reads only its first tokens anyway)")
+        raise HTTPException(
+            422,
+            f"{where} has {len(text)} characters, over the limit of {max_chars}; "
+            "shorten it (the model reads only its first tokens anyway)",
+        )
     try:
         text.encode("utf-8")  # JSON allows lone "\ud800" escapes; the Rust tokenizer rejects them
     except UnicodeEncodeError:
-        raise HTTPException(422, f"{where} contains an unpaired surrogate (\\ud800-\\udfff); "
-                                 "send valid Unicode text") from None
+        raise HTTPException(
+            422, f"{where} contains an unpaired surrogate (\\ud800-\\udfff); send valid Unicode text"
+        ) from None
     return text
 
 
@@ -136,8 +151,10 @@ def _predict(model, tokenizer, texts: list[str], max_length: int, labels: list[s
         enc = tokenizer(texts, truncation=True, max_length=max_length, padding=True, return_tensors="pt")
         probs = model(**enc).logits.float().softmax(dim=-1)
         ids = probs.argmax(dim=-1).tolist()
-    return [{"label": labels[i], "label_id": i, "confidence": p[i], "probabilities": dict(zip(labels, p))}
-            for i, p in zip(ids, probs.tolist())]
+    return [
+        {"label": labels[i], "label_id": i, "confidence": p[i], "probabilities": dict(zip(labels, p))}
+        for i, p in zip(ids, probs.tolist())
+    ]
 
 
 async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
@@ -150,13 +167,23 @@ async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
 
 async def _server_error(request: Request, exc: Exception) -> JSONResponse:
     """Any other exception -> JSON 500. Starlette re-raises it afterwards, so uvicorn logs the traceback."""
-    return JSONResponse({"error": f"internal server error ({type(exc).__name__}); this is a bug in the "
-                                  "server, its log has the traceback"}, status_code=500)
+    return JSONResponse(
+        {
+            "error": f"internal server error ({type(exc).__name__}); this is a bug in the "
+            "server, its log has the traceback"
+        },
+        status_code=500,
+    )
 
 
-def create_app(checkpoint_dir: str | os.PathLike, *, max_text_chars: int = MAX_TEXT_CHARS,
-               max_batch_size: int = MAX_BATCH_SIZE, max_body_bytes: int = MAX_BODY_BYTES,
-               max_length: int | None = None) -> Starlette:
+def create_app(
+    checkpoint_dir: str | os.PathLike,
+    *,
+    max_text_chars: int = MAX_TEXT_CHARS,
+    max_batch_size: int = MAX_BATCH_SIZE,
+    max_body_bytes: int = MAX_BODY_BYTES,
+    max_length: int | None = None,
+) -> Starlette:
     """The Starlette app serving the checkpoint in `checkpoint_dir` (loaded at startup).
 
     Args:
@@ -182,8 +209,12 @@ def create_app(checkpoint_dir: str | os.PathLike, *, max_text_chars: int = MAX_T
     labels = [config.id2label[i] for i in range(config.num_labels)]
     if max_length is None:
         max_length = train_args.get("max_length") or DEFAULT_MAX_LENGTH
-    limits = {"max_text_chars": max_text_chars, "max_batch_size": max_batch_size,
-              "max_body_bytes": max_body_bytes, "max_length": max_length}
+    limits = {
+        "max_text_chars": max_text_chars,
+        "max_batch_size": max_batch_size,
+        "max_body_bytes": max_body_bytes,
+        "max_length": max_length,
+    }
     for name, value in limits.items():
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -209,8 +240,9 @@ def create_app(checkpoint_dir: str | os.PathLike, *, max_text_chars: int = MAX_T
             return await run_in_threadpool(_predict, s.model, s.tokenizer, texts, max_length, labels)
 
     async def health(request: Request) -> JSONResponse:
-        return JSONResponse({"status": "ok", "model": model_name, "checkpoint": str(ckpt),
-                             "labels": labels, "limits": limits})
+        return JSONResponse(
+            {"status": "ok", "model": model_name, "checkpoint": str(ckpt), "labels": labels, "limits": limits}
+        )
 
     async def predict(request: Request) -> JSONResponse:
         example = '{"text": "Oil prices fell as stocks rallied"}'
@@ -228,13 +260,18 @@ def create_app(checkpoint_dir: str | os.PathLike, *, max_text_chars: int = MAX_T
         if not texts:
             raise HTTPException(422, f"'texts' is an empty list; send 1 to {max_batch_size} texts")
         if len(texts) > max_batch_size:
-            raise HTTPException(422, f"'texts' has {len(texts)} items, at most {max_batch_size} are allowed; "
-                                     "split it into several requests")
+            raise HTTPException(
+                422,
+                f"'texts' has {len(texts)} items, at most {max_batch_size} are allowed; split it into several requests",
+            )
         texts = [_check_text(t, f"texts[{i}]", max_text_chars) for i, t in enumerate(texts)]
         return JSONResponse({"predictions": await classify(request, texts)})
 
-    routes = [Route("/health", health, methods=["GET"]),
-              Route("/predict", predict, methods=["POST"]),
-              Route("/predict/batch", predict_batch, methods=["POST"])]
-    return Starlette(routes=routes, lifespan=lifespan,
-                     exception_handlers={HTTPException: _http_error, Exception: _server_error})
+    routes = [
+        Route("/health", health, methods=["GET"]),
+        Route("/predict", predict, methods=["POST"]),
+        Route("/predict/batch", predict_batch, methods=["POST"]),
+    ]
+    return Starlette(
+        routes=routes, lifespan=lifespan, exception_handlers={HTTPException: _http_error, Exception: _server_error}
+    )

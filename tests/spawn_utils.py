@@ -6,6 +6,7 @@ through a FileStore in `tmp_path`, so parallel test runs never fight over a port
 A worker's exception fails the test with that worker's traceback; the process
 group timeout bounds any hang.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -18,8 +19,13 @@ import torch.multiprocessing as mp
 
 def _entry(rank: int, fn, world_size: int, store_path: str, timeout_s: float, args: tuple) -> None:
     torch.set_num_threads(1)  # 2 cores shared by all ranks: avoid oversubscription
-    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world_size,
-                            timeout=datetime.timedelta(seconds=timeout_s))
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{store_path}",
+        rank=rank,
+        world_size=world_size,
+        timeout=datetime.timedelta(seconds=timeout_s),
+    )
     try:
         fn(rank, world_size, *args)
     finally:

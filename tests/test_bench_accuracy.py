@@ -1,4 +1,5 @@
 """The accuracy part in quick mode: both DDPs on real AG News rows, one loss plot, one confusion matrix."""
+
 from __future__ import annotations
 
 import json
@@ -6,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from experiments.bench_accuracy import run
+from experiments.bench.accuracy import run
 
 AG_NEWS = Path(__file__).resolve().parents[2] / "shared" / "ag_news"
 
@@ -17,7 +18,8 @@ def test_quick_accuracy_plots_both_runs_and_the_better_confusion_matrix(tmp_path
     acc = json.loads((tmp_path / "accuracy.json").read_text())
     native, scratch = (json.loads((tmp_path / k / "summary.json").read_text()) for k in ("native", "scratch"))
     assert acc["best"] in ("native", "scratch") and result["test_accuracy"] == max(
-        native["test_accuracy"], scratch["test_accuracy"])
+        native["test_accuracy"], scratch["test_accuracy"]
+    )
     assert native["steps"] == scratch["steps"] == 3  # the override won: 48 rows / global batch 16
     assert acc["max_weight_diff_native_vs_scratch"] <= 1e-6  # same seed and data order: the same model
     # the confusion matrix counts every capped test row once

@@ -1,10 +1,11 @@
-"""Smoke test of experiments/bench_allreduce.py: the quick mode runs (2 real ranks over gloo) and
+"""Smoke test of experiments/bench/allreduce.py: the quick mode runs (2 real ranks over gloo) and
 writes a consistent JSON, a Markdown table with every algorithm and a valid PNG. ~10 s on 2 cores."""
+
 from __future__ import annotations
 
 import json
 
-from experiments.bench_allreduce import ALGORITHMS, run
+from experiments.bench.allreduce import ALGORITHMS, run
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"  # first 8 bytes of every PNG file (PNG spec, section 5.2)
 
@@ -19,7 +20,8 @@ def test_quick_run_writes_consistent_files(tmp_path):
 
     # Markdown: the returned text is the file's, with a row per algorithm
     assert out["markdown"] == files["md"].read_text()
-    rows = [line for line in out["markdown"].splitlines() if line.startswith("| ") and "---" not in line][1:]
+    table = out["markdown"].split("Overlap check")[0]  # the algorithms' table comes first
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line][1:]
     assert {line.split("|")[1].strip() for line in rows} == set(ALGORITHMS)
     assert len(rows) == len(ALGORITHMS) * 2  # quick: 2 sizes x 1 world size
 
@@ -34,3 +36,9 @@ def test_quick_run_writes_consistent_files(tmp_path):
         assert abs(r["busbw_GBps"] - r["algbw_GBps"] * 2 * (n - 1) / n) <= 1e-9 * r["busbw_GBps"]
 
     assert files["png"].read_bytes()[:8] == PNG_SIGNATURE
+
+    # the overlap check (moved from the old benchmarks/ folder): both kinds of main-thread work
+    assert [r["main_thread"] for r in out["overlap"]] == ["torch kernels", "pure Python"]
+    for r in out["overlap"]:
+        assert r["allreduce_alone_ms"] > 0 and r["allreduce_done_ms"] > 0 and r["main_thread_work_share"] > 0
+    assert "| pure Python |" in out["markdown"]

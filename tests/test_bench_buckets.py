@@ -1,9 +1,10 @@
 """The bucket-cap benchmark in quick mode: real ranks, three DDPs, two extreme caps."""
+
 from __future__ import annotations
 
 import json
 
-from experiments.bench_buckets import IMPLS, ONE_BUCKET, PER_PARAM, QUICK_CAPS, cap_label, run
+from experiments.bench.buckets import IMPLS, ONE_BUCKET, PER_PARAM, QUICK_CAPS, cap_label, run
 
 
 def test_quick_buckets_counts_overlap_and_files(tmp_path):

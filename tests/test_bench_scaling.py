@@ -1,27 +1,43 @@
 """The scaling benchmark in quick mode: 1 and 2 real processes, both DDPs, derived figures consistent."""
+
 from __future__ import annotations
 
 import json
 import math
 import os
 
-from experiments.bench_scaling import IMPLS, QUICK, derive, run
+from experiments.bench.scaling import IMPLS, QUICK, derive, run
 
 
 def test_derived_figures_decompose_efficiency():
     # 1 process: 1.0 s synced, 0.9 s no-sync; 2 processes: 0.6 s synced, 0.5 s no-sync, global batch 8
-    raw = {1: {"threads_per_process": 2, "micro_batches_per_rank": 2, "native|sync": 1.0, "native|nosync": 0.9,
-               "scratch|sync": 1.0, "scratch|nosync": 0.9},
-           2: {"threads_per_process": 1, "micro_batches_per_rank": 1, "native|sync": 0.6, "native|nosync": 0.5,
-               "scratch|sync": 0.6, "scratch|nosync": 0.5}}
+    raw = {
+        1: {
+            "threads_per_process": 2,
+            "micro_batches_per_rank": 2,
+            "native|sync": 1.0,
+            "native|nosync": 0.9,
+            "scratch|sync": 1.0,
+            "scratch|nosync": 0.9,
+        },
+        2: {
+            "threads_per_process": 1,
+            "micro_batches_per_rank": 1,
+            "native|sync": 0.6,
+            "native|nosync": 0.5,
+            "scratch|sync": 0.6,
+            "scratch|nosync": 0.5,
+        },
+    }
     r = derive(raw, global_batch=8)["native|2"]
     assert math.isclose(r["samples_per_s"], 8 / 0.6) and math.isclose(r["speedup"], 1.0 / 0.6)
     assert math.isclose(r["efficiency"], 1.0 / 1.2)
     assert math.isclose(r["compute_slowdown"], 0.5 * 2 / 0.9)  # per-sample compute: 2 x 0.5 / 8 vs 0.9 / 8
     assert math.isclose(r["exposed_comm_share"], 1 - 0.5 / 0.6)
     one = derive(raw, global_batch=8)["native|1"]
-    assert math.isclose(r["efficiency"], (1 / r["compute_slowdown"]) * (1 - r["exposed_comm_share"])
-                        / (1 - one["exposed_comm_share"]))
+    assert math.isclose(
+        r["efficiency"], (1 / r["compute_slowdown"]) * (1 - r["exposed_comm_share"]) / (1 - one["exposed_comm_share"])
+    )
 
 
 def test_quick_scaling_runs_one_and_two_processes(tmp_path):

@@ -1,16 +1,20 @@
 """The timeline benchmark in quick mode: real ranks, both DDPs, files a learner can open."""
+
 from __future__ import annotations
 
 import json
 
-from experiments.bench_timeline import IMPLS, _measure, overlap, run
+from experiments.bench.common import measure, overlap
+from experiments.bench.timeline import IMPLS, run
 
 
 def test_union_and_overlap_arithmetic():
-    assert _measure([(0, 2), (1, 3), (5, 6)]) == 4
-    events = [{"impl": "x", "rank": 0, "step": 0, "kind": "backward", "start": 0.0, "end": 10.0},
-              {"impl": "x", "rank": 0, "step": 0, "kind": "allreduce", "bucket": 0, "bytes": 4, "start": 2.0, "end": 5.0},
-              {"impl": "x", "rank": 0, "step": 0, "kind": "allreduce", "bucket": 1, "bytes": 4, "start": 6.0, "end": 9.0}]
+    assert measure([(0, 2), (1, 3), (5, 6)]) == 4
+    events = [
+        {"impl": "x", "rank": 0, "step": 0, "kind": "backward", "start": 0.0, "end": 10.0},
+        {"impl": "x", "rank": 0, "step": 0, "kind": "allreduce", "bucket": 0, "bytes": 4, "start": 2.0, "end": 5.0},
+        {"impl": "x", "rank": 0, "step": 0, "kind": "allreduce", "bucket": 1, "bytes": 4, "start": 6.0, "end": 9.0},
+    ]
     # compute ends when the last bucket is launched (6.0): 3 of the 6 units of all-reduce are hidden
     stats = overlap(events, "x")
     assert abs(stats["overlap"] - 0.5) < 1e-12
@@ -48,8 +52,9 @@ def test_bucket_cap_and_frozen_embeddings_reach_every_implementation(tmp_path):
     frozen word embeddings are in no bucket."""
     from experiments.model import build_model, build_tokenizer
 
-    n_params = sum(1 for p in build_model("tiny", vocab_size=len(build_tokenizer("tiny"))).parameters()
-                   if p.requires_grad)
+    n_params = sum(
+        1 for p in build_model("tiny", vocab_size=len(build_tokenizer("tiny"))).parameters() if p.requires_grad
+    )
     result = run(tmp_path, quick=True, bucket_cap_mb=1e-6, freeze_embeddings=True)
     events = json.loads((tmp_path / "timeline.json").read_text())
     for impl in IMPLS:
@@ -59,8 +64,11 @@ def test_bucket_cap_and_frozen_embeddings_reach_every_implementation(tmp_path):
                 per_step[(e["rank"], e["step"])] = per_step.get((e["rank"], e["step"]), 0) + 1
         assert set(per_step.values()) == {n_params - 1}, (impl, per_step, n_params)
         # every step names the buckets 0 .. n-1 (the trace labels them so)
-        first = sorted(e["bucket"] for e in events if e["impl"] == impl and e["kind"] == "allreduce"
-                       and e["rank"] == 0 and e["step"] == 1)
+        first = sorted(
+            e["bucket"]
+            for e in events
+            if e["impl"] == impl and e["kind"] == "allreduce" and e["rank"] == 0 and e["step"] == 1
+        )
         assert first == list(range(n_params - 1)), (impl, first)
     assert result["config"]["bucket_cap_mb"] == 1e-6
     md = (tmp_path / "timeline.md").read_text()

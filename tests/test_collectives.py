@@ -13,6 +13,7 @@ ws-1 additions (and the AVG division) rounds by at most eps/2 times a partial su
 most S = sum over ranks of |x|: each result is within ws*eps/2*S of the exact value, so ours and
 torch's differ by at most ws*eps*S (eps of the dtype: 1.2e-7 float32, 9.8e-4 float16, 7.8e-3 bf16).
 """
+
 from __future__ import annotations
 
 import time
@@ -72,8 +73,13 @@ def _check_against_torch(rank: int, ws: int, counts, dtypes=DTYPES, seed: int = 
                     assert fn(ours, op=op) is ours
                     _assert_close(ours, expected, abs_sum, exact, f"{name} all-reduce {opname} {case}")
                 shard = C.reduce_scatter(x.clone(), op=op)
-                _assert_close(shard, expected.tensor_split(ws)[rank], abs_sum.tensor_split(ws)[rank], exact,
-                              f"reduce-scatter {opname} {case}")
+                _assert_close(
+                    shard,
+                    expected.tensor_split(ws)[rank],
+                    abs_sum.tensor_split(ws)[rank],
+                    exact,
+                    f"reduce-scatter {opname} {case}",
+                )
 
             ours = C.all_gather(x.clone())  # rank r contributes its chunk r of x
             chunks = x.tensor_split(ws)
@@ -170,8 +176,7 @@ def _check_async(rank: int, ws: int) -> None:
 
 
 def _check_errors(rank: int, ws: int) -> None:
-    every = [C.all_reduce, C.reduce_scatter, naive_all_reduce, halving_doubling_all_reduce,
-             C.all_gather, C.broadcast]
+    every = [C.all_reduce, C.reduce_scatter, naive_all_reduce, halving_doubling_all_reduce, C.all_gather, C.broadcast]
     for fn in every:
         with pytest.raises(ValueError, match="contiguous"):
             fn(torch.zeros(4, 4).t())

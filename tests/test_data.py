@@ -1,5 +1,6 @@
 """Tests for experiments/data.py: CSV loading, escapes, splits, errors, hub fallback,
 tokenization cache and the padding collator. Small CSVs written to tmp_path."""
+
 import csv
 import time
 from pathlib import Path
@@ -44,8 +45,12 @@ def test_texts_labels_and_escapes(tmp_path):
     # test keeps file order; label = class - 1; text = title + " " + description
     assert dsd["test"]["text"][:2] == ["Test 0 Test description 0", "Test 1 Test description 1 more"]
     assert dsd["test"]["label"] == [i % 4 for i in range(8)]
-    rows = dict(zip(list(dsd["train"]["text"]) + list(dsd["validation"]["text"]),
-                    list(dsd["train"]["label"]) + list(dsd["validation"]["label"])))
+    rows = dict(
+        zip(
+            list(dsd["train"]["text"]) + list(dsd["validation"]["text"]),
+            list(dsd["train"]["label"]) + list(dsd["validation"]["label"]),
+        )
+    )
     assert rows["Wall St. Bears Reuters - Short-sellers, Wall Street's dwindling band of ultra-cynics."] == 2
     assert rows['Quote "here" Paid $5 billion. Second paragraph indented.'] == 0
     assert not any("\\" in t for t in rows)
@@ -72,17 +77,20 @@ def test_caps(tmp_path):
     capped = load_ag_news(d, val_size=8, max_train_samples=5, max_eval_samples=3)
     assert [len(capped[s]) for s in ("train", "validation", "test")] == [5, 3, 3]
     for s in ("train", "validation", "test"):  # first N of the same split
-        assert list(capped[s]["text"]) == list(full[s]["text"])[:len(capped[s])]
+        assert list(capped[s]["text"]) == list(full[s]["text"])[: len(capped[s])]
     assert len(load_ag_news(d, val_size=8, max_train_samples=10_000)["train"]) == 32
 
 
-@pytest.mark.parametrize("file, line, bad_row", [
-    ("train.csv", 3, ["2", "only two fields"]),
-    ("train.csv", 5, ["0", "t", "d"]),
-    ("train.csv", 7, ["5", "t", "d"]),
-    ("test.csv", 2, ["x", "t", "d"]),
-    ("test.csv", 4, ["1", "  ", r"\\"]),  # empty after escape cleanup
-])
+@pytest.mark.parametrize(
+    "file, line, bad_row",
+    [
+        ("train.csv", 3, ["2", "only two fields"]),
+        ("train.csv", 5, ["0", "t", "d"]),
+        ("train.csv", 7, ["5", "t", "d"]),
+        ("test.csv", 2, ["x", "t", "d"]),
+        ("test.csv", 4, ["1", "  ", r"\\"]),  # empty after escape cleanup
+    ],
+)
 def test_malformed_row(tmp_path, file, line, bad_row):
     make_dir(tmp_path)
     path = tmp_path / file
@@ -120,18 +128,42 @@ def test_hub_unreachable_names_data_dir(monkeypatch, tmp_path):
     assert time.time() - t < 5
 
 
+@pytest.mark.parametrize("load", ["data", "tokenizer", "model"])
+def test_hub_out_of_reach_fails_in_seconds(monkeypatch, load):
+    """No internet and no HF_HUB_OFFLINE: one connection attempt, then the message, not a minute of
+    retries. A closed local port stands in for the unreachable hub (refused at once, like a failed DNS
+    lookup); before the probe this took 28 s (data) and 50 s (tokenizer) here."""
+    for var in ("HF_HUB_OFFLINE", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    from experiments.model import build_model, build_tokenizer
+
+    t = time.time()
+    if load == "data":
+        with pytest.raises(DataError, match=r"unreachable.*127.0.0.1:9.*--data-dir .*--model minilm-l6"):
+            load_ag_news()
+    else:
+        with pytest.raises(SystemExit, match=r"(?s)unreachable.*127.0.0.1:9.*--model minilm-l6"):
+            (build_tokenizer if load == "tokenizer" else build_model)("distilbert")
+    assert time.time() - t < 15
+
+
 def test_hub_path_matches_csv(monkeypatch, tmp_path):
     """The hub's train/test hold the raw title + " " + description; cleaned like the CSV."""
+
+    monkeypatch.setattr("experiments.data.unreachable_reason", lambda: None)  # as if online
+
     def fake_load_dataset(name):
         assert name == "fancyzhx/ag_news"
-        feats = datasets.Features({"text": datasets.Value("string"),
-                                   "label": datasets.ClassLabel(names=list(LABELS))})
+        feats = datasets.Features({"text": datasets.Value("string"), "label": datasets.ClassLabel(names=list(LABELS))})
         out = {}
         for split in ("train", "test"):
             rows = list(csv.reader(open(tmp_path / f"{split}.csv", newline="", encoding="utf-8")))
             out[split] = datasets.Dataset.from_dict(
-                {"text": [f"{t} {d}" for _, t, d in rows], "label": [int(c) - 1 for c, _, _ in rows]}, features=feats)
+                {"text": [f"{t} {d}" for _, t, d in rows], "label": [int(c) - 1 for c, _, _ in rows]}, features=feats
+            )
         return datasets.DatasetDict(out)
+
     make_dir(tmp_path)
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
     hub, local = load_ag_news(val_size=8), load_ag_news(str(tmp_path), val_size=8)
@@ -171,6 +203,7 @@ def test_tokenize_cache_reused(tmp_path, tok, monkeypatch):
     # tokenizer calls forbidden: must load from the cache, since the key is content-based.
     def boom(*a, **k):
         raise AssertionError("tokenizer called: cache not reused")
+
     tok2 = build_tokenizer("tiny")
     monkeypatch.setattr(type(tok2), "__call__", boom)
     second = tokenize(load_ag_news(str(data), val_size=8), tok2, max_length=32, cache_dir=str(cache))

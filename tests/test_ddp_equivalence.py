@@ -15,6 +15,7 @@ buffer in a different order, so we allow a few float32 ulps (atol 1e-6). AdamW
 divides by sqrt(v) and can amplify a 1e-7 gradient difference for near-zero
 gradients, so the comparison with the single process uses atol 2e-5 after 3 steps.
 """
+
 from __future__ import annotations
 
 import copy
@@ -22,10 +23,10 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
+from spawn_utils import run
 
 import ddp_native
 from ddp_from_scratch import DistributedDataParallel, NaiveDistributedDataParallel
-from spawn_utils import run
 
 STEPS, MICRO_BATCH = 3, 4
 CAPS_MB = {"per-parameter": 1e-6, "default": 25.0, "one-bucket": 1e4}
@@ -35,7 +36,8 @@ def make_model(kind: str) -> nn.Module:
     torch.manual_seed(0)
     if kind == "mlp":
         return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 4))
-    from experiments.model import LABELS, build_model, build_tokenizer
+    from experiments.model import build_model, build_tokenizer
+
     return build_model("tiny", vocab_size=len(build_tokenizer("tiny")), dropout=0.0)
 
 
@@ -63,7 +65,7 @@ def train(model, kind, opt_name, world_size, rank):
     opt = make_optimizer(opt_name, model.parameters())
     for x, y in global_batches(kind, world_size):
         if rank is not None:
-            x, y = x[rank * MICRO_BATCH:(rank + 1) * MICRO_BATCH], y[rank * MICRO_BATCH:(rank + 1) * MICRO_BATCH]
+            x, y = x[rank * MICRO_BATCH : (rank + 1) * MICRO_BATCH], y[rank * MICRO_BATCH : (rank + 1) * MICRO_BATCH]
         loss_of(model, kind, x, y).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -77,8 +79,12 @@ def _worker(rank, world_size, cases, out_path):
         native = ddp_native.wrap(copy.deepcopy(base), torch.device("cpu"), bucket_cap_mb=CAPS_MB[cap_name])
         results[(kind, opt_name, cap_name)] = res = {"native": train(native, kind, opt_name, world_size, rank)}
         for collective in COLLECTIVES:
-            ours = DistributedDataParallel(copy.deepcopy(base), bucket_cap_mb=CAPS_MB[cap_name],
-                                           first_bucket_cap_mb=min(1.0, CAPS_MB[cap_name]), all_reduce=collective)
+            ours = DistributedDataParallel(
+                copy.deepcopy(base),
+                bucket_cap_mb=CAPS_MB[cap_name],
+                first_bucket_cap_mb=min(1.0, CAPS_MB[cap_name]),
+                all_reduce=collective,
+            )
             res[collective] = train(ours, kind, opt_name, world_size, rank)
             res["n_buckets"] = len(ours.reducer.buckets)
         res["naive"] = train(NaiveDistributedDataParallel(copy.deepcopy(base)), kind, opt_name, world_size, rank)
@@ -87,8 +93,11 @@ def _worker(rank, world_size, cases, out_path):
 
 COLLECTIVES = ("torch", "ring")  # dist.all_reduce, and ours from send/recv
 OURS = (*COLLECTIVES, "naive")  # the bucketed wrapper with each collective, and naive.py
-CASES = [("mlp", "sgd", c) for c in CAPS_MB] + [("mlp", "adamw", "default"), ("tiny", "adamw", "default"),
-                                                ("tiny", "sgd", "per-parameter")]
+CASES = [("mlp", "sgd", c) for c in CAPS_MB] + [
+    ("mlp", "adamw", "default"),
+    ("tiny", "adamw", "default"),
+    ("tiny", "sgd", "per-parameter"),
+]
 
 
 @pytest.mark.parametrize("world_size", [2, 3])

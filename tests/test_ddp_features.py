@@ -24,6 +24,7 @@ Every case also checks that training moved the weights by far more than its tole
 so a wrapper that did nothing (or skipped the sync) would fail; the hook test checks that
 the hook changed the result.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -37,13 +38,13 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from spawn_utils import run
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
 import ddp_native
 from ddp_from_scratch import DistributedDataParallel as Ours
 from ddp_from_scratch import NaiveDistributedDataParallel as Naive
 from ddp_from_scratch import comm_hooks
-from spawn_utils import run
 
 STEPS, MB = 3, 4  # optimizer steps per case; samples per rank per micro-batch
 CAPS = {"per-param": 1e-6, "default": 25.0, "one-bucket": 1e4}  # MiB
@@ -90,11 +91,15 @@ def loss_of(model, batch, use_branch=True, weight=1.0):
 
 def global_batch(step: int, n: int, seed: int = 0):
     g = torch.Generator().manual_seed(1000 * seed + step)
-    return torch.randn(n, 5, generator=g), torch.randint(0, 11, (n,), generator=g), torch.randint(0, 3, (n,), generator=g)
+    return (
+        torch.randn(n, 5, generator=g),
+        torch.randint(0, 11, (n,), generator=g),
+        torch.randint(0, 3, (n,), generator=g),
+    )
 
 
 def piece(batch, k: int, size: int = MB):
-    return tuple(t[k * size:(k + 1) * size] for t in batch)
+    return tuple(t[k * size : (k + 1) * size] for t in batch)
 
 
 def make_opt(name, params):
@@ -126,8 +131,18 @@ def train(model, opt_name, world, rank, steps=STEPS, micro=1, use_branch=lambda 
     return {"params": snapshot(model), "grads": first_grads}
 
 
-def single(opt_name, world, steps=STEPS, micro=1, bn=False, branch=False, use_branch=lambda r, s, k: True,
-           per_rank=False, n_batches=None, seed=0):
+def single(
+    opt_name,
+    world,
+    steps=STEPS,
+    micro=1,
+    bn=False,
+    branch=False,
+    use_branch=lambda r, s, k: True,
+    per_rank=False,
+    n_batches=None,
+    seed=0,
+):
     """One process. Concatenated global batch, or (per_rank) the derived form: the mean over ranks
     and micro-batches of each micro-batch's loss, which is what DDP's averaged gradient is the
     gradient of (needed when micro-batches differ: BatchNorm statistics, unused branch, join)."""
@@ -139,8 +154,9 @@ def single(opt_name, world, steps=STEPS, micro=1, bn=False, branch=False, use_br
         if per_rank:
             active = [r for r in range(world) if n_batches is None or s < n_batches[r]]
             # DDP divides by the full world size even when ranks have joined (join.py)
-            loss = sum(loss_of(model, piece(batch, r * micro + k), use_branch(r, s, k))
-                       for r in active for k in range(micro)) / (world * micro)
+            loss = sum(
+                loss_of(model, piece(batch, r * micro + k), use_branch(r, s, k)) for r in active for k in range(micro)
+            ) / (world * micro)
         else:
             loss = loss_of(model, batch)
         loss.backward()
@@ -160,6 +176,7 @@ def native(model, **kw):
 # ----------------------------------------------------------------------------- worker cases
 # Each returns {label: result}; the worker stores them under the case's key.
 
+
 def case_matrix(rank, world):
     """Every option combination that must not change the numbers."""
     out = {}
@@ -174,7 +191,8 @@ def case_matrix(rank, world):
             for cap_name in ("per-param", "default"):  # gradient_as_bucket_view
                 cap = CAPS[cap_name]
                 out[("native", bn, opt, cap_name, True)] = train(
-                    native(Net(bn), bucket_cap_mb=cap, gradient_as_bucket_view=True), opt, world, rank)
+                    native(Net(bn), bucket_cap_mb=cap, gradient_as_bucket_view=True), opt, world, rank
+                )
                 for coll in ("torch", "ring"):
                     m = ours(Net(bn), bucket_cap_mb=cap, all_reduce=coll, gradient_as_bucket_view=True)
                     out[(coll, bn, opt, cap_name, True)] = train(m, opt, world, rank)
@@ -188,8 +206,9 @@ def case_no_sync(rank, world):
         out[("native", bn, False)] = train(native(Net(bn)), "sgd", world, rank, micro=3)
         for coll in ("torch", "ring"):
             for gav in (False, True):
-                out[(coll, bn, gav)] = train(ours(Net(bn), all_reduce=coll, gradient_as_bucket_view=gav),
-                                            "sgd", world, rank, micro=3)
+                out[(coll, bn, gav)] = train(
+                    ours(Net(bn), all_reduce=coll, gradient_as_bucket_view=gav), "sgd", world, rank, micro=3
+                )
         out[("naive", bn)] = train(Naive(Net(bn)), "sgd", world, rank, micro=3)
     return out
 
@@ -226,12 +245,14 @@ def case_unused(rank, world):
         # gradient was accumulated locally and must still be averaged at the synced step
         micro = 3 if scen.startswith("no_sync") else 1
         for opt in ("sgd", "adamw"):
-            out[("native", scen, opt)] = train(native(Net(branch=True), find_unused_parameters=True),
-                                               opt, world, rank, micro=micro, use_branch=fn)
+            out[("native", scen, opt)] = train(
+                native(Net(branch=True), find_unused_parameters=True), opt, world, rank, micro=micro, use_branch=fn
+            )
             for coll in ("torch", "ring"):
                 for gav in (False, True):
-                    m = ours(Net(branch=True), find_unused_parameters=True, all_reduce=coll,
-                             gradient_as_bucket_view=gav)
+                    m = ours(
+                        Net(branch=True), find_unused_parameters=True, all_reduce=coll, gradient_as_bucket_view=gav
+                    )
                     out[(coll, scen, opt, gav)] = train(m, opt, world, rank, micro=micro, use_branch=fn)
     return out
 
@@ -292,7 +313,9 @@ def case_buckets(rank, world):
     # (1) small caps, so that b2 and b1 land in different buckets: bucket 0 holds b2 on rank 0's order
     m = Ours(Wide(), bucket_cap_mb=0.3, first_bucket_cap_mb=0.5)
     order = []
-    hooks = [p.register_post_accumulate_grad_hook(lambda p, i=i: order.append(i)) for i, p in enumerate(m.reducer.params)]
+    hooks = [
+        p.register_post_accumulate_grad_hook(lambda p, i=i: order.append(i)) for i, p in enumerate(m.reducer.params)
+    ]
 
     def step_hook(s):
         if s == 1:
@@ -301,8 +324,13 @@ def case_buckets(rank, world):
             m.reducer.timeline = []  # record bucket times after the rebuild
 
     _wide_steps(m, rank, 3, step_hook)
-    out["small"] = {"ready_order": order, "buckets": [b.param_indices for b in m.reducer.buckets],
-                    "bytes": [b.nbytes for b in m.reducer.buckets], "timeline": m.reducer.timeline, "names": m.reducer.param_names}
+    out["small"] = {
+        "ready_order": order,
+        "buckets": [b.param_indices for b in m.reducer.buckets],
+        "bytes": [b.nbytes for b in m.reducer.buckets],
+        "timeline": m.reducer.timeline,
+        "names": m.reducer.param_names,
+    }
     # (2) default caps (1 MB first bucket, 25 MB others): ours vs torch's DDP built with its defaults
     # (not ddp_native.wrap, which passes bucket_cap_mb explicitly and so turns torch's small first bucket off)
     n = torch.nn.parallel.DistributedDataParallel(Wide())
@@ -311,8 +339,11 @@ def case_buckets(rank, world):
     native_buckets = [[names[p.data_ptr()] for p in b.parameters()] for b in n.reducer._get_zeros_like_grad_buckets()]
     m = Ours(Wide())
     _wide_steps(m, rank, 2)
-    out["default"] = {"ours": [[m.reducer.param_names[i] for i in b.param_indices] for b in m.reducer.buckets],
-                      "bytes": [b.nbytes for b in m.reducer.buckets], "native": native_buckets}
+    out["default"] = {
+        "ours": [[m.reducer.param_names[i] for i in b.param_indices] for b in m.reducer.buckets],
+        "bytes": [b.nbytes for b in m.reducer.buckets],
+        "native": native_buckets,
+    }
     return out
 
 
@@ -328,8 +359,11 @@ def case_debug(rank, world):
                 train(m, "sgd", world, rank, steps=2)
                 # a line is printed by the future's done-callback, which may run just after wait() returned
                 deadline = time.monotonic() + 5
-                while sys.stderr.getvalue().count(" bucket=") - sys.stderr.getvalue().count(" bucket=-") \
-                        < len(m.reducer.timeline) and time.monotonic() < deadline:
+                while (
+                    sys.stderr.getvalue().count(" bucket=") - sys.stderr.getvalue().count(" bucket=-")
+                    < len(m.reducer.timeline)
+                    and time.monotonic() < deadline
+                ):
                     time.sleep(0.01)
                 time.sleep(0.05)  # and nothing more comes
                 log = sys.stderr.getvalue()
@@ -353,13 +387,15 @@ def _error_of(fn):
 
 def case_errors(rank, world):
     """Last: promised errors, on every rank, fast. The process group must still work afterwards."""
-    out = {"mismatch-shape": _error_of(lambda: Ours(Net(out=4 if rank == 1 else 3))),
-           "mismatch-frozen": _error_of(lambda: Ours(_frozen_out_bias(rank)))}
+    out = {
+        "mismatch-shape": _error_of(lambda: Ours(Net(out=4 if rank == 1 else 3))),
+        "mismatch-frozen": _error_of(lambda: Ours(_frozen_out_bias(rank))),
+    }
     batch = piece(global_batch(0, world * MB), rank)
     for scen, uses in (("missing-everywhere", lambda r: False), ("missing-on-rank-1", lambda r: r != 1)):
         for coll in ("torch", "ring"):
             m = ours(Net(branch=True), all_reduce=coll)
-            out[(scen, coll)] = _error_of(lambda: loss_of(m, batch, uses(rank)).backward())
+            out[(scen, coll)] = _error_of(lambda m=m, uses=uses: loss_of(m, batch, uses(rank)).backward())
     x = torch.ones(1)
     dist.all_reduce(x)
     out["pg-still-works"] = x.item()
@@ -432,8 +468,9 @@ def test_options_do_not_change_the_numbers(spawned):
             # is the mean of per-micro-batch losses; running stats are rank-local (compared with native).
             ref = single(opt, world, bn=bn, per_rank=bn)
             assert_moved(ref, bn)
-            configs = [(c, cap, False) for c in ("torch", "ring") for cap in CAPS] + \
-                      [(c, cap, True) for c in ("torch", "ring") for cap in ("per-param", "default")]
+            configs = [(c, cap, False) for c in ("torch", "ring") for cap in CAPS] + [
+                (c, cap, True) for c in ("torch", "ring") for cap in ("per-param", "default")
+            ]
             for coll, cap, gav in configs:
                 for r, res in enumerate(ranks):
                     key = (coll, bn, opt, cap, gav)
@@ -557,7 +594,7 @@ def test_buckets_after_rebuild(spawned):
         tl = s["timeline"]
         assert len(tl) == 2 * len(s["buckets"])
         for it in range(2):
-            rows = sorted(tl[it * 3:(it + 1) * 3], key=lambda e: e["bucket"])
+            rows = sorted(tl[it * 3 : (it + 1) * 3], key=lambda e: e["bucket"])
             for prev, cur in zip(rows, rows[1:]):
                 assert cur["launch"] >= prev["launch"], (r, rows)  # strictly in index order
             for e in rows:
@@ -583,8 +620,10 @@ def assert_caps(buckets: list[list[str]], first_mb: float, cap_mb: float) -> Non
         assert k == len(buckets) - 1 or sum(sizes) >= cap, (k, members, sizes)
 
 
-LINE = re.compile(r"\[ddp_from_scratch\] rank=(\d+) op=(\S+) bucket=(\S+) bytes=(\d+) peers=(\S+) "
-                  r"start=([\d.]+) end=([\d.]+) ms=([\d.]+)$")
+LINE = re.compile(
+    r"\[ddp_from_scratch\] rank=(\d+) op=(\S+) bucket=(\S+) bytes=(\d+) peers=(\S+) "
+    r"start=([\d.]+) end=([\d.]+) ms=([\d.]+)$"
+)
 
 
 def test_debug_logging(spawned):

@@ -7,6 +7,7 @@
   another object (`other._x = ...`), and nothing outside reducer.py touches the reducer's
   private attributes.
 """
+
 from __future__ import annotations
 
 import ast
@@ -80,8 +81,13 @@ def private_assignments(path: Path) -> list[str]:
     """`x._name = ...` (also augmented, annotated, in tuples) where x is not `self`: one string each."""
     found = []
     for node in ast.walk(ast.parse(path.read_text())):
-        targets = node.targets if isinstance(node, ast.Assign) else \
-            [node.target] if isinstance(node, (ast.AugAssign, ast.AnnAssign)) else []
+        targets = (
+            node.targets
+            if isinstance(node, ast.Assign)
+            else [node.target]
+            if isinstance(node, (ast.AugAssign, ast.AnnAssign))
+            else []
+        )
         flat = []
         for t in targets:
             flat.extend(t.elts if isinstance(t, (ast.Tuple, ast.List)) else [t])
@@ -103,8 +109,12 @@ def test_only_the_reducer_touches_its_private_state():
         if path.name == "reducer.py":
             continue
         for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Attribute) and node.attr.startswith("_") and \
-                    isinstance(node.value, ast.Attribute) and node.value.attr == "reducer":
+            if (
+                isinstance(node, ast.Attribute)
+                and node.attr.startswith("_")
+                and isinstance(node.value, ast.Attribute)
+                and node.value.attr == "reducer"
+            ):
                 bad.append(f"{path.name}:{node.lineno}: {ast.unparse(node)}")
     assert not bad, bad
 

@@ -1,6 +1,7 @@
 """The hand-written DistributedSampler: disjoint, complete shards that change with the epoch,
 index for index the same as torch's DistributedSampler (so native and hand-written runs see
 identical batches)."""
+
 from __future__ import annotations
 
 import pytest

@@ -3,6 +3,7 @@
 TestClient re-raises any exception that reaches the app's 500 handler, so every
 bad-input test below also proves that input is answered with a 4xx, never a 500.
 """
+
 from __future__ import annotations
 
 import math
@@ -24,9 +25,11 @@ from experiments.model import LABELS, build_model, build_tokenizer
 from server import create_app
 
 REPO = Path(__file__).resolve().parents[1]
-TEXTS = ["Oil prices fell as stocks rallied on Wall Street",
-         "The Lakers beat the Celtics 102-99",
-         "NASA launches a new probe to Jupiter's moons, hoping to find water under the ice"]
+TEXTS = [
+    "Oil prices fell as stocks rallied on Wall Street",
+    "The Lakers beat the Celtics 102-99",
+    "NASA launches a new probe to Jupiter's moons, hoping to find water under the ice",
+]
 LIMITS = dict(max_text_chars=1000, max_batch_size=4, max_body_bytes=20_000)
 
 
@@ -147,9 +150,16 @@ def test_bad_input_is_a_4xx_with_a_clear_error(client, path, kwargs, status, wor
     assert words in r.json()["error"]
 
 
-@pytest.mark.parametrize("method,path,status", [("GET", "/nope", 404), ("POST", "/predict/nope", 404),
-                                                ("GET", "/predict", 405), ("POST", "/health", 405),
-                                                ("PUT", "/predict/batch", 405)])
+@pytest.mark.parametrize(
+    "method,path,status",
+    [
+        ("GET", "/nope", 404),
+        ("POST", "/predict/nope", 404),
+        ("GET", "/predict", 405),
+        ("POST", "/health", 405),
+        ("PUT", "/predict/batch", 405),
+    ],
+)
 def test_unknown_path_or_method_is_json(client, method, path, status):
     r = client.request(method, path)
     assert r.status_code == status
@@ -159,6 +169,7 @@ def test_unknown_path_or_method_is_json(client, method, path, status):
 def test_unexpected_error_is_a_json_500(checkpoint, monkeypatch):
     def boom(*args):
         raise RuntimeError("simulated bug")
+
     monkeypatch.setattr(app_module, "_predict", boom)
     with TestClient(create_app(checkpoint), raise_server_exceptions=False) as c:
         r = c.post("/predict", json={"text": "hello"})
@@ -175,8 +186,13 @@ def test_bad_checkpoint_dir_fails_at_create_app(tmp_path, make):
 
 
 def test_cli_bad_checkpoint_exits_with_a_clear_message():
-    r = subprocess.run([sys.executable, "-m", "server", "--checkpoint", "/nonexistent"],
-                       cwd=REPO, capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-m", "server", "--checkpoint", "/nonexistent"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode != 0
     assert "/nonexistent" in r.stderr and "experiments.train" in r.stderr
     assert "Traceback" not in r.stderr
@@ -192,8 +208,12 @@ def test_real_uvicorn_server(checkpoint, tmp_path):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     log = open(tmp_path / "server.log", "w+")
-    proc = subprocess.Popen([sys.executable, "-m", "server", "--checkpoint", str(checkpoint), "--port", str(port)],
-                            cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "server", "--checkpoint", str(checkpoint), "--port", str(port)],
+        cwd=REPO,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     try:
         deadline = time.monotonic() + 30
         while True:

@@ -1,5 +1,6 @@
 """The main job end to end with the tiny model: experiments.compare runs 1 process, native DDP
 and hand-written DDP (2 real processes each, via torchrun), on real AG News rows."""
+
 from __future__ import annotations
 
 import json
@@ -15,16 +16,46 @@ AG_NEWS = ROOT.parent / "shared" / "ag_news"
 
 
 def _run(args, cwd, env=None, timeout=240):
-    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
+    return subprocess.run(
+        [sys.executable, *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
+    )
 
 
 @pytest.mark.skipif(not AG_NEWS.exists(), reason="needs ../shared/ag_news")
 def test_compare_tiny_end_to_end(tmp_path):
     out = tmp_path / "cmp"
-    r = _run(["-m", "experiments.compare", "--nproc", "2", "--batch-size", "8", "--out", str(out),
-              "--model", "tiny", "--dropout", "0.1", "--data-dir", str(AG_NEWS), "--max-train-samples", "96",
-              "--max-eval-samples", "50", "--max-length", "48", "--cache-dir", str(tmp_path / "cache")], ROOT)
+    r = _run(
+        [
+            "-m",
+            "experiments.compare",
+            "--nproc",
+            "2",
+            "--batch-size",
+            "8",
+            "--out",
+            str(out),
+            "--model",
+            "tiny",
+            "--dropout",
+            "0.1",
+            "--data-dir",
+            str(AG_NEWS),
+            "--max-train-samples",
+            "96",
+            "--max-eval-samples",
+            "50",
+            "--max-length",
+            "48",
+            "--cache-dir",
+            str(tmp_path / "cache"),
+        ],
+        ROOT,
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     result = json.loads((out / "comparison.json").read_text())
     runs = result["runs"]
@@ -43,14 +74,18 @@ def test_compare_tiny_end_to_end(tmp_path):
 
     # The checkpoint loads in a transformers pipeline as is, with our label names.
     from transformers import pipeline
+
     clf = pipeline("text-classification", model=str(out / "scratch" / "checkpoint"))
     pred = clf("Stocks rallied as the central bank cut interest rates.")[0]
     assert pred["label"] in {"World", "Sports", "Business", "Sci/Tech"}
 
 
 def test_bad_inputs_fail_with_clear_messages(tmp_path):
-    r = _run(["-m", "experiments.train", "--ddp", "none", "--model", "tiny", "--data-dir", str(tmp_path / "nope")],
-             ROOT, timeout=120)
+    r = _run(
+        ["-m", "experiments.train", "--ddp", "none", "--model", "tiny", "--data-dir", str(tmp_path / "nope")],
+        ROOT,
+        timeout=120,
+    )
     assert r.returncode == 2 and "nope" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
     r = _run(["-m", "experiments.train", "--ddp", "none", "--model", "tiny"], ROOT, env={"WORLD_SIZE": "2"})
     assert r.returncode != 0 and "--ddp none trains in one process" in r.stderr

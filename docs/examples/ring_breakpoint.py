@@ -26,6 +26,7 @@ Only rank 0 reads the terminal (`/dev/stdin`, like `torch.distributed.breakpoint
 process group gets a long timeout (`--timeout`, default 3600 s), so waiting ranks do not give
 up while you read. Leave with `c` until the end (or `cl` to clear breakpoints, then `c`).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -115,8 +116,10 @@ class TracedWork:
         say(f"[rank {self.rank}]   waiting for a message from rank {self.src} ...")
         start = time.perf_counter()
         out = self.work.wait(*args, **kwargs)
-        say(f"[rank {self.rank}]   received {fmt(self.tensor)} from rank {self.src} "
-            f"after {time.perf_counter() - start:.1f} s")
+        say(
+            f"[rank {self.rank}]   received {fmt(self.tensor)} from rank {self.src} "
+            f"after {time.perf_counter() - start:.1f} s"
+        )
         return out
 
     def __getattr__(self, name):
@@ -142,7 +145,7 @@ def show_messages(rank: int) -> None:
 
 
 def ring_demo(rank: int, n: int) -> None:
-    x = torch.arange(1, 2 * n + 1, dtype=torch.float32) * 10 ** rank  # rank 1: 10 20 30 40
+    x = torch.arange(1, 2 * n + 1, dtype=torch.float32) * 10**rank  # rank 1: 10 20 30 40
     expected = x.clone()
     dist.all_reduce(expected)  # gloo's answer, to check ours against
     say(f"[rank {rank}] before: {fmt(x)}  (n={n} chunks of 2: chunk i = elements 2i, 2i+1)")
@@ -150,15 +153,18 @@ def ring_demo(rank: int, n: int) -> None:
     if rank == 0:
         dbg = TerminalPdb()
         where = set_ring_breakpoints(dbg)
-        dbg.message(f"\n[rank 0] breakpoints: {'; '.join(where)}.\n"
-                    "  c = continue to it;  ll = show the function;  p t, c, piece, flat;  n = next line;  "
-                    "cl = clear breakpoints\n")
+        dbg.message(
+            f"\n[rank 0] breakpoints: {'; '.join(where)}.\n"
+            "  c = continue to it;  ll = show the function;  p t, c, piece, flat;  n = next line;  "
+            "cl = clear breakpoints\n"
+        )
         dbg.set_trace()
         C.all_reduce(x)  # blocking: the ring runs on this thread, so pdb follows it
     else:
         show_messages(rank)
         C.all_reduce(x)
-    say(f"[rank {rank}] after:  {fmt(x)}  (gloo: {fmt(expected)}, {'same' if torch.equal(x, expected) else 'DIFFERENT'})")
+    verdict = "same" if torch.equal(x, expected) else "DIFFERENT"
+    say(f"[rank {rank}] after:  {fmt(x)}  (gloo: {fmt(expected)}, {verdict})")
 
 
 def ddp_demo(rank: int, n: int) -> None:
@@ -176,9 +182,11 @@ def ddp_demo(rank: int, n: int) -> None:
         for name in ("_mark_ready", "_launch", "_finish_backward"):
             func = getattr(Reducer, name)
             dbg.set_break(inspect.getsourcefile(func), func.__code__.co_firstlineno, funcname=name)  # = `b name`
-        dbg.message("\n[rank 0] breakpoints on Reducer._mark_ready, _launch and _finish_backward.\n"
-                    "  c = continue;  p index;  p [b.pending for b in self.buckets];  p bucket.index;  "
-                    "bt = who called us;  n, s;  cl = clear breakpoints\n")
+        dbg.message(
+            "\n[rank 0] breakpoints on Reducer._mark_ready, _launch and _finish_backward.\n"
+            "  c = continue;  p index;  p [b.pending for b in self.buckets];  p bucket.index;  "
+            "bt = who called us;  n, s;  cl = clear breakpoints\n"
+        )
         dbg.set_trace()
     loss.backward()
     say(f"[rank {rank}] backward done; averaged gradients: {[fmt(p.grad) for p in model.parameters()]}")
@@ -201,8 +209,15 @@ def launch(args) -> int:
         port = s.getsockname()[1]
     procs = []
     for rank in range(args.nproc):
-        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(args.nproc),
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+        env = dict(
+            os.environ,
+            RANK=str(rank),
+            LOCAL_RANK=str(rank),
+            WORLD_SIZE=str(args.nproc),
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+            OMP_NUM_THREADS="1",
+        )
         procs.append(subprocess.Popen([sys.executable, os.path.abspath(__file__), *sys.argv[1:]], env=env))
     try:
         codes = [p.wait() for p in procs]

@@ -1,8 +1,8 @@
 """Accuracy on real AG News with native and hand-written DDP, same seed: loss curves and confusion matrix.
 
-    python -m experiments.bench_accuracy --out runs/accuracy            # minilm-l6, all train rows, 3 epochs, length 128
-    python -m experiments.bench_accuracy --quick --out runs/accuracy    # tiny model, a few rows
-    python -m experiments.bench_accuracy --out runs/acc-lr --lr 5e-5    # other flags go to experiments.train
+    python -m experiments.bench.accuracy --out runs/bench/accuracy          # minilm-l6, all rows, 3 epochs, length 128
+    python -m experiments.bench.accuracy --quick --out runs/bench/accuracy  # tiny model, a few rows
+    python -m experiments.bench.accuracy --out runs/acc-lr --lr 5e-5        # other flags go to experiments.train
 
 Runs `experiments.compare --runs native,scratch` (2 ranks each, `--data-dir ../shared/ag_news`),
 then writes `loss_curves.png` (per-step training loss of rank 0's micro-batch for both runs:
@@ -11,20 +11,33 @@ with the same seed, data order and dropout masks the two curves lie on top of ea
 `accuracy.json`. Validation is carved from train; the test split (all 7,600 articles) is used
 only for the final figure.
 """
+
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
-from .bench import print_result, run_command
-from .model import LABELS
+from experiments.model import LABELS
 
-DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "ag_news"
+from .common import part_main, pyplot, run_command
+
+DATA_DIR = Path(__file__).resolve().parents[2].parent / "shared" / "ag_news"
 FULL = ["--model", "minilm-l6", "--epochs", "3", "--max-length", "128", "--lr", "1e-4", "--batch-size", "16"]
-QUICK = ["--model", "tiny", "--epochs", "1", "--max-length", "32", "--batch-size", "8",
-         "--max-train-samples", "64", "--max-eval-samples", "40"]
+QUICK = [
+    "--model",
+    "tiny",
+    "--epochs",
+    "1",
+    "--max-length",
+    "32",
+    "--batch-size",
+    "8",
+    "--max-train-samples",
+    "64",
+    "--max-eval-samples",
+    "40",
+]
 
 
 def _steps(run_dir: Path) -> list[dict]:
@@ -34,10 +47,9 @@ def _steps(run_dir: Path) -> list[dict]:
 
 def plot(out_dir: Path, runs: dict, best: str) -> list[Path]:
     """loss_curves.png and confusion.png (matplotlib, Agg)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
+
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(8, 4))
     for kind, style in (("native", "-"), ("scratch", "--")):
@@ -77,35 +89,60 @@ def run(out_dir: Path, quick: bool = False, data_dir: Path = DATA_DIR, overrides
     out_dir = Path(out_dir)
     if not (Path(data_dir) / "train.csv").exists():
         raise FileNotFoundError(f"{data_dir}: AG News CSVs not found (pass data_dir, e.g. ../shared/ag_news)")
-    cmd = [sys.executable, "-m", "experiments.compare", "--nproc", "2", "--runs", "native,scratch",
-           "--out", str(out_dir), "--data-dir", str(data_dir), *(QUICK if quick else FULL), *overrides]
+    cmd = [
+        sys.executable,
+        "-m",
+        "experiments.compare",
+        "--nproc",
+        "2",
+        "--runs",
+        "native,scratch",
+        "--out",
+        str(out_dir),
+        "--data-dir",
+        str(data_dir),
+        *(QUICK if quick else FULL),
+        *overrides,
+    ]
     run_command(cmd, quiet=quick)
     result = json.loads((out_dir / "comparison.json").read_text())
     runs = result["runs"]
     best = max(runs, key=lambda k: runs[k]["test_accuracy"])
     files = plot(out_dir, runs, best)
-    md = ["| DDP | samples per epoch (incl. sampler padding) | epochs | val acc | test acc (7,600 rows unless capped) |", "|---|---|---|---|---|"]
+    md = [
+        "| DDP | samples per epoch (incl. sampler padding) | epochs | val acc | test acc (7,600 rows unless capped) |",
+        "|---|---|---|---|---|",
+    ]
     for kind, s in runs.items():
-        md.append(f"| {kind} | {s['train_samples'] // max(s['args']['epochs'], 1)} | {s['args']['epochs']} | "
-                  f"{s['val_accuracy']:.4f} | {s['test_accuracy']:.4f} |")
-    md.append(f"\nLargest absolute difference between native and hand-written final weights: "
-              f"{result['max_weight_diff_native_vs_scratch']:.3g}. Command: `{' '.join(cmd[1:])}`")
+        md.append(
+            f"| {kind} | {s['train_samples'] // max(s['args']['epochs'], 1)} | {s['args']['epochs']} | "
+            f"{s['val_accuracy']:.4f} | {s['test_accuracy']:.4f} |"
+        )
+    md.append(
+        f"\nLargest absolute difference between native and hand-written final weights: "
+        f"{result['max_weight_diff_native_vs_scratch']:.3g}. Command: `{' '.join(cmd[1:])}`"
+    )
     md = "\n".join(md)
     (out_dir / "accuracy.md").write_text(md + "\n")
     (out_dir / "accuracy.json").write_text(json.dumps({"best": best, **result}, indent=2))
-    return {"markdown": md, "best": best, "test_accuracy": runs[best]["test_accuracy"],
-            "files": [str(f) for f in files] + [str(out_dir / "accuracy.md")]}
+    return {
+        "markdown": md,
+        "best": best,
+        "test_accuracy": runs[best]["test_accuracy"],
+        "files": [str(f) for f in files] + [str(out_dir / "accuracy.md")],
+    }
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                epilog="Any other flag (--epochs, --lr, --max-length, ...) goes to experiments.train.")
-    p.add_argument("--out", default="runs/accuracy")
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--data-dir", default=str(DATA_DIR))
-    a, overrides = p.parse_known_args(argv)
-    result = run(Path(a.out), quick=a.quick, data_dir=Path(a.data_dir), overrides=overrides)
-    print_result(result)
+    """Any flag the parser does not know (--epochs, --lr, --max-length, ...) goes to experiments.train."""
+    part_main(
+        "accuracy",
+        __doc__,
+        run,
+        argv,
+        lambda p: p.add_argument("--data-dir", type=Path, default=DATA_DIR, help="AG News CSVs"),
+        pass_unknown=True,
+    )
 
 
 if __name__ == "__main__":

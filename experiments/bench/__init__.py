@@ -1,0 +1,1 @@
+"""The measurements: `python -m experiments.bench` (see __main__.py); shared pieces in common.py."""

@@ -1,0 +1,73 @@
+"""python -m experiments.bench: every measurement that explains data parallelism, into one run directory.
+
+    python -m experiments.bench                       # every part, full size (an hour and more)
+    python -m experiments.bench --quick               # every part, tiny sizes (CI smoke test, about a minute)
+    python -m experiments.bench --only step,timeline --out runs/bench/now
+
+Parts, one module each in experiments/bench/ (each also runs alone: python -m experiments.bench.<part>):
+    step       step time of native DDP, ours (both collectives) and naive.py, interleaved: paired
+               ratios, all-reduces per step
+    timeline   per-rank compute and bucket all-reduce timeline, Chrome trace, PNG, share of
+               all-reduce hidden behind backward
+    allreduce  time, algbw and busbw of gloo / ring / naive / halving-doubling all-reduce against
+               message size; the check that the async ring overlaps work on the main thread
+    buckets    step time, bucket count and overlap against bucket cap (per-parameter ... one bucket)
+    scaling    1 vs 2 vs 4 processes, same global batch: samples/s, speedup, efficiency, compute
+               slow-down vs exposed communication
+    accuracy   minilm-l6 on the AG News rows in ../shared/ag_news with native and hand-written DDP:
+               loss curves, accuracy, confusion matrix
+
+What they share (starting ranks, the timed step, timing bucket all-reduces, overlap) is in
+common.py. Writes `<out>/<part>/...` (JSON, Markdown tables, PNG plots) and `<out>/README.md`,
+which gathers every part's table with the command and the machine, then prints where it all is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from .common import machine, result_files
+
+PARTS = ("step", "timeline", "allreduce", "buckets", "scaling", "accuracy")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m experiments.bench", description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="tiny sizes: checks that everything runs, measures little")
+    p.add_argument("--only", default=",".join(PARTS), help=f"comma-separated subset of {', '.join(PARTS)}")
+    p.add_argument("--out", default=None, help="run directory (default: runs/bench/<date-time>)")
+    args = p.parse_args(argv)
+    parts = [x.strip() for x in args.only.split(",") if x.strip()]
+    unknown = [x for x in parts if x not in PARTS]
+    if unknown or not parts:
+        p.error(f"--only: unknown part(s) {unknown}; choose from {', '.join(PARTS)}")
+    out = Path(args.out or os.path.join("runs", "bench", time.strftime("%Y%m%d-%H%M%S")))
+    out.mkdir(parents=True, exist_ok=True)
+    command = "python -m experiments.bench " + " ".join(argv if argv is not None else sys.argv[1:])
+    sections, summary = [], {}
+    for name in parts:
+        print(f"=== {name}", flush=True)
+        t0 = time.perf_counter()
+        result = importlib.import_module(f"experiments.bench.{name}").run(out / name, quick=args.quick)
+        elapsed = time.perf_counter() - t0
+        summary[name] = {k: v for k, v in result.items() if k != "markdown"} | {"seconds": elapsed}
+        sections.append(
+            f"## {name}\n\n{result['markdown']}\n\nFiles: "
+            + ", ".join(f"`{os.path.relpath(f, out)}`" for f in result_files(result))
+        )
+        print(result["markdown"], flush=True)
+    header = f"# Benchmark run\n\nCommand: `{command.strip()}`\n\nMachine: {machine()}\n\n"
+    (out / "README.md").write_text(header + "\n\n".join(sections) + "\n")
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    print(f"\nwritten: {out}/README.md (and one folder per part)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
