@@ -87,7 +87,7 @@ def run(out_dir: Path, quick: bool = False, nproc: int = 2) -> dict:
         f"{cfg['batch_size']} x {cfg['seq_len']} tokens, AdamW, torch's default buckets, {cfg['steps']} "
         f"interleaved rounds (after {cfg['warmup']} warm-up), order rotated every round.",
         "",
-        "| DDP | median step ms | vs native (paired) | all-reduces per step | MiB sent into them per rank |",
+        "| DDP | median step ms | vs native (paired) | all-reduces per step | MiB all-reduced per step |",
         "|---|---|---|---|---|",
     ]
     for impl, r in rows.items():
