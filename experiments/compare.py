@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -113,6 +114,8 @@ def main(argv=None) -> int:
     summaries = {}
     for kind in args.runs:
         out_dir = os.path.join(args.out, kind)
+        # a comparison always trains from scratch: drop the snapshots an earlier comparison left here
+        shutil.rmtree(os.path.join(out_dir, "snapshots"), ignore_errors=True)
         cmd = command(kind, args.nproc, args.batch_size, out_dir, train_args)
         print(f"\n=== {kind}: {' '.join(cmd)}", flush=True)
         env = dict(os.environ)

@@ -104,10 +104,33 @@ def setup(ddp: str, backend: str | None = None, timeout_s: float = 300.0) -> Dis
         torch.cuda.set_device(device)  # before init, so NCCL binds this rank to its own GPU
     else:
         device = torch.device("cpu")
+    timeout = datetime.timedelta(seconds=timeout_s)
     dist.init_process_group(
-        backend, timeout=datetime.timedelta(seconds=timeout_s), **({"device_id": device} if backend == "nccl" else {})
+        backend,
+        timeout=timeout,
+        **_attempt_store(rank, world_size, timeout),
+        **({"device_id": device} if backend == "nccl" else {}),
     )
     return DistEnv(rank, local_rank, world_size, backend, device)
+
+
+def _attempt_store(rank: int, world_size: int, timeout: datetime.timedelta) -> dict:
+    """Under torchrun, a key-value store whose keys are this restart attempt's own.
+
+    torchrun's agent hosts one TCPStore at MASTER_ADDR:MASTER_PORT and keeps it across restarts
+    (`--max-restarts`). torch 2.13's `env://` init uses it without a per-attempt prefix, so the
+    processes of a restart read the addresses the dead attempt's ranks had published and fail to
+    connect ("Gloo connectFullMesh failed ... Connection refused"; reproduced with a 15-line script,
+    the regression of pytorch/pytorch#61590). A PrefixStore named after TORCHELASTIC_RESTART_COUNT
+    gives every attempt fresh keys. Without torchrun: {} (plain env:// init).
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return {}
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    agent = dist.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, is_master=False, timeout=timeout
+    )
+    return {"store": dist.PrefixStore(f"/distrinews/attempt_{attempt}", agent), "rank": rank, "world_size": world_size}
 
 
 def teardown() -> None:
@@ -145,3 +168,24 @@ def all_reduce_sum(tensor: torch.Tensor, env: DistEnv) -> torch.Tensor:
     if env.distributed and env.world_size > 1:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
+
+
+def decide_on_main(env: DistEnv, fn):
+    """Run `fn()` on rank 0 only and give every rank its result (broadcast as a Python object).
+
+    If `fn` raises, every rank raises the same exception (its type kept when it can be pickled),
+    so a decision that fails on rank 0 (a snapshot that cannot be used, say) stops all ranks with
+    rank 0's message instead of leaving them waiting.
+    """
+    if not env.distributed or env.world_size == 1:
+        return fn()
+    box = [None, None]  # result, error
+    if env.is_main:
+        try:
+            box[0] = fn()
+        except Exception as e:  # noqa: BLE001 - any failure must reach the other ranks
+            box[1] = e
+    dist.broadcast_object_list(box, src=0)
+    if box[1] is not None:
+        raise box[1]
+    return box[0]

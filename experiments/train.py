@@ -31,10 +31,12 @@ from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from . import distributed as D
+from . import snapshot as S
 from .checkpoint import save_checkpoint, unwrap
 from .data import DataError, load_ag_news, make_collator, tokenize
 from .evaluate import evaluate
 from .model import build_model, build_tokenizer
+from .snapshot import SnapshotError
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -68,12 +70,27 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cache-dir", default=os.path.join(".cache", "tokenized"), help="tokenized-data cache")
     p.add_argument("--no-test", action="store_true", help="skip the final test-set evaluation")
     p.add_argument("--no-save", action="store_true", help="skip writing the checkpoint")
+    p.add_argument(
+        "--save-every",
+        type=int,
+        default=0,
+        help="also write a snapshot every N optimizer steps (default 0: at every epoch end only)",
+    )
+    p.add_argument("--keep-snapshots", type=int, default=2, help="how many snapshots to keep (newest first)")
+    p.add_argument(
+        "--resume",
+        default=None,
+        metavar="auto|PATH",
+        help="continue from the newest usable snapshot in --output-dir (auto) or from PATH",
+    )
     args = p.parse_args(argv)
     for name in ("epochs", "batch_size", "eval_batch_size", "max_length"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.bucket_cap_mb is not None and args.bucket_cap_mb <= 0:
         p.error("--bucket-cap-mb must be positive")
+    if args.save_every < 0 or args.keep_snapshots < 1:
+        p.error("--save-every must be >= 0 and --keep-snapshots >= 1")
     return args
 
 
@@ -121,6 +138,23 @@ def train(args, env: D.DistEnv) -> dict:
 
     torch.manual_seed(args.seed)  # identical initial weights (and classifier head) on every rank and run
     model = build_model(args.model, vocab_size=len(tokenizer), dropout=args.dropout).to(env.device)
+    config = S.run_config(args, env.world_size)
+    # One snapshot holds the weights and AdamW's two moments: about 3x the parameters' bytes.
+    state_bytes = 3 * sum(p.numel() * p.element_size() for p in model.parameters())
+
+    chosen = {}
+
+    def decide():  # on rank 0: can we write here, and do we continue an earlier run?
+        S.preflight(out_dir, state_bytes)
+        chosen["state"], path, warnings = S.choose(args.resume, out_dir, config)
+        return path, warnings
+
+    snap_path, warnings = D.decide_on_main(env, decide)  # small: the path and the warnings
+    for w in warnings if env.is_main else ():
+        print(w, file=sys.stderr, flush=True)
+    snap = S.broadcast_state(chosen.get("state"), env) if snap_path is not None else None
+    if snap is not None:
+        model.load_state_dict(snap["model"])  # before wrapping: DDP then broadcasts identical weights
     model, make_sampler = wrap_model(model, args, env)
     torch.manual_seed(args.seed + env.rank)  # per-rank dropout masks, identical for native and scratch runs
 
@@ -135,6 +169,18 @@ def train(args, env: D.DistEnv) -> dict:
     )
     sched = get_linear_schedule_with_warmup(opt, int(args.warmup_ratio * steps), steps)
 
+    # Where the run stands: fresh, or where the snapshot left it.
+    pos = snap["position"] if snap else {}
+    start_epoch, skip = pos.get("epoch", 0), pos.get("batches_done", 0)
+    if skip >= len(loader):  # an epoch-end snapshot: continue with the next epoch
+        start_epoch, skip = start_epoch + 1, 0
+    step, samples_seen = pos.get("global_step", 0), pos.get("samples_seen", 0)
+    epoch_times, evals = list(pos.get("epoch_times_s", [])), list(pos.get("evals", []))
+    elapsed_before = pos.get("epoch_elapsed_s", 0.0) if skip else 0.0
+    if snap is not None:
+        opt.load_state_dict(snap["optimizer"])
+        sched.load_state_dict(snap["scheduler"])
+
     if env.is_main:
         os.makedirs(out_dir, exist_ok=True)
         print(
@@ -144,16 +190,67 @@ def train(args, env: D.DistEnv) -> dict:
             f"global batch {args.batch_size * env.world_size}, {steps} steps",
             flush=True,
         )
-    log = open(os.path.join(out_dir, "metrics.jsonl"), "w") if env.is_main else None
-    epoch_times, samples_seen, step = [], 0, 0
-    evals = []
+    log = None
+    if env.is_main:
+        metrics = os.path.join(out_dir, "metrics.jsonl")
+        if snap is not None and os.path.exists(metrics):
+            os.truncate(metrics, min(pos["metrics_bytes"], os.path.getsize(metrics)))  # drop lines after the snapshot
+        log = open(metrics, "a" if snap is not None else "w")
+        if snap is not None:  # one curve: the resumed run's steps follow the snapshot's
+            log.write(json.dumps({"type": "resumed", "snapshot": snap_path, "step": step, "epoch": start_epoch}) + "\n")
+            print(f"resumed from {snap_path}: epoch {start_epoch + 1}, step {step} of {steps}", flush=True)
+
+    def take_snapshot(epoch: int, batches_done: int, epoch_elapsed: float) -> None:
+        """Every rank: gather the RNG states; rank 0 writes the snapshot (snapshot.py)."""
+        rng = S.gather_rng(env)
+        if not env.is_main:
+            return
+        log.flush()  # metrics_bytes: what a run resumed from this snapshot keeps of metrics.jsonl
+        state = {
+            "format": S.FORMAT,
+            "version": S.VERSION,
+            "config": config,
+            "position": {
+                "epoch": epoch,
+                "batches_done": batches_done,
+                "global_step": step,
+                "samples_seen": samples_seen,
+                "epoch_times_s": epoch_times,
+                "epoch_elapsed_s": epoch_elapsed,
+                "evals": evals,
+                "metrics_bytes": os.path.getsize(log.name),
+            },
+            "model": {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()},
+            "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(),
+            "scaler": None,
+            "sampler": {"seed": args.seed, "epoch": epoch},
+            "rng": rng,
+        }
+        S.save(out_dir, state, keep=args.keep_snapshots)
+
     model.train()
-    for epoch in range(args.epochs):
+    for epoch in range(start_epoch, args.epochs):
+        resuming_mid_epoch = snap is not None and epoch == start_epoch and skip > 0
+        if snap is not None and epoch == start_epoch and not resuming_mid_epoch:
+            S.set_rng_state(snap["rng"][env.rank], env.device)  # as they were after the epoch-end evaluation
         sampler.set_epoch(epoch)  # every rank, every epoch: a new shuffle, the same on all ranks
         if env.distributed and env.world_size > 1:
             torch.distributed.barrier()  # start the clock together
         t_epoch = t_prev = time.perf_counter()
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not env.is_main)
+        batches = iter(loader)  # draws the loader's base seed from torch's RNG, as in the first run
+        done_in_epoch = skip if epoch == start_epoch else 0
+        if resuming_mid_epoch:
+            for _ in range(skip):  # the same data order: skip what the snapshot's run already trained on
+                next(batches)
+            S.set_rng_state(snap["rng"][env.rank], env.device)  # and the same dropout masks from here on
+        bar = tqdm(
+            batches,
+            total=len(loader),
+            initial=done_in_epoch,
+            desc=f"epoch {epoch + 1}/{args.epochs}",
+            disable=not env.is_main,
+        )
         for batch in bar:
             batch = {k: v.to(env.device, non_blocking=True) for k, v in batch.items()}
             _sync(env)
@@ -175,6 +272,7 @@ def train(args, env: D.DistEnv) -> dict:
             n = len(batch["labels"]) * env.world_size  # ranks get equal shards (the sampler pads)
             samples_seen += n
             step += 1
+            done_in_epoch += 1
             if log:
                 log.write(
                     json.dumps(
@@ -195,8 +293,13 @@ def train(args, env: D.DistEnv) -> dict:
                     + "\n"
                 )
                 bar.set_postfix(loss=f"{loss.item():.3f}")
-            t_prev = t3
-        epoch_times.append(time.perf_counter() - t_epoch)
+            # mid-epoch snapshots only; the epoch's last step is covered by the epoch-end one
+            if args.save_every and step % args.save_every == 0 and done_in_epoch < len(loader):
+                take_snapshot(epoch, done_in_epoch, elapsed_before + time.perf_counter() - t_epoch)
+            S.fault_point("after-step", step)
+            t_prev = time.perf_counter()
+        epoch_times.append(elapsed_before + time.perf_counter() - t_epoch)
+        elapsed_before = 0.0
         val = evaluate(model, data["validation"], collate, env, args.eval_batch_size, desc="validation")
         evals.append({"type": "eval", "split": "validation", "epoch": epoch, **val})
         if log:
@@ -206,6 +309,7 @@ def train(args, env: D.DistEnv) -> dict:
                 f"validation accuracy {val['accuracy']:.4f}",
                 flush=True,
             )
+        take_snapshot(epoch, len(loader), 0.0)  # after the evaluation: the next epoch starts from here
     test = None if args.no_test else evaluate(model, data["test"], collate, env, args.eval_batch_size, desc="test")
     summary = {
         "ddp": args.ddp,
@@ -221,6 +325,7 @@ def train(args, env: D.DistEnv) -> dict:
         "val_accuracy": evals[-1]["accuracy"] if evals else None,
         "test_accuracy": test["accuracy"] if test else None,
         "test": test,
+        "resumed_from": snap_path,
         "args": vars(args),
     }
     if env.is_main:
@@ -244,7 +349,7 @@ def main(argv=None) -> int:
     env = D.setup(args.ddp, args.backend, args.timeout)
     try:
         train(args, env)
-    except DataError as e:
+    except (DataError, SnapshotError) as e:
         if env.is_main:
             print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,0 +1,350 @@
+"""Snapshots of the whole training state: survive a crash and continue bit for bit.
+
+A *snapshot* is everything a run needs to continue exactly where it was; the *checkpoint*
+(`<output-dir>/checkpoint/`, checkpoint.py) is only the trained model, in Hugging Face form,
+for the server. torch's answer to failures is torchrun's elastic agent (`--max-restarts`)
+restarting every rank plus a training script that reloads its last snapshot (PyTorch's
+"Fault-tolerant Distributed Training with torchrun" tutorial); this is that script's half.
+
+Layout, in `<output-dir>/snapshots/`:
+
+    snapshot-00000120.pt     torch.save of a dict (loadable with weights_only=True):
+        format, version      "distrinews-snapshot", 1
+        config               the options that define the run (CONFIG_KEYS) and world_size
+        position             epoch, batches_done (in that epoch), global_step, samples_seen,
+                             epoch_times_s (finished epochs), epoch_elapsed_s (this epoch so far),
+                             evals (validation results so far), metrics_bytes (size of
+                             metrics.jsonl when it was taken)
+        model                state dict of the unwrapped model (tensors on the CPU)
+        optimizer, scheduler optimizer and learning-rate scheduler state dicts
+        scaler               gradient scaler state (None: no mixed precision yet)
+        sampler              {"seed", "epoch"}
+        rng                  one entry per rank: torch CPU, CUDA (per device), Python, numpy states
+    snapshot-00000120.json   the manifest, written last: sha256 and size of the .pt, config,
+                             world size, position. A snapshot counts only when its manifest
+                             exists and the .pt's hash matches it.
+
+Writing is atomic: rank 0 writes `<name>.tmp`, fsyncs it, renames it into place, fsyncs the
+directory, then does the same for the manifest. A crash at any moment leaves either the previous
+snapshots alone or a complete new one; a `.tmp` file is never picked and is removed at the next
+save. The newest `keep` snapshots are kept.
+
+Resuming (`--resume auto|PATH`) is decided on rank 0 and broadcast, so every rank continues from
+the same snapshot, also across machines that share no file system.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+FORMAT, VERSION = "distrinews-snapshot", 1
+DIRNAME = "snapshots"
+# The options that define what a run computes: a snapshot continues only a run with the same ones.
+# (ddp, all_reduce, bucket_cap_mb, backend, timeout, paths: how it runs, not what it computes.)
+CONFIG_KEYS = (
+    "model",
+    "epochs",
+    "batch_size",
+    "lr",
+    "weight_decay",
+    "warmup_ratio",
+    "max_grad_norm",
+    "max_length",
+    "max_train_samples",
+    "max_eval_samples",
+    "val_size",
+    "seed",
+    "dropout",
+)
+NAME = re.compile(r"^snapshot-(\d{8})\.json$")
+
+
+class SnapshotError(Exception):
+    """A snapshot cannot be used, or the output directory cannot take one; the message says why."""
+
+
+def run_config(args, world_size: int) -> dict:
+    """The identity of a run: CONFIG_KEYS of the parsed options, and the world size."""
+    return {**{k: getattr(args, k) for k in CONFIG_KEYS}, "world_size": world_size}
+
+
+# ----------------------------------------------------------------------------- random-number states
+
+
+def rng_state(device: torch.device) -> dict:
+    """This process's random-number states: torch CPU, CUDA (all devices), Python, numpy."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else None,
+        "python": random.getstate(),
+        "numpy": [kind, torch.from_numpy(keys.copy()), pos, has_gauss, cached],
+    }
+
+
+def set_rng_state(state: dict, device: torch.device) -> None:
+    """Restore what `rng_state` returned (on the same kind of device)."""
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and state["cuda"] is not None:
+        torch.cuda.set_rng_state_all(state["cuda"])
+    random.setstate(tuple(x if not isinstance(x, list) else tuple(x) for x in state["python"]))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy(), pos, has_gauss, cached))
+
+
+def _to_bytes(obj) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def _from_bytes(data: bytes):
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+
+
+def gather_rng(env) -> list | None:
+    """Every rank's `rng_state`, gathered to rank 0 (None elsewhere). A collective: call on every rank.
+
+    Each state travels as the bytes of `torch.save` (gather_object pickles plain bytes reliably;
+    tensors inside pickled objects it does not, in torch 2.13).
+    """
+    mine = rng_state(env.device)
+    if not env.distributed or env.world_size == 1:
+        return [mine]
+    everyone = [None] * env.world_size if env.is_main else None
+    dist.gather_object(_to_bytes(mine), everyone, dst=0)
+    return [_from_bytes(b) for b in everyone] if env.is_main else None
+
+
+def broadcast_state(state: dict | None, env) -> dict:
+    """Rank 0's snapshot `state` on every rank: one broadcast of its `torch.save` bytes.
+
+    Works where ranks share no file system (several machines). A collective: call on every rank.
+    """
+    if not env.distributed or env.world_size == 1:
+        return state
+    data = torch.frombuffer(bytearray(_to_bytes(state)), dtype=torch.uint8) if env.is_main else None
+    size = torch.tensor([data.numel() if env.is_main else 0], dtype=torch.int64, device=env.device)
+    dist.broadcast(size, src=0)
+    buf = data.to(env.device) if env.is_main else torch.empty(int(size.item()), dtype=torch.uint8, device=env.device)
+    dist.broadcast(buf, src=0)
+    return state if env.is_main else _from_bytes(buf.cpu().numpy().tobytes())
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(path: Path, write, step: int) -> None:
+    """`write(file)` into `path.tmp`, fsync, rename to `path`, fsync the directory."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    fault_point("before-rename", step)
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def save(out_dir: str | os.PathLike, state: dict, keep: int = 2) -> Path:
+    """Write `state` (see the module docstring) as the snapshot of its global step; keep the newest `keep`.
+
+    Rank 0 only (gather the RNG states first, `gather_rng`). Returns the .pt path.
+    Raises: OSError from the file system (disk full, permissions).
+    """
+    folder = Path(out_dir) / DIRNAME
+    folder.mkdir(parents=True, exist_ok=True)
+    for stale in folder.glob("*.tmp"):  # left by a crash during an earlier save
+        stale.unlink(missing_ok=True)
+    name = f"snapshot-{state['position']['global_step']:08d}"
+    pt = folder / f"{name}.pt"
+    step = state["position"]["global_step"]
+    _write_atomic(pt, lambda f: torch.save(state, f), step)
+    manifest = {
+        "format": FORMAT,
+        "version": VERSION,
+        "file": pt.name,
+        "bytes": pt.stat().st_size,
+        "sha256": _sha256(pt),
+        "config": state["config"],
+        "position": state["position"],
+    }
+    _write_atomic(folder / f"{name}.json", lambda f: f.write(json.dumps(manifest, indent=2).encode()), step)
+    for old in list_snapshots(out_dir)[keep:]:
+        old.unlink(missing_ok=True)
+        old.with_suffix(".pt").unlink(missing_ok=True)
+    return pt
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def list_snapshots(out_dir: str | os.PathLike) -> list[Path]:
+    """Manifests (.json) of the snapshots in `out_dir`, newest (highest global step) first."""
+    folder = Path(out_dir) / DIRNAME
+    if not folder.is_dir():
+        return []
+    return sorted((p for p in folder.iterdir() if NAME.match(p.name)), reverse=True)
+
+
+def _mismatch(saved: dict, config: dict) -> list[str]:
+    return [f"{k} is {saved.get(k)!r} there, {config[k]!r} here" for k in config if saved.get(k) != config[k]]
+
+
+def load(path: str | os.PathLike, config: dict) -> dict:
+    """Load and check one snapshot (its .pt or its .json manifest).
+
+    Raises:
+        SnapshotError: naming the file and what is wrong: missing or unreadable, no manifest,
+            truncated or altered (size or sha256 differ), not a snapshot, or written by a run
+            with another configuration or world size (each differing option is listed).
+    """
+    path = Path(path)
+    manifest_path = path if path.suffix == ".json" else path.with_suffix(".json")
+    pt = manifest_path.with_suffix(".pt")
+    if not pt.exists():
+        raise SnapshotError(f"{pt}: no such snapshot file")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, ValueError) as e:
+        raise SnapshotError(f"{pt}: its manifest {manifest_path.name} is missing or unreadable ({e})") from None
+    if manifest.get("format") != FORMAT:
+        raise SnapshotError(f"{pt}: not a {FORMAT} (manifest says {manifest.get('format')!r})")
+    if pt.stat().st_size != manifest.get("bytes") or _sha256(pt) != manifest.get("sha256"):
+        raise SnapshotError(
+            f"{pt}: truncated or altered ({pt.stat().st_size} bytes, the manifest recorded {manifest.get('bytes')}; "
+            "or its sha256 differs)"
+        )
+    problems = _mismatch(manifest.get("config", {}), config)
+    if "world_size" in (p.split(" ")[0] for p in problems):
+        raise SnapshotError(
+            f"{pt}: written by a run with world size {manifest['config'].get('world_size')}, this run has "
+            f"{config['world_size']}. The global batch (micro-batch x world size) and each rank's data order "
+            "depend on it, so this run cannot continue that one. Relaunch with "
+            f"{manifest['config'].get('world_size')} processes in all, or start a new run in another --output-dir."
+        )
+    if problems:
+        raise SnapshotError(f"{pt}: written by a run with another configuration: {'; '.join(problems)}")
+    try:
+        state = torch.load(pt, map_location="cpu", weights_only=True)
+    except Exception as e:  # the hash matched, so this is a bug or a foreign file
+        raise SnapshotError(f"{pt}: cannot be loaded ({type(e).__name__}: {e})") from None
+    if state.get("format") != FORMAT or state.get("version") != VERSION:
+        raise SnapshotError(f"{pt}: format {state.get('format')!r} version {state.get('version')!r} is not ours")
+    return state
+
+
+def choose(resume: str | None, out_dir: str | os.PathLike, config: dict) -> tuple[dict | None, str | None, list[str]]:
+    """Which snapshot this run continues from. Rank 0 only.
+
+    Args:
+        resume: None (start fresh), "auto" (the newest usable snapshot in `out_dir`, else fresh),
+            or a path to a snapshot (.pt or .json).
+    Returns: (state or None, its path or None, warnings to print).
+    Raises:
+        SnapshotError: `resume` is None but `out_dir` holds snapshots (a run would silently
+            overwrite another's); an explicit path cannot be used; "auto" found snapshots of
+            which none is usable and at least one belongs to another configuration.
+    """
+    found = list_snapshots(out_dir)
+    if resume is None:
+        if found:
+            raise SnapshotError(
+                f"{Path(out_dir)} already holds snapshots of a run (newest: {found[0].with_suffix('.pt').name}). "
+                "Pass --resume auto to continue it, or choose a new --output-dir (or delete "
+                f"{Path(out_dir) / DIRNAME}) to start afresh."
+            )
+        return None, None, []
+    if resume != "auto":
+        return load(resume, config), str(resume), []
+    warnings, foreign = [], []
+    for manifest in found:
+        try:
+            return load(manifest, config), str(manifest.with_suffix(".pt")), warnings
+        except SnapshotError as e:
+            warnings.append(f"warning: {e}; falling back to the previous snapshot")
+            if "configuration" in str(e) or "world size" in str(e):
+                foreign.append(str(e))
+    if foreign:
+        raise SnapshotError("no usable snapshot to resume from: " + " | ".join(foreign))
+    if found:
+        warnings.append("warning: no usable snapshot left: starting afresh")
+    return None, None, warnings
+
+
+# ----------------------------------------------------------------------------- before the first step
+
+
+def preflight(out_dir: str | os.PathLike, state_bytes: int) -> None:
+    """Fail before any work if `out_dir` cannot be written or has no room for one snapshot.
+
+    Args:
+        state_bytes: estimated size of one snapshot (model + optimizer state), bytes.
+    Raises: SnapshotError with what to do.
+    """
+    out = Path(out_dir)
+    try:
+        (out / DIRNAME).mkdir(parents=True, exist_ok=True)
+        probe = out / DIRNAME / ".write-test.tmp"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as e:
+        raise SnapshotError(f"cannot write to {out}: {e}. Choose another --output-dir.") from None
+    free = shutil.disk_usage(out).free
+    if free < 1.1 * state_bytes:
+        raise SnapshotError(
+            f"{out} has {free / 2**20:.0f} MiB free, one snapshot needs about {state_bytes / 2**20:.0f} MiB. "
+            "Free some space or choose an --output-dir on another disk."
+        )
+
+
+# ----------------------------------------------------------------------------- fault injection (tests)
+
+FAULT_ENV = "DISTRINEWS_FAULT"
+
+
+def fault_point(where: str, step: int) -> None:
+    """Kill this process with SIGKILL if DISTRINEWS_FAULT asks for a crash here (for tests only).
+
+    DISTRINEWS_FAULT="<where>:<step>:<rank>", e.g. "after-step:7:1" (rank 1 dies after optimizer
+    step 7) or "before-rename:8:0" (rank 0 dies while writing the snapshot of step 8, between the
+    temporary file and its rename). Only in a first attempt: a run torchrun restarted
+    (TORCHELASTIC_RESTART_COUNT > 0) never injects, so it can finish.
+    """
+    spec = os.environ.get(FAULT_ENV)
+    if not spec or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
+        return
+    kind, at_step, at_rank = spec.split(":")
+    rank = int(os.environ.get("RANK", "0"))
+    if kind == where and int(at_step) == step and int(at_rank) == rank:
+        print(f"[fault injection] rank {rank} kills itself ({where}, step {at_step})", file=sys.stderr, flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)

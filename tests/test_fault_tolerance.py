@@ -1,0 +1,204 @@
+"""Training that survives: snapshots, exact resume, torchrun restarts, two agents as two nodes.
+
+Real processes (torchrun, gloo, CPU), the tiny model on real AG News rows, 2 epochs of 12 steps.
+A crash is injected with DISTRINEWS_FAULT (experiments/snapshot.py, `fault_point`): the process
+kills itself with SIGKILL at a chosen point, only in torchrun's first attempt, and torchrun
+(`--max-restarts`) restarts every rank, which resume with `--resume auto`. "Equal" is
+`torch.equal` on every parameter and every optimizer state tensor of the final snapshot.
+
+The 2-rank reference is one uninterrupted run of torch's DDP: with 2 ranks, native and both
+hand-written collectives are bit-identical (each sum is one correctly rounded a + b, and the
+gradients are pre-divided by 2, exactly), so every 2-rank variant must equal it, crashed or not.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from experiments import snapshot as S
+
+ROOT = Path(__file__).resolve().parents[1]
+AG_NEWS = ROOT.parent / "shared" / "ag_news"
+pytestmark = pytest.mark.skipif(not AG_NEWS.exists(), reason="needs ../shared/ag_news")
+TIMEOUT_S = 180
+STEPS = 24  # 96 rows / global batch 8, 2 epochs
+
+
+def train_args(out: Path, cache: Path, world: int, ddp: str, extra=()) -> list[str]:
+    batch = 8 // world if ddp != "none" else 8  # global batch 8 for every world size
+    return [
+        "-m", "experiments.train", "--ddp", ddp, "--data-dir", str(AG_NEWS), "--model", "tiny",
+        "--max-train-samples", "96", "--max-eval-samples", "32", "--max-length", "32", "--epochs", "2",
+        "--batch-size", str(batch), "--no-test", "--no-save", "--save-every", "3", "--keep-snapshots", "3",
+        "--timeout", "60",
+        "--cache-dir", str(cache), "--output-dir", str(out), *extra,
+    ]  # fmt: skip
+
+
+def torchrun(nproc: int, args: list[str], restarts: int = 0, env=None, rdzv=()) -> subprocess.CompletedProcess:
+    launcher = ["--standalone"] if not rdzv else list(rdzv)
+    cmd = [sys.executable, "-m", "torch.distributed.run", *launcher, f"--nproc_per_node={nproc}",
+           f"--max-restarts={restarts}", *args]  # fmt: skip
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT_S,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})  # fmt: skip
+
+
+def python(args: list[str]) -> subprocess.CompletedProcess:
+    """One process without torchrun, with the thread count torchrun would give it (1: same kernels, same sums)."""
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT_S,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+
+
+def final(out: Path) -> dict:
+    newest = S.list_snapshots(out)[0]
+    return torch.load(newest.with_suffix(".pt"), weights_only=True)
+
+
+def assert_same_training(got: dict, want: dict, where: str) -> None:
+    assert got["position"]["global_step"] == want["position"]["global_step"], where
+    for k, v in want["model"].items():
+        assert torch.equal(got["model"][k], v), (where, k)
+    a, b = got["optimizer"]["state"], want["optimizer"]["state"]
+    assert a.keys() == b.keys() and a, where
+    for i in b:
+        for k in b[i]:
+            assert torch.equal(a[i][k], b[i][k]), (where, i, k)
+
+
+def ok(r: subprocess.CompletedProcess) -> str:
+    assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-4000:])
+    return r.stdout + r.stderr
+
+
+@pytest.fixture(scope="module")
+def refs(tmp_path_factory):
+    """Uninterrupted runs: 1 process (--ddp none), torch's DDP on 2 and 4 ranks, ours on 4 ranks
+    (with 4 ranks, gloo and we add in different orders: equal to float rounding, not bit for bit)."""
+    base = tmp_path_factory.mktemp("ft")
+    cache = base / "cache"
+    out = {}
+    runs = (("none", 1, "none"), ("native2", 2, "native"), ("native4", 4, "native"), ("scratch4", 4, "scratch"))
+    for name, world, ddp in runs:
+        ok(torchrun(world, train_args(base / name, cache, world, ddp)))
+        out[name] = final(base / name)
+        assert [p.name for p in S.list_snapshots(base / name)] == [f"snapshot-000000{s}.json" for s in (24, 21, 18)]
+    return base, cache, out
+
+
+CRASHES = {  # variant: (world size, --ddp, more flags, where the crash is injected)
+    "none": (1, "none", [], "after-step:10:0"),  # mid-epoch, resumes from step 9
+    "native": (2, "native", [], "after-step:13:0"),  # resumes from the epoch-end snapshot (12)
+    "scratch-torch": (2, "scratch", ["--all-reduce", "torch"], "after-step:7:1"),  # rank 1 dies
+    "scratch-ring": (2, "scratch", ["--all-reduce", "ring"], "before-rename:9:0"),  # rank 0 dies mid-write
+}
+
+
+@pytest.mark.parametrize("variant", list(CRASHES))
+def test_killed_rank_restarts_and_ends_bit_identical(refs, variant):
+    base, cache, ref = refs
+    world, ddp, flags, fault = CRASHES[variant]
+    out = base / f"crash-{variant}"
+    args = train_args(out, cache, world, ddp, [*flags, "--resume", "auto"])
+    log = ok(torchrun(world, args, restarts=2, env={S.FAULT_ENV: fault}))
+    assert "[fault injection]" in log and "resumed from" in log, log[-3000:]
+    assert_same_training(final(out), ref["none" if world == 1 else "native2"], variant)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["type"] == "step"] == list(range(1, STEPS + 1))  # one curve
+    assert sum(r["type"] == "resumed" for r in rows) == 1
+    if fault.startswith("before-rename"):  # the torn snapshot of step 9 was never picked
+        assert "snapshot-00000006.pt" in next(r for r in rows if r["type"] == "resumed")["snapshot"]
+
+
+def test_corrupted_newest_snapshot_falls_back_with_a_warning(refs):
+    base, cache, ref = refs
+    out = base / "corrupt"
+    shutil.copytree(base / "none", out)
+    # make the run look interrupted after step 21 (drop the epoch-end snapshot), then corrupt step 21's
+    newest = S.list_snapshots(out)[0]
+    newest.with_suffix(".pt").unlink()
+    newest.unlink()
+    newest = S.list_snapshots(out)[0]
+    data = bytearray(newest.with_suffix(".pt").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    newest.with_suffix(".pt").write_bytes(bytes(data))
+    r = python([*train_args(out, cache, 1, "none"), "--resume", "auto"])
+    log = ok(r)
+    assert "snapshot-00000021.pt: truncated or altered" in log and "falling back" in log, log[-2000:]
+    assert "resumed from" in log and "snapshot-00000018.pt" in log
+    assert_same_training(final(out), ref["none"], "fallback")
+
+
+def test_another_world_size_is_refused_with_what_to_do(refs):
+    base, cache, _ = refs
+    out = base / "other-world"
+    shutil.copytree(base / "native2", out)
+    r = python([*train_args(out, cache, 1, "none"), "--resume", "auto"])
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "world size 2, this run has 1" in r.stderr and "Relaunch with 2 processes" in r.stderr
+
+
+def test_explicit_snapshot_that_does_not_match_names_file_and_difference(refs):
+    base, cache, _ = refs
+    pt = S.list_snapshots(base / "none")[0].with_suffix(".pt")
+    args = train_args(base / "explicit", cache, 1, "none")
+    args[args.index("--epochs") + 1] = "3"
+    r = python([*args, "--resume", str(pt)])
+    assert r.returncode == 2 and str(pt) in r.stderr and "epochs is 2 there, 3 here" in r.stderr, r.stderr[-2000:]
+
+
+def test_a_directory_with_snapshots_is_not_overwritten_without_resume(refs):
+    base, cache, _ = refs
+    r = python(train_args(base / "none", cache, 1, "none"))
+    assert r.returncode == 2 and "already holds snapshots" in r.stderr and "--resume auto" in r.stderr
+
+
+def test_unwritable_output_dir_fails_before_any_step(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    r = python(train_args(blocker / "run", tmp_path / "cache", 1, "none"))
+    assert r.returncode == 2 and "cannot write to" in r.stderr and "--output-dir" in r.stderr, r.stderr[-2000:]
+    assert '"type": "step"' not in r.stdout
+
+
+def test_no_room_for_a_snapshot_fails_before_any_step(tmp_path):
+    with pytest.raises(S.SnapshotError, match="MiB free, one snapshot needs about"):
+        S.preflight(tmp_path, state_bytes=1 << 60)
+    S.preflight(tmp_path, state_bytes=1 << 20)  # and a small one fits
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("per_node", [1, 2])
+@pytest.mark.parametrize("ddp", ["native", "scratch"])
+def test_two_agents_as_two_nodes_equal_one_agent(refs, ddp, per_node):
+    """torchrun's c10d rendezvous, two agents on localhost acting as two machines."""
+    base, cache, ref = refs
+    world = 2 * per_node
+    out = base / f"nodes-{ddp}-{per_node}"
+    port = _free_port()
+    procs = []
+    for node in (0, 1):
+        rdzv = ["--nnodes=2", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=ft-test",
+                f"--node-rank={node}"]  # fmt: skip
+        cmd = [sys.executable, "-m", "torch.distributed.run", *rdzv, f"--nproc_per_node={per_node}",
+               *train_args(out, cache, world, ddp)]  # fmt: skip
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                      env={**os.environ, "OMP_NUM_THREADS": "1"}))  # fmt: skip
+    logs = [p.communicate(timeout=TIMEOUT_S)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), [log[-2000:] for log in logs]
+    assert f"world size {world}" in "".join(logs)
+    # the one-agent run with the same world size (with 2 ranks native and ours are bit-identical)
+    assert_same_training(final(out), ref[f"native{world}" if world == 2 else f"{ddp}{world}"], f"{ddp} {per_node}/node")
