@@ -50,7 +50,9 @@ def parse_args(argv=None):
 
 def command(kind: str, nproc: int, batch_size: int, out_dir: str, train_args: list[str]) -> list[str]:
     """The exact command line of one run (printed, so a learner can rerun it alone)."""
-    common = ["--output-dir", out_dir, *train_args]
+    # no snapshots: a comparison always starts afresh, and three runs' snapshots of minilm-l6
+    # (about 270 MB each) would only fill the disk
+    common = ["--output-dir", out_dir, "--no-snapshots", *train_args]
     if kind == "none":  # one process trains on the whole global batch
         return [
             sys.executable,

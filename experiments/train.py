@@ -9,12 +9,16 @@ Launch (CPU: gloo; one GPU per rank: nccl):
     python -m experiments.train --ddp none --data-dir ../shared/ag_news --model minilm-l6
     torchrun --nproc_per_node=2 -m experiments.train --ddp scratch --data-dir ../shared/ag_news --model minilm-l6
     torchrun --nproc_per_node=2 -m experiments.train --ddp native  --data-dir ../shared/ag_news --model minilm-l6
-    # several machines: torchrun --nnodes=2 --node_rank=K --master_addr=HOST --nproc_per_node=G -m experiments.train ...
+    # survive crashes: torchrun restarts every rank, which continue from the newest snapshot
+    torchrun --nproc_per_node=2 --max-restarts=3 -m experiments.train ... --save-every 50 --resume auto
+    # several machines (docs/fault-tolerance.md): on each, torchrun --nnodes=2 --node-rank=K
+    #     --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 --rdzv-id=JOB --nproc_per_node=G -m experiments.train ...
 
 Writes to --output-dir (rank 0 only): metrics.jsonl (one line per optimizer step:
 loss of rank 0's micro-batch, learning rate, seconds in forward / backward (incl. waiting for gradient
-sync) / optimizer, and one line per evaluation), summary.json, checkpoint/ (a
-Hugging Face model directory that `transformers.pipeline` and `python -m server` load).
+sync) / optimizer; one per evaluation; one per snapshot; one where a resumed run joined),
+summary.json, checkpoint/ (a Hugging Face model directory that `transformers.pipeline` and
+`python -m server` load) and snapshots/ (the whole training state: experiments/snapshot.py).
 """
 
 from __future__ import annotations
@@ -77,6 +81,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="also write a snapshot every N optimizer steps (default 0: at every epoch end only)",
     )
     p.add_argument("--keep-snapshots", type=int, default=2, help="how many snapshots to keep (newest first)")
+    p.add_argument("--no-snapshots", action="store_true", help="write no snapshot at all (the run cannot resume)")
     p.add_argument(
         "--resume",
         default=None,
@@ -201,7 +206,10 @@ def train(args, env: D.DistEnv) -> dict:
             print(f"resumed from {snap_path}: epoch {start_epoch + 1}, step {step} of {steps}", flush=True)
 
     def take_snapshot(epoch: int, batches_done: int, epoch_elapsed: float) -> None:
-        """Every rank: gather the RNG states; rank 0 writes the snapshot (snapshot.py)."""
+        """Every rank: gather the RNG states; rank 0 writes the snapshot (snapshot.py) and logs its cost."""
+        if args.no_snapshots:
+            return
+        t0 = time.perf_counter()
         rng = S.gather_rng(env)
         if not env.is_main:
             return
@@ -227,7 +235,9 @@ def train(args, env: D.DistEnv) -> dict:
             "sampler": {"seed": args.seed, "epoch": epoch},
             "rng": rng,
         }
-        S.save(out_dir, state, keep=args.keep_snapshots)
+        path = S.save(out_dir, state, keep=args.keep_snapshots)
+        event = {"type": "snapshot", "step": step, "epoch": epoch, "path": str(path)}
+        log.write(json.dumps({**event, "bytes": path.stat().st_size, "seconds": time.perf_counter() - t0}) + "\n")
 
     model.train()
     for epoch in range(start_epoch, args.epochs):

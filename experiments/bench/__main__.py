@@ -14,6 +14,7 @@ Parts, one module each in experiments/bench/ (each also runs alone: python -m ex
     buckets    step time, bucket count and overlap against bucket cap (per-parameter ... one bucket)
     scaling    1 vs 2 vs 4 processes, same global batch: samples/s, speedup, efficiency, compute
                slow-down vs exposed communication
+    snapshot   seconds and bytes per training snapshot, and their share of the training time
     accuracy   minilm-l6 on the AG News rows in ../shared/ag_news with native and hand-written DDP:
                loss curves, accuracy, confusion matrix
 
@@ -34,7 +35,7 @@ from pathlib import Path
 
 from .common import machine, result_files
 
-PARTS = ("step", "timeline", "allreduce", "buckets", "scaling", "accuracy")
+PARTS = ("step", "timeline", "allreduce", "buckets", "scaling", "snapshot", "accuracy")
 
 
 def main(argv=None) -> int:

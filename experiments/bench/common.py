@@ -89,6 +89,17 @@ def launch_ranks(part: str, nproc: int, config: dict, quiet: bool, threads: int 
         return [json.loads(Path(tmp, f"rank{r}.json").read_text()) for r in range(nproc)]
 
 
+def run_training(nproc: int, train_args: list[str], quiet: bool) -> None:
+    """`torchrun --standalone --nproc_per_node=nproc -m experiments.train ...`: a whole training run,
+    for parts that measure what the real training loop does (the snapshot part).
+
+    Raises: RuntimeError if the run fails (see `run_command`).
+    """
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "experiments.train", *train_args]  # fmt: skip
+    run_command(cmd, quiet=quiet)
+
+
 def _rank_main(argv=None) -> None:
     """One rank under torchrun: join the group, run the part's worker, write its result."""
     p = argparse.ArgumentParser()

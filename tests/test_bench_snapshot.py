@@ -1,0 +1,23 @@
+"""The snapshot part in quick mode: a real 2-rank run with snapshots, their size, time and share."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from experiments.bench.snapshot import run
+
+AG_NEWS = Path(__file__).resolve().parents[2] / "shared" / "ag_news"
+
+
+@pytest.mark.skipif(not AG_NEWS.exists(), reason="needs ../shared/ag_news")
+def test_quick_snapshot_costs(tmp_path):
+    result = run(tmp_path, quick=True, data_dir=AG_NEWS)
+    (row,) = result["rows"]
+    assert row["model"] == "tiny" and row["snapshots"] == row["mid_epoch_snapshots"] + 1  # + the epoch end
+    assert row["bytes"] > 3 * 39_236 * 4  # weights and AdamW's two moments, fp32
+    assert all(s > 0 for s in row["seconds"]) and 0 < row["share_of_training"] < 1
+    assert json.loads((tmp_path / "snapshot.json").read_text())["rows"][0]["bytes"] == row["bytes"]
+    assert "| tiny |" in (tmp_path / "snapshot.md").read_text()
