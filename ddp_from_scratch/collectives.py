@@ -19,6 +19,11 @@ send-then-recv every rank would wait in `send` for a neighbour itself blocked in
 link would only ever carry one direction. Chunks travel as pieces of SEGMENT_BYTES, each passed
 on as soon as it is final, so the pieces stream round the ring without a pause between steps.
 
+On CUDA tensors (NCCL) each step is one grouped send and receive of a whole chunk
+(`_ring_grouped`): NCCL pieces and pipelines a chunk itself, and an NCCL send must be grouped
+with the receive it waits for. NCCL ignores message tags, so on GPUs run our collectives from one
+thread in order (work.py does).
+
 Every call here blocks until this rank has its result. Every message carries the operation's
 *tag*, taken from a per-group counter in call order (`next_tag`): every rank calls in the same
 order, so the k-th operation gets the same tag everywhere and its messages can never be
@@ -43,6 +48,7 @@ SUM, AVG, MAX = dist.ReduceOp.SUM, dist.ReduceOp.AVG, dist.ReduceOp.MAX
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.int64)
 SEGMENT_BYTES = 1 << 20  # no message carries more than 1 MiB (gloo's segment size too)
 WINDOW = 2  # pieces in flight while reducing, each landing in a scratch slot (gloo: 2)
+GROUPED_STEPS = False  # True: the grouped form (`_ring_grouped`) on the CPU too; always on CUDA (tests set it)
 
 
 # ----------------------------------------------------------------------------- the ring
@@ -56,6 +62,8 @@ def _ring(flat: torch.Tensor, group, tag: int, op, reduce_steps: int, gather_ste
     or copies it (all-gather). What it receives at step t is what the next rank needs at step
     t+1, so each piece is passed on the moment it is final: no pause between steps or phases.
     """
+    if flat.is_cuda or GROUPED_STEPS:
+        return _ring_grouped(flat, group, tag, op, reduce_steps, gather_steps)
     rank, n, nxt, prv = _neighbours(group)
     chunks = [_pieces(chunk) for chunk in flat.tensor_split(n)]
     # the chunk received at each step: (rank-s-2) in reduce-scatter, (rank-s-1) in all-gather
@@ -99,12 +107,53 @@ def _receive_pieces(targets: list[torch.Tensor], src: int, group, tag: int, op=N
 
 
 @torch.no_grad()
+def _ring_grouped(flat: torch.Tensor, group, tag: int, op, reduce_steps: int, gather_steps: int) -> None:
+    """The same ring for NCCL (CUDA tensors): one whole chunk per step, the step's send and receive
+    handed to the backend together (`dist.batch_isend_irecv`, NCCL's group call).
+
+    Why not the streamed form: an NCCL send blocks its stream until the peer has posted the matching
+    receive, so if every rank issued its send first, all would wait forever; grouped, NCCL starts both
+    at once. NCCL cuts a chunk into pieces itself, so ours are not needed.
+    Streams: the ops of this function run on the calling thread's current CUDA stream (NCCL's internal
+    stream waits for it at each launch, and `Work.wait()` makes it wait for NCCL), so each step's add
+    sees the received chunk and the next step's send sees the sum. work.py makes sure that the stream
+    first waits for the gradients of the bucket, and that the result is finished before anyone reads it.
+    """
+    rank, n, nxt, prv = _neighbours(group)
+    chunks = flat.tensor_split(n)
+    plan = [(rank - s - 2) % n for s in range(reduce_steps)] + [(rank - s - 1) % n for s in range(gather_steps)]
+    send = (rank - 1) % n if reduce_steps else rank  # the chunk our own data starts with
+    scratch = torch.empty_like(chunks[0]) if reduce_steps and plan else None  # chunk 0 is the largest
+    for t, c in enumerate(plan):
+        reducing = t < reduce_steps
+        incoming = scratch[: chunks[c].numel()] if reducing else chunks[c]
+        ops = []
+        if chunks[send].numel():  # an empty chunk (fewer elements than ranks) is sent by nobody
+            ops.append(dist.P2POp(dist.isend, chunks[send], nxt, group, tag))
+        if incoming.numel():
+            ops.append(dist.P2POp(dist.irecv, incoming, prv, group, tag))
+        for work in dist.batch_isend_irecv(ops) if ops else ():
+            work.wait()
+        if reducing:
+            _reduce_into(chunks[c], incoming, op)
+            if op == AVG and t == reduce_steps - 1:
+                chunks[c].div_(n)
+        send = c  # what we just received (and reduced) is what the next rank needs next
+
+
+@torch.no_grad()
 def _chain_broadcast(flat: torch.Tensor, group, tag: int, src: int) -> None:
     """Rank `src` (of `group`) sends `flat` down the chain src -> src+1 -> ...; see `broadcast`."""
     rank, n, nxt, prv = _neighbours(group)
     if n == 1:
         return
     pos = (rank - src) % n  # our place in the chain src -> src+1 -> ... -> src-1
+    if flat.is_cuda or GROUPED_STEPS:  # NCCL: the whole tensor per hop (NCCL pipelines it itself)
+        if pos > 0 and flat.numel():
+            dist.irecv(flat, src=prv, group=group, tag=tag).wait()
+        if pos < n - 1 and flat.numel():
+            dist.isend(flat, dst=nxt, group=group, tag=tag).wait()
+        return
     pieces = _pieces(flat)
     # Each piece is forwarded the moment it arrives, so all links of the chain are busy at once
     # (a pipeline) instead of the whole tensor hopping from rank to rank.
@@ -123,7 +172,8 @@ def all_reduce(tensor: torch.Tensor, op=SUM, group=None, tag: int | None = None)
     """Ring all-reduce, in place: afterwards every rank's `tensor` holds op(tensor of all ranks).
 
     Args:
-        tensor: contiguous CPU tensor, any shape (N elements of b bytes; N may be 0 or < n),
+        tensor: contiguous tensor on the CPU (gloo) or on this rank's GPU (NCCL), any shape (N
+            elements of b bytes; N may be 0 or < n),
             dtype float32/float16/bfloat16/int64; same shape and dtype on every rank.
         op: `dist.ReduceOp.SUM`, `AVG` (SUM, then divide by n; floating point only; float16
             sums overflow above 65504 before the division) or `MAX`.
@@ -135,7 +185,7 @@ def all_reduce(tensor: torch.Tensor, op=SUM, group=None, tag: int | None = None)
         ceil(c_i*b / SEGMENT_BYTES) messages (none if empty); bytes sent
         (2N - c_r - c_{r+1}) * b ~= 2(n-1)/n * N * b, and as many received.
     Raises: RuntimeError (no process group), TypeError (dtype, int64 AVG), ValueError (op,
-        non-contiguous, not CPU); see `check`.
+        non-contiguous, neither CPU nor CUDA); see `check`.
     Sources: Patarasuk & Yuan 2009; nccl-tests doc/PERFORMANCE.md (busbw = algbw * 2(n-1)/n).
     """
     group, tag = check(tensor, op, group, tag)
@@ -214,7 +264,7 @@ def check(tensor: torch.Tensor, op=SUM, group=None, tag: int | None = None):
 
     Raises: RuntimeError (no process group), TypeError (not a tensor, dtype not in DTYPES, AVG
     on int64: the mean of integers is no integer, gloo refuses it too; use SUM and divide as you
-    see fit), ValueError (op not SUM/AVG/MAX, tensor not contiguous or not on the CPU).
+    see fit), ValueError (op not SUM/AVG/MAX, tensor not contiguous, neither on the CPU nor on CUDA).
     """
     if not dist.is_initialized():
         raise RuntimeError("no process group: call torch.distributed.init_process_group first")
@@ -228,8 +278,8 @@ def check(tensor: torch.Tensor, op=SUM, group=None, tag: int | None = None):
         raise TypeError("ReduceOp.AVG needs a floating-point tensor; for int64 use SUM and divide")
     if not tensor.is_contiguous():
         raise ValueError("tensor must be contiguous (we send slices of its memory); call .contiguous()")
-    if tensor.device.type != "cpu":
-        raise ValueError(f"tensor must be on the CPU for gloo, got {tensor.device}")
+    if tensor.device.type not in ("cpu", "cuda"):
+        raise ValueError(f"tensor must be on the CPU (gloo) or a CUDA GPU (NCCL), got {tensor.device}")
     group = group if group is not None else dist.group.WORLD
     return group, (next_tag(group) if tag is None else tag)
 

@@ -62,6 +62,11 @@ def _naive(flat: torch.Tensor, group, tag: int, op) -> None:
         _exchange(flat, dst, None, dst, group, tag)
 
 
+def _cpu_only(tensor: torch.Tensor, name: str) -> None:
+    if tensor.is_cuda:  # their send-then-receive exchanges would block NCCL's stream (see collectives._ring_grouped)
+        raise ValueError(f"{name} runs on CPU tensors (gloo) only; on GPUs use collectives.all_reduce (the ring)")
+
+
 def naive_all_reduce(tensor: torch.Tensor, op=SUM, group=None, tag: int | None = None) -> torch.Tensor:
     """Reduce everything to rank 0, then send the result from rank 0 to every other rank.
 
@@ -72,6 +77,7 @@ def naive_all_reduce(tensor: torch.Tensor, op=SUM, group=None, tag: int | None =
     Source: the "reduce + broadcast" baseline of Thakur, Rabenseifner & Gropp 2005.
     """
     group, tag = check(tensor, op, group, tag)
+    _cpu_only(tensor, "naive_all_reduce")
     _naive(tensor.view(-1), group, tag, op)
     return tensor
 
@@ -134,5 +140,6 @@ def halving_doubling_all_reduce(tensor: torch.Tensor, op=SUM, group=None, tag: i
     Source: Thakur, Rabenseifner & Gropp 2005, section 4.5.
     """
     group, tag = check(tensor, op, group, tag)
+    _cpu_only(tensor, "halving_doubling_all_reduce")
     _halving_doubling(tensor.view(-1), group, tag, op)
     return tensor

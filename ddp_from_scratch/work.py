@@ -25,6 +25,10 @@ the GIL, so the worker overlaps a main thread busy in torch kernels (backward). 
 running pure Python slows it down: the worker needs the GIL briefly between two messages, and
 CPython hands it over only every 5 ms (`sys.getswitchinterval()`). torch's ProcessGroupGloo
 does the same with C++ threads, which need no GIL at all.
+
+On CUDA tensors (NCCL) the launch also records a CUDA event on the launching thread's stream; the
+worker's stream waits for it before sending, and the worker waits for its stream to finish before
+the `Work` completes (`_on_cuda`): the stream rules of torch's reducer, kept by hand here.
 """
 
 from __future__ import annotations
@@ -87,11 +91,11 @@ class _Worker:
             self._run(*item)
             del item  # hold no reference to the group while idle, so it can be destroyed
 
-    def _run(self, work: Work, fn, args: tuple, kwargs: dict) -> None:
+    def _run(self, work: Work, fn, args: tuple, kwargs: dict, ready) -> None:
         try:
             if self.error is not None:  # after a failure, peers may be stuck mid-way: refuse
                 raise RuntimeError("an earlier collective on this process group failed") from self.error
-            result = fn(*args, **kwargs)
+            result = fn(*args, **kwargs) if ready is None else _on_cuda(fn, args, kwargs, ready)
         except Exception as e:
             self.error = self.error or e
             work._finish(None, e)
@@ -111,6 +115,24 @@ def _worker(group) -> _Worker:
         return _workers[group]
 
 
+def _on_cuda(fn, args: tuple, kwargs: dict, ready):
+    """Run a collective on CUDA tensors from the worker thread, in stream order on both ends.
+
+    Before: this thread's stream waits for `ready` (event, device), an event recorded at launch on the launching
+    thread's stream, after the kernels that wrote the tensor (a bucket's gradient copies): nothing is
+    sent before the gradients are complete on the stream that computed them. After: the host waits
+    until the stream has finished (the last add, the last receive), so when `Work.wait()` or the
+    future returns, the result is complete for any stream that reads it (the optimizer's).
+    """
+    event, device = ready
+    with torch.cuda.device(device):
+        stream = torch.cuda.current_stream()
+        stream.wait_event(event)
+        result = fn(*args, **kwargs)
+        stream.synchronize()
+    return result
+
+
 def launch(collective, tensor: torch.Tensor, *args, group=None, **kwargs) -> Work:
     """Run `collective(tensor, *args, group=group, tag=tag, **kwargs)` on `group`'s worker thread.
 
@@ -125,6 +147,10 @@ def launch(collective, tensor: torch.Tensor, *args, group=None, **kwargs) -> Wor
     Launch from one thread: the launch order is what pairs operations across ranks.
     """
     group, tag = collectives.check(tensor, kwargs.get("op", collectives.SUM), group)
+    ready = None
+    if tensor.is_cuda:  # see _on_cuda: the worker's stream must wait for what this stream wrote
+        ready = (torch.cuda.Event(), tensor.device)
+        ready[0].record(torch.cuda.current_stream(tensor.device))
     work = Work()
-    _worker(group).queue.put((work, collective, (tensor, *args), {**kwargs, "group": group, "tag": tag}))
+    _worker(group).queue.put((work, collective, (tensor, *args), {**kwargs, "group": group, "tag": tag}, ready))
     return work

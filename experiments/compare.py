@@ -93,8 +93,9 @@ def table(summaries: dict, weight_diff: float | None) -> str:
     """The Markdown comparison table."""
     base = summaries.get("none", {}).get("samples_per_s")
     rows = [
-        "| run | processes | samples/s | s/epoch | speedup vs 1 process | parallel efficiency | val acc | test acc |",
-        "|---|---|---|---|---|---|---|---|",
+        "| run | processes | samples/s | s/epoch | speedup vs 1 process | parallel efficiency | val acc | test acc "
+        "| precision | peak MiB per rank | device |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for kind, s in summaries.items():
         speedup = s["samples_per_s"] / base if base else None
@@ -103,8 +104,14 @@ def table(summaries: dict, weight_diff: float | None) -> str:
             f"| {kind} | {s['world_size']} | {s['samples_per_s']:.1f} | "
             f"{sum(s['epoch_times_s']) / len(s['epoch_times_s']):.1f} | {fmt(speedup, '.2f')} | "
             f"{fmt(speedup / s['world_size'] if speedup else None, '.0%')} | {fmt(s['val_accuracy'], '.4f')} "
-            f"| {fmt(s['test_accuracy'], '.4f')} |"
+            f"| {fmt(s['test_accuracy'], '.4f')} | {s.get('precision', 'fp32')} | "
+            f"{fmt(max(s['peak_memory_mib_per_rank']) if s.get('peak_memory_mib_per_rank') else None, '.0f')} | "
+            f"{s.get('device', '-')} |"
         )
+    rows.append(
+        "\nPeak MiB per rank: the highest rank's peak, CUDA `max_memory_allocated` on GPUs, the peak resident set "
+        "of the process on the CPU."
+    )
     if weight_diff is not None:
         rows.append(f"\nLargest absolute difference between native and hand-written final weights: {weight_diff:.3g}")
     return "\n".join(rows)

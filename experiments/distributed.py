@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import datetime
 import os
+import platform
 import socket
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -189,3 +191,35 @@ def decide_on_main(env: DistEnv, fn):
     if box[1] is not None:
         raise box[1]
     return box[0]
+
+
+def all_gather_object(env: DistEnv, obj) -> list:
+    """`obj` of every rank, in rank order, on every rank (small Python objects; [obj] in one process)."""
+    if not env.distributed or env.world_size == 1:
+        return [obj]
+    everyone = [None] * env.world_size
+    dist.all_gather_object(everyone, obj)
+    return everyone
+
+
+def device_name(device: torch.device) -> str:
+    """A readable name of `device`: the GPU's model, or the CPU's."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        model = ""
+    return f"cpu ({model or platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """This process's peak memory, bytes: on CUDA what torch allocated at most on `device`
+    (`max_memory_allocated`); on the CPU the peak resident set of the whole process (`ru_maxrss`)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # macOS reports bytes, Linux KiB

@@ -15,17 +15,26 @@ from tqdm.auto import tqdm
 
 from .checkpoint import unwrap
 from .distributed import DistEnv, all_reduce_sum
+from .precision import autocast
 
 
 @torch.inference_mode()
 def evaluate(
-    model, dataset, collate_fn, env: DistEnv, batch_size: int = 64, num_labels: int = 4, desc: str = "eval"
+    model,
+    dataset,
+    collate_fn,
+    env: DistEnv,
+    batch_size: int = 64,
+    num_labels: int = 4,
+    desc: str = "eval",
+    precision: str = "fp32",
 ) -> dict:
     """Accuracy, mean loss and confusion matrix of `model` on `dataset`, over all ranks.
 
     Args:
         dataset: tokenized split with `input_ids`, `attention_mask`, `labels`.
         batch_size: examples per forward pass on each rank.
+        precision: "fp32", "fp16" or "bf16": the autocast of training (precision.py).
 
     Returns:
         {"accuracy": float in [0, 1], "loss": mean cross-entropy (nats), "n": examples
@@ -40,7 +49,8 @@ def evaluate(
     loss_sum = torch.zeros(1, dtype=torch.float64, device=env.device)
     for batch in tqdm(loader, desc=desc, disable=not env.is_main, leave=False):
         batch = {k: v.to(env.device) for k, v in batch.items()}
-        out = inner(**batch)
+        with autocast(precision, env.device):
+            out = inner(**batch)
         pred = out.logits.argmax(dim=-1)
         confusion.index_put_((batch["labels"], pred), torch.ones_like(pred), accumulate=True)
         loss_sum += out.loss.double() * len(pred)

@@ -58,6 +58,8 @@ CONFIG_KEYS = (
     "model",
     "epochs",
     "batch_size",
+    "grad_accum_steps",
+    "precision",
     "lr",
     "weight_decay",
     "warmup_ratio",

@@ -24,7 +24,9 @@ summary.json, checkpoint/ (a Hugging Face model directory that `transformers.pip
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import math
 import os
 import sys
 import time
@@ -40,6 +42,7 @@ from .checkpoint import save_checkpoint, unwrap
 from .data import DataError, load_ag_news, make_collator, tokenize
 from .evaluate import evaluate
 from .model import build_model, build_tokenizer
+from .precision import autocast, make_scaler
 from .snapshot import SnapshotError
 
 
@@ -50,7 +53,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data-dir", default=None, help="directory with train.csv/test.csv (ag_news_csv); default: the hub")
     p.add_argument("--output-dir", default=None, help="default: runs/<ddp>-np<world size>")
     p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--batch-size", type=int, default=16, help="micro-batch per rank; global batch = this x world size")
+    p.add_argument(
+        "--batch-size", type=int, default=16, help="micro-batch per rank; global batch = this x accumulation x ranks"
+    )
+    p.add_argument(
+        "--grad-accum-steps",
+        type=int,
+        default=1,
+        help="micro-batches per optimizer step (all but the last under no_sync: one all-reduce per step)",
+    )
+    p.add_argument(
+        "--precision",
+        choices=["fp32", "fp16", "bf16"],
+        default="fp32",
+        help="autocast dtype for forward and loss (fp16 adds a gradient scaler); gradients are reduced in fp32",
+    )
     p.add_argument("--eval-batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=5e-5)
     p.add_argument("--weight-decay", type=float, default=0.01)
@@ -89,7 +106,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="continue from the newest usable snapshot in --output-dir (auto) or from PATH",
     )
     args = p.parse_args(argv)
-    for name in ("epochs", "batch_size", "eval_batch_size", "max_length"):
+    for name in ("epochs", "batch_size", "eval_batch_size", "max_length", "grad_accum_steps"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.bucket_cap_mb is not None and args.bucket_cap_mb <= 0:
@@ -122,6 +139,65 @@ def wrap_model(model, args, env: D.DistEnv):
 def _sync(env):
     if env.device.type == "cuda":  # CUDA is asynchronous: wait, or the timers measure only launches
         torch.cuda.synchronize(env.device)
+
+
+def optimizer_step(model, opt, sched, scaler, micro_batches: list[dict], precision: str, max_grad_norm: float,
+                   sync=None) -> dict:  # fmt: skip
+    """One optimizer step over `micro_batches` (gradient accumulation): the training loop's step.
+
+    Every micro-batch but the last runs forward and backward inside `model.no_sync()`, so gradients
+    only accumulate locally; the last one's backward all-reduces their sum: one all-reduce per
+    optimizer step, in torch's DDP and in ours (`no_sync` of both; `--ddp none`: no wrapper, no sync).
+    Each loss is divided by the number of micro-batches, so the step uses the mean over all of them.
+    fp16: the loss is scaled before backward, the gradients unscaled before clipping, and a step with
+    inf/NaN gradients is skipped by the scaler (then the schedule does not advance either).
+
+    Args:
+        micro_batches: dicts of tensors on the model's device, `labels` included.
+        sync: a callable run before reading a clock (CUDA synchronisation); None on CPU.
+    Returns: {"loss" (mean of the micro-batches' losses, float), "lr" (the rate this step used),
+        "forward_s", "backward_s", "optimizer_s" (seconds, summed over micro-batches), "skipped" (bool),
+        "scale" (the fp16 loss scale, or None)}.
+    """
+    sync = sync or (lambda: None)
+    device = next(model.parameters()).device
+    timings = {"forward_s": 0.0, "backward_s": 0.0}
+    loss_sum = 0.0
+    for k, batch in enumerate(micro_batches):
+        last = k == len(micro_batches) - 1
+        with contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync():
+            sync()
+            t0 = time.perf_counter()
+            with autocast(precision, device):
+                loss = model(**batch).loss / len(micro_batches)
+            sync()
+            t1 = time.perf_counter()
+            (scaler.scale(loss) if scaler else loss).backward()  # the last one: returns once gradients are averaged
+            sync()
+            t2 = time.perf_counter()
+        timings["forward_s"] += t1 - t0
+        timings["backward_s"] += t2 - t1
+        loss_sum += loss.item()
+    t2 = time.perf_counter()
+    if scaler:
+        scaler.unscale_(opt)  # clip the true gradients, not the scaled ones
+    if max_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+    lr = sched.get_last_lr()[0]  # the rate this step uses
+    skipped, scale = False, None
+    if scaler:
+        scale = scaler.get_scale()
+        scaler.step(opt)  # skips opt.step() if the gradients hold inf or NaN
+        scaler.update()
+        skipped = scaler.get_scale() < scale  # the scaler backs off exactly when it skipped
+    else:
+        opt.step()
+    if not skipped:
+        sched.step()
+    opt.zero_grad(set_to_none=True)
+    sync()
+    return {"loss": loss_sum, "lr": lr, **timings, "optimizer_s": time.perf_counter() - t2, "skipped": skipped,
+            "scale": scale}  # fmt: skip
 
 
 def train(args, env: D.DistEnv) -> dict:
@@ -166,7 +242,10 @@ def train(args, env: D.DistEnv) -> dict:
     collate = make_collator(tokenizer)
     sampler = make_sampler(data["train"])
     loader = DataLoader(data["train"], batch_size=args.batch_size, sampler=sampler, collate_fn=collate)
-    steps = args.epochs * len(loader)
+    accum = args.grad_accum_steps
+    steps_per_epoch = math.ceil(len(loader) / accum)  # a last, shorter group steps too
+    steps = args.epochs * steps_per_epoch
+    scaler = make_scaler(args.precision, env.device)
     decay = [p for n, p in unwrap(model).named_parameters() if p.ndim > 1]  # no decay on biases, LayerNorm
     rest = [p for n, p in unwrap(model).named_parameters() if p.ndim <= 1]
     opt = torch.optim.AdamW(
@@ -182,9 +261,12 @@ def train(args, env: D.DistEnv) -> dict:
     step, samples_seen = pos.get("global_step", 0), pos.get("samples_seen", 0)
     epoch_times, evals = list(pos.get("epoch_times_s", [])), list(pos.get("evals", []))
     elapsed_before = pos.get("epoch_elapsed_s", 0.0) if skip else 0.0
+    skipped_steps = pos.get("skipped_steps", 0)
     if snap is not None:
         opt.load_state_dict(snap["optimizer"])
         sched.load_state_dict(snap["scheduler"])
+        if scaler is not None:
+            scaler.load_state_dict(snap["scaler"])
 
     if env.is_main:
         os.makedirs(out_dir, exist_ok=True)
@@ -192,7 +274,8 @@ def train(args, env: D.DistEnv) -> dict:
             f"[{args.ddp}] world size {env.world_size}, backend {env.backend or '-'}, device {env.device}, "
             f"model {args.model} ({sum(p.numel() for p in unwrap(model).parameters()):,} params), "
             f"train/val/test {len(data['train'])}/{len(data['validation'])}/{len(data['test'])}, "
-            f"global batch {args.batch_size * env.world_size}, {steps} steps",
+            f"global batch {args.batch_size * accum * env.world_size} (micro-batch {args.batch_size} x "
+            f"{accum} accumulated x {env.world_size} ranks), precision {args.precision}, {steps} optimizer steps",
             flush=True,
         )
     log = None
@@ -226,12 +309,13 @@ def train(args, env: D.DistEnv) -> dict:
                 "epoch_times_s": epoch_times,
                 "epoch_elapsed_s": epoch_elapsed,
                 "evals": evals,
+                "skipped_steps": skipped_steps,
                 "metrics_bytes": os.path.getsize(log.name),
             },
             "model": {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()},
             "optimizer": opt.state_dict(),
             "scheduler": sched.state_dict(),
-            "scaler": None,
+            "scaler": scaler.state_dict() if scaler is not None else None,
             "sampler": {"seed": args.seed, "epoch": epoch},
             "rng": rng,
         }
@@ -255,62 +339,44 @@ def train(args, env: D.DistEnv) -> dict:
                 next(batches)
             S.set_rng_state(snap["rng"][env.rank], env.device)  # and the same dropout masks from here on
         bar = tqdm(
-            batches,
-            total=len(loader),
-            initial=done_in_epoch,
+            total=steps_per_epoch,
+            initial=math.ceil(done_in_epoch / accum),
             desc=f"epoch {epoch + 1}/{args.epochs}",
             disable=not env.is_main,
         )
-        for batch in bar:
-            batch = {k: v.to(env.device, non_blocking=True) for k, v in batch.items()}
-            _sync(env)
+        while done_in_epoch < len(loader):
+            group = [next(batches) for _ in range(min(accum, len(loader) - done_in_epoch))]
+            group = [{k: v.to(env.device, non_blocking=True) for k, v in b.items()} for b in group]
             t0 = time.perf_counter()
-            loss = model(**batch).loss
-            _sync(env)
-            t1 = time.perf_counter()
-            loss.backward()  # DDP: returns once gradients are averaged across ranks
-            _sync(env)
-            t2 = time.perf_counter()
-            if args.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-            lr = sched.get_last_lr()[0]  # the rate this step used
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            _sync(env)
+            r = optimizer_step(model, opt, sched, scaler, group, args.precision, args.max_grad_norm,
+                               sync=lambda: _sync(env))  # fmt: skip
             t3 = time.perf_counter()
-            n = len(batch["labels"]) * env.world_size  # ranks get equal shards (the sampler pads)
+            n = sum(len(b["labels"]) for b in group) * env.world_size  # ranks get equal shards (the sampler pads)
             samples_seen += n
             step += 1
-            done_in_epoch += 1
+            skipped_steps += r["skipped"]
+            done_in_epoch += len(group)
+            bar.update()
             if log:
-                log.write(
-                    json.dumps(
-                        {
-                            "type": "step",
-                            "step": step,
-                            "epoch": epoch,
-                            "loss": loss.item(),
-                            "lr": lr,
-                            "samples": n,
-                            "data_s": t0 - t_prev,
-                            "forward_s": t1 - t0,
-                            "backward_s": t2 - t1,
-                            "optimizer_s": t3 - t2,
-                            "step_s": t3 - t_prev,
-                        }
-                    )
-                    + "\n"
-                )
-                bar.set_postfix(loss=f"{loss.item():.3f}")
+                row = {"type": "step", "step": step, "epoch": epoch, "loss": r["loss"], "lr": r["lr"], "samples": n,
+                       "micro_batches": len(group), "data_s": t0 - t_prev, "forward_s": r["forward_s"],
+                       "backward_s": r["backward_s"], "optimizer_s": r["optimizer_s"],
+                       "step_s": t3 - t_prev}  # fmt: skip
+                if scaler is not None:
+                    row.update(skipped=r["skipped"], loss_scale=r["scale"])
+                log.write(json.dumps(row) + "\n")
+                bar.set_postfix(loss=f"{r['loss']:.3f}")
             # mid-epoch snapshots only; the epoch's last step is covered by the epoch-end one
             if args.save_every and step % args.save_every == 0 and done_in_epoch < len(loader):
                 take_snapshot(epoch, done_in_epoch, elapsed_before + time.perf_counter() - t_epoch)
             S.fault_point("after-step", step)
             t_prev = time.perf_counter()
+        bar.close()
         epoch_times.append(elapsed_before + time.perf_counter() - t_epoch)
         elapsed_before = 0.0
-        val = evaluate(model, data["validation"], collate, env, args.eval_batch_size, desc="validation")
+        val = evaluate(
+            model, data["validation"], collate, env, args.eval_batch_size, desc="validation", precision=args.precision
+        )
         evals.append({"type": "eval", "split": "validation", "epoch": epoch, **val})
         if log:
             log.write(json.dumps(evals[-1]) + "\n")
@@ -320,13 +386,26 @@ def train(args, env: D.DistEnv) -> dict:
                 flush=True,
             )
         take_snapshot(epoch, len(loader), 0.0)  # after the evaluation: the next epoch starts from here
-    test = None if args.no_test else evaluate(model, data["test"], collate, env, args.eval_batch_size, desc="test")
+    test = (
+        None
+        if args.no_test
+        else evaluate(model, data["test"], collate, env, args.eval_batch_size, desc="test", precision=args.precision)
+    )
+    memory = D.all_gather_object(env, (D.peak_memory_bytes(env.device), D.device_name(env.device)))
     summary = {
         "ddp": args.ddp,
         "world_size": env.world_size,
         "backend": env.backend,
         "model": args.model,
-        "global_batch": args.batch_size * env.world_size,
+        "precision": args.precision,
+        "device": memory[0][1],
+        "devices_per_rank": [name for _, name in memory],
+        "gpu_count": torch.cuda.device_count() if torch.cuda.is_available() else 0,
+        "peak_memory_mib_per_rank": [round(b / 2**20, 1) for b, _ in memory],
+        "peak_memory_kind": "torch.cuda.max_memory_allocated" if env.device.type == "cuda" else "peak RSS",
+        "global_batch": args.batch_size * accum * env.world_size,
+        "grad_accum_steps": accum,
+        "skipped_steps": skipped_steps,
         "steps": step,
         "train_samples": samples_seen,
         "train_time_s": sum(epoch_times),

@@ -221,6 +221,13 @@ def _worker(rank: int, ws: int) -> None:
     _check_against_torch(rank, ws, counts=[ws + 1, 1001], dtypes=(torch.float32, torch.float16), seed=100)
     C.SEGMENT_BYTES = 1 << 20
     _check_against_torch(rank, ws, counts=[(1 << 19) + 3], dtypes=(torch.float32,), seed=200)
+    # The grouped form NCCL needs (one batched send+receive of a whole chunk per step), run by gloo here,
+    # so that the CUDA path's algorithm is tested on every CPU run; on GPUs it is the only form.
+    C.GROUPED_STEPS = True
+    try:
+        _check_against_torch(rank, ws, counts=[0, 1, ws - 1, 7, 1001], dtypes=(torch.float32, torch.int64), seed=400)
+    finally:
+        C.GROUPED_STEPS = False
     _check_shapes(rank, ws)
     _check_subgroup(rank, ws)
     _check_async(rank, ws)

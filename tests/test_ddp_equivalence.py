@@ -26,7 +26,7 @@ import torch.nn as nn
 from spawn_utils import run
 
 import ddp_native
-from ddp_from_scratch import DistributedDataParallel, NaiveDistributedDataParallel
+from ddp_from_scratch import DistributedDataParallel, NaiveDistributedDataParallel, collectives
 
 STEPS, MICRO_BATCH = 3, 4
 CAPS_MB = {"per-parameter": 1e-6, "default": 25.0, "one-bucket": 1e4}
@@ -88,11 +88,20 @@ def _worker(rank, world_size, cases, out_path):
             res[collective] = train(ours, kind, opt_name, world_size, rank)
             res["n_buckets"] = len(ours.reducer.buckets)
         res["naive"] = train(NaiveDistributedDataParallel(copy.deepcopy(base)), kind, opt_name, world_size, rank)
+        collectives.GROUPED_STEPS = True  # the ring's grouped form, the one it takes on CUDA (NCCL)
+        try:
+            cap = CAPS_MB[cap_name]
+            ours = DistributedDataParallel(
+                copy.deepcopy(base), bucket_cap_mb=cap, first_bucket_cap_mb=min(1.0, cap), all_reduce="ring"
+            )
+            res["ring-grouped"] = train(ours, kind, opt_name, world_size, rank)
+        finally:
+            collectives.GROUPED_STEPS = False
     torch.save(results, f"{out_path}.rank{rank}")
 
 
 COLLECTIVES = ("torch", "ring")  # dist.all_reduce, and ours from send/recv
-OURS = (*COLLECTIVES, "naive")  # the bucketed wrapper with each collective, and naive.py
+OURS = (*COLLECTIVES, "ring-grouped", "naive")  # the bucketed wrapper with each collective form, and naive.py
 CASES = [("mlp", "sgd", c) for c in CAPS_MB] + [
     ("mlp", "adamw", "default"),
     ("tiny", "adamw", "default"),
