@@ -1,0 +1,195 @@
+"""Preflight: will data-parallel training work on this machine? Answered in seconds.
+
+    python -m experiments.doctor               # 2 ranks (or one per GPU), the backend training would pick
+    python -m experiments.doctor --nproc 4     # 4 ranks
+    python -m experiments.doctor --backend gloo --master-port 29555
+
+1. Prints what is installed and visible: Python, torch, CUDA, NCCL and gloo, the GPUs with their
+   free memory, CPU cores and the thread settings.
+2. Starts N ranks on this machine (the backend `experiments.train` would choose: NCCL when every
+   rank has its own GPU, gloo otherwise), under a short timeout, and checks on every rank: a
+   `dist.all_reduce`, our ring all-reduce blocking and launched asynchronously (work.py), and a
+   broadcast, each against the value it must give.
+3. If NCCL fails or hangs, it tries again with `NCCL_P2P_DISABLE=1` (GPU-to-GPU copies through host
+   memory instead of peer-to-peer, which some machines, Kaggle's two T4s among them, do not
+   support) and, if that works, says to set it.
+
+Exit status 0 only when training will work; every failure says what to do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import socket
+import subprocess
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+from .distributed import choose_backend
+
+WORKER_TIMEOUT_S = 60  # a healthy check takes seconds; a hang is cut off here
+
+
+def facts() -> list[str]:
+    """What is installed and visible, one line each."""
+    lines = [f"python {platform.python_version()} on {platform.platform()}", f"torch {torch.__version__}"]
+    if torch.cuda.is_available():
+        nccl = ".".join(map(str, torch.cuda.nccl.version())) if dist.is_nccl_available() else "not built"
+        lines.append(f"CUDA {torch.version.cuda}, NCCL {nccl}, {torch.cuda.device_count()} GPU(s)")
+        for i in range(torch.cuda.device_count()):
+            free, total = torch.cuda.mem_get_info(i)
+            lines.append(
+                f"  cuda:{i} {torch.cuda.get_device_name(i)}: {free / 2**30:.1f} of {total / 2**30:.1f} GiB free"
+            )
+    else:
+        lines.append(f"no CUDA GPU visible (torch built with CUDA {torch.version.cuda or 'none'}): training uses gloo")
+    lines.append(f"gloo {'available' if dist.is_gloo_available() else 'NOT AVAILABLE'}")
+    threads = os.environ.get("OMP_NUM_THREADS")
+    lines.append(
+        f"{os.cpu_count()} CPU cores; OMP_NUM_THREADS={threads or 'unset'}, torch threads {torch.get_num_threads()}"
+    )
+    return lines
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def port_taken(port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+    return False
+
+
+def _worker(backend: str) -> None:
+    """One rank: the checks of step 2 (RANK, WORLD_SIZE, MASTER_ADDR/PORT from the environment)."""
+    from ddp_from_scratch import collectives, work
+
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    device = torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
+    if backend == "nccl":
+        torch.cuda.set_device(device)
+    dist.init_process_group(
+        backend,
+        timeout=datetime.timedelta(seconds=WORKER_TIMEOUT_S // 2),
+        **({"device_id": device} if backend == "nccl" else {}),
+    )
+    want = world * (world - 1) / 2
+    checks = {
+        f"dist.all_reduce ({backend})": lambda x: dist.all_reduce(x),
+        "our ring all-reduce": lambda x: collectives.all_reduce(x),
+        "our ring all-reduce, asynchronous": lambda x: work.launch(collectives.all_reduce, x).wait(),
+    }
+    for name, fn in checks.items():
+        x = torch.full((1 << 16,), float(rank), device=device)
+        t0 = time.perf_counter()
+        fn(x)
+        ms = (time.perf_counter() - t0) * 1e3
+        if not torch.all(x == want):
+            raise SystemExit(f"{name} gave {x[0].item()} instead of {want} on rank {rank}: the backend is broken here")
+        if rank == 0:
+            print(f"ok: {name}, {world} ranks, 256 KiB: {ms:.1f} ms", flush=True)
+    y = torch.full((4,), float(rank), device=device)
+    collectives.broadcast(y, src=world - 1)
+    if not torch.all(y == world - 1):
+        raise SystemExit(f"our broadcast gave {y.tolist()} on rank {rank}")
+    if rank == 0:
+        print("ok: our broadcast", flush=True)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def run_ranks(nproc: int, backend: str, port: int, extra_env: dict | None = None) -> tuple[bool, str]:
+    """Start `nproc` ranks running `_worker`; (all passed, what they printed). A hang counts as a failure."""
+    procs = []
+    for rank in range(nproc):
+        env = {**os.environ, **(extra_env or {}), "RANK": str(rank), "LOCAL_RANK": str(rank),
+               "WORLD_SIZE": str(nproc), "LOCAL_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": str(port), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}  # fmt: skip
+        cmd = [sys.executable, "-m", "experiments.doctor", "--worker", backend]
+        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    deadline, out, ok = time.monotonic() + WORKER_TIMEOUT_S, [], True
+    for p in procs:
+        try:
+            text, _ = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            text = (p.communicate()[0] or "") + f"\n(no answer within {WORKER_TIMEOUT_S} s: a hang)"
+            ok = False
+        ok = ok and p.returncode == 0
+        out.append(text)
+    return ok, "\n".join(t.strip() for t in out if t.strip())
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m experiments.doctor", description=__doc__.split("\n")[0])
+    p.add_argument("--nproc", type=int, default=None, help="ranks to start (default: one per GPU, at least 2)")
+    p.add_argument("--backend", choices=["auto", "gloo", "nccl"], default="auto")
+    p.add_argument("--master-port", type=int, default=None, help="rendezvous port (default: a free one)")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: one rank
+    a = p.parse_args(argv)
+    if a.worker:
+        _worker(a.worker)
+        return 0
+    for line in facts():
+        print(line)
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    nproc = a.nproc or max(2, gpus)
+    if nproc < 1:
+        p.error("--nproc must be at least 1")
+    try:
+        backend = choose_backend(a.backend, nproc)
+    except SystemExit as e:
+        print(f"FAIL: {e}")
+        return 1
+    problems = []
+    if not dist.is_gloo_available() and backend == "gloo":
+        problems.append("torch was built without gloo: install a torch wheel from pytorch.org (they all have it)")
+    cores, threads = os.cpu_count() or 1, int(os.environ.get("OMP_NUM_THREADS", "1"))
+    if backend == "gloo" and nproc * threads > cores:
+        print(f"warning: {nproc} ranks x {threads} threads > {cores} cores: ranks will compete for cores "
+              f"(set OMP_NUM_THREADS={max(1, cores // nproc)} or run fewer ranks)")  # fmt: skip
+    port = a.master_port or _free_port()
+    if port_taken(port):
+        print(f"FAIL: port {port} on 127.0.0.1 is in use, so ranks cannot meet there. Another run (an old torchrun?) "
+              f"may hold it: `ss -ltnp | grep {port}` shows which; stop it or pass another --master-port.")  # fmt: skip
+        return 1
+    print(f"checking {nproc} ranks with {backend} (timeout {WORKER_TIMEOUT_S} s) ...", flush=True)
+    ok, out = run_ranks(nproc, backend, port)
+    print(out)
+    if not ok and backend == "nccl" and os.environ.get("NCCL_P2P_DISABLE") != "1":
+        print("NCCL failed or hung; trying again with NCCL_P2P_DISABLE=1 ...", flush=True)
+        ok, out = run_ranks(nproc, backend, _free_port(), {"NCCL_P2P_DISABLE": "1"})
+        print(out)
+        if ok:
+            print("NCCL works with peer-to-peer transfers disabled: `export NCCL_P2P_DISABLE=1` (in a notebook: "
+                  "os.environ['NCCL_P2P_DISABLE'] = '1') before torchrun.")  # fmt: skip
+    if not ok:
+        problems.append(
+            f"the {backend} check failed (output above). On GPUs: `nvidia-smi`, then rerun with NCCL_DEBUG=INFO; "
+            "on CPU: run with TORCH_CPP_LOG_LEVEL=INFO, check that 127.0.0.1 is reachable and no firewall blocks "
+            "local ports."
+        )
+    for problem in problems:
+        print(f"FAIL: {problem}")
+    if problems:
+        return 1
+    print(f"OK: data-parallel training with {nproc} ranks and {backend} will work here.")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
