@@ -16,7 +16,14 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-GUIDES = ["docs/interview.md", "docs/checklist.md", "docs/setup.md", "docs/fault-tolerance.md", "CONTRIBUTING.md"]
+GUIDES = [
+    "docs/interview.md",
+    "docs/checklist.md",
+    "docs/setup.md",
+    "docs/fault-tolerance.md",
+    "docs/kaggle.md",
+    "CONTRIBUTING.md",
+]
 REF = re.compile(r"`((?:[\w.-]+/)*[\w.-]+\.(?:py|md|toml|sh))(?::([\w.]+))?`")
 LINK = re.compile(r"\]\(((?!https?://)[^)#\s]+)(?:#[^)]*)?\)")
 
