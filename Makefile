@@ -13,7 +13,7 @@ DATA   ?= $(if $(wildcard ../shared/ag_news/train.csv),../shared/ag_news,)
 MODEL  ?= minilm-l6
 MAIN_ARGS ?= --max-train-samples 4000 --max-length 64 --batch-size 16 --epochs 1 --lr 1e-4
 
-.PHONY: install main test lint bench clean
+.PHONY: install main test test-gpu lint bench bench-gpu doctor clean
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml Makefile
@@ -30,12 +30,24 @@ main: install
 test: install lint
 	$(BIN)/python -m pytest -q
 
+# On a machine with two CUDA GPUs (a CUDA build of torch: make install TORCH=torch)
+test-gpu: install
+	$(BIN)/python -m pytest -q -m gpu tests/gpu
+
+doctor: install
+	$(BIN)/python -m experiments.doctor
+
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
 bench: install
 	$(BIN)/python -m experiments.bench
+
+bench-gpu: install
+	$(BIN)/python -m experiments.bench.step --gpu --precision fp32 --out runs/bench/step-gpu-fp32
+	$(BIN)/python -m experiments.bench.step --gpu --precision fp16 --out runs/bench/step-gpu-fp16
+	$(BIN)/python -m experiments.bench.allreduce --gpu --out runs/bench/allreduce-gpu
 
 clean:
 	rm -rf $(VENV) runs

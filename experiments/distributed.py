@@ -89,7 +89,11 @@ def setup(ddp: str, backend: str | None = None, timeout_s: float = 300.0) -> Dis
                 "--ddp none trains in one process; launch it without torchrun "
                 "(or --nproc_per_node=1), or pick --ddp native / --ddp scratch."
             )
-        return DistEnv()
+        # one process: on the GPU if there is one (unless --backend gloo asks for the CPU)
+        gpu = torch.cuda.is_available() and backend != "gloo"
+        if backend == "nccl" and not gpu:
+            raise SystemExit("--backend nccl needs a CUDA GPU, and none is visible. Use --backend gloo (CPU).")
+        return DistEnv(device=torch.device("cuda", 0) if gpu else torch.device("cpu"))
     if "RANK" not in os.environ:  # plain `python -m experiments.train`: a group of one
         os.environ.update(
             RANK="0",

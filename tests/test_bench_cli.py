@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from experiments.bench.__main__ import PARTS, main
 
-AG_NEWS = Path(__file__).resolve().parents[2] / "shared" / "ag_news"
-
 
 def test_quick_run_writes_one_readme_with_every_part(tmp_path):
-    parts = [p for p in PARTS if p not in ("accuracy", "snapshot") or AG_NEWS.exists()]  # those need the CSVs
+    # Every part runs through this dispatcher; the ones that train on AG News (accuracy, snapshot)
+    # have their own quick tests, which call the same `run(quick=True)`, so they are left out here.
+    parts = [p for p in PARTS if p not in ("accuracy", "snapshot")]
     assert main(["--quick", "--only", ",".join(parts), "--out", str(tmp_path)]) == 0
     readme = (tmp_path / "README.md").read_text()
     assert "Machine:" in readme and "| scratch-ring |" in readme and "| scratch-naive |" in readme

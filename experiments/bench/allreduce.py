@@ -3,6 +3,7 @@
     python -m experiments.bench.allreduce                 # full: 2 and 4 ranks, 1 KB .. 256 MB (minutes)
     python -m experiments.bench.allreduce --quick         # smoke: 2 ranks, 1 KB and 1 MB, 3 runs (seconds)
     python -m experiments.bench.allreduce --out runs/ar   # where to write (default runs/bench/allreduce)
+    python -m experiments.bench.allreduce --gpu           # 2 GPUs: NCCL's all-reduce against our ring over NCCL
 
 Writes allreduce.json (every run's time), allreduce.md (table of medians and the overlap check)
 and allreduce.png (time and bus bandwidth against message size). `run(out_dir, quick)` does the
@@ -45,7 +46,7 @@ import torch.distributed as dist
 
 from ddp_from_scratch import collectives, collectives_classic, work
 
-from .common import launch_ranks, part_main, pyplot
+from .common import device, launch_ranks, part_main, pyplot
 
 # name -> function(tensor) reducing it in place (SUM) across the default group; order = table order
 ALGORITHMS = {
@@ -54,6 +55,8 @@ ALGORITHMS = {
     "naive": collectives_classic.naive_all_reduce,
     "halving-doubling": collectives_classic.halving_doubling_all_reduce,
 }
+GPU_ALGORITHMS = {"nccl": dist.all_reduce, "ring": collectives.all_reduce}  # naive, halving-doubling: CPU only
+ORDER = [*ALGORITHMS, "nccl"]  # table and plot order
 FULL_SIZES = [4**k * 1024 for k in range(10)]  # bytes: 1 KB, 4 KB, ..., 256 MB
 FULL_WORLD_SIZES = [2, 4]
 QUICK_SIZES, QUICK_WORLD_SIZES, QUICK_RUNS = [1024, 2**20], [2], 3
@@ -77,34 +80,37 @@ def size_label(nbytes: int) -> str:
 def _bench_size(nbytes: int, runs: int, bar) -> dict[str, list[float]]:
     """Time every algorithm `runs` times on `nbytes` of float32; return name -> seconds per run
     (slowest rank's). Runs on every rank, all in the same order."""
-    rank, n, names = dist.get_rank(), dist.get_world_size(), list(ALGORITHMS)
+    algorithms = GPU_ALGORITHMS if device().type == "cuda" else ALGORITHMS
+    rank, n, names = dist.get_rank(), dist.get_world_size(), list(algorithms)
     torch.manual_seed(rank)  # ranks hold different data, as gradients would
-    x = torch.randn(nbytes // 4)
+    x = torch.randn(nbytes // 4).to(device())
     buf = torch.empty_like(x)
     # Warm-up, and check each algorithm against gloo. Sums in another order differ by rounding:
     # at most n * eps * sum|x| ~ 4 * 1.2e-7 * 4 * 6 ~ 1e-5 here (see tests/test_collectives.py);
     # a broken algorithm is off by O(1).
     expected = x.clone()
     dist.all_reduce(expected)
-    for name, fn in ALGORITHMS.items():
+    for name, fn in algorithms.items():
         buf.copy_(x)
         fn(buf)
         if not torch.allclose(buf, expected, rtol=0, atol=1e-4):
             raise AssertionError(f"{name} all-reduce gave a wrong result at {size_label(nbytes)}, {n} ranks")
     del expected
-    times = torch.zeros(len(names), runs, dtype=torch.float64)  # this rank's seconds
+    times = torch.zeros(len(names), runs, dtype=torch.float64, device=device())  # this rank's seconds
     for i in range(runs):
         for k in range(len(names)):
             a = (i + k) % len(names)  # rotate: each algorithm goes first in turn
             buf.copy_(x)  # fresh inputs: repeated sums would grow without bound
             dist.barrier()  # all ranks start (nearly) together
             start = time.perf_counter()
-            ALGORITHMS[names[a]](buf)  # blocking: returns when this rank has the result
+            algorithms[names[a]](buf)  # blocking: returns when this rank has the result
+            if buf.is_cuda:
+                torch.cuda.synchronize(buf.device)  # and the GPU has finished it
             times[a, i] = time.perf_counter() - start
         bar.update(1)
     # One all-reduce at the end rather than one per run: keeps extra traffic out of the timed loop.
     dist.all_reduce(times, op=dist.ReduceOp.MAX)
-    return {name: times[a].tolist() for a, name in enumerate(names)}
+    return {name: times[a].tolist() for a, name in enumerate(names)}  # .tolist() copies to the host
 
 
 def python_work(seconds: float) -> int:
@@ -202,10 +208,15 @@ def _metrics(row: dict) -> dict:
     }
 
 
-def _markdown(rows: list[dict], quick: bool) -> str:
+def _markdown(rows: list[dict], quick: bool, gpu: bool = False) -> str:
     cores = os.cpu_count() or 1
+    where = (
+        f"NCCL on {torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
+        if gpu
+        else f"gloo over loopback, {cores} CPU cores"
+    )
     lines = [
-        f"All-reduce, float32 SUM, gloo over loopback, {cores} CPU cores, torch {torch.__version__}"
+        f"All-reduce, float32 SUM, {where}, torch {torch.__version__}"
         + (" (quick mode: too few runs to trust)" if quick else "")
         + ".",
         "Time: median over runs of the slowest rank's time. algbw = bytes / time, "
@@ -223,7 +234,7 @@ def _markdown(rows: list[dict], quick: bool) -> str:
         "| algorithm | ranks | size | median ms | algbw GB/s | busbw GB/s | runs |",
         "|---|---|---|---|---|---|---|",
     ]
-    order = {name: i for i, name in enumerate(ALGORITHMS)}
+    order = {name: i for i, name in enumerate(ORDER)}
     for r in sorted(rows, key=lambda r: (r["world_size"], r["bytes"], order[r["algorithm"]])):
         lines.append(
             f"| {r['algorithm']} | {r['world_size']} | {size_label(r['bytes'])} | {r['median_ms']:.3f} "
@@ -241,7 +252,7 @@ def _plot(rows: list[dict], path: pathlib.Path) -> None:
     world_sizes = sorted({r["world_size"] for r in rows})
     fig, axes = plt.subplots(2, len(world_sizes), figsize=(5.5 * len(world_sizes), 7.5), squeeze=False)
     for col, n in enumerate(world_sizes):
-        for name in ALGORITHMS:
+        for name in [a for a in ORDER if any(r["algorithm"] == a for r in rows)]:
             pts = sorted(
                 (r["bytes"], r["median_ms"], r["busbw_GBps"])
                 for r in rows
@@ -282,7 +293,7 @@ def _overlap_markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run(out_dir: pathlib.Path, quick: bool = False) -> dict:
+def run(out_dir: pathlib.Path, quick: bool = False, gpu: bool = False) -> dict:
     """Benchmark the four all-reduces and the overlap check; write allreduce.json/.md/.png into `out_dir`.
 
     Args:
@@ -290,6 +301,7 @@ def run(out_dir: pathlib.Path, quick: bool = False) -> dict:
         quick: 2 ranks, 1 KB and 1 MB, 3 runs, overlap at 1 MB (a smoke test: seconds on 2 cores).
             Otherwise 2 and 4 ranks, 1 KB .. 256 MB in powers of 4, `runs_for(bytes)` runs each,
             overlap at 25 MB (a few minutes).
+        gpu: 2 ranks on 2 GPUs over NCCL, NCCL's all-reduce against our ring (no overlap check).
     Returns: {"results": one dict per (algorithm, world size, size) with times_s (slowest rank's,
         seconds, one per run), median_ms, algbw_GBps, busbw_GBps; "overlap": the check's rows;
         "markdown": the table text; "files": {"json", "md", "png"} -> paths; "meta": machine and settings}.
@@ -298,18 +310,21 @@ def run(out_dir: pathlib.Path, quick: bool = False) -> dict:
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     sizes, world_sizes = (QUICK_SIZES, QUICK_WORLD_SIZES) if quick else (FULL_SIZES, FULL_WORLD_SIZES)
+    if gpu:
+        world_sizes = [2]
     plan = [(s, QUICK_RUNS if quick else runs_for(s)) for s in sizes]
     timeout_s = 60.0 if quick else 300.0  # per collective; the slowest (naive, 256 MB, 4 ranks) takes ~2 s
     started = time.time()
     rows, checks = [], []
     for n in world_sizes:
-        overlap_bytes = (2**20 if quick else 25 * 2**20) if n == 2 else 0
+        overlap_bytes = (2**20 if quick else 25 * 2**20) if n == 2 and not gpu else 0
         ranks = launch_ranks(
             "allreduce",
             n,
             {"plan": plan, "overlap_bytes": overlap_bytes, "overlap_runs": 2 if quick else 5},
             quiet=quick,
             timeout_s=timeout_s,
+            backend="nccl" if gpu else "gloo",
         )
         rows += [_metrics(r) for r in ranks[0]["results"]]
         checks += ranks[0]["overlap"]
@@ -317,7 +332,7 @@ def run(out_dir: pathlib.Path, quick: bool = False) -> dict:
         "quick": quick,
         "dtype": "float32",
         "op": "SUM",
-        "backend": "gloo",
+        "backend": "nccl" if gpu else "gloo",
         "cpu_count": os.cpu_count(),
         "torch": torch.__version__,
         "python": platform.python_version(),
@@ -325,7 +340,7 @@ def run(out_dir: pathlib.Path, quick: bool = False) -> dict:
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "seconds": time.time() - started,
     }
-    markdown = _markdown(rows, quick) + (_overlap_markdown(checks) if checks else "")
+    markdown = _markdown(rows, quick, gpu) + (_overlap_markdown(checks) if checks else "")
     files = {"json": out_dir / "allreduce.json", "md": out_dir / "allreduce.md", "png": out_dir / "allreduce.png"}
     files["json"].write_text(json.dumps({"meta": meta, "results": rows, "overlap": checks}, indent=1))
     files["md"].write_text(markdown)
@@ -334,7 +349,13 @@ def run(out_dir: pathlib.Path, quick: bool = False) -> dict:
 
 
 def main(argv=None) -> None:
-    part_main("allreduce", __doc__, run, argv)
+    part_main(
+        "allreduce",
+        __doc__,
+        run,
+        argv,
+        lambda p: p.add_argument("--gpu", action="store_true", help="2 GPUs, NCCL: NCCL's all-reduce vs our ring"),
+    )
 
 
 if __name__ == "__main__":

@@ -33,6 +33,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from experiments.precision import autocast
+
 # native: torch's DDP; scratch-torch / scratch-ring: ours with dist.all_reduce / our ring;
 # scratch-naive: naive.py (one blocking all-reduce per parameter after backward)
 IMPLS = ("native", "scratch-torch", "scratch-ring", "scratch-naive")
@@ -55,8 +57,10 @@ def run_command(cmd: list[str], quiet: bool, env: dict | None = None) -> None:
         raise RuntimeError(f"exit status {proc.returncode} from: {' '.join(cmd)}" + (f"\n{tail}" if tail else ""))
 
 
-def launch_ranks(part: str, nproc: int, config: dict, quiet: bool, threads: int = 1, timeout_s: float = 300.0) -> list:
-    """Run `experiments.bench.<part>.worker(**config)` on `nproc` gloo ranks; return each rank's result.
+def launch_ranks(
+    part: str, nproc: int, config: dict, quiet: bool, threads: int = 1, timeout_s: float = 300.0, backend: str = "gloo"
+) -> list:
+    """Run `experiments.bench.<part>.worker(**config)` on `nproc` ranks; return each rank's result.
 
     Args:
         part: module name under experiments.bench ("timeline", "step", ...).
@@ -64,6 +68,7 @@ def launch_ranks(part: str, nproc: int, config: dict, quiet: bool, threads: int 
         quiet: capture the ranks' output (shown only if they fail); else progress bars show.
         threads: torch threads per rank (OMP_NUM_THREADS): 1 by default, as torchrun sets.
         timeout_s: process-group timeout: a rank waiting longer for a peer raises.
+        backend: "gloo" (CPU tensors) or "nccl" (rank r on cuda:r; `device()` tells the worker).
     Raises: RuntimeError if any rank fails (see `run_command`).
     """
     with tempfile.TemporaryDirectory() as tmp:
@@ -77,6 +82,8 @@ def launch_ranks(part: str, nproc: int, config: dict, quiet: bool, threads: int 
             "experiments.bench.common",
             "--part",
             part,
+            "--backend",
+            backend,
             "--dir",
             tmp,
             "--timeout",
@@ -108,9 +115,13 @@ def _rank_main(argv=None) -> None:
     p.add_argument("--config", required=True)
     p.add_argument("--timeout", type=float, default=300.0)
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--backend", default="gloo")
     a = p.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=a.timeout))
+    if a.backend == "nccl":
+        _DEVICE[0] = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(_DEVICE[0])
+    dist.init_process_group(a.backend, timeout=datetime.timedelta(seconds=a.timeout))
     try:
         worker = importlib.import_module(f"experiments.bench.{a.part}").worker
         result = worker(**json.loads(a.config), show_progress=not a.quiet and dist.get_rank() == 0)
@@ -121,6 +132,18 @@ def _rank_main(argv=None) -> None:
 
 
 # ----------------------------------------------------------------------------- model, wrappers, step
+
+_DEVICE = [torch.device("cpu")]  # this rank's device: cuda:LOCAL_RANK under NCCL (set by _rank_main)
+
+
+def device() -> torch.device:
+    """The device a worker's models and batches live on (the CPU, or this rank's GPU)."""
+    return _DEVICE[0]
+
+
+def _sync() -> None:
+    if device().type == "cuda":  # CUDA calls return before the GPU is done: wait before reading a clock
+        torch.cuda.synchronize(device())
 
 
 def model_and_batches(model_name: str, n: int, batch_size: int, seq_len: int, seed: int):
@@ -134,10 +157,10 @@ def model_and_batches(model_name: str, n: int, batch_size: int, seq_len: int, se
     torch.manual_seed(0)
     base = build_model(model_name, vocab_size=vocab, dropout=0.0) if model_name == "tiny" else build_model(model_name)
     g = torch.Generator().manual_seed(seed)
-    return base, [
+    return base.to(device()), [
         (
-            torch.randint(min(1000, vocab // 2), vocab, (batch_size, seq_len), generator=g),
-            torch.randint(0, 4, (batch_size,), generator=g),
+            torch.randint(min(1000, vocab // 2), vocab, (batch_size, seq_len), generator=g).to(device()),
+            torch.randint(0, 4, (batch_size,), generator=g).to(device()),
         )
         for _ in range(n)
     ]
@@ -175,13 +198,13 @@ def wrap(impl: str, module: torch.nn.Module, bucket_cap_mb: float | None = None,
     if impl == "scratch-naive":
         return ddp_from_scratch.NaiveDistributedDataParallel(module), None
     if impl == "native":
-        model = ddp_native.wrap(module, torch.device("cpu"), bucket_cap_mb=bucket_cap_mb)
+        model = ddp_native.wrap(module, device(), bucket_cap_mb=bucket_cap_mb)
         records = [] if record else None
         if record:
             model.register_comm_hook(None, _timed_allreduce_hook(records))
         return model, records
     model = ddp_from_scratch.wrap(
-        module, torch.device("cpu"), bucket_cap_mb=bucket_cap_mb, all_reduce=impl.removeprefix("scratch-")
+        module, device(), bucket_cap_mb=bucket_cap_mb, all_reduce=impl.removeprefix("scratch-")
     )
     if record:
         model.reducer.timeline = []
@@ -198,11 +221,13 @@ def allreduces_per_step(impl: str, model) -> int:
     return len(model.reducer.buckets) + 1
 
 
-def timed_step(model, opt, micro_batches: list, sync: bool = True) -> dict:
+def timed_step(model, opt, micro_batches: list, sync: bool = True, precision: str = "fp32") -> dict:
     """One training step, timed: barrier, then per micro-batch forward and backward (all but the
     last under `no_sync()`; every one if not `sync`: no all-reduce at all), then optimizer step.
 
     The loss of each micro-batch is divided by their number, so the step averages over all of them.
+    `precision` "fp16"/"bf16": the forward under autocast (experiments/precision.py); no loss scaler,
+    which changes no timing. On CUDA the clocks are read after `torch.cuda.synchronize`.
     Returns: {"start", "end"} and "intervals": [(kind, start, end)] with kind forward / backward /
     optimizer, perf_counter seconds (one clock for every process on one machine).
     """
@@ -212,14 +237,18 @@ def timed_step(model, opt, micro_batches: list, sync: bool = True) -> dict:
         last = k == len(micro_batches) - 1
         with contextlib.nullcontext() if sync and last else model.no_sync():
             t0 = time.perf_counter()
-            loss = model(input_ids=ids, labels=labels).loss / len(micro_batches)
+            with autocast(precision, device()):
+                loss = model(input_ids=ids, labels=labels).loss / len(micro_batches)
+            _sync()
             t1 = time.perf_counter()
             loss.backward()  # synced: returns after every bucket's all-reduce was waited for
+            _sync()
             t2 = time.perf_counter()
         intervals += [("forward", t0, t1), ("backward", t1, t2)]
     t2 = time.perf_counter()
     opt.step()
     opt.zero_grad(set_to_none=True)
+    _sync()
     end = time.perf_counter()
     intervals.append(("optimizer", t2, end))
     return {"start": start, "end": end, "intervals": intervals}

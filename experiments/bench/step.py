@@ -2,6 +2,7 @@
 
     python -m experiments.bench.step --out runs/bench/step            # 2 ranks, minilm-l6, a few minutes
     python -m experiments.bench.step --quick --out runs/bench/step    # tiny model, seconds
+    python -m experiments.bench.step --gpu --precision fp16 --out runs/bench/step-gpu   # 2 GPUs, NCCL
 
 Each rank builds the model once (seeded, so identical everywhere) and wraps one deep copy per
 implementation (common.IMPLS): torch's DDP ("native"), ours with `dist.all_reduce`
@@ -43,7 +44,15 @@ FULL = dict(model="minilm-l6", steps=20, warmup=3, batch_size=16, seq_len=64)
 QUICK = dict(model="tiny", steps=2, warmup=1, batch_size=8, seq_len=32)
 
 
-def worker(model: str, steps: int, warmup: int, batch_size: int, seq_len: int, show_progress: bool = False) -> dict:
+def worker(
+    model: str,
+    precision: str,
+    steps: int,
+    warmup: int,
+    batch_size: int,
+    seq_len: int,
+    show_progress: bool = False,
+) -> dict:
     """One rank: every implementation takes one step per round; returns seconds per step and counts."""
     import torch.distributed as dist
 
@@ -54,7 +63,7 @@ def worker(model: str, steps: int, warmup: int, batch_size: int, seq_len: int, s
     times = {impl: [] for impl in IMPLS}
     for i, batch in enumerate(tqdm(batches, desc="step time", unit="round", disable=not show_progress)):
         for impl in IMPLS[i % len(IMPLS) :] + IMPLS[: i % len(IMPLS)]:  # rotate the order
-            t = timed_step(models[impl], opts[impl], [batch])
+            t = timed_step(models[impl], opts[impl], [batch], precision=precision)
             if i >= warmup:
                 times[impl].append(t["end"] - t["start"])
     grad_bytes = sum(p.numel() * p.element_size() for p in base.parameters() if p.requires_grad)
@@ -65,12 +74,16 @@ def worker(model: str, steps: int, warmup: int, batch_size: int, seq_len: int, s
     }
 
 
-def run(out_dir: Path, quick: bool = False, nproc: int = 2) -> dict:
-    """Launch the ranks, then write step.json and step.md."""
+def run(out_dir: Path, quick: bool = False, nproc: int = 2, gpu: bool = False, precision: str = "fp32") -> dict:
+    """Launch the ranks, then write step.json and step.md.
+
+    `gpu`: NCCL, rank r on cuda:r (one GPU per rank); `precision`: autocast of the forward.
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    cfg = QUICK if quick else FULL
-    ranks = launch_ranks("step", nproc, cfg, quiet=quick)
+    cfg = {**(QUICK if quick else FULL), "precision": precision}
+    backend = "nccl" if gpu else "gloo"
+    ranks = launch_ranks("step", nproc, cfg, quiet=quick, backend=backend)
     slowest = {impl: [max(r["times_s"][impl][s] for r in ranks) for s in range(cfg["steps"])] for impl in IMPLS}
     rows = {
         impl: {
@@ -83,7 +96,7 @@ def run(out_dir: Path, quick: bool = False, nproc: int = 2) -> dict:
     }
     mb = ranks[0]["grad_bytes"] / 2**20
     md = [
-        f"{nproc} ranks, gloo, {cfg['model']} ({mb:.1f} MiB of fp32 gradients), micro-batch "
+        f"{nproc} ranks, {backend}, {cfg['model']} ({mb:.1f} MiB of fp32 gradients), {precision}, micro-batch "
         f"{cfg['batch_size']} x {cfg['seq_len']} tokens, AdamW, torch's default buckets, {cfg['steps']} "
         f"interleaved rounds (after {cfg['warmup']} warm-up), order rotated every round.",
         "",
@@ -105,8 +118,14 @@ def run(out_dir: Path, quick: bool = False, nproc: int = 2) -> dict:
     return write_result(out_dir, "step", md, {"config": cfg, "nproc": nproc, "rows": rows}, rows=rows, config=cfg)
 
 
+def _arguments(p) -> None:
+    p.add_argument("--gpu", action="store_true", help="one GPU per rank, NCCL (needs --nproc GPUs)")
+    p.add_argument("--nproc", type=int, default=2, help="ranks (default 2)")
+    p.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp32", help="autocast of the forward")
+
+
 def main(argv=None) -> None:
-    part_main("step", __doc__, run, argv)
+    part_main("step", __doc__, run, argv, _arguments)
 
 
 if __name__ == "__main__":
