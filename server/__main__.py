@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 
 import uvicorn
@@ -94,7 +95,12 @@ def main(argv: list[str] | None = None) -> None:
         app, host=args.host, port=args.port, lifespan="on", timeout_graceful_shutdown=args.shutdown_timeout
     )
     server.append(uvicorn.Server(config))
-    server[0].run()  # SIGTERM / Ctrl-C: stop accepting, finish what was accepted, run the lifespan's shutdown
+    # uvicorn handles SIGTERM and Ctrl-C itself (stop accepting, finish what was accepted, run the
+    # lifespan's shutdown), then re-raises the signal to the handler it found. With these no-op
+    # handlers a graceful shutdown ends with exit status 0, as orchestrators expect, not -15.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
+    server[0].run()
     sys.exit(3 if failed else 0)
 
 

@@ -370,6 +370,7 @@ def create_app(
     async def predict(request: Request) -> Response:
         """Classify one text.
         ---
+        summary: Classify one text
         requestBody:
           required: true
           content:
@@ -404,6 +405,7 @@ def create_app(
     async def predict_batch(request: Request) -> Response:
         """Classify several texts; the predictions come back in the order of the texts.
         ---
+        summary: Classify several texts (in order)
         requestBody:
           required: true
           content:
@@ -442,6 +444,7 @@ def create_app(
     async def health(request: Request) -> JSONResponse:
         """Liveness: the process answers (the model may still be loading: see /ready).
         ---
+        summary: Liveness
         responses:
           200: {description: "{status: ok, model, checkpoint, labels, limits}"}
         """
@@ -452,6 +455,7 @@ def create_app(
     async def ready(request: Request) -> JSONResponse:
         """Readiness: 200 once the model is loaded and has run one warm-up pass, 503 before (or if it failed).
         ---
+        summary: Readiness (200 once the model is loaded and warm)
         responses:
           200: {description: "{status: ready}"}
           503: {description: "{status: loading} or {status: failed, error}"}
@@ -464,6 +468,7 @@ def create_app(
     async def info(request: Request) -> JSONResponse:
         """What is served: model, labels, limits, max_length, checkpoint, the training run, versions.
         ---
+        summary: What is served
         responses:
           200: {description: A JSON object describing the deployment.}
         """
@@ -490,6 +495,7 @@ def create_app(
     async def prometheus(request: Request) -> Response:
         """Prometheus metrics, text exposition format.
         ---
+        summary: Prometheus metrics
         responses:
           200: {description: "Counters and histograms: requests by route and status, latency, queue, batches."}
         """

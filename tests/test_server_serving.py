@@ -1,0 +1,342 @@
+"""The server as people and programs use it: batching under load, overload, readiness, shutdown,
+fuzzing, and the page in a real browser. Loopback only, bounded in requests and time.
+
+Uses a randomly initialised `tiny` checkpoint (a few milliseconds per forward pass).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from starlette.testclient import TestClient
+
+import server.app as app_module
+from experiments.checkpoint import save_checkpoint
+from experiments.model import LABELS, build_model, build_tokenizer
+from server import create_app
+from server.batcher import Batcher
+
+REPO = Path(__file__).resolve().parents[1]
+TEXTS = [f"story {i}: " + " ".join(["markets", "match", "rockets", "elections"][i % 4] for _ in range(i % 7 + 1))
+         for i in range(32)]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    tok = build_tokenizer("tiny")
+    out = tmp_path_factory.mktemp("serving") / "run" / "checkpoint"
+    return save_checkpoint(build_model("tiny", vocab_size=len(tok)), tok, out, {"model": "tiny", "max_length": 64})
+
+
+def wait_ready(c, seconds: float = 60) -> None:
+    deadline = time.monotonic() + seconds
+    while c.get("/ready").status_code != 200:
+        assert time.monotonic() < deadline, "not ready in time"
+        time.sleep(0.05)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """`python -m server` in a subprocess on a free loopback port, ready when the context is entered."""
+
+    def __init__(self, checkpoint: Path, tmp: Path, *args: str):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = tmp / f"server-{self.port}.log"
+        cmd = [sys.executable, "-m", "server", "--checkpoint", str(checkpoint), "--port", str(self.port), *args]
+        self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=open(self.log, "w"), stderr=subprocess.STDOUT)
+
+    def __enter__(self):
+        deadline = time.monotonic() + 60
+        while True:
+            assert self.proc.poll() is None, self.log.read_text()
+            assert time.monotonic() < deadline, self.log.read_text()
+            try:
+                if httpx.get(f"{self.url}/ready", timeout=1).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+
+    def __exit__(self, *exc):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def metric(text: str, name: str) -> float:
+    m = re.search(rf"^{re.escape(name)} ([0-9.e+]+)$", text, re.M)
+    return float(m.group(1)) if m else 0.0
+
+
+async def _fire(url: str, texts: list[str], connections: int, timeout: float = 60) -> list:
+    limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=timeout) as client:
+
+        async def one(t):
+            try:
+                return await client.post("/predict", json={"text": t})
+            except httpx.HTTPError as e:
+                return e
+
+        return await asyncio.gather(*(one(t) for t in texts))
+
+
+def test_load_is_batched_and_every_answer_is_its_own(checkpoint, tmp_path):
+    with Server(checkpoint, tmp_path) as srv:
+        alone = {t: httpx.post(f"{srv.url}/predict", json={"text": t}, timeout=10).json() for t in TEXTS}
+        texts = TEXTS * 8  # 256 requests on 64 connections, bounded
+        t0 = time.monotonic()
+        got = asyncio.run(_fire(srv.url, texts, connections=64))
+        assert time.monotonic() - t0 < 60
+        assert all(isinstance(r, httpx.Response) and r.status_code == 200 for r in got), [
+            r if not isinstance(r, httpx.Response) else r.status_code
+            for r in got
+            if getattr(r, "status_code", 0) != 200
+        ][:5]
+        for t, r in zip(texts, got):  # each caller gets the prediction of its own text
+            p = r.json()
+            assert p["label"] == alone[t]["label"]
+            for name in LABELS:
+                assert abs(p["probabilities"][name] - alone[t]["probabilities"][name]) < 1e-4
+            assert float(r.headers["x-queue-time-ms"]) >= 0 and float(r.headers["x-inference-time-ms"]) > 0
+        m = httpx.get(f"{srv.url}/metrics").text
+        forwards = metric(m, "distrinews_batch_texts_count")
+        singles = metric(m, 'distrinews_batch_texts_bucket{le="1.0"}')
+        assert forwards > singles, "no forward pass held more than one text"  # batching happened
+        assert metric(m, "distrinews_batch_texts_sum") >= len(texts) + len(TEXTS)  # every text went through one
+        assert 'distrinews_requests_total{route="/predict",status="200"}' in m
+        assert not re.search(r'route="/predict[^"]*",status="5\d\d"', m)  # (/ready said 503 while loading)
+
+
+def test_sigterm_during_load_answers_every_accepted_request(checkpoint, tmp_path):
+    with Server(checkpoint, tmp_path, "--no-batching") as srv:
+        done = []
+
+        def fire():
+            done.extend(asyncio.run(_fire(srv.url, TEXTS * 10, connections=32)))
+
+        thread = threading.Thread(target=fire)
+        thread.start()
+        deadline = time.monotonic() + 30
+        while (
+            metric(httpx.get(f"{srv.url}/metrics").text, 'distrinews_requests_total{route="/predict",status="200"}')
+            < 20
+        ):
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        srv.proc.send_signal(signal.SIGTERM)  # mid-load: stop accepting, finish what was accepted
+        thread.join(timeout=60)
+        assert srv.proc.wait(timeout=60) == 0, srv.log.read_text()[-2000:]
+    answered = [r for r in done if isinstance(r, httpx.Response)]
+    lost = [r for r in done if not isinstance(r, (httpx.Response, httpx.ConnectError))]
+    assert not lost, f"accepted requests that got no answer: {lost[:3]}"  # a refused connection was never accepted
+    assert answered and all(r.status_code == 200 for r in answered)
+    assert len(answered) > 20
+
+
+def test_overload_is_an_immediate_503_with_retry_after(checkpoint, monkeypatch):
+    real = app_module._forward
+
+    def slow(*args):
+        time.sleep(0.3)
+        return real(*args)
+
+    with TestClient(create_app(checkpoint, max_concurrent_requests=2, batching=False)) as c:
+        wait_ready(c)
+        monkeypatch.setattr(app_module, "_forward", slow)
+        with ThreadPoolExecutor(8) as pool:
+            t0 = time.monotonic()
+            rs = list(pool.map(lambda t: (c.post("/predict", json={"text": t}), time.monotonic() - t0), TEXTS[:8]))
+    refused = [(r, s) for r, s in rs if r.status_code == 503]
+    assert refused and any(r.status_code == 200 for r, _ in rs)
+    for r, seconds in refused:
+        assert r.headers["retry-after"] == "1" and "limit of 2 predictions in flight" in r.json()["error"]
+        assert seconds < 0.3  # at once, not after waiting behind the others
+
+
+def test_not_ready_while_loading_and_failed_load_says_why(checkpoint, monkeypatch):
+    real = app_module.AutoModelForSequenceClassification.from_pretrained
+    monkeypatch.setattr(app_module.AutoModelForSequenceClassification, "from_pretrained",
+                        lambda *a, **k: (time.sleep(0.5), real(*a, **k))[1])  # fmt: skip
+    with TestClient(create_app(checkpoint)) as c:
+        r = c.get("/ready")
+        assert r.status_code == 503 and r.json()["status"] == "loading" and r.headers["retry-after"] == "1"
+        p = c.post("/predict", json={"text": "hello"})
+        assert p.status_code == 503 and "still loading" in p.json()["error"]
+        assert c.get("/health").status_code == 200  # alive meanwhile
+        wait_ready(c)
+    fatal = []
+
+    def broken(*a, **k):
+        raise OSError("model.safetensors is truncated")
+
+    monkeypatch.setattr(app_module.AutoModelForSequenceClassification, "from_pretrained", broken)
+    with TestClient(create_app(checkpoint, on_fatal=lambda: fatal.append(1))) as c:
+        deadline = time.monotonic() + 10
+        while c.get("/ready").json()["status"] == "loading":
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        r = c.get("/ready")
+        assert r.status_code == 503 and "truncated" in r.json()["error"] and "experiments.train" in r.json()["error"]
+    assert fatal == [1]
+
+
+def test_batcher_drops_a_request_whose_client_left():
+    seen = []
+
+    def forward(ids):
+        seen.append([x[0] for x in ids])
+        time.sleep(0.05)
+        return [x[0] for x in ids]
+
+    async def scenario():
+        b = Batcher(forward, max_batch_texts=8, max_batch_tokens=10_000, max_wait_ms=0)
+        b.start()
+        first = asyncio.ensure_future(b.submit([[1]]))  # runs at once and keeps the model busy
+        await asyncio.sleep(0.01)
+        gone = asyncio.ensure_future(b.submit([[2]]))
+        stays = asyncio.ensure_future(b.submit([[3], [4]]))
+        await asyncio.sleep(0.01)
+        gone.cancel()  # its client disconnected while it waited
+        results = await asyncio.gather(first, stays)
+        await b.stop()
+        return results
+
+    (r1, _, _), (r3, _, _) = asyncio.run(scenario())
+    assert r1 == [1] and r3 == [3, 4]  # each caller its own results, in its own order
+    assert seen == [[1], [3, 4]]  # the cancelled request never reached the model
+
+
+def test_batcher_caps_texts_and_tokens_and_isolates_failures():
+    seen = []
+
+    def forward(ids):
+        seen.append(len(ids))
+        if any(x == [666] for x in ids):
+            raise ValueError("bad input")
+        return [len(x) for x in ids]
+
+    async def scenario():
+        b = Batcher(forward, max_batch_texts=4, max_batch_tokens=6, max_wait_ms=50)
+        b.start()
+        jobs = [asyncio.ensure_future(b.submit(ids)) for ids in ([[1, 1]], [[2, 2]], [[3, 3]], [[4, 4, 4]])]
+        results = await asyncio.gather(*jobs)
+        bad = asyncio.ensure_future(b.submit([[666]]))
+        good = asyncio.ensure_future(b.submit([[7]]))
+        out = await asyncio.gather(bad, good, return_exceptions=True)
+        await b.stop()
+        return results, out
+
+    results, (bad, good) = asyncio.run(scenario())
+    assert [r[0] for r in results] == [[2], [2], [2], [3]]
+    assert seen[:2] == [3, 1]  # 3 texts x 2 tokens = 6 tokens: the cap; the 3-token text waits for the next batch
+    assert isinstance(bad, ValueError) and good[0] == [1]  # one bad request never fails its batch-mate
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    method=st.sampled_from(["GET", "POST", "PUT", "DELETE"]),
+    path=st.sampled_from(
+        [
+            "/",
+            "/docs",
+            "/openapi.json",
+            "/health",
+            "/ready",
+            "/info",
+            "/metrics",
+            "/predict",
+            "/predict/batch",
+            "/nope",
+            "/docs/static/x.js",
+        ]
+    ),  # fmt: skip
+    body=st.one_of(
+        st.binary(max_size=300),
+        st.recursive(
+            st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=50),
+            lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.sampled_from(["text", "texts", "x"]), inner),
+            max_leaves=20,
+        ).map(lambda v: json.dumps(v).encode()),
+    ),
+)
+def test_fuzzed_requests_never_get_a_5xx_and_errors_are_json(fuzz_client, method, path, body):
+    r = fuzz_client.request(method, path, content=body, headers={"content-type": "application/json"})
+    assert r.status_code < 500, (method, path, body, r.text)
+    if r.status_code >= 400:
+        assert "error" in r.json()
+
+
+@pytest.fixture(scope="module")
+def fuzz_client(checkpoint):
+    with TestClient(create_app(checkpoint, max_text_chars=200, max_batch_size=4)) as c:
+        wait_ready(c)
+        yield c
+
+
+BROWSER = shutil.which("chromium") and shutil.which("chromedriver")
+
+
+@pytest.mark.skipif(not BROWSER, reason="needs Debian's chromium and chromium-driver (.ci/run installs them)")
+def test_page_in_a_real_browser(checkpoint, tmp_path):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = shutil.which("chromium")
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 f"--user-data-dir={tmp_path / 'chrome'}"):  # fmt: skip
+        opts.add_argument(flag)
+    with Server(checkpoint, tmp_path) as srv:
+        driver = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=opts)
+        try:
+            driver.get(srv.url + "/")
+            assert "classify news" in driver.title
+            driver.find_element(By.ID, "text").send_keys("Stocks fell as the central bank raised interest rates.")
+            driver.find_element(By.ID, "go").click()
+            wait = WebDriverWait(driver, 20)
+            wait.until(lambda d: d.find_element(By.ID, "label").text in LABELS)
+            shown = driver.find_element(By.ID, "label").text
+            api = httpx.post(
+                f"{srv.url}/predict", json={"text": "Stocks fell as the central bank raised interest rates."}
+            )
+            assert shown == api.json()["label"]  # the page shows what the API answers
+            assert len(driver.find_elements(By.CSS_SELECTOR, "#bars .row")) == len(LABELS)
+            driver.find_elements(By.CSS_SELECTOR, "button.ex")[1].click()  # an example fills and submits
+            wait.until(lambda d: d.find_element(By.ID, "text").get_attribute("value").startswith("The striker"))
+            driver.find_element(By.ID, "text").clear()
+            driver.find_element(By.ID, "go").click()  # empty text: the API's message, shown
+            wait.until(lambda d: "empty" in d.find_element(By.ID, "error").text)
+            driver.get(srv.url + "/docs")  # Swagger UI, from the package: no CDN
+            wait.until(lambda d: "/predict/batch" in d.page_source and "DistriNews" in d.page_source)
+            driver.save_screenshot(str(tmp_path / "page.png"))
+        finally:
+            driver.quit()
+    assert os.path.getsize(tmp_path / "page.png") > 0
