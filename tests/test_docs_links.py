@@ -22,6 +22,7 @@ GUIDES = [
     "docs/setup.md",
     "docs/fault-tolerance.md",
     "docs/kaggle.md",
+    "docs/deploy.md",
     "CONTRIBUTING.md",
 ]
 REF = re.compile(r"`((?:[\w.-]+/)*[\w.-]+\.(?:py|md|toml|sh))(?::([\w.]+))?`")
