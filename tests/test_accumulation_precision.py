@@ -133,17 +133,22 @@ def test_grad_accum_steps_on_the_command_line(tmp_path):
     assert [r["micro_batches"] for r in rows if r["type"] == "step"] == [4, 4, 4, 4]
 
 
+@pytest.fixture(scope="module")
+def fp32_weights(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("fp32")
+    _cli(["--ddp", "scratch", "--batch-size", "4", "--output-dir", str(tmp / "fp32")], tmp, nproc=2)
+    return _weights(tmp / "fp32")
+
+
 @pytest.mark.skipif(not AG_NEWS.exists(), reason="needs ../shared/ag_news")
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
-def test_mixed_precision_native_equals_scratch(tmp_path, precision):
+def test_mixed_precision_native_equals_scratch(tmp_path, precision, fp32_weights):
     for ddp in ("native", "scratch"):
         _cli(["--ddp", ddp, "--batch-size", "4", "--precision", precision, "--output-dir", str(tmp_path / ddp)],
              tmp_path, nproc=2)  # fmt: skip
     a, b = _weights(tmp_path / "native"), _weights(tmp_path / "scratch")
     assert all(torch.equal(a[k], b[k]) for k in a), "2 ranks: the same fp32 sums, bit for bit"
-    fp32 = tmp_path / "fp32"
-    _cli(["--ddp", "scratch", "--batch-size", "4", "--output-dir", str(fp32)], tmp_path, nproc=2)
-    assert any(not torch.equal(a[k], _weights(fp32)[k]) for k in a), f"{precision} autocast changed nothing"
+    assert any(not torch.equal(a[k], fp32_weights[k]) for k in a), f"{precision} autocast changed nothing"
     rows = [json.loads(line) for line in (tmp_path / "scratch" / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if r["type"] == "step"]
     if precision == "fp16":  # the scaler ran: its scale is logged, and skipped steps are counted

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 AG_NEWS = ROOT.parent / "shared" / "ag_news"
 NOTEBOOK = ROOT / "kaggle" / "distrinews_2xT4.ipynb"
 # what the CPU run puts in place of the GPU configuration (argparse: the later flag wins)
-TINY = (f"--model tiny --data-dir {AG_NEWS} --max-train-samples 64 --max-eval-samples 32 --max-length 32 "
+TINY = (f"--model tiny --data-dir {AG_NEWS} --max-train-samples 32 --max-eval-samples 16 --max-length 32 "
         "--epochs 1 --batch-size 4")  # fmt: skip
 
 
