@@ -293,7 +293,9 @@ def create_app(
         raise ValueError(f"max_length {max_length} exceeds the model's {positions} positions")
     model_name = train_args.get("model") or str(ckpt)
     metrics = Metrics()
-    state = {"status": "loading", "error": None, "in_flight": 0}  # loading -> ready | failed
+    # status: loading -> ready | failed. received/answered count admitted predictions, for the
+    # shutdown log line that shows a graceful stop drained every request it had read.
+    state = {"status": "loading", "error": None, "in_flight": 0, "received": 0, "answered": 0}
 
     def load():  # on a thread: weights, tokenizer, one warm-up pass
         model = AutoModelForSequenceClassification.from_pretrained(ckpt).eval()
@@ -322,6 +324,12 @@ def create_app(
         loader = asyncio.create_task(start(app))
         yield
         # Shutdown: uvicorn has stopped accepting and has waited for the requests in flight.
+        logging.getLogger("uvicorn.error").info(
+            "Shutdown: %d predictions received, %d answered, %d in flight",
+            state["received"],
+            state["answered"],
+            state["in_flight"],
+        )
         loader.cancel()
         if "batcher" in state:
             await state["batcher"].stop()
@@ -358,10 +366,16 @@ def create_app(
                     f"the server is at its limit of {max_concurrent_requests} predictions in flight; retry shortly"
                 )
             state["in_flight"] += 1
+            state["received"] += 1
             try:
-                return await handler(request)
+                response = await handler(request)
+            except Exception:  # answered all the same, as a JSON 500 by _server_error
+                state["answered"] += 1
+                raise
             finally:
                 state["in_flight"] -= 1
+            state["answered"] += 1  # (a cancelled request, client gone or shutdown forced, is not)
+            return response
 
         endpoint.__doc__ = handler.__doc__
         endpoint.__name__ = handler.__name__

@@ -152,10 +152,18 @@ def test_sigterm_during_load_answers_every_accepted_request(checkpoint, tmp_path
         thread.join(timeout=60)
         assert srv.proc.wait(timeout=60) == 0, srv.log.read_text()[-2000:]
     answered = [r for r in done if isinstance(r, httpx.Response)]
-    lost = [r for r in done if not isinstance(r, (httpx.Response, httpx.ConnectError))]
-    assert not lost, f"accepted requests that got no answer: {lost[:3]}"  # a refused connection was never accepted
     assert answered and all(r.status_code == 200 for r in answered)
     assert len(answered) > 20
+    # A request the server never read is not lost: refused (ConnectError), or sent on an idle
+    # keep-alive connection just as the server closed it (ReadError; RFC 9112 section 9.3.1 leaves
+    # retrying a POST to the client). So the server's own count decides: every request it read was
+    # answered, and the client got each of those answers.
+    counts = re.search(r"Shutdown: (\d+) predictions received, (\d+) answered, (\d+) in flight", srv.log.read_text())
+    assert counts, srv.log.read_text()[-2000:]
+    received, served, in_flight = map(int, counts.groups())
+    assert received == served == len(answered) and in_flight == 0, (counts.group(0), len(answered))
+    others = [r for r in done if not isinstance(r, (httpx.Response, httpx.ConnectError, httpx.ReadError))]
+    assert not others, f"requests that failed in another way: {others[:3]}"
 
 
 def test_overload_is_an_immediate_503_with_retry_after(checkpoint, monkeypatch):
