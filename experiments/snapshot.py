@@ -70,6 +70,7 @@ CONFIG_KEYS = (
     "val_size",
     "seed",
     "dropout",
+    "group_by_length",
 )
 NAME = re.compile(r"^snapshot-(\d{8})\.json$")
 

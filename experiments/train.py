@@ -4,6 +4,8 @@ The parallel wrapper and the sampler are the only things that change between run
     --ddp none      one process, no wrapper (torch's DistributedSampler with 1 replica)
     --ddp native    torch.nn.parallel.DistributedDataParallel + torch's DistributedSampler
     --ddp scratch   ddp_from_scratch.DistributedDataParallel + our DistributedSampler
+With --group-by-length all three take their batches from experiments/length_grouping.py instead
+(the same batches for native and scratch), and evaluation runs longest texts first.
 
 Launch (CPU: gloo; one GPU per rank: nccl):
     python -m experiments.train --ddp none --data-dir ../shared/ag_news --model minilm-l6
@@ -41,6 +43,7 @@ from . import snapshot as S
 from .checkpoint import save_checkpoint, unwrap
 from .data import DataError, load_ag_news, make_collator, tokenize
 from .evaluate import evaluate
+from .length_grouping import LengthGroupedBatchSampler, lengths_of
 from .model import build_model, build_tokenizer
 from .precision import autocast, make_scaler
 from .snapshot import SnapshotError
@@ -84,6 +87,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         type=float,
         default=None,
         help="DDP bucket cap in MiB, both implementations (default: torch's, 25 with a 1 MiB first bucket)",
+    )
+    p.add_argument(
+        "--group-by-length",
+        action="store_true",
+        help="batches of similar lengths (less padding): experiments/length_grouping.py; evaluation sorted too",
     )
     p.add_argument("--all-reduce", choices=["torch", "ring"], default="torch", help="--ddp scratch: collective")
     p.add_argument("--backend", choices=["auto", "gloo", "nccl"], default="auto")
@@ -240,8 +248,14 @@ def train(args, env: D.DistEnv) -> dict:
     torch.manual_seed(args.seed + env.rank)  # per-rank dropout masks, identical for native and scratch runs
 
     collate = make_collator(tokenizer)
-    sampler = make_sampler(data["train"])
-    loader = DataLoader(data["train"], batch_size=args.batch_size, sampler=sampler, collate_fn=collate)
+    if args.group_by_length:  # identical for every --ddp: the ranks' micro-batches of the same global batches
+        sampler = LengthGroupedBatchSampler(lengths_of(data["train"]), args.batch_size, env.world_size, env.rank,
+                                            seed=args.seed)  # fmt: skip
+        loader = DataLoader(data["train"], batch_sampler=sampler, collate_fn=collate)
+    else:
+        sampler = make_sampler(data["train"])
+        loader = DataLoader(data["train"], batch_size=args.batch_size, sampler=sampler, collate_fn=collate)
+    eval_kw = {"batch_size": args.eval_batch_size, "precision": args.precision, "by_length": args.group_by_length}
     accum = args.grad_accum_steps
     steps_per_epoch = math.ceil(len(loader) / accum)  # a last, shorter group steps too
     steps = args.epochs * steps_per_epoch
@@ -346,6 +360,9 @@ def train(args, env: D.DistEnv) -> dict:
         )
         while done_in_epoch < len(loader):
             group = [next(batches) for _ in range(min(accum, len(loader) - done_in_epoch))]
+            # this rank's tokens, real and with padding (on the CPU copy: no device sync)
+            tokens = sum(int(b["attention_mask"].sum()) for b in group)
+            padded = sum(b["input_ids"].numel() for b in group)
             group = [{k: v.to(env.device, non_blocking=True) for k, v in b.items()} for b in group]
             t0 = time.perf_counter()
             r = optimizer_step(model, opt, sched, scaler, group, args.precision, args.max_grad_norm,
@@ -359,9 +376,9 @@ def train(args, env: D.DistEnv) -> dict:
             bar.update()
             if log:
                 row = {"type": "step", "step": step, "epoch": epoch, "loss": r["loss"], "lr": r["lr"], "samples": n,
-                       "micro_batches": len(group), "data_s": t0 - t_prev, "forward_s": r["forward_s"],
-                       "backward_s": r["backward_s"], "optimizer_s": r["optimizer_s"],
-                       "step_s": t3 - t_prev}  # fmt: skip
+                       "micro_batches": len(group), "tokens": tokens, "padded_tokens": padded,
+                       "data_s": t0 - t_prev, "forward_s": r["forward_s"], "backward_s": r["backward_s"],
+                       "optimizer_s": r["optimizer_s"], "step_s": t3 - t_prev}  # fmt: skip
                 if scaler is not None:
                     row.update(skipped=r["skipped"], loss_scale=r["scale"])
                 log.write(json.dumps(row) + "\n")
@@ -374,9 +391,7 @@ def train(args, env: D.DistEnv) -> dict:
         bar.close()
         epoch_times.append(elapsed_before + time.perf_counter() - t_epoch)
         elapsed_before = 0.0
-        val = evaluate(
-            model, data["validation"], collate, env, args.eval_batch_size, desc="validation", precision=args.precision
-        )
+        val = evaluate(model, data["validation"], collate, env, desc="validation", **eval_kw)
         evals.append({"type": "eval", "split": "validation", "epoch": epoch, **val})
         if log:
             log.write(json.dumps(evals[-1]) + "\n")
@@ -386,11 +401,7 @@ def train(args, env: D.DistEnv) -> dict:
                 flush=True,
             )
         take_snapshot(epoch, len(loader), 0.0)  # after the evaluation: the next epoch starts from here
-    test = (
-        None
-        if args.no_test
-        else evaluate(model, data["test"], collate, env, args.eval_batch_size, desc="test", precision=args.precision)
-    )
+    test = None if args.no_test else evaluate(model, data["test"], collate, env, desc="test", **eval_kw)
     memory = D.all_gather_object(env, (D.peak_memory_bytes(env.device), D.device_name(env.device)))
     summary = {
         "ddp": args.ddp,
