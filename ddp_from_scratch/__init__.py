@@ -11,9 +11,10 @@ Read in this order (each file imports only files above it; tests/test_reading_or
  8. comm_hooks.py          - what happens to a full bucket (average it; or compress it first)
  9. unused.py              - parameters that get no gradient: find them, or fail on every rank
 10. debug.py               - DDP_FROM_SCRATCH_DEBUG=1: one log line per collective
-11. reducer.py             - the state of one backward: hooks, ready marks, launches, the final wait, rebuild
-12. join.py                - uneven inputs: ranks that run out of data early
-13. ddp.py                 - the wrapper: wrap-time checks, forward, no_sync, join; backward is the reducer's
+11. sparse.py              - embedding gradients: all-gather only the rows looked up, exactly
+12. reducer.py             - the state of one backward: hooks, ready marks, launches, the final wait, rebuild
+13. join.py                - uneven inputs: ranks that run out of data early
+14. ddp.py                 - the wrapper: wrap-time checks, forward, no_sync, join; backward is the reducer's
 """
 
 from __future__ import annotations

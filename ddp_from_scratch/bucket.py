@@ -41,7 +41,9 @@ def assign_buckets(params: list[torch.Tensor], order: list[int], caps_bytes: lis
 
     Args:
         params: all parameters that get gradients (index i = params[i]).
-        order: indices of `params` in the order their gradients are expected to be ready.
+        order: indices of `params` in the order their gradients are expected to be ready;
+            each index at most once. Parameters left out get no bucket (the reducer
+            exchanges sparse embedding weights apart, sparse.py).
         caps_bytes: byte caps; bucket k of a (dtype, device) group is capped at
             `caps_bytes[min(k, len(caps_bytes) - 1)]`, so `[1 MB, 25 MB]` gives a
             small first bucket, like torch's `_DEFAULT_FIRST_BUCKET_BYTES`. A parameter
@@ -54,8 +56,8 @@ def assign_buckets(params: list[torch.Tensor], order: list[int], caps_bytes: lis
         Buckets as lists of parameter indices, ordered by when each bucket is expected
         to be full (the position of its first member in `order`).
     """
-    if sorted(order) != list(range(len(params))):
-        raise ValueError(f"order must be a permutation of 0..{len(params) - 1}")
+    if len(set(order)) != len(order) or not all(0 <= i < len(params) for i in order):
+        raise ValueError(f"order must list distinct indices of 0..{len(params) - 1}")
     open_buckets: dict[tuple, list[int]] = {}  # (dtype, device) -> bucket being filled
     open_bytes: dict[tuple, int] = {}
     n_closed: dict[tuple, int] = {}  # how many buckets of this group are closed (picks the cap)

@@ -36,6 +36,9 @@ class CommState:
             the wrapper's `all_reduce=` option ("torch" or "ring").
         algorithm: that option's value, for debug logging.
         peers: global ranks this rank exchanges data with in one all-reduce (debug logging).
+        all_gather: launches an asynchronous all-gather in place of a flat tensor of n equal
+            chunks, this rank's chunk r filled (sparse.py sends embedding rows with it); same
+            `all_reduce=` choice.
     """
 
     process_group: object
@@ -43,6 +46,7 @@ class CommState:
     all_reduce: Callable[[torch.Tensor], torch.futures.Future]
     algorithm: str = "torch"
     peers: tuple = ()
+    all_gather: Callable[[torch.Tensor], torch.futures.Future] | None = None
 
 
 def make_comm_state(process_group, algorithm: str) -> CommState:
@@ -54,8 +58,9 @@ def make_comm_state(process_group, algorithm: str) -> CommState:
     rank, n = dist.get_rank(process_group), dist.get_world_size(process_group)
     glob = (lambda r: dist.get_global_rank(process_group, r)) if process_group is not None else (lambda r: r)
     if algorithm == "torch":  # gloo talks to every other rank
+        peers = tuple(glob(r) for r in range(n) if r != rank)
         return CommState(
-            process_group, n, torch_all_reduce(process_group), "torch", tuple(glob(r) for r in range(n) if r != rank)
+            process_group, n, torch_all_reduce(process_group), "torch", peers, torch_all_gather(process_group)
         )
     if algorithm == "ring":  # ours receives from rank-1 and sends to rank+1 only
         return CommState(
@@ -64,6 +69,7 @@ def make_comm_state(process_group, algorithm: str) -> CommState:
             ring_all_reduce(process_group),
             "ring",
             tuple(sorted({glob((rank - 1) % n), glob((rank + 1) % n)} - {glob(rank)})),
+            ring_all_gather(process_group),
         )
     raise ValueError(f"all_reduce must be 'torch' or 'ring', got {algorithm!r}")
 
@@ -87,6 +93,29 @@ def ring_all_reduce(process_group) -> Callable[[torch.Tensor], torch.futures.Fut
 
     def launch(tensor: torch.Tensor) -> torch.futures.Future:
         return work.launch(collectives.all_reduce, tensor, group=process_group).get_future()
+
+    return launch
+
+
+def torch_all_gather(process_group) -> Callable[[torch.Tensor], torch.futures.Future]:
+    """`dist.all_gather_single` (async) as an in-place launcher: chunk r of the flat tensor is this rank's part."""
+    # torch >= 2.13 renamed all_gather_into_tensor; GPU users may run an older torch
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    rank, n = dist.get_rank(process_group), dist.get_world_size(process_group)
+
+    def launch(tensor: torch.Tensor) -> torch.futures.Future:
+        mine = tensor.view(-1).tensor_split(n)[rank].clone()  # the input must not alias the output
+        work = gather(tensor.view(-1), mine, group=process_group, async_op=True)
+        return work.get_future().then(lambda fut: tensor)
+
+    return launch
+
+
+def ring_all_gather(process_group) -> Callable[[torch.Tensor], torch.futures.Future]:
+    """Our ring all-gather (collectives.py, in place), asynchronous on the group's worker (work.py)."""
+
+    def launch(tensor: torch.Tensor) -> torch.futures.Future:
+        return work.launch(collectives.all_gather, tensor, group=process_group).get_future()
 
     return launch
 

@@ -40,6 +40,7 @@ from .comm_hooks import make_comm_state
 from .join import shadow_until_all_done, sync_final_model, vote
 from .reducer import Reducer
 from .replicas import broadcast_from, verify_same_model
+from .sparse import sparse_embedding_weights
 from .unused import unused_parameters
 
 
@@ -63,12 +64,15 @@ class DistributedDataParallel(nn.Module):
             when `find_unused_parameters=False`).
         all_reduce: "torch" (`dist.all_reduce`) or "ring" (ours, from send/recv in
             collectives.py, run in the background by work.py).
+        sparse_embeddings: exchange embedding gradients by the rows looked up (sparse.py):
+            "auto" (untied `nn.Embedding` weights of at least 4 MiB, e.g. a word embedding),
+            True (every untied one) or False (all dense, as torch's DDP). Exact either way.
 
     Raises:
         RuntimeError: no process group is initialised; or ranks wrap models whose
             parameters differ in name, shape, dtype or requires_grad (raised on every rank,
             naming the first difference, before anything else is sent).
-        ValueError: unknown `all_reduce`.
+        ValueError: unknown `all_reduce` or `sparse_embeddings`.
 
     Set DDP_FROM_SCRATCH_DEBUG=1 to get one stderr line per collective (debug.py).
     """
@@ -84,6 +88,7 @@ class DistributedDataParallel(nn.Module):
         gradient_as_bucket_view: bool = False,
         rebuild_buckets: bool = True,
         all_reduce: str = "torch",
+        sparse_embeddings="auto",
     ):
         super().__init__()
         if not dist.is_initialized():
@@ -117,6 +122,7 @@ class DistributedDataParallel(nn.Module):
             find_unused_parameters=find_unused_parameters,
             gradient_as_bucket_view=gradient_as_bucket_view,
             rebuild_buckets=rebuild_buckets,
+            sparse=sparse_embedding_weights(module, [p for _, p in named], sparse_embeddings),
         )
         self._buffers_need_sync = True  # torch's `require_forward_param_sync`, see forward()
         self._in_join = False

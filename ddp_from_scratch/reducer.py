@@ -13,7 +13,9 @@ What the Reducer owns, for one backward pass:
   index order, so the k-th all-reduce pairs with the k-th on every rank (`_mark_ready`, `_launch`);
 - the end-of-backward callback, queued on autograd's engine by the first gradient hook: it
   waits for every all-reduce and writes the averaged gradients back (`_finish_backward`);
-- the one-time rebuild of the buckets in the order gradients really became ready.
+- the one-time rebuild of the buckets in the order gradients really became ready;
+- the sparse embedding weights (sparse.py): kept out of the buckets, exchanged at the end of
+  backward by sending only the rows that were looked up.
 
 Its public interface, all that ddp.py and join.py call:
     prepare_for_backward(sync, unused)  after each forward in training
@@ -35,6 +37,7 @@ from . import debug
 from .bucket import Bucket, build_buckets, rebuild_in_ready_order
 from .comm_hooks import CommState
 from .replicas import broadcast_from
+from .sparse import EmbeddingRows, exchange
 from .unused import missing_gradients_error
 
 
@@ -49,6 +52,8 @@ class Reducer:
         caps_bytes: bucket caps in bytes, [first bucket, every other bucket] (bucket.py).
         find_unused_parameters, gradient_as_bucket_view: DDP's options of those names.
         rebuild_buckets: rebuild once after the first backward, in rank 0's ready order.
+        sparse: {index into params: its nn.Embedding} for the weights exchanged by rows
+            (sparse.py `sparse_embedding_weights`); they get no bucket.
 
     Gradients of the bucketed path are averaged like reducer.cpp does without a comm hook:
     multiplied by 1/world_size while copied into the bucket, then SUM all-reduced. fp32
@@ -65,6 +70,7 @@ class Reducer:
         find_unused_parameters: bool = False,
         gradient_as_bucket_view: bool = False,
         rebuild_buckets: bool = True,
+        sparse: dict | None = None,
     ):
         self.params, self.param_names = params, param_names
         self.process_group, self.comm_state, self.caps_bytes = process_group, comm_state, caps_bytes
@@ -76,9 +82,11 @@ class Reducer:
         self.debug = debug.enabled()
         self.ranks_in_step = self.world_size
         self.timeline: list[dict] | None = None  # set to [] to record one dict per bucket all-reduce
+        self._sparse = {i: EmbeddingRows(emb) for i, emb in (sparse or {}).items()}
+        self.exchanges: list[dict] = []  # the last synced backward's sparse exchanges (sparse.py records)
 
         # Gradients become ready roughly in reverse registration order (bucket.py).
-        self.buckets = build_buckets(params, list(reversed(range(len(params)))), caps_bytes)
+        self.buckets = build_buckets(params, self._dense_order(), caps_bytes)
         self._locate_params()
         self._rebuild_pending = rebuild_buckets and not find_unused_parameters
         self._ready_order: list[int] = []  # recorded during the first backward, for the rebuild
@@ -92,6 +100,10 @@ class Reducer:
         self._ready_times: dict[int, float] = {}  # bucket index -> when its last gradient came (timeline)
         self._comm_hook, self._hook_state = None, None
         self._hooks = [p.register_post_accumulate_grad_hook(self._make_grad_hook(i)) for i, p in enumerate(params)]
+
+    def _dense_order(self) -> list[int]:
+        """The bucketed parameters, in reverse registration order (sparse ones are exchanged apart)."""
+        return [i for i in reversed(range(len(self.params))) if i not in self._sparse]
 
     def _locate_params(self) -> None:
         """param index -> (bucket, position in bucket), for the hot path of the gradient hook."""
@@ -127,6 +139,12 @@ class Reducer:
         if self._comm_hook is not None:
             raise RuntimeError("register_comm_hook may be called only once")
         self._comm_hook, self._hook_state = hook, (state if state is not None else self.comm_state)
+        if self._sparse:  # a hook sees whole buckets, as in torch: the sparse weights go back into them
+            for table in self._sparse.values():
+                table.handle.remove()
+            self._sparse = {}
+            self.buckets = build_buckets(self.params, self._dense_order(), self.caps_bytes)
+            self._locate_params()
 
     def run_empty_backward(self) -> None:
         """Join, with nothing to contribute, every collective one backward pass of a peer issues.
@@ -138,6 +156,8 @@ class Reducer:
         for bucket in self.buckets:
             bucket.buffer.zero_()
             self._launch(bucket)
+        for i, table in self._sparse.items():
+            exchange(table, self.comm_state, self.rank, self.param_names[i], contribute=False)
         self._exchange_used_counts(bytearray(len(self.params))).wait()  # "I used nothing"
         for bucket in self.buckets:
             bucket.future.wait()
@@ -176,6 +196,8 @@ class Reducer:
         self._marked[index] = 1
         if used:
             self._used[index] = 1
+        if index in self._sparse:  # no bucket: exchanged by rows at the end of backward
+            return
         bucket, pos = self._where[index]
         self._fill_slot(index, grad, bucket.views[pos], repoint=used)
         if self._rebuild_pending:
@@ -269,12 +291,21 @@ class Reducer:
             # exchanged next then make *every* rank raise, instead of the peers waiting for buckets
             # that never come.
             for i, done in enumerate(self._marked):
-                if not done:
+                if not done and i not in self._sparse:
                     bucket, pos = self._where[i]
                     bucket.views[pos].zero_()
             for bucket in self.buckets[self._next_bucket :]:
                 self._launch(bucket)
             self._next_bucket = len(self.buckets)
+        # the embedding's gradient is the last one backward computes: nothing left to overlap with
+        self.exchanges = [exchange(t, self.comm_state, self.rank, self.param_names[i]) for i, t in self._sparse.items()]
+        for rec in self.exchanges:
+            if self.timeline is not None:
+                self.timeline.append({**rec, "ready": rec["launch"]})
+            if self.debug:
+                op = f"sparse_exchange/{self.comm_state.algorithm}({rec['mode']}, {rec['rows']} rows)"
+                debug.log(self.rank, op, rec["bucket"], rec["bytes"], self.comm_state.peers, debug.now()
+                          - (rec["done"] - rec["launch"]))  # fmt: skip
         counts_future = self._exchange_used_counts(self._used)
         for b in self.buckets:
             result = b.future.wait()

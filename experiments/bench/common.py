@@ -185,12 +185,15 @@ def _timed_allreduce_hook(records: list):
     return hook
 
 
-def wrap(impl: str, module: torch.nn.Module, bucket_cap_mb: float | None = None, record: bool = True):
+def wrap(impl: str, module: torch.nn.Module, bucket_cap_mb: float | None = None, record: bool = True,
+         sparse_embeddings="auto"):  # fmt: skip
     """`module` wrapped by `impl` (one of IMPLS); returns (model, records).
 
     `records` is the list that fills with one dict per bucket all-reduce when `record` (None for
-    scratch-naive, which has no buckets, or when not recording). `bucket_cap_mb` (MiB; None =
-    torch's default 25 with a 1 MiB first bucket) applies to the three bucketed ones alike.
+    scratch-naive, which has no buckets, or when not recording); ours adds one per sparse
+    embedding exchange (bucket "sparse:<name>"). `bucket_cap_mb` (MiB; None = torch's default 25
+    with a 1 MiB first bucket) applies to the three bucketed ones alike. `sparse_embeddings`: ours'
+    option of that name ("auto": the word embedding's gradient by rows; False: all dense, as torch).
     """
     import ddp_from_scratch
     import ddp_native
@@ -204,7 +207,11 @@ def wrap(impl: str, module: torch.nn.Module, bucket_cap_mb: float | None = None,
             model.register_comm_hook(None, _timed_allreduce_hook(records))
         return model, records
     model = ddp_from_scratch.wrap(
-        module, device(), bucket_cap_mb=bucket_cap_mb, all_reduce=impl.removeprefix("scratch-")
+        module,
+        device(),
+        bucket_cap_mb=bucket_cap_mb,
+        all_reduce=impl.removeprefix("scratch-"),
+        sparse_embeddings=sparse_embeddings,
     )
     if record:
         model.reducer.timeline = []
@@ -219,6 +226,24 @@ def allreduces_per_step(impl: str, model) -> int:
     if impl == "native":
         return len(model.reducer._get_zeros_like_grad_buckets())  # torch has no public bucket list
     return len(model.reducer.buckets) + 1
+
+
+def bytes_per_step(impl: str, model) -> dict:
+    """Gradient bytes one rank puts into collectives in its last synced step, and sends.
+
+    "into": the tensors handed to all-reduce / all-gather (bytes). "sent": what the ring
+    algorithms send per rank for them (bytes): 2 (n-1)/n of an all-reduced tensor (Patarasuk &
+    Yuan 2009), (n-1)/n of an all-gathered one; gloo's own algorithms send about as much. Ours
+    counts its sparse exchanges (sparse.py records) in place of the embedding's dense gradient.
+    """
+    n = dist.get_world_size()
+    factor = 2 * (n - 1) / n
+    if impl in ("native", "scratch-naive"):
+        b = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+        return {"into": b, "sent": factor * b}
+    dense = sum(bk.buffer.numel() * bk.buffer.element_size() for bk in model.reducer.buckets)
+    ex = model.reducer.exchanges
+    return {"into": dense + sum(r["bytes"] for r in ex), "sent": factor * dense + sum(r["sent_bytes"] for r in ex)}
 
 
 def timed_step(model, opt, micro_batches: list, sync: bool = True, precision: str = "fp32") -> dict:

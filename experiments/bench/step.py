@@ -15,8 +15,11 @@ the machine hit all of them alike and none always runs first (it matters: caches
 allocator). A round's time is the slowest rank's.
 
 Reported per implementation: median step time (ms), the paired ratio to native (median over
-rounds of its time / native's time in the same round), all-reduces per step and bytes of
-gradients each rank sends into them. The naive row is the lesson of buckets and overlap, in numbers.
+rounds of its time / native's time in the same round), all-reduces per step, how ours exchanged
+the word embedding's gradient (sparse.py: by rows, or dense), and the bytes of gradients each
+rank puts into collectives and sends per step. With --dense-embeddings ours sends the embedding
+dense, as torch's DDP does: run both to see what the sparse exchange buys. The naive row is the
+lesson of buckets and overlap, in numbers.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from tqdm.auto import tqdm
 from .common import (
     IMPLS,
     allreduces_per_step,
+    bytes_per_step,
     launch_ranks,
     model_and_batches,
     paired_ratios,
@@ -51,37 +55,51 @@ def worker(
     warmup: int,
     batch_size: int,
     seq_len: int,
+    sparse_embeddings="auto",
     show_progress: bool = False,
 ) -> dict:
-    """One rank: every implementation takes one step per round; returns seconds per step and counts."""
+    """One rank: every implementation takes one step per round; returns seconds per step, counts, bytes."""
     import torch.distributed as dist
 
     rank = dist.get_rank()
     base, batches = model_and_batches(model, warmup + steps, batch_size, seq_len, seed=rank)
-    models = {impl: wrap(impl, copy.deepcopy(base), record=False)[0] for impl in IMPLS}
+    models = {
+        impl: wrap(impl, copy.deepcopy(base), record=False, sparse_embeddings=sparse_embeddings)[0] for impl in IMPLS
+    }
     opts = {impl: torch.optim.AdamW(m.parameters(), lr=1e-5) for impl, m in models.items()}
     times = {impl: [] for impl in IMPLS}
+    rows = {impl: [] for impl in IMPLS}  # sparse exchange: rows sent (K) per step
     for i, batch in enumerate(tqdm(batches, desc="step time", unit="round", disable=not show_progress)):
         for impl in IMPLS[i % len(IMPLS) :] + IMPLS[: i % len(IMPLS)]:  # rotate the order
             t = timed_step(models[impl], opts[impl], [batch], precision=precision)
             if i >= warmup:
                 times[impl].append(t["end"] - t["start"])
+                ex = getattr(getattr(models[impl], "reducer", None), "exchanges", [])
+                rows[impl] += [f"{r['mode']} {r['rows']}" for r in ex]
     grad_bytes = sum(p.numel() * p.element_size() for p in base.parameters() if p.requires_grad)
     return {
         "times_s": times,
         "allreduces": {impl: allreduces_per_step(impl, m) for impl, m in models.items()},
+        "bytes": {impl: bytes_per_step(impl, m) for impl, m in models.items()},
+        "exchanges": rows,
         "grad_bytes": grad_bytes,
     }
 
 
-def run(out_dir: Path, quick: bool = False, nproc: int = 2, gpu: bool = False, precision: str = "fp32") -> dict:
+def run(out_dir: Path, quick: bool = False, nproc: int = 2, gpu: bool = False, precision: str = "fp32",
+        dense_embeddings: bool = False) -> dict:  # fmt: skip
     """Launch the ranks, then write step.json and step.md.
 
-    `gpu`: NCCL, rank r on cuda:r (one GPU per rank); `precision`: autocast of the forward.
+    `gpu`: NCCL, rank r on cuda:r (one GPU per rank); `precision`: autocast of the forward;
+    `dense_embeddings`: ours without the sparse embedding exchange (all dense, as torch's DDP).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    cfg = {**(QUICK if quick else FULL), "precision": precision}
+    cfg = {
+        **(QUICK if quick else FULL),
+        "precision": precision,
+        "sparse_embeddings": False if dense_embeddings else "auto",
+    }
     backend = "nccl" if gpu else "gloo"
     ranks = launch_ranks("step", nproc, cfg, quiet=quick, backend=backend)
     slowest = {impl: [max(r["times_s"][impl][s] for r in ranks) for s in range(cfg["steps"])] for impl in IMPLS}
@@ -90,6 +108,10 @@ def run(out_dir: Path, quick: bool = False, nproc: int = 2, gpu: bool = False, p
             "median_ms": 1e3 * statistics.median(ts),
             "ratio_to_native": paired_ratios(ts, slowest["native"]),
             "allreduces_per_step": ranks[0]["allreduces"][impl],
+            "mib_into_collectives": ranks[0]["bytes"][impl]["into"] / 2**20,
+            "mib_sent_per_rank": ranks[0]["bytes"][impl]["sent"] / 2**20,
+            "exchanges": sorted(set(x.split()[0] for r in ranks for x in r["exchanges"][impl])),
+            "sparse_rows": [int(x.split()[1]) for x in ranks[0]["exchanges"][impl]],
             "step_ms": [1e3 * t for t in ts],
         }
         for impl, ts in slowest.items()
@@ -98,19 +120,27 @@ def run(out_dir: Path, quick: bool = False, nproc: int = 2, gpu: bool = False, p
     md = [
         f"{nproc} ranks, {backend}, {cfg['model']} ({mb:.1f} MiB of fp32 gradients), {precision}, micro-batch "
         f"{cfg['batch_size']} x {cfg['seq_len']} tokens, AdamW, torch's default buckets, {cfg['steps']} "
-        f"interleaved rounds (after {cfg['warmup']} warm-up), order rotated every round.",
+        f"interleaved rounds (after {cfg['warmup']} warm-up), order rotated every round; ours with "
+        f"sparse_embeddings={cfg['sparse_embeddings']!r}.",
         "",
-        "| DDP | median step ms | vs native (paired) | all-reduces per step | MiB all-reduced per step |",
-        "|---|---|---|---|---|",
+        "| DDP | median step ms | vs native (paired) | all-reduces per step | embedding exchange | MiB into "
+        "collectives per step | MiB sent per rank per step |",
+        "|---|---|---|---|---|---|---|",
     ]
     for impl, r in rows.items():
+        ex = "/".join(r["exchanges"]) or "(in a bucket)"
+        if r["sparse_rows"]:
+            ex += f", median {statistics.median(r['sparse_rows']):.0f} rows"
         md.append(
-            f"| {impl} | {r['median_ms']:.1f} | {r['ratio_to_native']:.3f} | {r['allreduces_per_step']} | {mb:.1f} |"
+            f"| {impl} | {r['median_ms']:.1f} | {r['ratio_to_native']:.3f} | {r['allreduces_per_step']} | {ex} | "
+            f"{r['mib_into_collectives']:.1f} | {r['mib_sent_per_rank']:.1f} |"
         )
     md += [
         "",
-        "Every implementation all-reduces the same gradients; they differ in how many messages "
-        "carry them and when. Native and ours launch each bucket as soon as it is full and overlap it "
+        "'Sent' counts what ring algorithms send per rank: 2(n-1)/n of each all-reduced byte, (n-1)/n of each "
+        "all-gathered one. Every implementation averages the same gradients; they differ in how many messages "
+        "carry them, when, and (ours, sparse) whether the embedding's zero rows travel. "
+        "Native and ours launch each bucket as soon as it is full and overlap it "
         "with the rest of backward (ours adds one small all-reduce of 'got a gradient' counts, "
         "unused.py); naive.py sends one blocking all-reduce per parameter after backward, so every "
         "fixed per-message cost is paid once per parameter and nothing overlaps.",
@@ -122,6 +152,7 @@ def _arguments(p) -> None:
     p.add_argument("--gpu", action="store_true", help="one GPU per rank, NCCL (needs --nproc GPUs)")
     p.add_argument("--nproc", type=int, default=2, help="ranks (default 2)")
     p.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp32", help="autocast of the forward")
+    p.add_argument("--dense-embeddings", action="store_true", help="ours without the sparse embedding exchange")
 
 
 def main(argv=None) -> None:
