@@ -94,6 +94,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="batches of similar lengths (less padding): experiments/length_grouping.py; evaluation sorted too",
     )
     p.add_argument("--all-reduce", choices=["torch", "ring"], default="torch", help="--ddp scratch: collective")
+    p.add_argument(
+        "--sparse-embeddings",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="--ddp scratch: exchange the word embedding's gradient by the rows looked up (ddp_from_scratch/sparse.py;"
+        " auto: embeddings of 4 MiB and more); exact either way",
+    )
     p.add_argument("--backend", choices=["auto", "gloo", "nccl"], default="auto")
     p.add_argument("--timeout", type=float, default=300.0, help="process-group timeout, seconds")
     p.add_argument("--cache-dir", default=os.path.join(".cache", "tokenized"), help="tokenized-data cache")
@@ -137,7 +144,8 @@ def wrap_model(model, args, env: D.DistEnv):
     else:
         import ddp_from_scratch as impl
 
-        kwargs = {"all_reduce": args.all_reduce}
+        kwargs = {"all_reduce": args.all_reduce, "sparse_embeddings": {"auto": "auto", "on": True, "off": False}[
+            args.sparse_embeddings]}  # fmt: skip
     wrapped = impl.wrap(model, env.device, bucket_cap_mb=args.bucket_cap_mb, **kwargs)
     return wrapped, lambda ds: impl.DistributedSampler(
         ds, num_replicas=env.world_size, rank=env.rank, shuffle=True, seed=args.seed
