@@ -11,6 +11,8 @@ Parts, one module each in experiments/bench/ (each also runs alone: python -m ex
                all-reduce hidden behind backward
     allreduce  time, algbw and busbw of gloo / ring / naive / halving-doubling all-reduce against
                message size; the check that the async ring overlaps work on the main thread
+    ring       our ring against gloo's at 25 MB: its halves, segment and window settings, per-message
+               cost, the loopback and memory-copy limits
     sparse     the sparse embedding exchange against the dense all-reduce: where it stops paying
     buckets    step time, bucket count and overlap against bucket cap (per-parameter ... one bucket)
     scaling    1 vs 2 vs 4 processes, same global batch: samples/s, speedup, efficiency, compute
@@ -37,7 +39,7 @@ from pathlib import Path
 
 from .common import machine, result_files
 
-PARTS = ("step", "timeline", "allreduce", "sparse", "buckets", "scaling", "snapshot", "grouping", "accuracy")
+PARTS = ("step", "timeline", "allreduce", "ring", "sparse", "buckets", "scaling", "snapshot", "grouping", "accuracy")
 
 
 def main(argv=None) -> int:

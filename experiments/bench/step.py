@@ -128,7 +128,7 @@ def run(out_dir: Path, quick: bool = False, nproc: int = 2, gpu: bool = False, p
         "|---|---|---|---|---|---|---|",
     ]
     for impl, r in rows.items():
-        ex = "/".join(r["exchanges"]) or "(in a bucket)"
+        ex = "/".join(r["exchanges"]) or ("dense, alone" if impl == "scratch-naive" else "dense, in a bucket")
         if r["sparse_rows"]:
             ex += f", median {statistics.median(r['sparse_rows']):.0f} rows"
         md.append(
