@@ -2,23 +2,36 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from experiments.bench.__main__ import PARTS, main
 
 
-def test_quick_run_writes_one_readme_with_every_part(tmp_path):
-    # Every part runs through this dispatcher; the ones that train on AG News (accuracy, snapshot,
-    # grouping) have their own quick tests, which call the same `run(quick=True)`, so they are left out here.
-    parts = [p for p in PARTS if p not in ("accuracy", "snapshot", "grouping")]
+def test_quick_run_writes_one_readme_with_the_parts_it_ran(tmp_path):
+    # Every part's quick mode has its own test (tests/test_bench_<part>.py, through the same
+    # `run(quick=True)`); here the dispatcher: --only, one README gathering the parts' tables with
+    # the command and the machine, files listed whether a part returns them as a list or a dict.
+    parts = ["allreduce", "timeline", "sparse"]
+    assert set(parts) <= set(PARTS)
     assert main(["--quick", "--only", ",".join(parts), "--out", str(tmp_path)]) == 0
     readme = (tmp_path / "README.md").read_text()
-    assert "Machine:" in readme and "| scratch-ring |" in readme and "| scratch-naive |" in readme
+    assert "Machine:" in readme and "Command: `python -m experiments.bench --quick --only" in readme
+    assert "| scratch-ring |" in readme and "| gloo |" in readme
     for part in parts:
         assert f"## {part}" in readme, part
+    assert "## step" not in readme  # only what --only named
     # parts return their files as a list or as a dict kind -> path: both are listed as paths
-    assert "`allreduce/allreduce.png`" in readme and "`timeline/trace.json`" in readme
+    assert (
+        "`allreduce/allreduce.png`" in readme and "`timeline/trace.json`" in readme and "`sparse/sparse.md`" in readme
+    )
     assert (tmp_path / "timeline" / "trace.json").exists() and (tmp_path / "summary.json").exists()
+
+
+def test_every_part_has_its_own_quick_test():
+    tests = Path(__file__).parent
+    assert all((tests / f"test_bench_{part}.py").exists() for part in PARTS), PARTS
 
 
 def test_unknown_part_is_a_clear_usage_error(tmp_path, capsys):

@@ -78,14 +78,12 @@ def run(out_dir: Path, quick: bool = False, data_dir: Path = DATA_DIR) -> dict:
     return write_result(out_dir, "grouping", md, {"config": cfg, "rows": rows}, rows=rows)
 
 
+def _arguments(p) -> None:
+    p.add_argument("--data-dir", type=Path, default=DATA_DIR, help="AG News CSVs (default: ../shared/ag_news)")
+
+
 def main(argv=None) -> None:
-    part_main(
-        "grouping",
-        __doc__,
-        run,
-        argv,
-        lambda p: p.add_argument("--data-dir", type=Path, default=DATA_DIR, help="AG News CSVs"),
-    )
+    part_main("grouping", __doc__, run, argv, _arguments)
 
 
 if __name__ == "__main__":
