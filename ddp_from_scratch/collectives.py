@@ -46,7 +46,10 @@ import torch.distributed as dist
 
 SUM, AVG, MAX = dist.ReduceOp.SUM, dist.ReduceOp.AVG, dist.ReduceOp.MAX
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.int64)
-SEGMENT_BYTES = 1 << 20  # no message carries more than 1 MiB (gloo's segment size too)
+# No message carries more than 4 MiB. Fewer, larger messages save the ~35 us each costs us in
+# Python; smaller ones pipeline finer. Measured at 25 MiB (python -m experiments.bench.ring,
+# docs/benchmarks.md §10): 4 MiB beat 1 MiB in 4 of 5 runs, on 2 and on 4 ranks.
+SEGMENT_BYTES = 4 << 20
 WINDOW = 2  # pieces in flight while reducing, each landing in a scratch slot (gloo: 2)
 GROUPED_STEPS = False  # True: the grouped form (`_ring_grouped`) on the CPU too; always on CUDA (tests set it)
 

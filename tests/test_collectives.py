@@ -217,10 +217,10 @@ def _worker(rank: int, ws: int) -> None:
     _check_against_torch(rank, ws, counts=[0, 1, ws - 1, 7, 1000, 1001])
     # Data is cut into SEGMENT_BYTES pieces: with 64-byte pieces, 1001 elements make 16 to 126
     # messages per chunk, so sender and receiver must cut alike; then one tensor > 1 real piece.
-    C.SEGMENT_BYTES = 64
+    segment, C.SEGMENT_BYTES = C.SEGMENT_BYTES, 64
     _check_against_torch(rank, ws, counts=[ws + 1, 1001], dtypes=(torch.float32, torch.float16), seed=100)
-    C.SEGMENT_BYTES = 1 << 20
-    _check_against_torch(rank, ws, counts=[(1 << 19) + 3], dtypes=(torch.float32,), seed=200)
+    C.SEGMENT_BYTES = segment  # the real size: every chunk a little over one piece, so two
+    _check_against_torch(rank, ws, counts=[ws * segment // 4 + 3], dtypes=(torch.float32,), seed=200)
     # The grouped form NCCL needs (one batched send+receive of a whole chunk per step), run by gloo here,
     # so that the CUDA path's algorithm is tested on every CPU run; on GPUs it is the only form.
     C.GROUPED_STEPS = True
