@@ -219,7 +219,12 @@ def list_snapshots(out_dir: str | os.PathLike) -> list[Path]:
     return sorted((p for p in folder.iterdir() if NAME.match(p.name)), reverse=True)
 
 
+# Options added after snapshots already existed, with the value every older run had.
+ADDED_LATER = {"group_by_length": False}
+
+
 def _mismatch(saved: dict, config: dict) -> list[str]:
+    saved = {**ADDED_LATER, **saved}
     return [f"{k} is {saved.get(k)!r} there, {config[k]!r} here" for k in config if saved.get(k) != config[k]]
 
 

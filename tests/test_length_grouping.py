@@ -104,3 +104,13 @@ def test_bad_arguments():
         LengthGroupedBatchSampler([1, 2], 0)
     with pytest.raises(ValueError, match="at least one example"):
         LengthGroupedBatchSampler([], 4)
+
+
+def test_snapshots_from_before_the_option_resume_as_random_batches():
+    from experiments.snapshot import _mismatch
+
+    old = {"seed": 0, "world_size": 2}  # written before --group-by-length existed
+    assert _mismatch(old, {"seed": 0, "world_size": 2, "group_by_length": False}) == []
+    assert _mismatch(old, {"seed": 0, "world_size": 2, "group_by_length": True}) == [
+        "group_by_length is False there, True here"
+    ]
