@@ -13,20 +13,18 @@ def test_quick_run_writes_one_readme_with_the_parts_it_ran(tmp_path):
     # Every part's quick mode has its own test (tests/test_bench_<part>.py, through the same
     # `run(quick=True)`); here the dispatcher: --only, one README gathering the parts' tables with
     # the command and the machine, files listed whether a part returns them as a list or a dict.
-    parts = ["allreduce", "timeline", "sparse"]
+    parts = ["allreduce", "sparse"]  # files as a dict, files as a list
     assert set(parts) <= set(PARTS)
     assert main(["--quick", "--only", ",".join(parts), "--out", str(tmp_path)]) == 0
     readme = (tmp_path / "README.md").read_text()
     assert "Machine:" in readme and "Command: `python -m experiments.bench --quick --only" in readme
-    assert "| scratch-ring |" in readme and "| gloo |" in readme
+    assert "| ring |" in readme and "| gloo |" in readme
     for part in parts:
         assert f"## {part}" in readme, part
     assert "## step" not in readme  # only what --only named
     # parts return their files as a list or as a dict kind -> path: both are listed as paths
-    assert (
-        "`allreduce/allreduce.png`" in readme and "`timeline/trace.json`" in readme and "`sparse/sparse.md`" in readme
-    )
-    assert (tmp_path / "timeline" / "trace.json").exists() and (tmp_path / "summary.json").exists()
+    assert "`allreduce/allreduce.png`" in readme and "`sparse/sparse.md`" in readme
+    assert (tmp_path / "sparse" / "sparse.json").exists() and (tmp_path / "summary.json").exists()
 
 
 def test_every_part_has_its_own_quick_test():
