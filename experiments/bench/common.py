@@ -356,6 +356,14 @@ def overlap(events: list[dict], impl: str) -> dict:
     }
 
 
+def slowest_median(per_rank: list[list[float]]) -> float:
+    """Median over runs of the slowest rank's time: `per_rank[r][j]` is rank r's seconds in run j
+    (a collective is done only when every rank has its result)."""
+    import statistics
+
+    return statistics.median(max(run) for run in zip(*per_rank))
+
+
 def paired_ratios(times: list[float], reference: list[float]) -> float:
     """Median over rounds of time / reference time in the same round: robust to the machine's drift."""
     import statistics

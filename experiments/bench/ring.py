@@ -26,7 +26,6 @@ adds that do not overlap.
 
 from __future__ import annotations
 
-import statistics
 import time
 from pathlib import Path
 
@@ -35,7 +34,7 @@ import torch.distributed as dist
 
 from ddp_from_scratch import collectives
 
-from .common import launch_ranks, part_main, write_result
+from .common import launch_ranks, part_main, slowest_median, write_result
 
 FULL = dict(nbytes=25 * 2**20, runs=40)
 QUICK = dict(nbytes=2**20, runs=2)
@@ -114,8 +113,7 @@ def run(out_dir: Path, quick: bool = False, nprocs: str = "2,4") -> dict:
     for n in worlds:
         ranks = launch_ranks("ring", n, cfg, quiet=quick)
         names = list(ranks[0]["times_s"])
-        ms = {k: 1e3 * statistics.median(max(r["times_s"][k][j] for r in ranks) for j in range(cfg["runs"]))
-              for k in names}  # fmt: skip
+        ms = {k: 1e3 * slowest_median([r["times_s"][k] for r in ranks]) for k in names}
         per_message_ms = ms["1 MiB in 1 KB messages"] / ranks[0]["small_messages"]
         ideal = 2 * (n - 1) * ms["one ring step, one message"]
         tables[n] = {"ms": ms, "per_message_ms": per_message_ms, "ideal_ring_ms": ideal}

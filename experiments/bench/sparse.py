@@ -17,14 +17,13 @@ points); sparse.py's BREAK_EVEN, the share below which "auto" picks sparse, is s
 
 from __future__ import annotations
 
-import statistics
 import time
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-from .common import launch_ranks, part_main, write_result
+from .common import launch_ranks, part_main, slowest_median, write_result
 
 FULL = dict(vocab=30522, dim=384, fractions=[0.01, 0.03, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6], runs=5)
 QUICK = dict(vocab=4000, dim=32, fractions=[0.02, 0.5], runs=2)
@@ -86,8 +85,7 @@ def run(out_dir: Path, quick: bool = False, nprocs: str = "2,4") -> dict:
     for n in worlds:
         ranks = launch_ranks("sparse", n, cfg, quiet=quick)
         for i, r in enumerate(ranks[0]):
-            t = {m: statistics.median(max(rk[i]["times_s"][m][j] for rk in ranks) for j in range(cfg["runs"]))
-                 for m in ("sparse", "dense")}  # fmt: skip
+            t = {m: slowest_median([rk[i]["times_s"][m] for rk in ranks]) for m in ("sparse", "dense")}
             share = r["sent_bytes"]["sparse"] / r["sent_bytes"]["dense"]
             rows.append({**{k: r[k] for k in ("algorithm", "n", "k", "fraction")}, "byte_share": share,
                          "sparse_ms": 1e3 * t["sparse"], "dense_ms": 1e3 * t["dense"],
