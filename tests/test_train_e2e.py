@@ -28,49 +28,37 @@ def _run(args, cwd, env=None, timeout=240):
 
 @pytest.mark.skipif(not AG_NEWS.exists(), reason="needs ../shared/ag_news")
 def test_compare_tiny_end_to_end(tmp_path):
+    # length-grouped batches for all three runs; ours also sends every embedding's gradient by rows
+    # (--ddp native ignores --sparse-embeddings). The plain path runs in tests/test_kaggle_notebook.py.
     out = tmp_path / "cmp"
-    r = _run(
-        [
-            "-m",
-            "experiments.compare",
-            "--nproc",
-            "2",
-            "--batch-size",
-            "8",
-            "--out",
-            str(out),
-            "--model",
-            "tiny",
-            "--dropout",
-            "0.1",
-            "--data-dir",
-            str(AG_NEWS),
-            "--max-train-samples",
-            "96",
-            "--max-eval-samples",
-            "50",
-            "--max-length",
-            "48",
-            "--cache-dir",
-            str(tmp_path / "cache"),
-        ],
-        ROOT,
-    )
+    args = ["-m", "experiments.compare", "--nproc", "2", "--batch-size", "8", "--out", str(out), "--model", "tiny",
+            "--dropout", "0.1", "--data-dir", str(AG_NEWS), "--max-train-samples", "128", "--max-eval-samples", "30",
+            "--max-length", "512", "--group-by-length", "--sparse-embeddings", "on",
+            "--cache-dir", str(tmp_path / "cache")]  # fmt: skip
+    r = _run(args, ROOT)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     result = json.loads((out / "comparison.json").read_text())
     runs = result["runs"]
     assert set(runs) == {"none", "native", "scratch"}
     assert runs["native"]["world_size"] == runs["scratch"]["world_size"] == 2
     for s in runs.values():
-        assert s["test"]["n"] == 50, "every test example counted exactly once across ranks"
-        assert s["steps"] == 6 and s["train_samples"] == 96  # 96 rows / global batch 16
-    # Same seed, data order, initial weights and dropout masks: the same model, up to float rounding.
-    assert result["max_weight_diff_native_vs_scratch"] <= 1e-6
+        assert s["args"]["group_by_length"]
+        assert s["test"]["n"] == 30, "every test example counted exactly once across ranks, sorted by length"
+        assert s["steps"] == 8 and s["train_samples"] == 128  # 128 rows / global batch 16
+    # Same seed, data order, initial weights and dropout masks: the same model. With 2 ranks every
+    # sum is one correctly rounded a + b, the sparse exchange's too: bit for bit.
+    assert result["max_weight_diff_native_vs_scratch"] == 0.0
     assert runs["native"]["test_accuracy"] == runs["scratch"]["test_accuracy"]
     assert "| scratch | 2 |" in (out / "comparison.md").read_text()
-    steps = [json.loads(line) for line in (out / "scratch" / "metrics.jsonl").read_text().splitlines()]
-    step_rows = [s for s in steps if s["type"] == "step"]
-    assert len(step_rows) == 6 and all(s["forward_s"] > 0 and s["backward_s"] > 0 for s in step_rows)
+    rows = {d: [json.loads(x) for x in (out / d / "metrics.jsonl").read_text().splitlines()] for d in runs}
+    step_rows = [s for s in rows["scratch"] if s["type"] == "step"]
+    assert len(step_rows) == 8 and all(s["forward_s"] > 0 and s["backward_s"] > 0 for s in step_rows)
+    steps = {d: [(s["tokens"], s["padded_tokens"]) for s in v if s["type"] == "step"] for d, v in rows.items()}
+    assert steps["native"] == steps["scratch"]  # the same micro-batches on every rank of both
+    tokens, padded = map(sum, zip(*steps["native"]))
+    # The tiny tokenizer makes 90-310 tokens of these rows. Measured with this command: random
+    # batches (no --group-by-length) hold 1.44x the real tokens, grouped ones 1.09x.
+    assert padded < 1.2 * tokens, (tokens, padded)
 
     # The checkpoint loads in a transformers pipeline as is, with our label names.
     from transformers import pipeline
@@ -80,37 +68,18 @@ def test_compare_tiny_end_to_end(tmp_path):
     assert pred["label"] in {"World", "Sports", "Business", "Sci/Tech"}
 
 
-def test_bad_inputs_fail_with_clear_messages(tmp_path):
-    r = _run(
-        ["-m", "experiments.train", "--ddp", "none", "--model", "tiny", "--data-dir", str(tmp_path / "nope")],
-        ROOT,
-        timeout=120,
-    )
-    assert r.returncode == 2 and "nope" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
-    r = _run(["-m", "experiments.train", "--ddp", "none", "--model", "tiny"], ROOT, env={"WORLD_SIZE": "2"})
-    assert r.returncode != 0 and "--ddp none trains in one process" in r.stderr
-    r = _run(["-m", "experiments.train", "--batch-size", "0"], ROOT)
-    assert r.returncode == 2 and "--batch-size must be at least 1" in r.stderr
+def test_bad_inputs_fail_with_clear_messages(tmp_path, monkeypatch, capsys):
+    # in this process (each subprocess would cost 4 s of imports): main() is what `python -m` runs,
+    # so an exception escaping it would be the traceback a user sees
+    from experiments.train import main
 
-
-@pytest.mark.skipif(not AG_NEWS.exists(), reason="needs ../shared/ag_news")
-def test_group_by_length_and_sparse_embeddings_train_the_same_model_as_native(tmp_path):
-    # grouped batches for both; ours also sends every embedding's gradient by rows (--ddp native ignores it)
-    out = tmp_path / "cmp"
-    args = ["-m", "experiments.compare", "--nproc", "2", "--batch-size", "8", "--out", str(out), "--runs",
-            "native,scratch", "--model", "tiny", "--data-dir", str(AG_NEWS), "--max-train-samples", "128",
-            "--max-eval-samples", "30", "--max-length", "512", "--group-by-length", "--sparse-embeddings", "on",
-            "--cache-dir", str(tmp_path / "cache")]  # fmt: skip
-    r = _run(args, ROOT)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    result = json.loads((out / "comparison.json").read_text())
-    runs = result["runs"]
-    assert all(s["args"]["group_by_length"] and s["test"]["n"] == 30 for s in runs.values())
-    assert result["max_weight_diff_native_vs_scratch"] == 0.0  # 2 ranks: the sparse exchange is bit for bit
-    rows = {d: [json.loads(x) for x in (out / d / "metrics.jsonl").read_text().splitlines()] for d in runs}
-    steps = {d: [(s["tokens"], s["padded_tokens"]) for s in v if s["type"] == "step"] for d, v in rows.items()}
-    assert steps["native"] == steps["scratch"] and len(steps["native"]) == 8  # 128 rows / global batch 16
-    tokens, padded = map(sum, zip(*steps["native"]))
-    # The tiny tokenizer makes 90-310 tokens of these rows. Measured with this command: random
-    # batches (no --group-by-length) hold 1.44x the real tokens, grouped ones 1.09x.
-    assert padded < 1.2 * tokens, (tokens, padded)
+    monkeypatch.chdir(tmp_path)
+    assert main(["--ddp", "none", "--model", "tiny", "--data-dir", str(tmp_path / "nope")]) == 2
+    assert "nope" in capsys.readouterr().err
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit, match="--ddp none trains in one process"):
+        main(["--ddp", "none", "--model", "tiny"])
+    monkeypatch.delenv("WORLD_SIZE")
+    with pytest.raises(SystemExit) as e:
+        main(["--batch-size", "0"])
+    assert e.value.code == 2 and "--batch-size must be at least 1" in capsys.readouterr().err
