@@ -16,12 +16,11 @@ from pathlib import Path
 
 import httpx
 import pytest
-import torch
+from served_model import assert_told_apart, tiny_checkpoint
 from starlette.testclient import TestClient
 
 import server.app as app_module
-from experiments.checkpoint import save_checkpoint
-from experiments.model import LABELS, build_model, build_tokenizer
+from experiments.model import LABELS
 from server import create_app
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,11 +34,7 @@ LIMITS = dict(max_text_chars=1000, max_batch_size=4, max_body_bytes=20_000)
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
-    torch.manual_seed(0)  # the weights are random: seed so every run serves the same model
-    tok = build_tokenizer("tiny")
-    model = build_model("tiny", vocab_size=len(tok))
-    out = tmp_path_factory.mktemp("server") / "tiny"
-    return save_checkpoint(model, tok, out, metadata={"model": "tiny", "max_length": 64})
+    return tiny_checkpoint(tmp_path_factory.mktemp("server") / "tiny")
 
 
 def wait_ready(c, seconds: float = 60) -> None:
@@ -89,9 +84,11 @@ def test_batch_matches_single_predictions_in_order(client):
     assert r.status_code == 200
     batch = r.json()["predictions"]
     assert len(batch) == len(TEXTS)
+    singles = {t: client.post("/predict", json={"text": t}).json() for t in TEXTS}
+    assert_told_apart(singles, tolerance=1e-5)  # so a batch answered out of order fails below
     for text, b in zip(TEXTS, batch):
         check_prediction(b)
-        single = client.post("/predict", json={"text": text}).json()
+        single = singles[text]
         assert b["label"] == single["label"] and b["label_id"] == single["label_id"]
         for name in LABELS:  # padding in the batch changes the floats only by rounding
             assert b["probabilities"][name] == pytest.approx(single["probabilities"][name], abs=1e-5)
@@ -114,8 +111,11 @@ def test_concurrent_requests(client):
     with ThreadPoolExecutor(8) as pool:
         got = list(pool.map(lambda i: client.post("/predict", json={"text": TEXTS[i % 3]}), range(24)))
     assert all(r.status_code == 200 for r in got)
+    assert_told_apart(dict(zip(TEXTS, expected)), tolerance=1e-5)
     for i, r in enumerate(got):
-        assert r.json()["label"] == expected[i % 3]["label"]
+        p, want = r.json(), expected[i % 3]
+        assert p["label"] == want["label"]
+        assert all(p["probabilities"][k] == pytest.approx(want["probabilities"][k], abs=1e-5) for k in LABELS)
 
 
 def chunked(*parts: bytes):

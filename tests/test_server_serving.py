@@ -22,14 +22,13 @@ from pathlib import Path
 
 import httpx
 import pytest
-import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from served_model import assert_told_apart, tiny_checkpoint
 from starlette.testclient import TestClient
 
 import server.app as app_module
-from experiments.checkpoint import save_checkpoint
-from experiments.model import LABELS, build_model, build_tokenizer
+from experiments.model import LABELS
 from server import create_app
 from server.batcher import Batcher
 
@@ -40,10 +39,7 @@ TEXTS = [f"story {i}: " + " ".join(["markets", "match", "rockets", "elections"][
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    tok = build_tokenizer("tiny")
-    out = tmp_path_factory.mktemp("serving") / "run" / "checkpoint"
-    return save_checkpoint(build_model("tiny", vocab_size=len(tok)), tok, out, {"model": "tiny", "max_length": 64})
+    return tiny_checkpoint(tmp_path_factory.mktemp("serving") / "run" / "checkpoint")
 
 
 def wait_ready(c, seconds: float = 60) -> None:
@@ -108,6 +104,7 @@ async def _fire(url: str, texts: list[str], connections: int, timeout: float = 6
 def test_load_is_batched_and_every_answer_is_its_own(checkpoint, tmp_path):
     with Server(checkpoint, tmp_path) as srv:
         alone = {t: httpx.post(f"{srv.url}/predict", json={"text": t}, timeout=10).json() for t in TEXTS}
+        assert_told_apart(alone, tolerance=1e-4)  # an answer given to another request fails below
         texts = TEXTS * 8  # 256 requests on 64 connections, bounded
         t0 = time.monotonic()
         got = asyncio.run(_fire(srv.url, texts, connections=64))
@@ -169,8 +166,8 @@ def test_sigterm_during_load_answers_every_accepted_request(checkpoint, tmp_path
 def test_overload_is_an_immediate_503_with_retry_after(checkpoint, monkeypatch):
     real = app_module._forward
 
-    def slow(*args):
-        time.sleep(0.3)
+    def slow(*args):  # a forward pass of 1 s: a refusal that waited behind one would take over 1 s
+        time.sleep(1.0)
         return real(*args)
 
     with TestClient(create_app(checkpoint, max_concurrent_requests=2, batching=False)) as c:
@@ -183,7 +180,7 @@ def test_overload_is_an_immediate_503_with_retry_after(checkpoint, monkeypatch):
     assert refused and any(r.status_code == 200 for r, _ in rs)
     for r, seconds in refused:
         assert r.headers["retry-after"] == "1" and "limit of 2 predictions in flight" in r.json()["error"]
-        assert seconds < 0.3  # at once, not after waiting behind the others
+        assert seconds < 0.5  # at once, not after waiting behind the others (margin for a busy machine)
 
 
 def test_not_ready_while_loading_and_failed_load_says_why(checkpoint, monkeypatch):
