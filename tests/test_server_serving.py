@@ -183,6 +183,20 @@ def test_overload_is_an_immediate_503_with_retry_after(checkpoint, monkeypatch):
         assert seconds < 0.5  # at once, not after waiting behind the others (margin for a busy machine)
 
 
+def test_a_model_that_cannot_load_exits_3_with_the_reason(checkpoint, tmp_path):
+    # a real process: the load fails in the background, /ready said why, and the server stops
+    # with status 3 (not 0, not serving 503s forever), as docs/architecture.md promises
+    broken = tmp_path / "broken"
+    shutil.copytree(checkpoint, broken)
+    (broken / "model.safetensors").write_bytes(b"\x00" * 64)
+    log = tmp_path / "server.log"
+    cmd = [sys.executable, "-m", "server", "--checkpoint", str(broken), "--port", str(free_port())]
+    r = subprocess.run(cmd, cwd=REPO, stdout=open(log, "w"), stderr=subprocess.STDOUT, timeout=90)
+    assert r.returncode == 3, log.read_text()[-2000:]
+    text = log.read_text()
+    assert f"could not load the checkpoint in {broken}: " in text and "experiments.train" in text, text[-2000:]
+
+
 def test_not_ready_while_loading_and_failed_load_says_why(checkpoint, monkeypatch):
     real = app_module.AutoModelForSequenceClassification.from_pretrained
     monkeypatch.setattr(app_module.AutoModelForSequenceClassification, "from_pretrained",
