@@ -34,8 +34,8 @@ def wrap(
 
     `bucket_cap_mb=None` means torch's default: 25 MiB buckets and a 1 MiB first bucket. An
     explicit cap applies to every bucket, the first included, because that is what torch 2.13's
-    DDP does with an explicit `bucket_cap_mb` (its `_BucketConfig`), and side by side means
-    identical buckets.
+    DDP does with an explicit `bucket_cap_mb` (its `_BucketCapacityConfig`), and side by side means
+    identical buckets (after the first iteration: see bucket.py for torch's first one).
     """
     if bucket_cap_mb is None:
         return DistributedDataParallel(module, **kwargs)

@@ -20,7 +20,7 @@ torch/csrc/distributed/c10d/reducer.cpp), and how we do the same:
    *actually* became ready (rank 0's order, shared with every rank), since the
    registration order is only a guess.
 
-Two details where torch (2.x, distributed.py `BucketCapacityConfig`) differs: it uses
+Two details where torch (2.x, distributed.py `_BucketCapacityConfig`) differs: it uses
 the 1 MiB first bucket only when `bucket_cap_mb` is left at its default (an explicit
 value caps the first bucket too), and without `find_unused_parameters` its very first
 iteration puts every gradient into one bucket, since the rebuild fixes the layout anyway.

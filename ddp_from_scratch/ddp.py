@@ -147,6 +147,13 @@ class DistributedDataParallel(nn.Module):
         """
         sync = torch.is_grad_enabled() and self.require_backward_grad_sync
         buffer_src = 0
+        if self._in_join and not sync:
+            # the joined ranks shadow training forwards only: a buffer broadcast from this one would
+            # meet their vote all-reduce instead (torch's join has the same limit, unchecked)
+            raise RuntimeError(
+                "inside join(), every forward through the wrapper must be a training forward (grad enabled): "
+                "evaluate `model.module` under torch.no_grad(), or after the join block."
+            )
         if sync and self._in_join:
             # tell ranks that ran out of data that we still train; rank 0 may have joined
             # with stale buffers, so torch takes them from the highest rank still training
@@ -196,7 +203,8 @@ class DistributedDataParallel(nn.Module):
         """`with model.join():` around a training loop whose length may differ across ranks (join.py).
 
         Raises:
-            RuntimeError: nested join, or join() inside no_sync().
+            RuntimeError: nested join, or join() inside no_sync(); inside the block, a forward
+                under no_grad or no_sync.
         """
         if self._in_join:
             raise RuntimeError("join() is already active on this model")

@@ -28,7 +28,9 @@ real samples but is scaled as if all ranks had taken part. Buffers are broadcast
 highest rank still training rather than rank 0, which may have joined with stale ones
 (torch's `_sync_buffers` under join).
 Not supported: `no_sync()` inside `join()` (the shadowing rank could not know that a step
-skipped its all-reduces; torch spends an extra all-reduce per step on that); it raises.
+skipped its all-reduces; torch spends an extra all-reduce per step on that), and a forward
+under `no_grad` through the wrapper inside `join()` (its buffer broadcast would meet the joined
+ranks' vote; evaluate `model.module`); both raise.
 
 These functions take the wrapper (ddp.py, next) and use only its public interface and its
 reducer's (reducer.py).

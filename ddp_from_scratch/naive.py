@@ -75,6 +75,7 @@ class NaiveDistributedDataParallel(nn.Module):
         """The module's forward; remembers whether the backward that follows must sync."""
         if torch.is_grad_enabled():
             self._sync_this_backward = self.require_backward_grad_sync
+            self._callback_queued = False  # a backward that raised never ran its callback to clear it
         return self.module(*args, **kwargs)
 
     def _on_gradient(self, param: torch.Tensor) -> None:

@@ -22,6 +22,7 @@ Its public interface, all that ddp.py and join.py call:
     register_comm_hook(state, hook)     what to do with a full bucket (comm_hooks.py)
     run_empty_backward()                join: the collectives of one backward, with zeros
     ranks_in_step                       ranks running this backward (fewer under join)
+    params                              the parameters it reduces (find_unused_parameters walks from them)
     buckets, timeline                   to look at (timeline: set to [] to record bucket times)
 """
 
@@ -122,6 +123,11 @@ class Reducer:
         self._expect_hooks = sync
         if not sync:
             return
+        # Normally _finish_backward clears it; a backward that raised (an error in a hook, out of
+        # memory) never runs its queued callback: the flag would stop every later sync, and the
+        # ready order would hold that backward's indices too.
+        self._callback_queued = False
+        self._ready_order = []
         for b in self.buckets:
             b.reset()
         self._next_bucket = 0
@@ -190,7 +196,7 @@ class Reducer:
         if self._marked[index]:
             raise RuntimeError(
                 f"DistributedDataParallel (rank {self.rank}): parameter {self.param_names[index]} got a gradient "
-                "twice in one backward pass (backward twice after one forward, or reentrant checkpointing?). "
+                "twice in one backward pass (reentrant activation checkpointing?). "
                 "Each parameter can be reduced only once per iteration."
             )
         self._marked[index] = 1
@@ -286,14 +292,16 @@ class Reducer:
         self._callback_queued = False
         self._expect_hooks = False
         if self._next_bucket < len(self.buckets):
-            # Some parameter got no gradient here. Launch the remaining buckets anyway, missing
-            # slots zeroed, so that this rank's collectives still pair with its peers'; the counts
-            # exchanged next then make *every* rank raise, instead of the peers waiting for buckets
-            # that never come.
+            # Some parameter got no gradient here. Launch the remaining buckets anyway, a missing
+            # slot holding what no_sync accumulated or zeros, so that this rank's collectives still
+            # pair with its peers'; the counts exchanged next then make *every* rank raise, instead
+            # of the peers waiting for buckets that never come. (With find_unused_parameters a
+            # parameter reached by the graph walk but left out of the loss ends here too: no error,
+            # and its accumulated gradient is averaged like any other.)
             for i, done in enumerate(self._marked):
                 if not done and i not in self._sparse:
-                    bucket, pos = self._where[i]
-                    bucket.views[pos].zero_()
+                    bucket, pos = self._where[i]  # what no_sync accumulated, or zeros (reducer.cpp alike)
+                    self._fill_slot(i, self.params[i].grad, bucket.views[pos], repoint=False)
             for bucket in self.buckets[self._next_bucket :]:
                 self._launch(bucket)
             self._next_bucket = len(self.buckets)

@@ -153,7 +153,9 @@ def exchange(table: EmbeddingRows, comm: CommState, rank: int, name: str, contri
     grad = w.grad if contribute else None
     if not contribute:
         rows, dirty = rows[:0], False
-    elif grad is not None and rows.numel() == 0:
+    elif grad is None:
+        rows = rows[:0]  # looked up, but no gradient came (the lookup was not in the loss): nothing to send
+    elif rows.numel() == 0:
         dirty = True  # a gradient, but no lookup seen: we cannot know its rows
     if grad is not None and not dirty and debug.enabled():
         outside = torch.ones(w.shape[0], dtype=torch.bool, device=w.device)

@@ -18,8 +18,8 @@ all-reduce then (reducer.cpp, "Note [Skip allreducing local_used_map_dev]") and 
 gradient only at the next forward ("Expected to have finished reduction in the prior
 iteration"); if only one rank misses a gradient, its peers have launched every bucket and wait
 for it until the process-group timeout. One all-reduce of a few hundred bytes per step buys an
-immediate, identical error on every rank. The reducer (reducer.py, next) does the exchange; this
-file holds the graph walk and the error.
+immediate, identical error on every rank. The reducer (reducer.py, after debug.py and sparse.py)
+does the exchange; this file holds the graph walk and the error.
 """
 
 from __future__ import annotations

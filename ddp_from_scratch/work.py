@@ -139,8 +139,10 @@ def launch(collective, tensor: torch.Tensor, *args, group=None, **kwargs) -> Wor
     Args:
         collective: a function of collectives.py or collectives_classic.py (all take `group`
             and `tag`), e.g. `collectives.all_reduce`.
-        tensor, args, kwargs: its arguments (`op=`, `src=`); checked now, on the caller's
-            thread, so a bad argument raises here rather than at `wait()`.
+        tensor, args, kwargs: its arguments (`op=` by keyword, `src=`). The tensor, group and
+            `op` are checked now, on the caller's thread, so those raise here; what only the
+            collective itself checks (a `src` out of range, a CUDA tensor for an algorithm that
+            refuses it) raises at `wait()`, and then the group's worker stays failed.
         group: process group (default: the world).
     Returns: a `Work`; its `wait()` returns what `collective` returns.
     Raises: what `collectives.check` raises for bad arguments.

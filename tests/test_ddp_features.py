@@ -279,6 +279,13 @@ def case_join(rank, world):
         for coll in ("torch", "ring"):
             out[(coll, bn, opt)] = train_join(ours(Net(bn), all_reduce=coll), opt, world, rank)
         out[("seconds", bn, opt)] = time.monotonic() - start
+    m = ours(Net(True))  # BatchNorm: buffers, which a no_grad forward would broadcast
+    x, tok, _ = piece(global_batch(0, world * MB), rank)
+    with m.join():
+        loss_of(m, piece(global_batch(1, world * MB), rank)).backward()  # a synced step: buffers to sync next
+        with torch.no_grad():
+            out["no_grad-in-join"] = _error_of(lambda: m(x, tok))[0]
+        out["no_sync-in-join"] = _error_of(lambda: m.no_sync().__enter__())[0]
     return out
 
 
@@ -408,7 +415,52 @@ def _frozen_out_bias(rank):
     return net
 
 
-CASES = ("matrix", "no_sync", "hooks", "unused", "buckets", "join", "debug", "errors")
+class AuxNet(nn.Module):
+    """A loss head and an auxiliary output that a micro-batch may leave out of its loss."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin, self.aux = nn.Linear(3, 1), nn.Parameter(torch.zeros(2))
+
+    def forward(self, x):
+        return self.lin(x).sum(), (self.aux * x[:, :2]).sum()
+
+
+def case_recovery(rank, world):
+    """State that must not outlive one iteration: a backward that raised, and a parameter reached
+    by find_unused_parameters' graph walk whose gradient the synced backward never computed."""
+    out = {}
+    batch = piece(global_batch(0, world * MB), rank)
+    for name, make in (("ours", lambda: ours(Net())), ("naive", lambda: Naive(Net()))):
+        m = make()
+        hook = m.module.emb.weight.register_hook(lambda g: (_ for _ in ()).throw(RuntimeError("user hook")))
+        try:  # the embedding's gradient comes last: the buckets of later layers were launched
+            loss_of(m, batch).backward()
+        except RuntimeError as e:
+            out[(name, "raised")] = str(e)
+        hook.remove()
+        m.zero_grad(set_to_none=True)
+        loss_of(m, batch).backward()  # must sync as usual
+        out[(name, "grads")] = grads(m)
+    ref = native(Net())
+    loss_of(ref, batch).backward()
+    out[("native", "grads")] = grads(ref)
+    g = torch.Generator().manual_seed(7)
+    xs = [torch.randn(world * MB, 3, generator=g) for _ in range(2)]
+    for gav in (False, True):
+        m = ours(AuxNet(), find_unused_parameters=True, gradient_as_bucket_view=gav)
+        with m.no_sync():  # micro-batch 1: aux in the loss, accumulated locally
+            main, aux = m(piece((xs[0],), rank)[0])
+            (main + aux).backward()
+        main, aux = m(piece((xs[1],), rank)[0])  # micro-batch 2: aux returned, not in the loss
+        main.backward()
+        out[("aux", gav)] = grads(m)
+    out["xs"] = xs
+    return out
+
+
+CASES = ("matrix", "no_sync", "hooks", "unused", "buckets", "join", "debug", "recovery", "errors")
 
 
 def _worker(rank, world, out_path):
@@ -576,6 +628,9 @@ def test_join_uneven_inputs(spawned):
                 for k, v in got.items():  # the last joiner's model (buffers included) was broadcast
                     assert torch.equal(v, ranks[0]["join"][(coll, bn, opt)]["params"][k]), (where, k)
             assert max(res["join"][("seconds", bn, opt)] for res in ranks) < PG_TIMEOUT_S / 2
+    for res in ranks:  # refused at once on every rank, before any collective (they would not pair)
+        assert "every forward through the wrapper must be a training forward" in res["join"]["no_grad-in-join"]
+        assert "no_sync() inside join() is not supported" in res["join"]["no_sync-in-join"]
 
 
 def test_buckets_after_rebuild(spawned):
@@ -648,6 +703,28 @@ def test_debug_logging(spawned):
             peers = {row[4] for row in rows if row[1] == f"all_reduce/{coll}"}
             want = sorted({(r - 1) % world, (r + 1) % world} if coll == "ring" else set(range(world)) - {r})
             assert peers == {",".join(map(str, want))}
+
+
+def test_state_does_not_outlive_a_failed_backward_or_a_missing_gradient(spawned):
+    world, ranks = spawned
+    for r, res in enumerate(ranks):
+        for name in ("ours", "naive"):
+            assert "user hook" in res["recovery"].get((name, "raised"), ""), (r, name)  # the first backward raised
+            # the next backward synced: every rank holds native's averaged gradients
+            for k, want in res["recovery"][("native", "grads")].items():
+                got = res["recovery"][(name, "grads")][k]
+                assert (got is None) == (want is None), (name, k)
+                if want is not None:
+                    assert torch.allclose(got, want, rtol=0, atol=ATOL_NATIVE), (r, name, k)
+        xs = res["recovery"]["xs"]
+        # aux: only micro-batch 1 gave it a gradient (on every rank): the average of theirs, not zeros
+        want_aux = xs[0][:, :2].sum(0) / world
+        want_lin = sum(x.sum(0) for x in xs) / world  # d(lin(x).sum())/dW summed over both micro-batches
+        for gav in (False, True):
+            g = res["recovery"][("aux", gav)]
+            assert torch.allclose(g["aux"], want_aux, rtol=0, atol=1e-5), (r, gav, g["aux"], want_aux)
+            assert torch.allclose(g["lin.weight"][0], want_lin, rtol=0, atol=1e-5), (r, gav)
+            assert g["aux"].abs().max() > 0.1  # not the zeros the bug wrote
 
 
 def test_errors_are_raised_on_every_rank_quickly(spawned):

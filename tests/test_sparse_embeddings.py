@@ -135,6 +135,33 @@ def test_no_sync_accumulation_and_gradients_not_zeroed(tmp_path):
     run(_accumulation_and_dirty, 2, tmp_path)
 
 
+class MaybeWords(Classifier):
+    """Looks the words up every time, but leaves them out of the loss when told."""
+
+    def forward(self, ids, labels, use_words=True):
+        words = self.words(ids)
+        h = self.positions(torch.arange(ids.shape[1])).expand(ids.shape[0], -1, -1) + (words if use_words else 0)
+        return F.cross_entropy(self.head(h.mean(1)), labels)
+
+
+def _lookup_left_out_of_the_loss(rank, n):
+    # rank 1 looks rows up but its loss does not use them: no gradient there, and nothing to send
+    # (it used to raise alone, leaving rank 0 waiting in the all-gather)
+    torch.manual_seed(0)
+    base = MaybeWords()
+    native = ddp_native.wrap(copy.deepcopy(base), torch.device("cpu"), find_unused_parameters=True)
+    ours = DistributedDataParallel(copy.deepcopy(base), sparse_embeddings=True, find_unused_parameters=True)
+    for model in (native, ours):
+        model(*batch(4, rank), use_words=rank == 0).backward()
+    assert torch.equal(grads(ours)["words.weight"], grads(native)["words.weight"])
+    assert grads(ours)["words.weight"].abs().max() > 0  # rank 0's rows, averaged
+    assert ours.reducer.exchanges[0]["mode"] == "sparse"
+
+
+def test_a_lookup_left_out_of_the_loss_sends_no_rows(tmp_path):
+    run(_lookup_left_out_of_the_loss, 2, tmp_path)
+
+
 def _join(rank, n):
     torch.manual_seed(0)
     base = Classifier()
