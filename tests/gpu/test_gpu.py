@@ -91,12 +91,28 @@ def _train(tmp: Path, ddp: str, extra: list[str], nproc: int = 2) -> dict:
     return load_file(str(out / "checkpoint" / "model.safetensors"))
 
 
+def _initial_weights() -> dict:
+    """The weights experiments.train starts from (seeded tiny model; checked equal to an --lr 0 run on CPU)."""
+    from experiments.model import build_model, build_tokenizer
+    from experiments.train import parse_args
+
+    tok = build_tokenizer("tiny")
+    torch.manual_seed(parse_args([]).seed)
+    return build_model("tiny", vocab_size=len(tok), dropout=0.0).state_dict()
+
+
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "bf16"])
 def test_native_equals_scratch_over_nccl(tmp_path, precision):
+    # lr 3e-3: 16 AdamW steps move some weight by 2.4e-2 (measured on CPU, fp32, one process), far
+    # more than the fp16/bf16 tolerance, so a sum instead of an average, or no sync at all, fails
     atol = 1e-5 if precision == "fp32" else 2e-3
-    native = _train(tmp_path, "native", ["--batch-size", "8", "--precision", precision])
+    flags = ["--batch-size", "8", "--precision", precision, "--lr", "3e-3"]
+    native = _train(tmp_path, "native", flags)
+    init = _initial_weights()
+    moved = max((native[k].float() - init[k].float()).abs().max().item() for k in native)
+    assert moved > 5 * atol, (precision, moved)
     for coll in ("torch", "ring"):
-        ours = _train(tmp_path, "scratch", ["--batch-size", "8", "--precision", precision, "--all-reduce", coll])
+        ours = _train(tmp_path, "scratch", [*flags, "--all-reduce", coll])
         for k, v in native.items():
             assert torch.allclose(ours[k].float(), v.float(), rtol=0, atol=atol), (precision, coll, k)
 
