@@ -215,7 +215,8 @@ def case_no_sync(rank, world):
 
 def case_hooks(rank, world):
     """fp16/bf16 compression hooks, ours vs torch's default_hooks on native DDP."""
-    out = {"fp32": train(native(Net()), "sgd", world, rank)}
+    # ours without a hook, per collective: a hook that did nothing would equal it bit for bit
+    out = {(coll, "fp32"): train(ours(Net(), all_reduce=coll), "sgd", world, rank) for coll in ("torch", "ring")}
     for name in ("fp16_compress_hook", "bf16_compress_hook"):
         n = native(Net())
         # torch refuses a hook *named* bf16_compress_hook without CUDA/NCCL (a name check in
@@ -576,8 +577,9 @@ def test_compression_hooks_match_torch_hooks(spawned):
             for r, res in enumerate(ranks):
                 got, nat = res["hooks"][(coll, name)]["params"], res["hooks"][("native", name)]["params"]
                 assert_close(got, nat, 0.0 if world == 2 else tol, (world, r, coll, name))
-                # the hook really ran: rounding to 16 bits changed the result (float32 would be within tol)
-                fp32 = res["hooks"]["fp32"]["params"]
+                # the hook really ran: rounding to 16 bits changed the result of the same collective
+                # and buckets (float32 would be within tol of native, but equal to this bit for bit)
+                fp32 = res["hooks"][(coll, "fp32")]["params"]
                 assert any(not torch.equal(got[k], fp32[k]) for k in fp32), (world, r, coll, name)
         assert_moved(ranks[0]["hooks"][("native", name)]["params"], tol=tol / 10)  # moved > 10x tol
 
