@@ -116,6 +116,7 @@ def test_killed_rank_restarts_and_ends_bit_identical(refs, variant):
     assert sum(r["type"] == "resumed" for r in rows) == 1
     # the newest complete snapshot, not an older one (which would give the same end result)
     assert f"snapshot-{resumed_step:08d}.pt" in next(r for r in rows if r["type"] == "resumed")["snapshot"]
+    assert f"snapshot-{resumed_step:08d}.pt" in json.loads((out / "summary.json").read_text())["resumed_from"]
 
 
 def test_resume_with_length_grouped_batches_is_bit_identical(refs):
@@ -129,6 +130,19 @@ def test_resume_with_length_grouped_batches_is_bit_identical(refs):
                       env={S.FAULT_ENV: "after-step:8:1"}))  # fmt: skip
     assert "[fault injection]" in log and "resumed from" in log, log[-3000:]
     assert_same_training(final(out), final(base / "grouped"), "grouped")
+
+
+def test_native_run_resumed_by_ours_is_bit_identical(refs):
+    # docs/fault-tolerance.md: --ddp may change at resume; on 2 ranks both compute the same sums
+    base, cache, ref = refs
+    out = base / "native-then-scratch"
+    shutil.copytree(base / "native2", out)
+    for newest in S.list_snapshots(out)[:2]:  # as if torch's DDP had stopped after step 18
+        newest.with_suffix(".pt").unlink()
+        newest.unlink()
+    log = ok(torchrun(2, train_args(out, cache, 2, "scratch", ["--all-reduce", "ring", "--resume", "auto"])))
+    assert "resumed from" in log and "snapshot-00000018.pt" in log, log[-2000:]
+    assert_same_training(final(out), ref["native2"], "native -> scratch")
 
 
 def test_corrupted_newest_snapshot_falls_back_with_a_warning(refs):
