@@ -6,6 +6,7 @@ bad-input test below also proves that input is answered with a 4xx, never a 500.
 
 from __future__ import annotations
 
+import json
 import math
 import socket
 import subprocess
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
 from served_model import assert_told_apart, tiny_checkpoint
 from starlette.testclient import TestClient
 
@@ -248,3 +250,20 @@ def test_real_uvicorn_server(checkpoint, tmp_path):
             proc.kill()
             proc.wait()
         log.close()
+
+
+def test_info_describes_the_model_and_the_training_run(tmp_path):
+    ckpt = tiny_checkpoint(tmp_path / "run" / "checkpoint")
+    args = json.loads((ckpt / "training_args.json").read_text())
+    training = {"ddp": "scratch", "world_size": 2, "epochs": 1, "lr": 1e-4, "batch_size": 16}
+    (ckpt / "training_args.json").write_text(json.dumps({**args, **training, "seed": 42}))
+    summary = {"ddp": "scratch", "world_size": 2, "steps": 125, "test_accuracy": 0.8917, "epoch_times_s": [1.0]}
+    (tmp_path / "run" / "summary.json").write_text(json.dumps(summary))  # experiments.train writes it there
+    with TestClient(create_app(ckpt, max_batch_size=4)) as c:
+        info = c.get("/info").json()
+    assert info["model"] == "tiny" and info["labels"] == list(LABELS) and info["max_length"] == 64
+    assert info["checkpoint"] == str(ckpt) and info["limits"]["max_batch_size"] == 4
+    assert info["training"] == training  # the options that made the model, and only those
+    got = info["training_summary"]
+    assert got["steps"] == 125 and got["test_accuracy"] == 0.8917 and "epoch_times_s" not in got
+    assert info["versions"]["torch"] == torch.__version__
