@@ -24,13 +24,16 @@ does the exchange; this file holds the graph walk and the error.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 
 def params_reached_by(output) -> set[int]:
     """ids of the parameters that backward from `output` will reach.
 
-    `output` is a tensor or a dict/list/tuple/ModelOutput of tensors. We walk the autograd graph
+    `output` is a tensor or a dict/list/tuple/dataclass/ModelOutput of tensors (nested; torch's
+    `_find_tensors` walks the same kinds). We walk the autograd graph
     from each tensor's `grad_fn`; a leaf parameter shows up as the `variable` of an
     AccumulateGrad node. torch's DDP does this traversal when `find_unused_parameters=True`
     (reducer.cpp, `prepare_for_backward`).
@@ -44,6 +47,8 @@ def params_reached_by(output) -> set[int]:
             stack.extend(x.values())
         elif isinstance(x, (list, tuple)):
             stack.extend(x)
+        elif dataclasses.is_dataclass(x) and not isinstance(x, type):
+            stack.extend(getattr(x, f.name) for f in dataclasses.fields(x))
     reached, seen = set(), set()  # ids of parameters; autograd nodes already visited
     nodes = [t.grad_fn for t in tensors if t.grad_fn is not None]
     while nodes:

@@ -123,6 +123,12 @@ def _on_cuda(fn, args: tuple, kwargs: dict, ready):
     sent before the gradients are complete on the stream that computed them. After: the host waits
     until the stream has finished (the last add, the last receive), so when `Work.wait()` or the
     future returns, the result is complete for any stream that reads it (the optimizer's).
+
+    The stream is this thread's current one, the device's default stream, which backward also
+    computes on: correct, but the ring's adds queue behind backward's kernels and the final
+    synchronize waits for them too, so on a GPU less communication overlaps backward than
+    with torch's DDP (its NCCL work runs on a stream of its own). A side stream would need
+    `record_stream` on every tensor that crosses streams; not done, since no GPU run has checked it.
     """
     event, device = ready
     with torch.cuda.device(device):

@@ -28,6 +28,7 @@ the hook changed the result.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import os
 import re
@@ -746,3 +747,21 @@ def test_errors_are_raised_on_every_rank_quickly(spawned):
                 assert "find_unused_parameters=True" in msg
                 assert secs < 5, (r, scen, coll, secs)  # the timeout is PG_TIMEOUT_S = 20 s
         assert e["pg-still-works"] == world
+
+
+@dataclasses.dataclass
+class _Output:
+    logits: torch.Tensor
+    extra: dict
+
+
+def test_the_graph_walk_finds_parameters_in_any_output_container():
+    """find_unused_parameters' walk (unused.py) sees tensors nested in dataclasses, dicts and lists;
+    a parameter it missed would count as unused and be reduced twice (an error on every rank)."""
+    from ddp_from_scratch.unused import params_reached_by
+
+    a, b, c = nn.Linear(2, 2), nn.Linear(2, 2), nn.Linear(2, 2)
+    x = torch.ones(1, 2)
+    out = _Output(a(x), {"more": [b(x), 3]})
+    assert params_reached_by(out) == {id(p) for p in (*a.parameters(), *b.parameters())}
+    assert params_reached_by((c(x).detach(), None)) == set()
