@@ -33,6 +33,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import os
 import platform
 from pathlib import Path
@@ -286,8 +287,8 @@ def create_app(
     for name, value in limits.items():
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    if max_wait_ms < 0:
-        raise ValueError(f"max_wait_ms must be >= 0, got {max_wait_ms!r}")
+    if not math.isfinite(max_wait_ms) or max_wait_ms < 0:  # inf would keep a lone request waiting forever
+        raise ValueError(f"max_wait_ms must be a finite number >= 0, got {max_wait_ms!r}")
     positions = getattr(config, "max_position_embeddings", None)
     if positions is not None and max_length > positions:  # longer inputs would index past the embeddings
         raise ValueError(f"max_length {max_length} exceeds the model's {positions} positions")
@@ -347,6 +348,8 @@ def create_app(
             await asyncio.wait({job, gone}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             gone.cancel()
+            if not job.done() and not gone.done():  # this handler itself was cancelled (shutdown timeout)
+                job.cancel()
         if not job.done():  # the client disconnected: the batcher drops the cancelled request
             job.cancel()
             return Response(status_code=499)  # nginx's "client closed request"; nobody reads it

@@ -62,6 +62,7 @@ class Batcher:
         self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="forward")
         self.waiting_texts = 0
         self._task: asyncio.Task | None = None
+        self._held: list[Item] = []  # taken from the queue, not answered yet (stop() cancels them)
 
     # ---- the caller's side ----------------------------------------------------------
     async def submit(self, ids: list[list[int]]) -> tuple[list, float, float]:
@@ -82,16 +83,21 @@ class Batcher:
         self._task = asyncio.create_task(self._loop(), name="batcher")
 
     async def stop(self) -> None:
-        """Stop after the batch in progress; requests still queued get a cancellation."""
+        """Stop batching: every request not answered yet (queued, gathered into the next batch,
+        or in the forward pass now running) gets a cancellation, so no caller waits forever.
+        The server calls this after uvicorn's graceful shutdown, when normally none is left."""
         if self._task is not None:
             self._task.cancel()
             try:
                 await self._task
             except asyncio.CancelledError:
                 pass
+        for item in self._held:
+            if not item.future.done():
+                item.future.cancel()
         while not self.queue.empty():
             self.queue.get_nowait().future.cancel()
-        self.executor.shutdown(wait=True)
+        await asyncio.to_thread(self.executor.shutdown, wait=True)  # the running pass ends; the loop stays free
 
     def _report_queue(self) -> None:
         if self.metrics is not None:
@@ -111,7 +117,10 @@ class Batcher:
         """Wait for a first request, then gather more until a cap or the deadline; returns (batch,
         the request that did not fit and opens the next batch, or None)."""
         batch: list[Item] = []
-        first = carry or await self.queue.get()
+        if carry is None:
+            carry = await self.queue.get()
+            self._held.append(carry)
+        first = carry
         self._take(first, batch)
         deadline = first.queued + self.max_wait_s
         while True:
@@ -120,6 +129,7 @@ class Batcher:
                 item = self.queue.get_nowait() if timeout <= 0 else await asyncio.wait_for(self.queue.get(), timeout)
             except (asyncio.QueueEmpty, asyncio.TimeoutError):
                 return batch, None
+            self._held.append(item)
             if item.future.cancelled():  # its client left while it waited
                 self._done_waiting(item)
                 continue
@@ -133,6 +143,7 @@ class Batcher:
     async def _loop(self) -> None:
         loop, carry = asyncio.get_running_loop(), None
         while True:
+            self._held = [carry] if carry is not None else []  # the rest were answered
             batch, carry = await self._next_batch(carry)
             for b in batch:
                 self._done_waiting(b)

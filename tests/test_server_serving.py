@@ -250,6 +250,30 @@ def test_batcher_drops_a_request_whose_client_left():
     assert seen == [[1], [3, 4]]  # the cancelled request never reached the model
 
 
+def test_batcher_stop_leaves_no_caller_waiting():
+    # past uvicorn's shutdown timeout: one request in the forward pass, one gathered for the next
+    # batch (the 1-text cap), one still queued; each gets a cancellation, none waits forever
+    def forward(ids):
+        time.sleep(0.3)
+        return [0] * len(ids)
+
+    async def scenario():
+        b = Batcher(forward, max_batch_texts=1, max_batch_tokens=100, max_wait_ms=0)
+        b.start()
+        jobs = [asyncio.ensure_future(b.submit([[1, 2]])) for _ in range(3)]
+        await asyncio.sleep(0.1)
+        await b.stop()
+        await asyncio.sleep(0)
+        return [j.cancelled() for j in jobs]
+
+    assert asyncio.run(scenario()) == [True, True, True]
+
+
+def test_infinite_max_wait_is_refused(checkpoint):
+    with pytest.raises(ValueError, match="max_wait_ms must be a finite number"):
+        create_app(checkpoint, max_wait_ms=float("inf"))
+
+
 def test_batcher_caps_texts_and_tokens_and_isolates_failures():
     seen = []
 
