@@ -44,6 +44,7 @@ import re
 import shutil
 import signal
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -277,7 +278,10 @@ def choose(resume: str | None, out_dir: str | os.PathLike, config: dict) -> tupl
     Args:
         resume: None (start fresh), "auto" (the newest usable snapshot in `out_dir`, else fresh),
             or a path to a snapshot (.pt or .json).
-    Returns: (state or None, its path or None, warnings to print).
+    Returns: (state or None, its path or None, warnings to print). When "auto" starts afresh
+        because no snapshot there is usable (corrupt, unreadable), they are moved into
+        `snapshots/unusable-<time>/`, kept for a look: left in place, their higher step numbers
+        would make `save` prune the new run's snapshots first.
     Raises:
         SnapshotError: `resume` is None but `out_dir` holds snapshots (a run would silently
             overwrite another's); an explicit path cannot be used; "auto" found snapshots of
@@ -295,17 +299,24 @@ def choose(resume: str | None, out_dir: str | os.PathLike, config: dict) -> tupl
     if resume != "auto":
         return load(resume, config), str(resume), []
     warnings, foreign = [], []
-    for manifest in found:
+    for k, manifest in enumerate(found):
         try:
             return load(manifest, config), str(manifest.with_suffix(".pt")), warnings
         except SnapshotError as e:
-            warnings.append(f"warning: {e}; falling back to the previous snapshot")
+            warnings.append(f"warning: {e}; " + ("falling back to the previous snapshot" if k + 1 < len(found) else
+                                                 "no older snapshot"))  # fmt: skip
             if "configuration" in str(e) or "world size" in str(e):
                 foreign.append(str(e))
     if foreign:
         raise SnapshotError("no usable snapshot to resume from: " + " | ".join(foreign))
     if found:
-        warnings.append("warning: no usable snapshot left: starting afresh")
+        aside = Path(out_dir) / DIRNAME / time.strftime("unusable-%Y%m%d-%H%M%S")
+        aside.mkdir(parents=True, exist_ok=True)
+        for manifest in found:
+            for f in (manifest, manifest.with_suffix(".pt")):
+                if f.exists():
+                    f.rename(aside / f.name)
+        warnings.append(f"warning: no usable snapshot left: moved them to {aside}; starting afresh")
     return None, None, warnings
 
 

@@ -164,6 +164,22 @@ def test_corrupted_newest_snapshot_falls_back_with_a_warning(refs):
     assert_same_training(final(out), ref["none"], "fallback")
 
 
+def test_no_usable_snapshot_starts_afresh_and_keeps_its_own(refs):
+    # every snapshot corrupt: start again from step 0, with the unusable ones moved aside (left in
+    # place, their higher step numbers made the new run prune its own snapshot and crash)
+    base, cache, ref = refs
+    out = base / "all-corrupt"
+    shutil.copytree(base / "none", out)
+    for manifest in S.list_snapshots(out):
+        pt = manifest.with_suffix(".pt")
+        pt.write_bytes(pt.read_bytes()[:-10])
+    log = ok(python([*train_args(out, cache, 1, "none"), "--resume", "auto", "--keep-snapshots", "1"]))
+    assert "no usable snapshot left: moved them to" in log and "resumed from" not in log, log[-2000:]
+    assert [p.name for p in S.list_snapshots(out)] == ["snapshot-00000024.json"]
+    assert len(list((out / S.DIRNAME).glob("unusable-*/snapshot-*.pt"))) == 3
+    assert_same_training(final(out), ref["none"], "afresh")
+
+
 def test_another_world_size_is_refused_with_what_to_do(refs):
     base, cache, _ = refs
     out = base / "other-world"
