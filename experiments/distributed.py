@@ -149,24 +149,39 @@ def run_on_main_first(env: DistEnv, fn):
     """Run `fn()` on rank 0, then on the other ranks (which then hit rank 0's caches).
 
     If rank 0 fails, every rank raises SystemExit with rank 0's message instead of
-    waiting for it at a barrier until the timeout.
+    waiting for it at a barrier until the timeout. If another rank fails (its machine lacks the
+    data folder, say), every rank raises that rank's error, its message starting "rank k:", so
+    that rank 0 reports it (only rank 0 prints errors).
     """
     if not env.distributed or env.world_size == 1:
         return fn()
+
+    def shareable(e: BaseException, prefix: str = "") -> BaseException:  # DataError keeps its type: exit 2
+        if type(e).__name__ == "DataError":
+            return type(e)(f"{prefix}{e}")
+        return SystemExit(f"{prefix}{e}" if isinstance(e, SystemExit) else f"{prefix}{type(e).__name__}: {e}")
+
     result, error = None, [None]
     if env.is_main:
         try:
             result = fn()
         except (SystemExit, Exception) as e:  # noqa: BLE001 - any failure must reach the other ranks
-            error = [
-                e
-                if type(e).__name__ == "DataError"
-                else SystemExit(str(e) if isinstance(e, SystemExit) else f"{type(e).__name__}: {e}")
-            ]
+            error = [shareable(e)]
     dist.broadcast_object_list(error, src=0)
     if error[0] is not None:
-        raise error[0]  # the same exception on every rank (DataError keeps its type: exit code 2)
-    return fn() if not env.is_main else result
+        raise error[0]  # the same exception on every rank
+    failure = None
+    if not env.is_main:
+        try:
+            result = fn()
+        except (SystemExit, Exception) as e:  # noqa: BLE001 - as above, from this rank
+            failure = shareable(e, f"rank {env.rank}: ")
+    failures = [None] * env.world_size
+    dist.all_gather_object(failures, failure)
+    first = next((f for f in failures if f is not None), None)
+    if first is not None:
+        raise first
+    return result
 
 
 def all_reduce_sum(tensor: torch.Tensor, env: DistEnv) -> torch.Tensor:

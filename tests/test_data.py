@@ -234,3 +234,31 @@ def test_real_ag_news():
     assert sorted(dsd["test"].to_pandas()["label"].value_counts().tolist()) == [1900] * 4
     assert len(dsd["train"]) + len(dsd["validation"]) in (10_429, 120_000)
     assert not any("\\" in t for t in dsd["test"]["text"])
+
+
+def _data_fails_on(rank, world, out):
+    from experiments.distributed import DistEnv, run_on_main_first
+
+    env = DistEnv(rank=rank, world_size=world, backend="gloo")
+    for failing_rank in (0, 1):
+
+        def prepare(failing_rank=failing_rank):
+            if rank == failing_rank:
+                raise DataError("/data/train.csv: no such file")
+            return "data"
+
+        try:
+            run_on_main_first(env, prepare)
+        except DataError as e:  # the type survives: the exit code stays 2
+            Path(out, f"fail{failing_rank}-rank{rank}").write_text(str(e))
+
+
+def test_a_data_error_on_any_rank_stops_every_rank_with_its_message(tmp_path):
+    # rank 0 is the one that prints: a failure on another machine's rank must reach it
+    from spawn_utils import run
+
+    run(_data_fails_on, 2, tmp_path, str(tmp_path))
+    for failing_rank in (0, 1):
+        want = ("rank 1: " if failing_rank else "") + "/data/train.csv: no such file"
+        got = [(tmp_path / f"fail{failing_rank}-rank{r}").read_text() for r in (0, 1)]
+        assert got == [want, want], failing_rank
