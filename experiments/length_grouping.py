@@ -8,7 +8,8 @@ of it. The idea is Hugging Face's `LengthGroupedSampler` (transformers' Trainer,
 per epoch, with a generator seeded by `seed + epoch` (the same on every rank, another each epoch):
 1. shuffle all indices; pad to a multiple of the world size by repeating the head (as the
    distributed samplers pad), so every rank gets the same number of micro-batches of the same
-   sizes (only the epoch's last global batch may be smaller, on every rank alike);
+   sizes (one global batch may be smaller, on every rank alike: the one cut last, which the
+   shuffle of step 3 puts anywhere in the epoch);
 2. cut into mega-batches of `mega` global batches, and sort each by length, longest first;
 3. cut each mega-batch into global batches of `micro_batch x world_size`; shuffle the global
    batches (so the epoch does not go from long to short), keeping the longest one first, which
