@@ -377,7 +377,9 @@ def create_app(
                 raise
             finally:
                 state["in_flight"] -= 1
-            state["answered"] += 1  # (a cancelled request, client gone or shutdown forced, is not)
+            state["answered"] += (
+                1  # a client that left got its 499; a handler cancelled by a forced shutdown is not counted
+            )
             return response
 
         endpoint.__doc__ = handler.__doc__

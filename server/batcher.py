@@ -117,9 +117,12 @@ class Batcher:
         """Wait for a first request, then gather more until a cap or the deadline; returns (batch,
         the request that did not fit and opens the next batch, or None)."""
         batch: list[Item] = []
-        if carry is None:
+        while carry is None:
             carry = await self.queue.get()
             self._held.append(carry)
+            if carry.future.cancelled():  # its client left: it must not open a batch (and set its deadline)
+                self._done_waiting(carry)
+                carry = None
         first = carry
         self._take(first, batch)
         deadline = first.queued + self.max_wait_s
@@ -157,8 +160,14 @@ class Batcher:
                 seconds = time.perf_counter() - start
                 self._observe(batch, seconds)
                 self._deliver(batch, results, start, seconds)
-            except Exception:  # noqa: BLE001 - isolate the request that breaks the batch
+            except Exception as e:  # noqa: BLE001 - isolate the request that breaks the batch
+                if len(batch) == 1:  # nothing to isolate: the error is this request's
+                    if not batch[0].future.done():
+                        batch[0].future.set_exception(e)
+                    continue
                 for b in batch:
+                    if b.future.cancelled():  # its client left during the failed pass
+                        continue
                     t0 = time.perf_counter()
                     try:
                         one = await loop.run_in_executor(self.executor, self.forward, b.ids)

@@ -291,13 +291,17 @@ def test_batcher_caps_texts_and_tokens_and_isolates_failures():
         bad = asyncio.ensure_future(b.submit([[666]]))
         good = asyncio.ensure_future(b.submit([[7]]))
         out = await asyncio.gather(bad, good, return_exceptions=True)
+        seen.append("lone")
+        alone = await asyncio.gather(b.submit([[666]]), return_exceptions=True)  # a batch of one that fails
         await b.stop()
-        return results, out
+        return results, out, alone
 
-    results, (bad, good) = asyncio.run(scenario())
+    results, (bad, good), (alone,) = asyncio.run(scenario())
     assert [r[0] for r in results] == [[2], [2], [2], [3]]
     assert seen[:2] == [3, 1]  # 3 texts x 2 tokens = 6 tokens: the cap; the 3-token text waits for the next batch
     assert isinstance(bad, ValueError) and good[0] == [1]  # one bad request never fails its batch-mate
+    assert seen[2:5] == [2, 1, 1]  # the failed pair, then each alone
+    assert isinstance(alone, ValueError) and seen[5:] == ["lone", 1]  # alone: not run a second time
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
