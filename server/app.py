@@ -317,7 +317,14 @@ def create_app(
             return
         caps = (max_batch_texts, max_batch_tokens, max_wait_ms) if batching else (1, 1, 0.0)
         batcher = Batcher(forward, *caps, metrics=metrics)
-        batcher.start()
+
+        def batcher_died(e: BaseException) -> None:  # a bug: say so on /ready and stop, as for a failed load
+            state.update(status="failed", error=f"the batcher stopped after an error ({e!r}); restart the server")
+            log.error(state["error"])
+            if on_fatal is not None:
+                on_fatal()
+
+        batcher.start(on_failure=batcher_died)
         state.update(status="ready", tokenizer=tokenizer, batcher=batcher, tokenizer_lock=anyio.Lock())
 
     @contextlib.asynccontextmanager

@@ -63,15 +63,19 @@ class Batcher:
         self.waiting_texts = 0
         self._task: asyncio.Task | None = None
         self._held: list[Item] = []  # taken from the queue, not answered yet (stop() cancels them)
+        self.failed: BaseException | None = None  # why the batching task ended, if it did by an error
 
     # ---- the caller's side ----------------------------------------------------------
     async def submit(self, ids: list[list[int]]) -> tuple[list, float, float]:
         """Queue one request's texts (token ids) and wait for their results.
 
         Returns: (results in order, seconds queued, seconds of the forward pass that ran them).
-        Raises: whatever `forward` raised for this request (after the one-by-one retry).
+        Raises: whatever `forward` raised for this request (after the one-by-one retry);
+            RuntimeError once the batching task has died (`failed`), at once instead of never.
         Cancelling the awaiting task drops the request if it has not run yet.
         """
+        if self.failed is not None:
+            raise RuntimeError(f"the batcher stopped after an error: {self.failed!r}") from self.failed
         item = Item(ids, asyncio.get_running_loop().create_future())
         self.waiting_texts += len(ids)
         self._report_queue()
@@ -79,8 +83,29 @@ class Batcher:
         return await item.future
 
     # ---- the batcher's side ---------------------------------------------------------
-    def start(self) -> None:
+    def start(self, on_failure=None) -> None:
+        """Start the batching task. `on_failure(exception)` is called if it ever dies of an error
+        (a bug outside the forward pass, which is isolated per request): every waiting caller then
+        gets that error, and later calls of `submit` raise at once."""
+
+        def done(task: asyncio.Task) -> None:
+            if task.cancelled() or task.exception() is None:
+                return
+            self.failed = task.exception()
+            for item in [*self._held, *self._drain()]:
+                if not item.future.done():
+                    item.future.set_exception(RuntimeError(f"the batcher stopped after an error: {self.failed!r}"))
+            if on_failure is not None:
+                on_failure(self.failed)
+
         self._task = asyncio.create_task(self._loop(), name="batcher")
+        self._task.add_done_callback(done)
+
+    def _drain(self) -> list[Item]:
+        items = []
+        while not self.queue.empty():
+            items.append(self.queue.get_nowait())
+        return items
 
     async def stop(self) -> None:
         """Stop batching: every request not answered yet (queued, gathered into the next batch,
@@ -90,13 +115,11 @@ class Batcher:
             self._task.cancel()
             try:
                 await self._task
-            except asyncio.CancelledError:
+            except (asyncio.CancelledError, Exception):  # noqa: BLE001 - an error was reported when it happened
                 pass
-        for item in self._held:
+        for item in [*self._held, *self._drain()]:
             if not item.future.done():
                 item.future.cancel()
-        while not self.queue.empty():
-            self.queue.get_nowait().future.cancel()
         await asyncio.to_thread(self.executor.shutdown, wait=True)  # the running pass ends; the loop stays free
 
     def _report_queue(self) -> None:

@@ -269,6 +269,33 @@ def test_batcher_stop_leaves_no_caller_waiting():
     assert asyncio.run(scenario()) == [True, True, True]
 
 
+def test_a_batcher_that_dies_fails_its_callers_at_once():
+    # a bug outside the forward pass (here: the metrics) ends the batching task; nobody may wait
+    # for it forever, and the server is told (it reports failed on /ready and stops)
+    class BrokenMetrics:
+        def set_queue(self, texts):
+            pass
+
+        def observe_batch(self, texts, tokens, seconds):
+            raise KeyError("a bug")
+
+    died = []
+
+    async def scenario():
+        b = Batcher(lambda ids: [0] * len(ids), max_batch_texts=8, max_batch_tokens=100, max_wait_ms=50,
+                    metrics=BrokenMetrics())  # fmt: skip
+        b.start(on_failure=died.append)
+        # two requests in one batch: the batch "fails", and the one-by-one retry dies of the bug too
+        first = await asyncio.wait_for(asyncio.gather(b.submit([[1]]), b.submit([[2]]), return_exceptions=True), 5)
+        later = await asyncio.wait_for(asyncio.gather(b.submit([[3]]), return_exceptions=True), 5)
+        await b.stop()
+        return first, later[0]
+
+    first, later = asyncio.run(scenario())
+    assert all(isinstance(r, RuntimeError) and "the batcher stopped after an error" in str(r) for r in first), first
+    assert isinstance(later, RuntimeError) and len(died) == 1 and isinstance(died[0], KeyError)
+
+
 def test_infinite_max_wait_is_refused(checkpoint):
     with pytest.raises(ValueError, match="max_wait_ms must be a finite number"):
         create_app(checkpoint, max_wait_ms=float("inf"))
