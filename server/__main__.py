@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> None:
     """Parse the command line and serve until SIGTERM or Ctrl-C (then finish the requests in flight).
 
     Exits with status 2 and a one-line message (no traceback) if the checkpoint is missing or
-    invalid, with status 3 if the model fails to load, and with 0 after a graceful shutdown.
+    invalid, with status 3 if the model fails to load or the batcher dies, and with 0 after a graceful shutdown.
     """
     p = argparse.ArgumentParser(prog="python -m server", description="Serve an AG News classifier over HTTP.")
     p.add_argument(
