@@ -24,6 +24,9 @@ Two details where torch (2.x, distributed.py `_BucketCapacityConfig`) differs: i
 the 1 MiB first bucket only when `bucket_cap_mb` is left at its default (an explicit
 value caps the first bucket too), and without `find_unused_parameters` its very first
 iteration puts every gradient into one bucket, since the rebuild fixes the layout anyway.
+With `find_unused_parameters=True` it never rebuilds: its buckets stay as first assigned
+(registration order, the 1 MiB cap on the first-registered parameters), where ours are
+reversed and rebuilt; the sums are the same.
 Our first cap is the explicit `first_bucket_cap_mb` (1 MiB), from the first iteration on.
 """
 
