@@ -327,13 +327,15 @@ def preflight(out_dir: str | os.PathLike, state_bytes: int) -> None:
     """Fail before any work if `out_dir` cannot be written or has no room for one snapshot.
 
     Args:
-        state_bytes: estimated size of one snapshot (model + optimizer state), bytes.
+        state_bytes: estimated size of one snapshot (model + optimizer state), bytes; 0 when the
+            run writes none (`--no-snapshots`): then only `out_dir` itself is checked.
     Raises: SnapshotError with what to do.
     """
     out = Path(out_dir)
+    folder = out / DIRNAME if state_bytes else out
     try:
-        (out / DIRNAME).mkdir(parents=True, exist_ok=True)
-        probe = out / DIRNAME / ".write-test.tmp"
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / ".write-test.tmp"
         probe.write_bytes(b"ok")
         probe.unlink()
     except OSError as e:

@@ -242,7 +242,7 @@ def train(args, env: D.DistEnv) -> dict:
     chosen = {}
 
     def decide():  # on rank 0: can we write here, and do we continue an earlier run?
-        S.preflight(out_dir, state_bytes)
+        S.preflight(out_dir, 0 if args.no_snapshots else state_bytes)
         chosen["state"], path, warnings = S.choose(args.resume, out_dir, config)
         return path, warnings
 

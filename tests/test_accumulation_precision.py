@@ -131,6 +131,7 @@ def test_grad_accum_steps_on_the_command_line(tmp_path):
     assert len(summary["peak_memory_mib_per_rank"]) == 2 and all(m > 50 for m in summary["peak_memory_mib_per_rank"])
     rows = [json.loads(line) for line in (tmp_path / "accum" / "metrics.jsonl").read_text().splitlines()]
     assert [r["micro_batches"] for r in rows if r["type"] == "step"] == [4, 4, 4, 4]
+    assert not (tmp_path / "accum" / "snapshots").exists()  # --no-snapshots: not even the folder
 
 
 @pytest.fixture(scope="module")
