@@ -147,7 +147,7 @@ def main(argv=None) -> int:
     for line in facts():
         print(line)
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    nproc = a.nproc or max(2, gpus)
+    nproc = max(2, gpus) if a.nproc is None else a.nproc
     if nproc < 1:
         p.error("--nproc must be at least 1")
     try:

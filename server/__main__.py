@@ -91,6 +91,8 @@ def main(argv: list[str] | None = None) -> None:
         )
     except (FileNotFoundError, ValueError) as e:
         p.exit(2, f"error: {e}\n")
+    if not args.shutdown_timeout >= 0:  # also NaN
+        p.exit(2, f"error: --shutdown-timeout must be a number of seconds >= 0, got {args.shutdown_timeout}\n")
     config = uvicorn.Config(
         app, host=args.host, port=args.port, lifespan="on", timeout_graceful_shutdown=args.shutdown_timeout
     )

@@ -8,6 +8,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -41,3 +43,11 @@ def test_taken_port_fails_with_what_to_do():
 def test_nccl_without_gpus_fails_with_what_to_do():
     r, _ = doctor("--nproc", "2", "--backend", "nccl")
     assert r.returncode == 1 and "needs one GPU per rank" in r.stdout and "--backend gloo" in r.stdout, r.stdout
+
+
+def test_zero_ranks_is_a_usage_error(capsys):
+    from experiments.doctor import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--nproc", "0"])
+    assert e.value.code == 2 and "--nproc must be at least 1" in capsys.readouterr().err

@@ -267,3 +267,12 @@ def test_info_describes_the_model_and_the_training_run(tmp_path):
     got = info["training_summary"]
     assert got["steps"] == 125 and got["test_accuracy"] == 0.8917 and "epoch_times_s" not in got
     assert info["versions"]["torch"] == torch.__version__
+
+
+@pytest.mark.parametrize("seconds", ["-1", "nan"])
+def test_a_negative_shutdown_timeout_is_a_usage_error(checkpoint, capsys, seconds):
+    from server.__main__ import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--checkpoint", str(checkpoint), "--shutdown-timeout", seconds])
+    assert e.value.code == 2 and "--shutdown-timeout must be a number of seconds >= 0" in capsys.readouterr().err
