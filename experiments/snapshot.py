@@ -42,14 +42,14 @@ import os
 import random
 import re
 import shutil
-import signal
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from . import faults
 
 FORMAT, VERSION = "distrinews-snapshot", 1
 DIRNAME = "snapshots"
@@ -166,7 +166,7 @@ def _write_atomic(path: Path, write, step: int) -> None:
         write(f)
         f.flush()
         os.fsync(f.fileno())
-    fault_point("before-rename", step)
+    faults.fault_point("before-rename", step)
     os.replace(tmp, path)
     _fsync_dir(path.parent)
 
@@ -346,26 +346,3 @@ def preflight(out_dir: str | os.PathLike, state_bytes: int) -> None:
             f"{out} has {free / 2**20:.0f} MiB free, one snapshot needs about {state_bytes / 2**20:.0f} MiB. "
             "Free some space or choose an --output-dir on another disk."
         )
-
-
-# ----------------------------------------------------------------------------- fault injection (tests)
-
-FAULT_ENV = "DISTRINEWS_FAULT"
-
-
-def fault_point(where: str, step: int) -> None:
-    """Kill this process with SIGKILL if DISTRINEWS_FAULT asks for a crash here (for tests only).
-
-    DISTRINEWS_FAULT="<where>:<step>:<rank>", e.g. "after-step:7:1" (rank 1 dies after optimizer
-    step 7) or "before-rename:8:0" (rank 0 dies while writing the snapshot of step 8, between the
-    temporary file and its rename). Only in a first attempt: a run torchrun restarted
-    (TORCHELASTIC_RESTART_COUNT > 0) never injects, so it can finish.
-    """
-    spec = os.environ.get(FAULT_ENV)
-    if not spec or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
-        return
-    kind, at_step, at_rank = spec.split(":")
-    rank = int(os.environ.get("RANK", "0"))
-    if kind == where and int(at_step) == step and int(at_rank) == rank:
-        print(f"[fault injection] rank {rank} kills itself ({where}, step {at_step})", file=sys.stderr, flush=True)
-        os.kill(os.getpid(), signal.SIGKILL)

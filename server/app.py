@@ -56,6 +56,7 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTok
 from .batcher import Batcher
 from .metrics import Metrics
 from .pages import EXAMPLES, docs_page, index_page
+from .validation import check_text, field, json_type, read_json
 
 log = logging.getLogger("server")
 
@@ -99,76 +100,6 @@ def _training_args(ckpt: Path) -> dict:
     except (OSError, ValueError) as e:
         raise ValueError(f"{f} is not readable JSON ({e}); fix or delete it.") from None
     return args if isinstance(args, dict) else {}
-
-
-def _json_type(x) -> str:
-    """The JSON name of a parsed value's type, for error messages."""
-    names = {
-        dict: "an object",
-        list: "an array",
-        str: "a string",
-        bool: "a boolean",
-        int: "a number",
-        float: "a number",
-        type(None): "null",
-    }
-    return names.get(type(x), type(x).__name__)
-
-
-async def _read_json(request: Request, max_bytes: int, example: str):
-    """The parsed JSON body. Raises HTTPException 413 past `max_bytes` bytes, 400 if not JSON."""
-    too_big = f"the request body is over the limit of {max_bytes} bytes; send less text or split the batch"
-    declared = request.headers.get("content-length")
-    if declared is not None:
-        try:
-            declared_bytes = int(declared)
-        except ValueError:
-            raise HTTPException(400, f"the Content-Length header {declared!r} is not a number") from None
-        if declared_bytes > max_bytes:  # refuse before reading anything
-            raise HTTPException(413, too_big)
-    body = bytearray()
-    async for chunk in request.stream():  # chunked uploads carry no Content-Length: count what arrives
-        body += chunk
-        if len(body) > max_bytes:
-            raise HTTPException(413, too_big)
-    if not body:
-        raise HTTPException(400, f"the request body is empty; send JSON like {example}")
-    try:
-        return json.loads(body)
-    # JSONDecodeError and UnicodeDecodeError are ValueErrors; "[[[[..." nests past the recursion limit.
-    except (ValueError, RecursionError) as e:
-        raise HTTPException(400, f"the request body is not valid UTF-8 JSON ({e}); send JSON like {example}") from None
-
-
-def _field(body, name: str, example: str, other: str):
-    """body[name], after checking that body is an object that has it (else HTTPException 422)."""
-    if not isinstance(body, dict):
-        raise HTTPException(422, f"the JSON body must be an object like {example}, got {_json_type(body)}")
-    if name not in body:
-        hint = f" (for {other[0]!r} use {other[1]})" if other[0] in body else ""
-        raise HTTPException(422, f"the JSON body has no {name!r} field{hint}; send {example}")
-    return body[name]
-
-
-def _check_text(text, where: str, max_chars: int) -> str:
-    """`text` if it is a non-blank string of at most `max_chars` characters, else HTTPException 422."""
-    if not isinstance(text, str):
-        raise HTTPException(422, f"{where} must be a string, got {_json_type(text)}")
-    if not text.strip():
-        raise HTTPException(422, f"{where} is empty or only whitespace; send the news text to classify")
-    if len(text) > max_chars:
-        raise HTTPException(
-            422,
-            f"{where} has {len(text)} characters, over the limit of {max_chars}; "
-            "shorten it (the model reads only its first tokens anyway)",
-        )
-    try:
-        text.encode("utf-8")  # JSON allows lone "\ud800" escapes; the Rust tokenizer rejects them
-    except UnicodeEncodeError:
-        raise HTTPException(
-            422, f"{where} contains an unpaired surrogate (\\ud800-\\udfff); send valid Unicode text"
-        ) from None
-    return text
 
 
 async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
@@ -420,8 +351,8 @@ def create_app(
           503: {description: Not ready yet, or too many requests in flight; see Retry-After.}
         """
         example = '{"text": "Oil prices fell as stocks rallied"}'
-        body = await _read_json(request, max_body_bytes, example)
-        text = _check_text(_field(body, "text", example, ("texts", "POST /predict/batch")), "text", max_text_chars)
+        body = await read_json(request, max_body_bytes, example)
+        text = check_text(field(body, "text", example, ("texts", "POST /predict/batch")), "text", max_text_chars)
         out = await classify(request, [text])
         if isinstance(out, Response):
             return out
@@ -449,10 +380,10 @@ def create_app(
           503: {description: Not ready yet, or too many requests in flight; see Retry-After.}
         """
         example = '{"texts": ["Oil prices fell", "The Lakers won"]}'
-        body = await _read_json(request, max_body_bytes, example)
-        texts = _field(body, "texts", example, ("text", "POST /predict"))
+        body = await read_json(request, max_body_bytes, example)
+        texts = field(body, "texts", example, ("text", "POST /predict"))
         if not isinstance(texts, list):
-            raise HTTPException(422, f"'texts' must be a list of strings, got {_json_type(texts)}; send {example}")
+            raise HTTPException(422, f"'texts' must be a list of strings, got {json_type(texts)}; send {example}")
         if not texts:
             raise HTTPException(422, f"'texts' is an empty list; send 1 to {max_batch_size} texts")
         if len(texts) > max_batch_size:
@@ -460,7 +391,7 @@ def create_app(
                 422,
                 f"'texts' has {len(texts)} items, at most {max_batch_size} are allowed; split it into several requests",
             )
-        texts = [_check_text(t, f"texts[{i}]", max_text_chars) for i, t in enumerate(texts)]
+        texts = [check_text(t, f"texts[{i}]", max_text_chars) for i, t in enumerate(texts)]
         out = await classify(request, texts)
         if isinstance(out, Response):
             return out

@@ -1,7 +1,7 @@
 """Training that survives: snapshots, exact resume, torchrun restarts, two agents as two nodes.
 
 Real processes (torchrun, gloo, CPU), the tiny model on real AG News rows, 2 epochs of 12 steps.
-A crash is injected with DISTRINEWS_FAULT (experiments/snapshot.py, `fault_point`): the process
+A crash is injected with DISTRINEWS_FAULT (experiments/faults.py, `fault_point`): the process
 kills itself with SIGKILL at a chosen point, only in torchrun's first attempt, and torchrun
 (`--max-restarts`) restarts every rank, which resume with `--resume auto`. "Equal" is
 `torch.equal` on every parameter and every optimizer state tensor of the final snapshot.
@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from experiments import faults
 from experiments import snapshot as S
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -108,7 +109,7 @@ def test_killed_rank_restarts_and_ends_bit_identical(refs, variant):
     world, ddp, flags, fault, resumed_step = CRASHES[variant]
     out = base / f"crash-{variant}"
     args = train_args(out, cache, world, ddp, [*flags, "--resume", "auto"])
-    log = ok(torchrun(world, args, restarts=2, env={S.FAULT_ENV: fault}))
+    log = ok(torchrun(world, args, restarts=2, env={faults.FAULT_ENV: fault}))
     assert "[fault injection]" in log and "resumed from" in log, log[-3000:]
     assert_same_training(final(out), ref["none" if world == 1 else "native2"], variant)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -127,7 +128,7 @@ def test_resume_with_length_grouped_batches_is_bit_identical(refs):
     ok(torchrun(2, train_args(base / "grouped", cache, 2, "scratch", flags)))
     out = base / "crash-grouped"
     log = ok(torchrun(2, train_args(out, cache, 2, "scratch", [*flags, "--resume", "auto"]), restarts=2,
-                      env={S.FAULT_ENV: "after-step:8:1"}))  # fmt: skip
+                      env={faults.FAULT_ENV: "after-step:8:1"}))  # fmt: skip
     assert "[fault injection]" in log and "resumed from" in log, log[-3000:]
     assert_same_training(final(out), final(base / "grouped"), "grouped")
 

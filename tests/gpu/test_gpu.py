@@ -94,7 +94,7 @@ def _train(tmp: Path, ddp: str, extra: list[str], nproc: int = 2) -> dict:
 def _initial_weights() -> dict:
     """The weights experiments.train starts from (seeded tiny model; checked equal to an --lr 0 run on CPU)."""
     from experiments.model import build_model, build_tokenizer
-    from experiments.train import parse_args
+    from experiments.train_args import parse_args
 
     tok = build_tokenizer("tiny")
     torch.manual_seed(parse_args([]).seed)
