@@ -28,7 +28,8 @@ Every call here blocks until this rank has its result. Every message carries the
 *tag*, taken from a per-group counter in call order (`next_tag`): every rank calls in the same
 order, so the k-th operation gets the same tag everywhere and its messages can never be
 confused with another operation's, even when several run at once. work.py (after
-collectives_classic.py in the reading order) runs these same functions in the background, which is what DDP needs.
+collectives_classic.py in the reading order) runs these same functions in the background,
+which is what DDP needs.
 
 Sources: P. Patarasuk, X. Yuan, "Bandwidth optimal all-reduce algorithms for clusters of
 workstations", JPDC 2009; R. Thakur, R. Rabenseifner, W. Gropp, "Optimization of collective

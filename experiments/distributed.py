@@ -161,26 +161,19 @@ def run_on_main_first(env: DistEnv, fn):
             return type(e)(f"{prefix}{e}")
         return SystemExit(f"{prefix}{e}" if isinstance(e, SystemExit) else f"{prefix}{type(e).__name__}: {e}")
 
-    result, error = None, [None]
-    if env.is_main:
-        try:
-            result = fn()
-        except (SystemExit, Exception) as e:  # noqa: BLE001 - any failure must reach the other ranks
-            error = [shareable(e)]
-    dist.broadcast_object_list(error, src=0)
-    if error[0] is not None:
-        raise error[0]  # the same exception on every rank
-    failure = None
-    if not env.is_main:
-        try:
-            result = fn()
-        except (SystemExit, Exception) as e:  # noqa: BLE001 - as above, from this rank
-            failure = shareable(e, f"rank {env.rank}: ")
-    failures = [None] * env.world_size
-    dist.all_gather_object(failures, failure)
-    first = next((f for f in failures if f is not None), None)
-    if first is not None:
-        raise first
+    result = None
+    for main_turn in (True, False):  # rank 0 first (the others wait at the all-gather), then the others
+        failure = None
+        if env.is_main == main_turn:
+            try:
+                result = fn()
+            except (SystemExit, Exception) as e:  # noqa: BLE001 - any failure must reach the other ranks
+                failure = shareable(e, "" if env.is_main else f"rank {env.rank}: ")
+        failures = [None] * env.world_size
+        dist.all_gather_object(failures, failure)
+        first = next((f for f in failures if f is not None), None)
+        if first is not None:
+            raise first  # the same exception on every rank
     return result
 
 
