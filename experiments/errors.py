@@ -1,0 +1,65 @@
+"""The project's error types and its one exit-code policy.
+
+Library code raises one of these types (never `SystemExit`); only an entry point (training,
+compare, bench, doctor, server) turns an error into an exit status, through `exit_code`. Callers
+tell errors apart by type (`except SnapshotMismatch`), never by searching the message.
+
+Exit statuses, the same for every entry point:
+
+    0  success
+    1  a runtime failure (a collective timed out, a peer died, a bug)
+    2  usage or bad input: a wrong option, a malformed data file, a snapshot of another run
+    3  the model (or a served checkpoint) could not be loaded
+
+The module imports nothing heavy, so the server's image can carry it without the training stack.
+"""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_RUNTIME = 1
+EXIT_USAGE = 2
+EXIT_MODEL_LOAD = 3
+
+
+class DistriNewsError(Exception):
+    """Base of the project's errors; the message says what was wrong and how to fix it."""
+
+    exit_code = EXIT_RUNTIME
+
+
+class UsageError(DistriNewsError):
+    """An option or an input the user can fix (exit 2)."""
+
+    exit_code = EXIT_USAGE
+
+
+class DataError(UsageError):
+    """The data cannot be read: a malformed CSV (file and line named), a missing folder, no hub (exit 2)."""
+
+
+class SnapshotError(UsageError):
+    """A snapshot cannot be used, or the output directory cannot take one; the message says why (exit 2)."""
+
+
+class SnapshotMismatch(SnapshotError):
+    """A snapshot was written by a run of another configuration (options that define a run differ)."""
+
+
+class WorldSizeMismatch(SnapshotMismatch):
+    """A snapshot was written with another world size (ranks x micro-batch define the global batch)."""
+
+
+class ModelLoadError(DistriNewsError):
+    """The model, its tokenizer or a served checkpoint cannot be loaded (exit 3)."""
+
+    exit_code = EXIT_MODEL_LOAD
+
+
+class DistributedSetupError(UsageError):
+    """The launch does not fit the options: `--ddp none` under several processes, nccl without GPUs (exit 2)."""
+
+
+def exit_code(error: BaseException) -> int:
+    """The exit status for `error` under the policy above: its type's `exit_code`, else 1."""
+    return getattr(error, "exit_code", EXIT_RUNTIME)
