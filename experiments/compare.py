@@ -27,6 +27,9 @@ import sys
 import torch
 from safetensors.torch import load_file
 
+from .errors import DistriNewsError, UsageError, exit_code
+from .launch import torchrun_command
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
@@ -54,38 +57,20 @@ def command(kind: str, nproc: int, batch_size: int, out_dir: str, train_args: li
     # (about 270 MB each) would only fill the disk
     common = ["--output-dir", out_dir, "--no-snapshots", *train_args]
     if kind == "none":  # one process trains on the whole global batch
-        return [
-            sys.executable,
-            "-m",
-            "experiments.train",
-            "--ddp",
-            "none",
-            "--batch-size",
-            str(batch_size * nproc),
-            *common,
-        ]
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc_per_node={nproc}",
-        "-m",
-        "experiments.train",
-        "--ddp",
-        kind,
-        "--batch-size",
-        str(batch_size),
-        *common,
-    ]
+        return [sys.executable, "-m", "experiments.train", "--ddp", "none", "--batch-size", str(batch_size * nproc),
+                *common]  # fmt: skip
+    return torchrun_command(nproc, "experiments.train", ["--ddp", kind, "--batch-size", str(batch_size), *common])
 
 
 def max_weight_difference(dir_a: str, dir_b: str) -> float:
-    """Largest |a - b| over all weights of two checkpoints (model.safetensors)."""
+    """Largest |a - b| over all weights of two checkpoints (model.safetensors).
+
+    Raises: UsageError if they hold different tensors.
+    """
     a = load_file(os.path.join(dir_a, "model.safetensors"))
     b = load_file(os.path.join(dir_b, "model.safetensors"))
     if a.keys() != b.keys():
-        raise ValueError(f"checkpoints {dir_a} and {dir_b} hold different tensors")
+        raise UsageError(f"checkpoints {dir_a} and {dir_b} hold different tensors: not two runs of one model")
     return max(float((a[k].double() - b[k].double()).abs().max()) if a[k].numel() else 0.0 for k in a)
 
 
@@ -99,7 +84,7 @@ def table(summaries: dict, weight_diff: float | None) -> str:
     ]
     for kind, s in summaries.items():
         speedup = s["samples_per_s"] / base if base else None
-        fmt = lambda x, f: "-" if x is None else format(x, f)  # noqa: E731
+        fmt = lambda x, f: "-" if x is None else format(x, f)
         rows.append(
             f"| {kind} | {s['world_size']} | {s['samples_per_s']:.1f} | "
             f"{sum(s['epoch_times_s']) / len(s['epoch_times_s']):.1f} | {fmt(speedup, '.2f')} | "
@@ -130,17 +115,22 @@ def main(argv=None) -> int:
         env = dict(os.environ)
         if kind != "none":
             env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc)))
-        if subprocess.run(cmd, env=env).returncode != 0:
+        status = subprocess.run(cmd, env=env).returncode
+        if status != 0:  # experiments.train's status follows the same policy (errors.py): pass it on
             print(
                 f"error: the {kind} run failed (its output is above); rerun it alone with the command shown.",
                 file=sys.stderr,
             )
-            return 1
+            return status
         with open(os.path.join(out_dir, "summary.json")) as f:
             summaries[kind] = json.load(f)
     diff = None
     if {"native", "scratch"} <= summaries.keys() and all("checkpoint" in summaries[k] for k in ("native", "scratch")):
-        diff = max_weight_difference(summaries["native"]["checkpoint"], summaries["scratch"]["checkpoint"])
+        try:
+            diff = max_weight_difference(summaries["native"]["checkpoint"], summaries["scratch"]["checkpoint"])
+        except DistriNewsError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return exit_code(e)
     md = table(summaries, diff)
     header = (
         f"Machine: {os.cpu_count()} CPU cores, torch {torch.__version__}, "

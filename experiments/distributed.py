@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import datetime
 import os
+import pickle
 import platform
-import socket
 import sys
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from .errors import DistributedSetupError
+from .launch import free_port
 
 
 @dataclass
@@ -47,23 +50,17 @@ class DistEnv:
         return bool(self.backend)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def choose_backend(requested: str | None, local_world_size: int) -> str:
     """NCCL when CUDA is there and every rank on this machine has its own GPU; gloo otherwise.
 
     Raises:
-        SystemExit: nccl was requested but there are fewer GPUs than local ranks.
+        DistributedSetupError: nccl was requested but there are fewer GPUs than local ranks.
     """
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if requested in (None, "auto"):
         return "nccl" if gpus >= local_world_size > 0 and gpus > 0 else "gloo"
     if requested == "nccl" and gpus < local_world_size:
-        raise SystemExit(
+        raise DistributedSetupError(
             f"--backend nccl needs one GPU per rank: {local_world_size} ranks on this machine but "
             f"{gpus} GPU(s) visible. Use --backend gloo (CPU) or fewer processes."
         )
@@ -80,19 +77,22 @@ def setup(ddp: str, backend: str | None = None, timeout_s: float = 300.0) -> Dis
             this for a peer (dead, or stuck) raises instead of hanging.
 
     Raises:
-        SystemExit: `--ddp none` launched with several processes.
+        DistributedSetupError: `--ddp none` launched with several processes, or nccl asked for
+            without a GPU.
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if ddp == "none":
         if world_size > 1:
-            raise SystemExit(
+            raise DistributedSetupError(
                 "--ddp none trains in one process; launch it without torchrun "
                 "(or --nproc_per_node=1), or pick --ddp native / --ddp scratch."
             )
         # one process: on the GPU if there is one (unless --backend gloo asks for the CPU)
         gpu = torch.cuda.is_available() and backend != "gloo"
         if backend == "nccl" and not gpu:
-            raise SystemExit("--backend nccl needs a CUDA GPU, and none is visible. Use --backend gloo (CPU).")
+            raise DistributedSetupError(
+                "--backend nccl needs a CUDA GPU, and none is visible. Use --backend gloo (CPU)."
+            )
         return DistEnv(device=torch.device("cuda", 0) if gpu else torch.device("cpu"))
     if "RANK" not in os.environ:  # plain `python -m experiments.train`: a group of one
         os.environ.update(
@@ -101,7 +101,7 @@ def setup(ddp: str, backend: str | None = None, timeout_s: float = 300.0) -> Dis
             WORLD_SIZE="1",
             LOCAL_WORLD_SIZE="1",
             MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=str(_free_port()),
+            MASTER_PORT=str(free_port()),
         )
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     backend = choose_backend(backend, int(os.environ.get("LOCAL_WORLD_SIZE", world_size)))
@@ -145,29 +145,39 @@ def teardown() -> None:
         dist.destroy_process_group()
 
 
+def shareable(error: Exception, prefix: str = "") -> Exception:
+    """`error` as it can travel to the other ranks (pickled): its type kept, `prefix` before its message.
+
+    The project's types (errors.py) and the built-in ones take one message argument and pickle;
+    any other type becomes a RuntimeError naming it. Callers on every rank then catch by type
+    (`except DataError`), and the entry point maps the type to its exit status.
+    """
+    message = f"{prefix}{error}"
+    try:
+        copy = type(error)(message)
+        pickle.loads(pickle.dumps(copy))
+    except Exception:  # a constructor with other arguments, or state that does not pickle
+        return RuntimeError(f"{prefix}{type(error).__name__}: {error}")
+    return copy if str(copy) == message else RuntimeError(f"{prefix}{type(error).__name__}: {error}")
+
+
 def run_on_main_first(env: DistEnv, fn):
     """Run `fn()` on rank 0, then on the other ranks (which then hit rank 0's caches).
 
-    If rank 0 fails, every rank raises SystemExit with rank 0's message instead of
+    If rank 0 fails, every rank raises rank 0's error (its type kept, see `shareable`) instead of
     waiting for it at a barrier until the timeout. If another rank fails (its machine lacks the
     data folder, say), every rank raises that rank's error, its message starting "rank k:", so
     that rank 0 reports it (only rank 0 prints errors).
     """
     if not env.distributed or env.world_size == 1:
         return fn()
-
-    def shareable(e: BaseException, prefix: str = "") -> BaseException:  # DataError keeps its type: exit 2
-        if type(e).__name__ == "DataError":
-            return type(e)(f"{prefix}{e}")
-        return SystemExit(f"{prefix}{e}" if isinstance(e, SystemExit) else f"{prefix}{type(e).__name__}: {e}")
-
     result = None
     for main_turn in (True, False):  # rank 0 first (the others wait at the all-gather), then the others
         failure = None
         if env.is_main == main_turn:
             try:
                 result = fn()
-            except (SystemExit, Exception) as e:  # noqa: BLE001 - any failure must reach the other ranks
+            except Exception as e:  # any failure must reach the other ranks
                 failure = shareable(e, "" if env.is_main else f"rank {env.rank}: ")
         failures = [None] * env.world_size
         dist.all_gather_object(failures, failure)
@@ -184,25 +194,29 @@ def all_reduce_sum(tensor: torch.Tensor, env: DistEnv) -> torch.Tensor:
     return tensor
 
 
-def decide_on_main(env: DistEnv, fn):
+def decide_on_main(env: DistEnv, fn, share=None):
     """Run `fn()` on rank 0 only and give every rank its result (broadcast as a Python object).
 
-    If `fn` raises, every rank raises the same exception (its type kept when it can be pickled),
+    Args:
+        share: what the other ranks receive of rank 0's result, `share(result)` (default: all of
+            it); rank 0 keeps the whole result (a loaded snapshot, say, sent later as tensors).
+    If `fn` raises, every rank raises the same exception (its type kept, see `shareable`),
     so a decision that fails on rank 0 (a snapshot that cannot be used, say) stops all ranks with
     rank 0's message instead of leaving them waiting.
     """
     if not env.distributed or env.world_size == 1:
         return fn()
-    box = [None, None]  # result, error
+    result, box = None, [None, None]  # what the others get, error
     if env.is_main:
         try:
-            box[0] = fn()
-        except Exception as e:  # noqa: BLE001 - any failure must reach the other ranks
-            box[1] = e
+            result = fn()
+            box[0] = share(result) if share else result
+        except Exception as e:  # any failure must reach the other ranks
+            box[1] = shareable(e)
     dist.broadcast_object_list(box, src=0)
     if box[1] is not None:
         raise box[1]
-    return box[0]
+    return result if env.is_main else box[0]
 
 
 def all_gather_object(env: DistEnv, obj) -> list:
