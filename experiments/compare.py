@@ -12,7 +12,9 @@ writes (`<out>/comparison.md`, `<out>/comparison.json`) one table: samples/s, ti
 per epoch, speedup over 1 process, parallel efficiency (speedup / N), validation
 and test accuracy, and the largest absolute difference between the native and the
 hand-written final weights (0 up to float rounding: same data, same dropout masks,
-same averaged gradients).
+same averaged gradients). Each run also writes TensorBoard events into its folder:
+`tensorboard --logdir runs/compare` shows the three curves (loss, learning rate, samples/s, step
+time; bytes and exposed communication per step for the two DDPs) side by side.
 """
 
 from __future__ import annotations
@@ -55,7 +57,9 @@ def command(kind: str, nproc: int, batch_size: int, out_dir: str, train_args: li
     """The exact command line of one run (printed, so a learner can rerun it alone)."""
     # no snapshots: a comparison always starts afresh, and three runs' snapshots of minilm-l6
     # (about 270 MB each) would only fill the disk
-    common = ["--output-dir", out_dir, "--no-snapshots", *train_args]
+    # TensorBoard events in each run's folder: `tensorboard --logdir <out>` shows the three runs together
+    # (a later --report-to in train_args wins)
+    common = ["--output-dir", out_dir, "--no-snapshots", "--report-to", "tensorboard", *train_args]
     if kind == "none":  # one process trains on the whole global batch
         return [sys.executable, "-m", "experiments.train", "--ddp", "none", "--batch-size", str(batch_size * nproc),
                 *common]  # fmt: skip

@@ -2,13 +2,14 @@
 
 Gradient accumulation, the fp16 loss scaler, gradient clipping and the learning-rate schedule
 live here once. experiments/train.py calls `optimizer_step` for each global batch; the
-benchmarks (experiments/bench/wrappers.py, `timed_step`) call the same function and add only
+benchmarks (experiments/bench/common/wrappers.py, `timed_step`) call the same function and add only
 a barrier and two clock readings around it, so a measured step is a step training runs.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 from dataclasses import dataclass, field
 
@@ -41,6 +42,13 @@ class StepResult:
         return sum(end - start for k, start, end in self.intervals if k == kind)
 
 
+def wait_for_device(device: torch.device) -> None:
+    """Block until `device` has finished its queued work (CUDA calls return before the GPU is done),
+    so that a clock read next measures the work, not its launch. Nothing to wait for on the CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def _no_sync(model, sync_gradients: bool, last: bool):
     """`model.no_sync()` for every micro-batch but the last (for all of them if not `sync_gradients`)."""
     if (last and sync_gradients) or not hasattr(model, "no_sync"):
@@ -49,7 +57,7 @@ def _no_sync(model, sync_gradients: bool, last: bool):
 
 
 def optimizer_step(model, opt, sched, scaler, micro_batches: list[dict], precision: str, max_grad_norm: float,
-                   sync=None, sync_gradients: bool = True) -> StepResult:  # fmt: skip
+                   sync_gradients: bool = True) -> StepResult:  # fmt: skip
     """One optimizer step over `micro_batches` (gradient accumulation).
 
     Every micro-batch but the last runs forward and backward inside `model.no_sync()`, so gradients
@@ -67,12 +75,11 @@ def optimizer_step(model, opt, sched, scaler, micro_batches: list[dict], precisi
             (`input_ids` int64 (B, T), `attention_mask` (B, T) where there is padding).
         precision: "fp32", "fp16" or "bf16" (autocast of forward and loss, precision.py).
         max_grad_norm: clip the gradients' global L2 norm to this; 0 disables clipping.
-        sync: a callable run before reading a clock (CUDA synchronisation); None on the CPU.
         sync_gradients: False runs every micro-batch under `no_sync()`: no all-reduce at all
             (the benchmarks' compute-only step).
     """
-    sync = sync or (lambda: None)
     device = next(model.parameters()).device
+    sync = functools.partial(wait_for_device, device)  # before each clock reading
     intervals, loss_sum = [], 0.0
     for k, batch in enumerate(micro_batches):
         with _no_sync(model, sync_gradients, last=k == len(micro_batches) - 1):

@@ -20,7 +20,11 @@ Writes to --output-dir (rank 0 only): metrics.jsonl (one line per optimizer step
 loss of rank 0's micro-batch, learning rate, seconds in forward / backward (incl. waiting for gradient
 sync) / optimizer; one per evaluation; one per snapshot; one where a resumed run joined),
 summary.json, checkpoint/ (a Hugging Face model directory that `transformers.pipeline` and
-`python -m server` load) and snapshots/ (the whole training state: experiments/snapshot.py).
+`python -m server` load) and snapshots/ (the whole training state: experiments/snapshot.py);
+with --report-to tensorboard also TensorBoard event files (experiments/metrics.py).
+
+The pieces: TrainConfig (train_args.py), the one optimizer step (step.py), the training state
+(snapshot.py's TrainingState and Progress), the errors and exit statuses (errors.py).
 """
 
 from __future__ import annotations
@@ -171,20 +175,20 @@ def build(config: TrainConfig, env: D.DistEnv) -> Run:
     steps_per_epoch = math.ceil(len(loader) / config.grad_accum_steps)  # a last, shorter group steps too
     opt, sched = make_optimizer(model, config, config.epochs * steps_per_epoch)
     return Run(
-        config,
-        env,
-        out_dir,
-        tokenizer,
-        data,
-        collate,
-        model,
-        sampler,
-        loader,
-        opt,
-        sched,
-        make_scaler(config.precision, env.device),
-        steps_per_epoch,
-        config.epochs * steps_per_epoch,
+        config=config,
+        env=env,
+        out_dir=out_dir,
+        tokenizer=tokenizer,
+        data=data,
+        collate=collate,
+        model=model,
+        sampler=sampler,
+        loader=loader,
+        opt=opt,
+        sched=sched,
+        scaler=make_scaler(config.precision, env.device),
+        steps_per_epoch=steps_per_epoch,
+        steps=config.epochs * steps_per_epoch,
         snapshot=snapshot,
         snapshot_path=choice.path,
     )
@@ -244,11 +248,6 @@ def take_snapshot(run: Run, epoch_elapsed: float) -> None:
     run.log.write({**event, "bytes": path.stat().st_size, "seconds": time.perf_counter() - t0})
 
 
-def _sync(env: D.DistEnv) -> None:
-    if env.device.type == "cuda":  # CUDA is asynchronous: wait, or the timers measure only launches
-        torch.cuda.synchronize(env.device)
-
-
 def start_epoch(run: Run, epoch: int):
     """The epoch's batches, positioned where the run stands (a resumed run skips what it trained on),
     and the RNG states of the snapshot restored at the point where they were taken."""
@@ -288,16 +287,7 @@ def train_epoch(run: Run, epoch: int) -> None:
         if run.comm is not None:
             run.comm.clear()
         t0 = time.perf_counter()
-        r = optimizer_step(
-            run.model,
-            run.opt,
-            run.sched,
-            run.scaler,
-            group,
-            config.precision,
-            config.max_grad_norm,
-            sync=functools.partial(_sync, env),
-        )
+        r = optimizer_step(run.model, run.opt, run.sched, run.scaler, group, config.precision, config.max_grad_norm)
         t3 = time.perf_counter()
         n = sum(len(b["labels"]) for b in group) * env.world_size  # ranks get equal shards (the sampler pads)
         p.samples_seen, p.global_step, p.skipped_steps = (

@@ -7,9 +7,12 @@ import argparse
 import json
 import os
 import platform
+import sys
 from pathlib import Path
 
 import torch
+
+from experiments.errors import DistriNewsError, system_exit
 
 
 def machine() -> str:
@@ -46,7 +49,8 @@ def write_result(out_dir: Path, part: str, md_lines: list[str], data, plots=(), 
 def part_main(part: str, doc: str, run, argv=None, add_arguments=None, pass_unknown: bool = False) -> None:
     """The command line of a part run alone (`python -m experiments.bench.<part>`): --out, --quick
     and the part's own options (added by `add_arguments(parser)`, passed to `run` by name). With
-    `pass_unknown`, flags the parser does not know go to `run(overrides=...)`; otherwise they are an error."""
+    `pass_unknown`, flags the parser does not know go to `run(overrides=...)`; otherwise they are an error.
+    A failed rank or run exits with errors.py's status for it, after printing what failed."""
     p = argparse.ArgumentParser(prog=f"python -m experiments.bench.{part}", description=doc.split("\n")[0])
     p.add_argument("--out", default=f"runs/bench/{part}", help="directory for the files (default: %(default)s)")
     p.add_argument("--quick", action="store_true", help="tiny sizes: checks that it runs, measures little")
@@ -54,7 +58,11 @@ def part_main(part: str, doc: str, run, argv=None, add_arguments=None, pass_unkn
         add_arguments(p)
     a, unknown = p.parse_known_args(argv) if pass_unknown else (p.parse_args(argv), None)
     opts = {k: v for k, v in vars(a).items() if k not in ("out", "quick")}
-    print_result(run(Path(a.out), quick=a.quick, **opts, **({"overrides": unknown} if pass_unknown else {})))
+    try:
+        print_result(run(Path(a.out), quick=a.quick, **opts, **({"overrides": unknown} if pass_unknown else {})))
+    except DistriNewsError as e:  # a rank or a training run failed: its output is in the message
+        print(f"error: {e}", file=sys.stderr)
+        raise system_exit(e) from None
 
 
 def pyplot():

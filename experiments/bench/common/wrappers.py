@@ -36,11 +36,6 @@ def device() -> torch.device:
     return torch.device("cpu")
 
 
-def _cuda_sync() -> None:
-    if device().type == "cuda":  # CUDA calls return before the GPU is done: wait before reading a clock
-        torch.cuda.synchronize(device())
-
-
 def model_and_batches(model_name: str, n: int, batch_size: int, seq_len: int, seed: int):
     """The same seeded model on every rank, and `n` random (ids, labels) batches for this rank.
 
@@ -138,16 +133,14 @@ def timed_step(
     at all); gradients are clipped to `max_grad_norm` (training's default) and, with an fp16
     `scaler`, scaled. The rate is constant (no schedule: its step costs nothing measurable).
     `micro_batches`: (ids, labels) pairs as `model_and_batches` makes them.
-    On CUDA the clocks are read after `torch.cuda.synchronize`.
+    On CUDA the clocks are read after `torch.cuda.synchronize` (step.py's `wait_for_device`).
     Returns: {"start", "end"} and "intervals": [(kind, start, end)] with kind forward / backward /
     optimizer, perf_counter seconds (one clock for every process on one machine).
     """
     batches = [{"input_ids": ids, "labels": labels} for ids, labels in micro_batches]
     dist.barrier()  # all ranks start the step together, as in training
     start = time.perf_counter()
-    r = optimizer_step(
-        model, opt, None, scaler, batches, precision, max_grad_norm, sync=_cuda_sync, sync_gradients=sync
-    )
+    r = optimizer_step(model, opt, None, scaler, batches, precision, max_grad_norm, sync_gradients=sync)
     return {"start": start, "end": time.perf_counter(), "intervals": r.intervals}
 
 
