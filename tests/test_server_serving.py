@@ -27,10 +27,10 @@ from hypothesis import strategies as st
 from served_model import assert_told_apart, tiny_checkpoint
 from starlette.testclient import TestClient
 
-import server.app as app_module
 from experiments.model import LABELS
-from server import create_app
+from server import ServerConfig, create_app
 from server.batcher import Batcher
+from server.predictor import load_model_predictor
 
 REPO = Path(__file__).resolve().parents[1]
 TEXTS = [f"story {i}: " + " ".join(["markets", "match", "rockets", "elections"][i % 4] for _ in range(i % 7 + 1))
@@ -163,16 +163,19 @@ def test_sigterm_during_load_answers_every_accepted_request(checkpoint, tmp_path
     assert not others, f"requests that failed in another way: {others[:3]}"
 
 
-def test_overload_is_an_immediate_503_with_retry_after(checkpoint, monkeypatch):
-    real = app_module._forward
+def test_overload_is_an_immediate_503_with_retry_after(checkpoint):
+    def slow_model(ckpt, pad):
+        real = load_model_predictor(ckpt, pad)
 
-    def slow(*args):  # a forward pass of 1 s: a refusal that waited behind one would take over 1 s
-        time.sleep(1.0)
-        return real(*args)
+        def slow(ids):  # a forward pass of 1 s: a refusal that waited behind one would take over 1 s
+            time.sleep(1.0)
+            return real(ids)
 
-    with TestClient(create_app(checkpoint, max_concurrent_requests=2, batching=False)) as c:
+        return slow
+
+    config = ServerConfig(max_concurrent_requests=2, batching=False)
+    with TestClient(create_app(checkpoint, config, load_predictor=slow_model)) as c:
         wait_ready(c)
-        monkeypatch.setattr(app_module, "_forward", slow)
         with ThreadPoolExecutor(8) as pool:
             t0 = time.monotonic()
             rs = list(pool.map(lambda t: (c.post("/predict", json={"text": t}), time.monotonic() - t0), TEXTS[:8]))
@@ -197,11 +200,9 @@ def test_a_model_that_cannot_load_exits_3_with_the_reason(checkpoint, tmp_path):
     assert f"could not load the checkpoint in {broken}: " in text and "experiments.train" in text, text[-2000:]
 
 
-def test_not_ready_while_loading_and_failed_load_says_why(checkpoint, monkeypatch):
-    real = app_module.AutoModelForSequenceClassification.from_pretrained
-    monkeypatch.setattr(app_module.AutoModelForSequenceClassification, "from_pretrained",
-                        lambda *a, **k: (time.sleep(0.5), real(*a, **k))[1])  # fmt: skip
-    with TestClient(create_app(checkpoint)) as c:
+def test_not_ready_while_loading_and_failed_load_says_why(checkpoint):
+    slow_load = lambda ckpt, pad: (time.sleep(0.5), load_model_predictor(ckpt, pad))[1]
+    with TestClient(create_app(checkpoint, load_predictor=slow_load)) as c:
         r = c.get("/ready")
         assert r.status_code == 503 and r.json()["status"] == "loading" and r.headers["retry-after"] == "1"
         p = c.post("/predict", json={"text": "hello"})
@@ -210,11 +211,10 @@ def test_not_ready_while_loading_and_failed_load_says_why(checkpoint, monkeypatc
         wait_ready(c)
     fatal = []
 
-    def broken(*a, **k):
+    def broken(ckpt, pad):
         raise OSError("model.safetensors is truncated")
 
-    monkeypatch.setattr(app_module.AutoModelForSequenceClassification, "from_pretrained", broken)
-    with TestClient(create_app(checkpoint, on_fatal=lambda: fatal.append(1))) as c:
+    with TestClient(create_app(checkpoint, load_predictor=broken, on_fatal=lambda: fatal.append(1))) as c:
         deadline = time.monotonic() + 10
         while c.get("/ready").json()["status"] == "loading":
             assert time.monotonic() < deadline
@@ -298,7 +298,7 @@ def test_a_batcher_that_dies_fails_its_callers_at_once():
 
 def test_infinite_max_wait_is_refused(checkpoint):
     with pytest.raises(ValueError, match="max_wait_ms must be a finite number"):
-        create_app(checkpoint, max_wait_ms=float("inf"))
+        create_app(checkpoint, ServerConfig(max_wait_ms=float("inf")))
 
 
 def test_batcher_caps_texts_and_tokens_and_isolates_failures():
@@ -367,7 +367,7 @@ def test_fuzzed_requests_never_get_a_5xx_and_errors_are_json(fuzz_client, method
 
 @pytest.fixture(scope="module")
 def fuzz_client(checkpoint):
-    with TestClient(create_app(checkpoint, max_text_chars=200, max_batch_size=4)) as c:
+    with TestClient(create_app(checkpoint, ServerConfig(max_text_chars=200, max_batch_size=4))) as c:
         wait_ready(c)
         yield c
 
