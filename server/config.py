@@ -64,13 +64,13 @@ class ServerConfig:
     max_length: int | None = _option(
         None, "tokens kept per text (default: the checkpoint's training max_length, else 128)", request_limit=True
     )
-    max_batch_texts: int = _option(64, "texts per forward pass (TEI: max batch requests)", request_limit=True)
+    max_batch_texts: int = _option(64, "texts per forward pass, as TEI's max batch requests", request_limit=True)
     max_batch_tokens: int = _option(
-        8192, "padded tokens per forward pass, texts x longest (TEI: max batch tokens)", request_limit=True
+        8192, "padded tokens per forward pass, texts x longest, as TEI's max batch tokens", request_limit=True
     )
     max_wait_ms: float = _option(
         0.0,
-        "how long a request waits for others to share its forward pass (default 0: only while the model is busy)",
+        "milliseconds a request waits for others to share its forward pass (0: only while the model is busy)",
     )
     max_concurrent_requests: int = _option(
         256, "predictions in flight at most; beyond, an immediate 503 with Retry-After", request_limit=True
@@ -124,10 +124,10 @@ class ServerConfig:
                 parser.add_argument(cls.flag(f), dest=f.name, action="store_false", help=help)
                 continue
             kind = float if f.type == "float" else int
-            default = f"default {f.default}" if f.default is not None else None
-            parser.add_argument(
-                cls.flag(f), dest=f.name, type=kind, default=f.default, help=f"{help} ({default})" if default else help
-            )
+            metavar = "N" if kind is int else "SECONDS" if f.name.endswith("_s") else "MS"
+            if f.default is not None:
+                help = f"{help} (default {f.default:g})" if kind is float else f"{help} (default {f.default})"
+            parser.add_argument(cls.flag(f), dest=f.name, type=kind, default=f.default, metavar=metavar, help=help)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> ServerConfig:

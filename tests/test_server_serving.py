@@ -186,6 +186,92 @@ def test_overload_is_an_immediate_503_with_retry_after(checkpoint):
         assert seconds < 0.5  # at once, not after waiting behind the others (margin for a busy machine)
 
 
+STALLED_UPLOAD = (
+    b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
+)
+
+
+def read_until_closed(sock: socket.socket, seconds: float) -> tuple[bytes, float]:
+    """Everything the server sends until it closes the connection, and when it closed (monotonic s).
+    Fails if it is still open after `seconds`."""
+    sock.settimeout(seconds)
+    data = b""
+    try:
+        while chunk := sock.recv(65536):
+            data += chunk
+    except TimeoutError:
+        pytest.fail(f"the server kept the connection open over {seconds} s; it sent {data[:200]!r}")
+    return data, time.monotonic()
+
+
+def test_slow_and_idle_clients_cannot_hold_the_service(checkpoint, tmp_path):
+    # One server (a start costs seconds), three checks: stalled uploads, an idle keep-alive
+    # connection, the bound on open connections.
+    body_timeout, keep_alive, slots, limit = 1.5, 1.0, 2, 8
+    args = ("--max-concurrent-requests", slots, "--body-timeout", body_timeout, "--keep-alive-timeout", keep_alive)
+    with Server(checkpoint, tmp_path, *map(str, args), "--max-connections", str(limit)) as srv:
+        stalled_uploads_hold_no_slot(srv, body_timeout, slots)
+        idle_keep_alive_is_closed(srv, keep_alive)
+        open_connections_are_bounded(srv, limit)
+
+
+def stalled_uploads_hold_no_slot(srv: Server, body_timeout: float, slots: int) -> None:
+    """Uploads that send their headers (Content-Length: 1000) and then nothing, three times the
+    admission slots: a normal request is still answered at once, and each stalled upload gets a
+    408 and a closed connection within the body timeout."""
+    usual = []
+    for t in TEXTS[:5]:
+        t0 = time.monotonic()
+        assert httpx.post(f"{srv.url}/predict", json={"text": t}, timeout=10).status_code == 200
+        usual.append(time.monotonic() - t0)
+    stalled = [socket.create_connection(("127.0.0.1", srv.port), timeout=5) for _ in range(3 * slots)]
+    try:
+        for s in stalled:
+            s.sendall(STALLED_UPLOAD)
+        t_stall = time.monotonic()
+        time.sleep(0.3)  # the server has their headers: their handlers wait for the bodies
+        t0 = time.monotonic()
+        r = httpx.post(f"{srv.url}/predict", json={"text": TEXTS[0]}, timeout=10)
+        latency, answered_at = time.monotonic() - t0, time.monotonic()
+        assert r.status_code == 200, r.text  # before: 503, every slot held by a stalled upload
+        assert latency < max(usual) + 0.5, (latency, usual)
+        assert answered_at - t_stall < body_timeout  # while the stalled uploads were all still open
+        for s in stalled:
+            data, closed_at = read_until_closed(s, body_timeout + 5)
+            assert data.startswith(b"HTTP/1.1 408 "), data[:300]
+            assert f"did not arrive within {body_timeout:g} s".encode() in data and b'"error"' in data
+            assert closed_at - t_stall < body_timeout + 1.5, closed_at - t_stall  # margin for a busy machine
+    finally:
+        for s in stalled:
+            s.close()
+    assert httpx.post(f"{srv.url}/predict", json={"text": TEXTS[1]}, timeout=10).status_code == 200
+
+
+def idle_keep_alive_is_closed(srv: Server, keep_alive: float) -> None:
+    """A connection that made one request and then sends nothing is closed after --keep-alive-timeout."""
+    with socket.create_connection(("127.0.0.1", srv.port), timeout=5) as s:
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        t0 = time.monotonic()
+        data, closed_at = read_until_closed(s, keep_alive + 5)
+    assert data.startswith(b"HTTP/1.1 200 "), data[:300]
+    assert 0.9 * keep_alive <= closed_at - t0 < keep_alive + 1.5, closed_at - t0
+
+
+def open_connections_are_bounded(srv: Server, limit: int) -> None:
+    """With --max-connections sockets open, uvicorn answers the next request 503; closing them frees it."""
+    idle = [socket.create_connection(("127.0.0.1", srv.port), timeout=5) for _ in range(limit)]
+    try:
+        time.sleep(0.3)  # accepted by the server
+        assert httpx.get(f"{srv.url}/health", timeout=10).status_code == 503
+    finally:
+        for s in idle:
+            s.close()
+    deadline = time.monotonic() + 5
+    while (r := httpx.get(f"{srv.url}/health", timeout=10)).status_code != 200:  # the closed ones are gone
+        assert time.monotonic() < deadline, r.status_code
+        time.sleep(0.05)
+
+
 def test_a_model_that_cannot_load_exits_3_with_the_reason(checkpoint, tmp_path):
     # a real process: the load fails in the background, /ready said why, and the server stops
     # with status 3 (not 0, not serving 503s forever), as docs/architecture.md promises
