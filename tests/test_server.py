@@ -293,3 +293,32 @@ def test_a_negative_shutdown_timeout_is_a_usage_error(checkpoint, capsys, second
     with pytest.raises(SystemExit) as e:
         main(["--checkpoint", str(checkpoint), "--shutdown-timeout", seconds])
     assert e.value.code == 2 and "--shutdown-timeout must be a number of seconds >= 0" in capsys.readouterr().err
+
+
+def test_the_server_uses_only_what_its_image_installs(checkpoint):
+    # deploy/Dockerfile installs torch and deploy/requirements-server.txt and copies server/ and
+    # experiments/errors.py, nothing else: a real load and prediction must need no more than that.
+    code = f"""
+import sys, time
+from starlette.testclient import TestClient
+import server.__main__
+from server import create_app
+with TestClient(create_app({str(checkpoint)!r})) as c:
+    while c.get("/ready").status_code != 200:
+        time.sleep(0.05)
+    assert c.post("/predict", json={{"text": "Oil prices fell"}}).status_code == 200
+print(" ".join(sorted(sys.modules)))
+"""
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    modules = set(r.stdout.split())
+    assert {m for m in modules if m.split(".")[0] == "experiments"} == {"experiments", "experiments.errors"}
+    assert not {m.split(".")[0] for m in modules} & {"datasets", "pandas", "pyarrow", "matplotlib"}
+
+
+def test_the_image_requirements_are_the_package_ranges():
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    lines = (REPO / "deploy" / "requirements-server.txt").read_text().splitlines()
+    reqs = [line for line in lines if line.strip() and not line.startswith("#")]
+    assert reqs and set(reqs) <= set(deps), set(reqs) - set(deps)  # same ranges as pyproject.toml
