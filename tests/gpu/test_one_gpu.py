@@ -106,14 +106,17 @@ def test_consumer_stream_waits_for_the_worker(nccl):
 
 
 def test_future_callbacks_run_after_the_collective(nccl):
-    """Guards rule 2 for futures: `Future(devices=[...])` in `Work.__init__` and `set_result` on the worker's
-    stream. Without devices the `.then()` callback runs on no stream that waits for the ring, and reads 1s."""
+    """Guards rule 2 for futures: `Future(devices=[...])` in `Work.__init__`. The callback is added after the
+    worker has issued the ring, so it runs inline on this thread: with devices, on a pool stream that waits
+    for the worker's event; without, on this thread's stream at once, and it copies the 1s before the ring.
+    (A callback added earlier runs inside `set_result` on the worker's own stream, right by accident.)"""
     from ddp_from_scratch import work as W
 
     x = torch.ones(N, device="cuda")
     torch.cuda.synchronize()
-    fut = W.launch(ring_to_self, x, late=LATE).get_future().then(lambda f: f.value().clone())
-    seen = fut.wait()
+    work = W.launch(ring_to_self, x, late=LATE)
+    assert work._done.wait(30)  # issued (the GPU is still asleep)
+    seen = work.get_future().then(lambda f: f.value().clone()).wait()
     torch.cuda.synchronize()
     assert torch.equal(seen, torch.full_like(seen, 2.0))
 
@@ -219,9 +222,10 @@ def test_reducer_on_a_side_stream_with_fp16_autocast_and_scaler(nccl, hook, all_
     Guards (for the hooks, whose work leaves the side stream): rule 1 (the worker, or the fp16 hook's
     callback, would read the bucket before the late gradients are in it), rule 2 (the reducer's
     `future.wait()` at the end of backward: the side stream would copy into `.grad` before the ring
-    or the callback wrote the bucket), rule 3 in `_decompress` (`buffer.record_stream`). Without a hook
-    at world size 1 nothing leaves the side stream: that case checks the stream context of our
-    gradient hooks and of the end-of-backward callback.
+    or the callback wrote the bucket). Not covered: `buffer.record_stream` in `_decompress` (nothing here
+    reallocates an old bucket's memory while a copy into it is pending; the record_stream test above
+    covers the same rule for launched tensors). Without a hook at world size 1 nothing leaves the side
+    stream: that case checks the stream context of our gradient hooks and end-of-backward callback.
     """
     import ddp_from_scratch
     from ddp_from_scratch import comm_hooks
@@ -236,24 +240,26 @@ def test_reducer_on_a_side_stream_with_fp16_autocast_and_scaler(nccl, hook, all_
             None, {"fp16_compress": comm_hooks.fp16_compress_hook, "self_ring": self_ring_hook}[hook]
         )
     side = torch.cuda.Stream()
-    x = torch.randn(64, 256, device="cuda")
-    y = torch.randint(0, 4, (64,), device="cuda")
+    # a new batch per step: a read of the bucket's previous contents (a missing wait) gives other numbers
+    batches = [(torch.randn(64, 256, device="cuda"), torch.randint(0, 4, (64,), device="cuda")) for _ in range(2)]
     torch.cuda.synchronize()
-    for model in (ref, ours):
+    grads = {}
+    for name, model in (("ref", ref), ("ours", ours)):
         scaler = torch.amp.GradScaler("cuda")
+        params = list((model.module if model is ours else model).parameters())
         with torch.cuda.stream(side):
-            for _ in range(2):  # the second backward runs in rebuilt buckets
+            for step, (x, y) in enumerate(batches):  # the second backward runs in rebuilt buckets
                 model.zero_grad(set_to_none=True)
                 with torch.autocast("cuda", dtype=torch.float16):
                     loss = nn.functional.cross_entropy(model(x), y)
                 scaler.scale(loss).backward()
-            grads = [p.grad.clone() for p in (model.module if model is ours else model).parameters()]
-        if model is ref:
-            want = grads
+                grads[name, step] = [p.grad.clone() for p in params]  # read on the side stream
     torch.cuda.synchronize()
-    for g, w in zip(grads, want):
-        w = w.half().float() if hook == "fp16_compress" else w  # the hook rounds every gradient to fp16
-        assert torch.equal(g, w), (hook, all_reduce)
+    for step in range(len(batches)):
+        for g, w in zip(grads["ours", step], grads["ref", step]):
+            w = w.half().float() if hook == "fp16_compress" else w  # the hook rounds every gradient to fp16
+            # the same kernels on the same data (no atomics in Linear/LayerNorm-free nets): equal bits
+            assert torch.equal(g, w), (hook, all_reduce, step)
 
 
 def test_collective_overlaps_backward(nccl):
