@@ -101,6 +101,32 @@ class CollectiveTimer:
             return self._start.elapsed_time(self._end) / 1e3  # elapsed_time is in milliseconds
         return self._t1 - self._t0
 
+    def start_end(self, origin: tuple | None = None) -> tuple[float, float]:
+        """(start, end) in time.perf_counter() seconds, to lay collectives on one timeline with other intervals.
+
+        CPU: the host clock's readings. CUDA: the events placed on the host clock through `origin`, a
+        (CUDA event, perf_counter seconds) pair taken at one instant by `cuda_origin` before the
+        collective. Raises: RuntimeError before `stop()`; ValueError on CUDA without `origin`.
+        """
+        duration = self.seconds()
+        if not self.cuda:
+            return self._t0, self._t0 + duration
+        if origin is None:
+            raise ValueError("CollectiveTimer.start_end on CUDA needs origin=cuda_origin(device), taken before")
+        event, t = origin
+        start = t + event.elapsed_time(self._start) / 1e3
+        return start, start + duration
+
+
+def cuda_origin(device: torch.device) -> tuple:
+    """(event, perf_counter seconds) at one instant: the device is idle when the event is recorded and
+    the host reads its clock right after the event completed. For `CollectiveTimer.start_end`. Blocks."""
+    torch.cuda.synchronize(device)
+    event = torch.cuda.Event(enable_timing=True)
+    event.record(torch.cuda.current_stream(device))
+    event.synchronize()
+    return event, time.perf_counter()
+
 
 def log(rank: int, op: str, bucket, nbytes: int, peers, start: float, end: float | None = None,
         ms: float | None = None) -> None:  # fmt: skip

@@ -78,3 +78,5 @@ def test_collective_timer_on_the_cpu():
         timer.seconds()
     timer.stop()
     assert 0 <= timer.seconds() < 1 and not timer.cuda
+    start, end = timer.start_end()
+    assert end - start == pytest.approx(timer.seconds()) and start <= end

@@ -298,3 +298,33 @@ def test_collective_overlaps_backward(nccl):
     first_start, first_end = b0.elapsed_time(events[0]), b0.elapsed_time(events[1])
     assert first_end > first_start
     assert first_start < backward_ms, (first_start, backward_ms)  # the intervals intersect
+
+
+@pytest.mark.parametrize("implementation", ["torch", "ring"])
+def test_collective_timer_times_completion_not_launch(nccl, implementation):
+    """Guards `CollectiveTimer.stop()` inside `.then()` (debug.py), for NCCL's futures and ours alike: both
+    complete at enqueue, so a host clock, or an end event recorded on a stream that does not wait for the
+    collective, would time the launch (~0 ms) instead of a collective that cannot start before a late kernel."""
+    from ddp_from_scratch import work as W
+    from ddp_from_scratch.debug import CollectiveTimer, cuda_origin
+
+    stream = torch.cuda.current_stream()
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record(stream)
+    torch.cuda._sleep(LATE)
+    b.record(stream)
+    torch.cuda.synchronize()
+    sleep_s = a.elapsed_time(b) / 1e3
+    x = torch.ones(N, device="cuda")
+    origin = cuda_origin(x.device)  # to place the events on the host clock
+    timer = CollectiveTimer(x.device)  # before the late kernel: the collective's inputs are ready after it
+    torch.cuda._sleep(LATE)
+    if implementation == "torch":
+        fut = dist.all_reduce(x, async_op=True).get_future()
+    else:
+        fut = W.launch(ring_to_self, x).get_future()
+    fut.then(lambda f: timer.stop())
+    fut.wait()
+    assert timer.seconds() >= 0.9 * sleep_s, (timer.seconds(), sleep_s)
+    start, end = timer.start_end(origin)
+    assert origin[1] <= start and end - start == pytest.approx(timer.seconds())
