@@ -16,7 +16,8 @@ How it keeps ranks paired:
   ranks meet. Several can be in flight (one per gradient bucket): they queue.
 - The operation's message tag is taken at launch, on the caller's thread (`collectives.next_tag`),
   not when the worker gets to it: a blocking collective called meanwhile on the main thread
-  takes the next tag, on every rank alike, and the two cannot be confused.
+  takes the next tag, on every rank alike, and the two cannot be confused (on gloo; over NCCL,
+  which ignores tags, see stream rule 4 below).
 - A failure (a peer died, a timeout) is re-raised by `wait()`; afterwards the group's worker
   refuses new work, since peers may be stuck half-way through the failed operation.
 
@@ -46,7 +47,9 @@ On CUDA tensors (NCCL) four stream rules hold, the ones torch's ProcessGroupNCCL
    collective of collectives.py called on another thread while launched ones are still being issued
    on the group's worker is refused (`collectives.check` raises and says what to do: `launch(...)`
    then `.wait()`, which goes through the same FIFO). On gloo (CPU) both are fine: the tag taken at
-   launch keeps them apart. Two process groups have two workers and two streams that never wait for
+   launch keeps them apart. torch's own collectives (`dist.*`) on the group are not checked: over
+   NCCL call them only while nothing launched is in flight (the reducer's broadcasts come after it
+   waited for every bucket). Two process groups have two workers and two streams that never wait for
    each other's streams, only for the producers' events, so they cannot deadlock through stream 0.
 On the CPU none of this applies: no streams, no events, `wait()` returns after the real completion.
 """

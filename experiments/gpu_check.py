@@ -63,7 +63,7 @@ def plan(out: Path, gpus: int) -> list[Step]:
     py = sys.executable
     torchrun = [py, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1"]
     steps = [Step("GPU tests (one-GPU tier; two-GPU tier on 2 GPUs)", [py, "-m", "pytest", "-q", "-m", "gpu",
-                  "tests/gpu"], 900)]  # fmt: skip
+                  "tests/gpu"], 1800)]  # fmt: skip
     for precision in PRECISIONS:
         for ddp in DDPS:
             train = ["-m", "experiments.gpu_check", "--train", ddp, "--precision", precision,
