@@ -21,8 +21,9 @@ on as soon as it is final, so the pieces stream round the ring without a pause b
 
 On CUDA tensors (NCCL) each step is one grouped send and receive of a whole chunk
 (`_ring_grouped`): NCCL pieces and pipelines a chunk itself, and an NCCL send must be grouped
-with the receive it waits for. NCCL ignores message tags, so on GPUs run our collectives from one
-thread in order (work.py does).
+with the receive it waits for. NCCL ignores message tags, so on GPUs our collectives of one group run
+from one thread in order: a blocking call while work.py's worker still issues launched ones on the
+group is refused (`check`), and work.py runs them on its own CUDA stream (its stream rules).
 
 Every call here blocks until this rank has its result. Every message carries the operation's
 *tag*, taken from a per-group counter in call order (`next_tag`): every rank calls in the same
@@ -119,9 +120,11 @@ def _ring_grouped(flat: torch.Tensor, group, tag: int, op, reduce_steps: int, ga
     receive, so if every rank issued its send first, all would wait forever; grouped, NCCL starts both
     at once. NCCL cuts a chunk into pieces itself, so ours are not needed.
     Streams: the ops of this function run on the calling thread's current CUDA stream (NCCL's internal
-    stream waits for it at each launch, and `Work.wait()` makes it wait for NCCL), so each step's add
-    sees the received chunk and the next step's send sees the sum. work.py makes sure that the stream
-    first waits for the gradients of the bucket, and that the result is finished before anyone reads it.
+    stream waits for it at each launch, and `Work.wait()` makes it wait for NCCL, without blocking the
+    host), so each step's add sees the received chunk and the next step's send sees the sum. `scratch`
+    is allocated on that same stream, so freeing it at return is safe in stream order (NCCL keeps its
+    own reference until its kernels end). Launched through work.py, that stream is the worker's own,
+    which first waits for the bucket's gradients; called directly, it is the caller's.
     """
     rank, n, nxt, prv = _neighbours(group)
     chunks = flat.tensor_split(n)
@@ -249,6 +252,14 @@ def broadcast(tensor: torch.Tensor, src: int = 0, group=None, tag: int | None = 
 
 _tags: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # ProcessGroup -> counter
 _tags_lock = threading.Lock()
+_in_flight: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # ProcessGroup -> launched CUDA ops not yet issued
+
+
+def count_in_flight(group, delta: int) -> None:
+    """work.py's interface: +1 when it launches an operation on CUDA tensors of `group`, -1 once the
+    worker has issued all of its NCCL calls (or it failed). `check` refuses blocking CUDA calls meanwhile."""
+    with _tags_lock:
+        _in_flight[group] = _in_flight.get(group, 0) + delta
 
 
 def next_tag(group=None) -> int:
@@ -263,12 +274,19 @@ def next_tag(group=None) -> int:
         return (1 << 30) + next(counter) % (1 << 30)
 
 
-def check(tensor: torch.Tensor, op=SUM, group=None, tag: int | None = None):
+def check(tensor: torch.Tensor, op=SUM, group=None, tag: int | None = None, launched: bool = False):
     """Validate what every public function takes; return (process group, tag) to use.
 
-    Raises: RuntimeError (no process group), TypeError (not a tensor, dtype not in DTYPES, AVG
-    on int64: the mean of integers is no integer, gloo refuses it too; use SUM and divide as you
-    see fit), ValueError (op not SUM/AVG/MAX, tensor not contiguous, neither on the CPU nor on CUDA).
+    `launched`: work.py is launching it (it takes the tag now and orders it on its worker).
+    A call with `tag=None` on a CUDA tensor is a blocking one from the caller's thread: over NCCL it
+    must not run while work.py's worker is still issuing launched operations of the same group (the
+    two threads would interleave differently on each rank), so it is refused then.
+
+    Raises: RuntimeError (no process group; a blocking CUDA collective while launched ones of the
+    group are still being issued: `work.launch(...).wait()` it instead), TypeError (not a tensor,
+    dtype not in DTYPES, AVG on int64: the mean of integers is no integer, gloo refuses it too; use
+    SUM and divide as you see fit), ValueError (op not SUM/AVG/MAX, tensor not contiguous, neither
+    on the CPU nor on CUDA).
     """
     if not dist.is_initialized():
         raise RuntimeError("no process group: call torch.distributed.init_process_group first")
@@ -285,6 +303,13 @@ def check(tensor: torch.Tensor, op=SUM, group=None, tag: int | None = None):
     if tensor.device.type not in ("cpu", "cuda"):
         raise ValueError(f"tensor must be on the CPU (gloo) or a CUDA GPU (NCCL), got {tensor.device}")
     group = group if group is not None else dist.group.WORLD
+    if tensor.is_cuda and tag is None and not launched and _in_flight.get(group, 0):
+        raise RuntimeError(
+            "a blocking collective on CUDA tensors was called while launched ones (work.py) of the same process "
+            "group are still being issued on its worker thread; over NCCL the two threads would order their "
+            "operations differently on each rank (a hang or wrong sums). Launch this one too, "
+            "`work.launch(collective, tensor).wait()`, or wait() for the launched ones first."
+        )
     return group, (next_tag(group) if tag is None else tag)
 
 

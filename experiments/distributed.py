@@ -57,6 +57,8 @@ def choose_backend(requested: str | None, local_world_size: int) -> str:
         DistributedSetupError: nccl was requested but there are fewer GPUs than local ranks.
     """
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if one_gpu_per_process(gpus, local_world_size):
+        gpus = local_world_size  # each rank sees only its own GPU: there is one per rank
     if requested in (None, "auto"):
         return "nccl" if gpus >= local_world_size > 0 and gpus > 0 else "gloo"
     if requested == "nccl" and gpus < local_world_size:
@@ -65,6 +67,39 @@ def choose_backend(requested: str | None, local_world_size: int) -> str:
             f"{gpus} GPU(s) visible. Use --backend gloo (CPU) or fewer processes."
         )
     return requested
+
+
+def one_gpu_per_process(visible_gpus: int, local_world_size: int) -> bool:
+    """True when a scheduler gives each process its own GPU: CUDA_VISIBLE_DEVICES names exactly one
+    device and this process sees one, while several ranks run on this machine (SLURM's
+    --gpus-per-task=1, Kubernetes' nvidia.com/gpu: 1 per container). Then LOCAL_RANK may be 1 while
+    `device_count()` is 1, and this rank's GPU is cuda:0.
+
+    Without CUDA_VISIBLE_DEVICES, one visible GPU and two local ranks means two ranks on one GPU,
+    which NCCL refuses: that stays gloo (auto) or an error (nccl).
+    """
+    names = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    return visible_gpus == 1 and local_world_size > 1 and len(names) == 1
+
+
+def rank_device(local_rank: int) -> torch.device:
+    """This rank's GPU: cuda:LOCAL_RANK when it sees every GPU of the machine, cuda:0 when it sees only its own.
+
+    Raises:
+        DistributedSetupError: LOCAL_RANK is not a visible GPU (fewer GPUs than local ranks).
+    """
+    from .errors import DistributedSetupError
+
+    gpus = torch.cuda.device_count()
+    if local_rank < gpus:
+        return torch.device("cuda", local_rank)
+    if gpus == 1:  # one_gpu_per_process: the one visible GPU is this rank's
+        return torch.device("cuda", 0)
+    raise DistributedSetupError(
+        f"LOCAL_RANK={local_rank} but this process sees {gpus} GPU(s) (CUDA_VISIBLE_DEVICES="
+        f"{os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>')}). Give every rank its own GPU: start at most "
+        f"{gpus} ranks per machine, or set CUDA_VISIBLE_DEVICES to one device per process."
+    )
 
 
 def setup(ddp: str, backend: str | None = None, timeout_s: float = 300.0) -> DistEnv:
@@ -106,7 +141,7 @@ def setup(ddp: str, backend: str | None = None, timeout_s: float = 300.0) -> Dis
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     backend = choose_backend(backend, int(os.environ.get("LOCAL_WORLD_SIZE", world_size)))
     if backend == "nccl":
-        device = torch.device("cuda", local_rank)
+        device = rank_device(local_rank)
         torch.cuda.set_device(device)  # before init, so NCCL binds this rank to its own GPU
     else:
         device = torch.device("cpu")

@@ -24,7 +24,7 @@ import torch.multiprocessing as mp
 
 from experiments.launch import free_port, torchrun_command
 
-pytestmark = pytest.mark.gpu
+pytestmark = [pytest.mark.gpu, pytest.mark.two_gpus]
 ROOT = Path(__file__).resolve().parents[2]
 AG_NEWS = ROOT.parent / "shared" / "ag_news"
 DATA = ["--data-dir", str(AG_NEWS)] if AG_NEWS.exists() else []  # else the hub
