@@ -2,7 +2,7 @@
 
 In docs/interview.md (and the other guides) a reference is a backticked `path` or
 `path:function` (`Class.method` allowed), relative to the repository root, e.g.
-`ddp_from_scratch/reducer.py:Reducer._mark_ready`. The file must exist; the function, class or
+`ddp_from_scratch/reducer.py:Reducer._mark_variable_ready`. The file must exist; the function, class or
 method must be defined in it. Relative Markdown links ([text](file.md#anchor)) must name a file
 that exists.
 """
@@ -75,7 +75,7 @@ def test_interview_guide_links_code_for_its_answers():
 def test_the_checker_can_fail(tmp_path):
     doc = tmp_path / "x.md"
     doc.write_text(
-        "See `ddp_from_scratch/reducer.py:Reducer._mark_ready`, `ddp_from_scratch/reducer.py:Nope`, "
+        "See `ddp_from_scratch/reducer.py:Reducer._mark_variable_ready`, `ddp_from_scratch/reducer.py:Nope`, "
         "`ddp_from_scratch/gone.py` and [here](missing.md)."
     )
     assert broken_references(doc) == [
