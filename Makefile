@@ -13,7 +13,7 @@ DATA   ?= $(if $(wildcard ../shared/ag_news/train.csv),../shared/ag_news,)
 MODEL  ?= minilm-l6
 MAIN_ARGS ?= --max-train-samples 4000 --max-length 64 --batch-size 16 --epochs 1 --lr 1e-4
 
-.PHONY: install main test test-gpu lint bench bench-gpu doctor clean
+.PHONY: install main test test-gpu lint bench bench-gpu doctor exercise clean
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml Makefile
@@ -33,6 +33,10 @@ test: install lint
 # On a machine with two CUDA GPUs (a CUDA build of torch: make install TORCH=torch)
 test-gpu: install
 	$(BIN)/python -m pytest -q -m gpu tests/gpu
+
+# One exercise's tests against your file: make exercise NAME=step1_explicit (no NAME: the list; docs/exercises.md)
+exercise: install
+	$(BIN)/python -m exercises $(NAME)
 
 doctor: install
 	$(BIN)/python -m experiments.doctor
