@@ -22,7 +22,7 @@ DATA   ?= $(if $(wildcard ../shared/ag_news/train.csv),../shared/ag_news,)
 MODEL  ?= minilm-l6
 MAIN_ARGS ?= --max-train-samples 4000 --max-length 64 --batch-size 16 --epochs 1 --lr 1e-4
 
-.PHONY: install main test test-gpu gpu-check lint bench bench-gpu doctor clean
+.PHONY: install main test test-gpu gpu-check lint bench bench-gpu doctor exercise clean
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml Makefile
@@ -47,6 +47,10 @@ test-gpu: install
 # The first GPU we get: GPU tests, short NCCL trainings (fp16, bf16), the doctor, the step benchmark; one summary
 gpu-check: install
 	$(BIN)/python -m experiments.gpu_check
+
+# One exercise's tests against your file: make exercise NAME=step1_explicit (no NAME: the list; docs/exercises.md)
+exercise: install
+	$(BIN)/python -m exercises $(NAME)
 
 doctor: install
 	$(BIN)/python -m experiments.doctor

@@ -1,20 +1,25 @@
 """Data parallelism written by hand over torch.distributed.
 
-Read in this order (each file imports only files above it; tests/test_reading_order.py checks):
+Read in this order (each file imports only files above it; tests/test_reading_order.py checks).
+The on-ramp (3-6) is four small steps, each equal to torch's DDP; lines marked "skip" are
+optimisations or corner cases a first pass may leave for later, with the reason each exists:
  1. sampler.py             - which samples each rank sees: disjoint, equal shards, reshuffled per epoch
  2. replicas.py            - the same model on every rank: verify at wrap time, broadcast rank 0's state
- 3. naive.py               - step 0, the smallest correct DDP: one blocking all-reduce per parameter
- 4. collectives.py         - all-reduce from send/recv: the ring (reduce-scatter + all-gather), broadcast
- 5. collectives_classic.py - for contrast: naive (reduce + broadcast) and recursive halving-doubling
- 6. work.py                - asynchronous collectives: launch now, wait later (a worker thread per group)
- 7. bucket.py              - packing gradients into buckets, in which order, and the one-time rebuild
- 8. comm_hooks.py          - what happens to a full bucket (average it; or compress it first)
- 9. unused.py              - parameters that get no gradient: find them, or fail on every rank
-10. debug.py               - DDP_FROM_SCRATCH_DEBUG=1: one log line per collective
-11. sparse.py              - embedding gradients: all-gather only the rows looked up, exactly
-12. reducer.py             - the state of one backward: hooks, ready marks, launches, the final wait, rebuild
-13. join.py                - uneven inputs: ranks that run out of data early
-14. ddp.py                 - the wrapper: wrap-time checks, forward, no_sync, join; backward is the reducer's
+ 3. explicit.py            - step 1: the loop calls sync_gradients(model) after backward: blocking, per parameter
+ 4. naive.py               - step 2: the same all-reduces, run by autograd at the end of backward (a hook, a callback)
+ 5. overlap.py             - step 3: each gradient's async all-reduce launched from its hook, all waited on at the end
+ 6. minimal_buckets.py     - step 4: fixed-size buckets in reverse order, each launched when full
+ 7. collectives.py         - all-reduce from send/recv: the plain ring (reduce-scatter + all-gather), broadcast
+ 8. collectives_classic.py - skip: for contrast, naive (reduce + broadcast) and recursive halving-doubling
+ 9. work.py                - asynchronous collectives: launch now, wait later (a worker thread per group)
+10. bucket.py              - torch's bucket plan: a small first bucket, and the one-time rebuild in ready order
+11. comm_hooks.py          - skip: what happens to a full bucket (average it; or compress it first to send less)
+12. unused.py              - skip: parameters that get no gradient: find them, or fail on every rank instead of hanging
+13. debug.py               - skip: DDP_FROM_SCRATCH_DEBUG=1: one log line per collective, to debug a hang
+14. sparse.py              - skip: embedding gradients: all-gather only the rows looked up (an optimisation torch lacks)
+15. reducer.py             - the state of one backward: hooks, ready marks, launches, the final wait, rebuild
+16. join.py                - skip: uneven inputs: ranks that run out of data early keep the others from hanging
+17. ddp.py                 - the wrapper: wrap-time checks, forward, no_sync, join; backward is the reducer's
 """
 
 from __future__ import annotations
@@ -23,7 +28,10 @@ import torch
 import torch.nn as nn
 
 from .ddp import DistributedDataParallel
+from .explicit import broadcast_parameters, sync_gradients
+from .minimal_buckets import BucketedDistributedDataParallel
 from .naive import NaiveDistributedDataParallel
+from .overlap import OverlapDistributedDataParallel
 from .sampler import DistributedSampler
 
 
@@ -42,4 +50,13 @@ def wrap(
     return DistributedDataParallel(module, bucket_cap_mb=bucket_cap_mb, first_bucket_cap_mb=bucket_cap_mb, **kwargs)
 
 
-__all__ = ["DistributedDataParallel", "DistributedSampler", "NaiveDistributedDataParallel", "wrap"]
+__all__ = [
+    "BucketedDistributedDataParallel",
+    "DistributedDataParallel",
+    "DistributedSampler",
+    "NaiveDistributedDataParallel",
+    "OverlapDistributedDataParallel",
+    "broadcast_parameters",
+    "sync_gradients",
+    "wrap",
+]

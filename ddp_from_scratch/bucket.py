@@ -14,7 +14,7 @@ torch/csrc/distributed/c10d/reducer.cpp), and how we do the same:
    gradients become ready roughly in reverse order of the forward pass (the last
    layer's gradient is computed first).
 2. Buckets are filled greedily up to a byte cap; the first bucket has a small cap
-   (1 MB) so the first all-reduce starts early, the rest use `bucket_cap_mb` (25 MB).
+   (1 MiB) so the first all-reduce starts early, the rest use `bucket_cap_mb` (25 MiB).
    A bucket holds one dtype and one device, so its flat buffer has one dtype.
 3. After the first iteration the buckets are rebuilt once, in the order gradients
    *actually* became ready (rank 0's order, shared with every rank), since the
@@ -48,7 +48,7 @@ def assign_buckets(params: list[torch.Tensor], order: list[int], caps_bytes: lis
             each index at most once. Parameters left out get no bucket (the reducer
             exchanges sparse embedding weights apart, sparse.py).
         caps_bytes: byte caps; bucket k of a (dtype, device) group is capped at
-            `caps_bytes[min(k, len(caps_bytes) - 1)]`, so `[1 MB, 25 MB]` gives a
+            `caps_bytes[min(k, len(caps_bytes) - 1)]`, so `[1 MiB, 25 MiB]` gives a
             small first bucket, like torch's `_DEFAULT_FIRST_BUCKET_BYTES`. A parameter
             joins the open bucket first; the bucket closes once it holds >= its cap. So a
             parameter larger than the cap shares its bucket with those before it, and no

@@ -16,14 +16,26 @@ reports bus bandwidth busbw = algbw * 2(n-1)/n (algbw = bytes / time), comparabl
 
 A rank sends and receives *at the same time* (isend + irecv, wait later): with blocking
 send-then-recv every rank would wait in `send` for a neighbour itself blocked in `send`, and a
-link would only ever carry one direction. Chunks travel as pieces of SEGMENT_BYTES, each passed
-on as soon as it is final, so the pieces stream round the ring without a pause between steps.
+link would only ever carry one direction.
 
-On CUDA tensors (NCCL) each step is one grouped send and receive of a whole chunk
-(`_ring_grouped`): NCCL pieces and pipelines a chunk itself, and an NCCL send must be grouped
-with the receive it waits for. NCCL ignores message tags, so on GPUs our collectives of one group run
-from one thread in order: a blocking call while work.py's worker still issues launched ones on the
-group is refused (`check`), and work.py runs them on its own CUDA stream (its stream rules).
+Two forms of the same ring, read them in this order:
+1. the plain ring, `_ring_grouped`: one whole chunk per step, the step's send and receive handed
+   to the backend together (`dist.batch_isend_irecv`). It works on every backend (gloo and NCCL);
+   it is the form to learn, and the one NCCL always takes (NCCL cuts and pipelines a chunk
+   itself, and an NCCL send must be grouped with the receive it waits for). Set
+   `GROUPED_STEPS = True` to use it on the CPU too (tests/test_ddp_equivalence.py does).
+2. the streamed ring, `_ring` (the CPU default, gloo): the optimisation. Chunks travel as pieces
+   of SEGMENT_BYTES, each passed on as soon as it is final, with WINDOW receives in flight, so
+   the pieces stream round the ring without a pause between steps, and a rank adds piece k
+   while piece k+1 is on the wire. What it buys over the plain ring, 2 ranks, gloo, 25 MiB
+   float32, the forms interleaved, median of 20 rounds: 90 ms streamed against 131 ms plain
+   (plain / streamed 1.45; a 10-round run: 61 against 99 ms), measured on 2 CPU cores shared
+   with other jobs (load average ~8), so a rough figure; rerun on an idle machine with
+   `python docs/examples/ring_forms.py --nproc 2 --mib 25 --reps 20`. Both forms give the same
+   sums (tests/test_ddp_equivalence.py runs the DDP with each).
+NCCL ignores message tags, so on GPUs our collectives of one group run from one thread in order: a
+blocking call while work.py's worker still issues launched ones on the group is refused (`check`),
+and work.py runs them on its own CUDA stream (its stream rules).
 
 Every call here blocks until this rank has its result. Every message carries the operation's
 *tag*, taken from a per-group counter in call order (`next_tag`): every rank calls in the same
@@ -57,6 +69,43 @@ GROUPED_STEPS = False  # True: the grouped form (`_ring_grouped`) on the CPU too
 
 
 # ----------------------------------------------------------------------------- the ring
+
+
+@torch.no_grad()
+def _ring_grouped(flat: torch.Tensor, group, tag: int, op, reduce_steps: int, gather_steps: int) -> None:
+    """The plain ring, for every backend (and the one NCCL always takes): one whole chunk per step, the step's send and receive
+    handed to the backend together (`dist.batch_isend_irecv`, NCCL's group call).
+
+    Why not the streamed form: an NCCL send blocks its stream until the peer has posted the matching
+    receive, so if every rank issued its send first, all would wait forever; grouped, NCCL starts both
+    at once. NCCL cuts a chunk into pieces itself, so ours are not needed.
+    Streams: the ops of this function run on the calling thread's current CUDA stream (NCCL's internal
+    stream waits for it at each launch, and `Work.wait()` makes it wait for NCCL, without blocking the
+    host), so each step's add sees the received chunk and the next step's send sees the sum. `scratch`
+    is allocated on that same stream, so freeing it at return is safe in stream order (NCCL keeps its
+    own reference until its kernels end). Launched through work.py, that stream is the worker's own,
+    which first waits for the bucket's gradients; called directly, it is the caller's.
+    """
+    rank, n, nxt, prv = _neighbours(group)
+    chunks = flat.tensor_split(n)
+    plan = [(rank - s - 2) % n for s in range(reduce_steps)] + [(rank - s - 1) % n for s in range(gather_steps)]
+    send = (rank - 1) % n if reduce_steps else rank  # the chunk our own data starts with
+    scratch = torch.empty_like(chunks[0]) if reduce_steps and plan else None  # chunk 0 is the largest
+    for t, c in enumerate(plan):
+        reducing = t < reduce_steps
+        incoming = scratch[: chunks[c].numel()] if reducing else chunks[c]
+        ops = []
+        if chunks[send].numel():  # an empty chunk (fewer elements than ranks) is sent by nobody
+            ops.append(dist.P2POp(dist.isend, chunks[send], nxt, group, tag))
+        if incoming.numel():
+            ops.append(dist.P2POp(dist.irecv, incoming, prv, group, tag))
+        for work in dist.batch_isend_irecv(ops) if ops else ():
+            work.wait()
+        if reducing:
+            _reduce_into(chunks[c], incoming, op)
+            if op == AVG and t == reduce_steps - 1:
+                chunks[c].div_(n)
+        send = c  # what we just received (and reduced) is what the next rank needs next
 
 
 @torch.no_grad()
@@ -109,43 +158,6 @@ def _receive_pieces(targets: list[torch.Tensor], src: int, group, tag: int, op=N
             if k + window < len(targets):  # the slot just emptied takes a later piece
                 pending.append(dist.irecv(landing(k + window), src=src, group=group, tag=tag))
         yield target
-
-
-@torch.no_grad()
-def _ring_grouped(flat: torch.Tensor, group, tag: int, op, reduce_steps: int, gather_steps: int) -> None:
-    """The same ring for NCCL (CUDA tensors): one whole chunk per step, the step's send and receive
-    handed to the backend together (`dist.batch_isend_irecv`, NCCL's group call).
-
-    Why not the streamed form: an NCCL send blocks its stream until the peer has posted the matching
-    receive, so if every rank issued its send first, all would wait forever; grouped, NCCL starts both
-    at once. NCCL cuts a chunk into pieces itself, so ours are not needed.
-    Streams: the ops of this function run on the calling thread's current CUDA stream (NCCL's internal
-    stream waits for it at each launch, and `Work.wait()` makes it wait for NCCL, without blocking the
-    host), so each step's add sees the received chunk and the next step's send sees the sum. `scratch`
-    is allocated on that same stream, so freeing it at return is safe in stream order (NCCL keeps its
-    own reference until its kernels end). Launched through work.py, that stream is the worker's own,
-    which first waits for the bucket's gradients; called directly, it is the caller's.
-    """
-    rank, n, nxt, prv = _neighbours(group)
-    chunks = flat.tensor_split(n)
-    plan = [(rank - s - 2) % n for s in range(reduce_steps)] + [(rank - s - 1) % n for s in range(gather_steps)]
-    send = (rank - 1) % n if reduce_steps else rank  # the chunk our own data starts with
-    scratch = torch.empty_like(chunks[0]) if reduce_steps and plan else None  # chunk 0 is the largest
-    for t, c in enumerate(plan):
-        reducing = t < reduce_steps
-        incoming = scratch[: chunks[c].numel()] if reducing else chunks[c]
-        ops = []
-        if chunks[send].numel():  # an empty chunk (fewer elements than ranks) is sent by nobody
-            ops.append(dist.P2POp(dist.isend, chunks[send], nxt, group, tag))
-        if incoming.numel():
-            ops.append(dist.P2POp(dist.irecv, incoming, prv, group, tag))
-        for work in dist.batch_isend_irecv(ops) if ops else ():
-            work.wait()
-        if reducing:
-            _reduce_into(chunks[c], incoming, op)
-            if op == AVG and t == reduce_steps - 1:
-                chunks[c].div_(n)
-        send = c  # what we just received (and reduced) is what the next rank needs next
 
 
 @torch.no_grad()

@@ -10,7 +10,8 @@ attribute here, `bucket.buffer()` a method there).
 
 Without a registered hook the wrapper does what torch's reducer does: each
 gradient is multiplied by 1/world_size while it is copied into the bucket, and the
-bucket is all-reduced with SUM, which averages it (gloo has no AVG op).
+bucket is all-reduced with SUM, which averages it. (gloo and NCCL both have ReduceOp.AVG
+today; torch's reducer still pre-divides and sums, and so do we: see concepts.md.)
 """
 
 from __future__ import annotations

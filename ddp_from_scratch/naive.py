@@ -1,25 +1,24 @@
-"""Step 0: the smallest correct DDP. No buckets, no overlap: one blocking all-reduce per parameter.
+"""Step 2 of the on-ramp: explicit.py's all-reduces, run by autograd at the end of backward.
 
     model = NaiveDistributedDataParallel(model)
     loss = model(**batch).loss
     loss.backward()          # when this returns, every param.grad is the average over ranks
     optimizer.step()         # the same step on every rank: the replicas stay identical
 
-Three moves make data parallelism correct (concepts.md, section 4):
-1. same start: at wrap time, check every rank has the same model and copy rank 0's
-   parameters and buffers to all (replicas.py);
-2. different data: each rank's own micro-batch (sampler.py);
-3. same gradients: once backward is over, average every gradient over the ranks: for each
-   parameter, divide by the world size, then SUM all-reduce (torch's DDP divides first too).
+Same three moves as step 1 (explicit.py): same start (verify and broadcast at wrap time,
+replicas.py), different data (sampler.py), same gradients (divide by the world size, SUM
+all-reduce, one blocking call per parameter). The one idea this step adds: the training loop
+no longer calls anything. A hook on every parameter tells us backward is running, and the
+first one asks autograd's engine to call `_average_gradients` once the whole pass is over.
 
-That is all this file does, and its results equal torch's DDP and one process on the global
-batch (tests/test_ddp_equivalence.py, tests/test_ddp_features.py). What it costs is the lesson
-of the rest of the package, measured by `python -m experiments.bench.step`:
-- one all-reduce per parameter tensor (~100 for minilm-l6), each paying a fixed latency:
-  bucket.py packs them into a few large messages;
+Its results equal torch's DDP and one process on the global batch (tests/test_ddp_equivalence.py,
+tests/test_ddp_features.py). What it costs against step 1: nothing on the wire (the same
+all-reduces at the same moment; `python -m experiments.bench.step` row "scratch-naive"), one
+hook call per parameter. What it still wastes, the lesson of the next steps:
 - nothing is sent before backward is over, and backward's compute is idle while the
-  all-reduces run: reducer.py launches each bucket as soon as it is full, asynchronously
-  (work.py), so communication hides behind the rest of backward.
+  all-reduces run: overlap.py (step 3) launches each one as soon as its gradient is ready;
+- one all-reduce per parameter tensor (~100 for minilm-l6), each paying a fixed latency:
+  minimal_buckets.py (step 4) packs them into a few large messages.
 picotron starts the same way (`DataParallelNaive`, then `DataParallelBucket`).
 """
 
@@ -79,8 +78,11 @@ class NaiveDistributedDataParallel(nn.Module):
         return self.module(*args, **kwargs)
 
     def _on_gradient(self, param: torch.Tensor) -> None:
-        # Autograd calls this as each gradient is accumulated. We only need "backward is over":
-        # the first call asks autograd's engine to run `_average_gradients` when the pass ends.
+        # Autograd calls this as each gradient is accumulated into param.grad. We only need
+        # "backward is over". `Variable._execution_engine.queue_callback(fn)` is autograd's (private,
+        # but what torch's DDP and picotron use) way to say it: the engine calls `fn` once, after the
+        # last gradient of the current backward pass, before `loss.backward()` returns. It can only
+        # be called while backward runs, hence from the first hook, and only once per pass.
         if self._sync_this_backward and not self._callback_queued:
             Variable._execution_engine.queue_callback(self._average_gradients)
             self._callback_queued = True

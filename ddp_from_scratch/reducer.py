@@ -3,16 +3,31 @@
 torch splits its DDP in two: a Python wrapper (torch/nn/parallel/distributed.py) that runs
 forward and holds the options, and a C++ `Reducer` (torch/csrc/distributed/c10d/reducer.cpp)
 that owns the backward state. We split ours the same way (ddp.py is the wrapper), with torch's
-names, so that a reader can go from a method here to the function of the same name there.
+names, so that a reader can put this file beside reducer.cpp and go from a method here to the
+function of the same name there (ours are private, with a leading underscore):
+
+    ours                           reducer.cpp
+    _autograd_hook                 autograd_hook: a gradient was accumulated
+    _mark_variable_ready           mark_variable_ready: copy it into its bucket (copy_grad_to_bucket)
+    _copy_grad_to_bucket           copy_grad_to_bucket
+    _mark_bucket_ready             mark_bucket_ready: launch complete buckets in index order
+    _all_reduce_bucket             all_reduce_bucket (or run_comm_hook)
+    _all_reduce_local_used_map     all_reduce_local_used_map: who got a gradient, on how many ranks
+    _finalize_backward             finalize_backward: wait, copy back (finalize_bucket_dense)
+    _rebuild_buckets               rebuild_buckets
+    _local_used_map, _expect_autograd_hooks, _rebuilt_param_indices, _variable_locators: the
+    members of the same names (local_used_map_, expect_autograd_hooks_, rebuilt_param_indices_,
+    variable_locators_)
 
 What the Reducer owns, for one backward pass:
 - the buckets (bucket.py) and where each parameter's gradient goes in them;
 - the ready marks: which parameters have handed in their gradient (`_marked`), and which got
-  one at all since the last synced backward (`_used`, for unused.py's check);
+  one at all since the last synced backward (`_local_used_map`, for unused.py's check);
 - the launches: a bucket's all-reduce starts once its last gradient is in, strictly in bucket
-  index order, so the k-th all-reduce pairs with the k-th on every rank (`_mark_ready`, `_launch`);
+  index order, so the k-th all-reduce pairs with the k-th on every rank (`_mark_variable_ready`,
+  `_mark_bucket_ready`, `_all_reduce_bucket`);
 - the end-of-backward callback, queued on autograd's engine by the first gradient hook: it
-  waits for every all-reduce and writes the averaged gradients back (`_finish_backward`);
+  waits for every all-reduce and writes the averaged gradients back (`_finalize_backward`);
 - the one-time rebuild of the buckets in the order gradients really became ready;
 - the sparse embedding weights (sparse.py): kept out of the buckets, exchanged at the end of
   backward by sending only the rows that were looked up.
@@ -28,6 +43,7 @@ Its public interface, all that ddp.py and join.py call:
 
 from __future__ import annotations
 
+import functools
 import time
 
 import torch
@@ -88,27 +104,30 @@ class Reducer:
 
         # Gradients become ready roughly in reverse registration order (bucket.py).
         self.buckets = build_buckets(params, self._dense_order(), caps_bytes)
-        self._locate_params()
+        self._locate_variables()
         self._rebuild_pending = rebuild_buckets and not find_unused_parameters
-        self._ready_order: list[int] = []  # recorded during the first backward, for the rebuild
+        self._rebuilt_param_indices: list[int] = []  # recorded during the first backward, for the rebuild
         n = len(params)
         self._marked = bytearray(n)  # slot filled in this backward (each param exactly once)
-        self._used = bytearray(n)  # got a gradient since the last synced backward
-        self._expect_hooks = False  # a synced forward ran: the next backward fills the buckets
+        self._local_used_map = bytearray(n)  # got a gradient since the last synced backward
+        self._expect_autograd_hooks = False  # a synced forward ran: the next backward fills the buckets
         self._unused_in_forward: list[int] = []
         self._callback_queued = False
         self._next_bucket = 0  # buckets are launched strictly in index order
         self._ready_times: dict[int, float] = {}  # bucket index -> when its last gradient came (timeline)
         self._comm_hook, self._hook_state = None, None
-        self._hooks = [p.register_post_accumulate_grad_hook(self._make_grad_hook(i)) for i, p in enumerate(params)]
+        self._hooks = [
+            p.register_post_accumulate_grad_hook(functools.partial(self._autograd_hook, i))
+            for i, p in enumerate(params)
+        ]
 
     def _dense_order(self) -> list[int]:
         """The bucketed parameters, in reverse registration order (sparse ones are exchanged apart)."""
         return [i for i in reversed(range(len(self.params))) if i not in self._sparse]
 
-    def _locate_params(self) -> None:
+    def _locate_variables(self) -> None:
         """param index -> (bucket, position in bucket), for the hot path of the gradient hook."""
-        self._where = {i: (b, pos) for b in self.buckets for pos, i in enumerate(b.param_indices)}
+        self._variable_locators = {i: (b, pos) for b in self.buckets for pos, i in enumerate(b.param_indices)}
 
     # ---- the public interface ----------------------------------------------------------
     def prepare_for_backward(self, sync: bool, unused: list[int] = ()) -> None:
@@ -120,14 +139,14 @@ class Reducer:
             unused: indices of parameters this forward did not use (find_unused_parameters,
                 unused.py); they are marked ready at the first gradient hook, as torch does.
         """
-        self._expect_hooks = sync
+        self._expect_autograd_hooks = sync
         if not sync:
             return
-        # Normally _finish_backward clears it; a backward that raised (an error in a hook, out of
+        # Normally _finalize_backward clears it; a backward that raised (an error in a hook, out of
         # memory) never runs its queued callback: the flag would stop every later sync, and the
         # ready order would hold that backward's indices too.
         self._callback_queued = False
-        self._ready_order = []
+        self._rebuilt_param_indices = []
         for b in self.buckets:
             b.reset()
         self._next_bucket = 0
@@ -150,49 +169,47 @@ class Reducer:
                 table.handle.remove()
             self._sparse = {}
             self.buckets = build_buckets(self.params, self._dense_order(), self.caps_bytes)
-            self._locate_params()
+            self._locate_variables()
 
     def run_empty_backward(self) -> None:
         """Join, with nothing to contribute, every collective one backward pass of a peer issues.
 
         For a rank that has run out of data (join.py): every bucket all-reduced with zeros, in
         index order, the "got a gradient" counts with zeros, and the one-time bucket rebuild if
-        it is still due, exactly as `_finish_backward` on the ranks still training.
+        it is still due, exactly as `_finalize_backward` on the ranks still training.
         """
         for bucket in self.buckets:
             bucket.buffer.zero_()
-            self._launch(bucket)
+            self._all_reduce_bucket(bucket)
         for i, table in self._sparse.items():
             exchange(table, self.comm_state, self.rank, self.param_names[i], contribute=False)
-        self._exchange_used_counts(bytearray(len(self.params))).wait()  # "I used nothing"
+        self._all_reduce_local_used_map(bytearray(len(self.params))).wait()  # "I used nothing"
         for bucket in self.buckets:
             bucket.future.wait()
         if self._rebuild_pending:
-            if not self._ready_order:  # this rank never ran backward: offer the current order
-                self._ready_order = [i for b in self.buckets for i in b.param_indices]
+            if not self._rebuilt_param_indices:  # this rank never ran backward: offer the current order
+                self._rebuilt_param_indices = [i for b in self.buckets for i in b.param_indices]
             self._rebuild_buckets()
 
     # ---- during backward: called by autograd ---------------------------------------------
-    def _make_grad_hook(self, index: int):
-        def hook(param: torch.Tensor) -> None:  # runs right after param.grad was accumulated
-            if self._expect_hooks:
-                self._mark_ready(index, param.grad, used=True)
-            elif self.find_unused_parameters:
-                # under no_sync: remember the use, so that the synced step that follows
-                # reduces this gradient even if its own micro-batch leaves the parameter
-                # unused (reducer.cpp keeps local_used_map_ across no_sync iterations)
-                self._used[index] = 1
+    def _autograd_hook(self, index: int, param: torch.Tensor) -> None:
+        """Runs right after `param.grad` (params[index]) was accumulated (reducer.cpp `autograd_hook`)."""
+        if self._expect_autograd_hooks:
+            self._mark_variable_ready(index, param.grad, used=True)
+        elif self.find_unused_parameters:
+            # under no_sync: remember the use, so that the synced step that follows
+            # reduces this gradient even if its own micro-batch leaves the parameter
+            # unused (reducer.cpp keeps local_used_map_ across no_sync iterations)
+            self._local_used_map[index] = 1
 
-        return hook
-
-    def _mark_ready(self, index: int, grad: torch.Tensor | None, used: bool) -> None:
+    def _mark_variable_ready(self, index: int, grad: torch.Tensor | None, used: bool) -> None:
         """Copy one gradient into its bucket slot; launch every bucket that is now complete."""
         if not self._callback_queued:
             # Runs once the whole backward pass is done, so the training loop needs no extra call.
-            Variable._execution_engine.queue_callback(self._finish_backward)
+            Variable._execution_engine.queue_callback(self._finalize_backward)
             self._callback_queued = True
             for i in self._unused_in_forward:  # reducer.cpp: marked at the first hook, not before
-                self._mark_ready(i, self.params[i].grad, used=False)  # .grad: e.g. what no_sync accumulated
+                self._mark_variable_ready(i, self.params[i].grad, used=False)  # .grad: e.g. what no_sync accumulated
         if self._marked[index]:
             raise RuntimeError(
                 f"DistributedDataParallel (rank {self.rank}): parameter {self.param_names[index]} got a gradient "
@@ -201,22 +218,26 @@ class Reducer:
             )
         self._marked[index] = 1
         if used:
-            self._used[index] = 1
+            self._local_used_map[index] = 1
         if index in self._sparse:  # no bucket: exchanged by rows at the end of backward
             return
-        bucket, pos = self._where[index]
-        self._fill_slot(index, grad, bucket.views[pos], repoint=used)
+        bucket, pos = self._variable_locators[index]
+        self._copy_grad_to_bucket(index, grad, bucket.views[pos], repoint=used)
         if self._rebuild_pending:
-            self._ready_order.append(index)
+            self._rebuilt_param_indices.append(index)
         bucket.pending -= 1
         if bucket.pending == 0:
-            if self.timeline is not None:
-                self._ready_times[bucket.index] = time.perf_counter()
-            while self._next_bucket < len(self.buckets) and self.buckets[self._next_bucket].pending == 0:
-                self._launch(self.buckets[self._next_bucket])
-                self._next_bucket += 1
+            self._mark_bucket_ready(bucket)
 
-    def _fill_slot(self, index: int, grad: torch.Tensor | None, view: torch.Tensor, repoint: bool) -> None:
+    def _mark_bucket_ready(self, bucket: Bucket) -> None:
+        """`bucket` is complete: launch it and every complete bucket after it, strictly in index order."""
+        if self.timeline is not None:
+            self._ready_times[bucket.index] = time.perf_counter()
+        while self._next_bucket < len(self.buckets) and self.buckets[self._next_bucket].pending == 0:
+            self._all_reduce_bucket(self.buckets[self._next_bucket])
+            self._next_bucket += 1
+
+    def _copy_grad_to_bucket(self, index: int, grad: torch.Tensor | None, view: torch.Tensor, repoint: bool) -> None:
         """view <- grad / world_size (no division with a comm hook: the hook averages, as in torch)."""
         scale = 1.0 / self.world_size if self._comm_hook is None else 1.0
         if grad is None:
@@ -229,7 +250,7 @@ class Reducer:
             if self.gradient_as_bucket_view and repoint:
                 self.params[index].grad = view  # from now on autograd accumulates into the bucket
 
-    def _launch(self, bucket: Bucket) -> None:
+    def _all_reduce_bucket(self, bucket: Bucket) -> None:
         """Start the bucket's asynchronous all-reduce (or the comm hook); its future lands in `bucket.future`."""
         start = debug.now()
         if self._comm_hook is None:
@@ -264,7 +285,7 @@ class Reducer:
                 device=self.device,
             )
 
-    def _exchange_used_counts(self, used: bytearray) -> torch.futures.Future:
+    def _all_reduce_local_used_map(self, used: bytearray) -> torch.futures.Future:
         """Launch the SUM all-reduce of this rank's 0/1 "got a gradient" flags (one per parameter).
 
         The future's value is an int64 tensor: for each parameter, on how many ranks it got a
@@ -288,11 +309,11 @@ class Reducer:
             )
         return future
 
-    def _finish_backward(self) -> None:
+    def _finalize_backward(self) -> None:
         """End of backward: wait for every bucket, check every rank got every gradient it
         needed, write the averaged gradients to `param.grad`; rebuild buckets once."""
         self._callback_queued = False
-        self._expect_hooks = False
+        self._expect_autograd_hooks = False
         if self._next_bucket < len(self.buckets):
             # Some parameter got no gradient here. Launch the remaining buckets anyway, a missing
             # slot holding what no_sync accumulated or zeros, so that this rank's collectives still
@@ -302,10 +323,10 @@ class Reducer:
             # and its accumulated gradient is averaged like any other.)
             for i, done in enumerate(self._marked):
                 if not done and i not in self._sparse:
-                    bucket, pos = self._where[i]  # what no_sync accumulated, or zeros (reducer.cpp alike)
-                    self._fill_slot(i, self.params[i].grad, bucket.views[pos], repoint=False)
+                    bucket, pos = self._variable_locators[i]  # what no_sync accumulated, or zeros (reducer.cpp alike)
+                    self._copy_grad_to_bucket(i, self.params[i].grad, bucket.views[pos], repoint=False)
             for bucket in self.buckets[self._next_bucket :]:
-                self._launch(bucket)
+                self._all_reduce_bucket(bucket)
             self._next_bucket = len(self.buckets)
         # the embedding's gradient is the last one backward computes: nothing left to overlap with
         self.exchanges = [exchange(t, self.comm_state, self.rank, self.param_names[i]) for i, t in self._sparse.items()]
@@ -316,7 +337,7 @@ class Reducer:
                 op = f"sparse_exchange/{self.comm_state.algorithm}({rec['mode']}, {rec['rows']} rows)"
                 debug.log(self.rank, op, rec["bucket"], rec["bytes"], self.comm_state.peers, debug.now()
                           - (rec["done"] - rec["launch"]))  # fmt: skip
-        counts_future = self._exchange_used_counts(self._used)
+        counts_future = self._all_reduce_local_used_map(self._local_used_map)
         for b in self.buckets:
             result = b.future.wait()
             if isinstance(result, list):
@@ -324,7 +345,7 @@ class Reducer:
             if result is not b.buffer:
                 b.buffer.copy_(result.view_as(b.buffer))
         counts = counts_future.wait().tolist()
-        self._used = bytearray(len(self.params))
+        self._local_used_map = bytearray(len(self.params))
         if not self.find_unused_parameters:
             error = missing_gradients_error(
                 self.rank,
@@ -360,7 +381,7 @@ class Reducer:
                 debug.log_broadcast(self.rank, self.world_size, 0, "bucket-order", [order], start)
 
         self.buckets = rebuild_in_ready_order(
-            self.params, self._ready_order, self.caps_bytes, broadcast, self.gradient_as_bucket_view
+            self.params, self._rebuilt_param_indices, self.caps_bytes, broadcast, self.gradient_as_bucket_view
         )
-        self._locate_params()
-        self._ready_order = []
+        self._locate_variables()
+        self._rebuilt_param_indices = []

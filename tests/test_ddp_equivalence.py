@@ -1,10 +1,10 @@
-"""The hand-written DDPs (naive.py and ddp.py) train exactly like torch's DDP and like one process on the global batch.
+"""The hand-written DDPs (the on-ramp's four steps and ddp.py) train exactly like torch's DDP and like one process.
 
 Real processes (gloo, CPU), world sizes 2 and 3. Every rank starts from the same
 seed-0 model and takes micro-batch `rank` of each global batch. After a few optimizer
 steps we compare, parameter by parameter:
-- hand-written DDP (the bucketed one with both collectives, and the naive one) vs native DDP,
-  on every rank;
+- hand-written DDP (the full one with both collectives, and the on-ramp's steps: explicit.py,
+  naive.py, overlap.py, minimal_buckets.py) vs native DDP, on every rank;
 - both vs one process trained on the concatenated global batch.
 
 Tolerances: all float32. DDP averages per-rank mean gradients, the single process
@@ -26,7 +26,15 @@ import torch.nn as nn
 from spawn_utils import run
 
 import ddp_native
-from ddp_from_scratch import DistributedDataParallel, NaiveDistributedDataParallel, collectives
+from ddp_from_scratch import (
+    BucketedDistributedDataParallel,
+    DistributedDataParallel,
+    NaiveDistributedDataParallel,
+    OverlapDistributedDataParallel,
+    broadcast_parameters,
+    collectives,
+    sync_gradients,
+)
 
 STEPS, MICRO_BATCH = 3, 4
 CAPS_MB = {"per-parameter": 1e-6, "default": 25.0, "one-bucket": 1e4}
@@ -60,13 +68,18 @@ def make_optimizer(name, params):
     return torch.optim.SGD(params, lr=0.1) if name == "sgd" else torch.optim.AdamW(params, lr=1e-2)
 
 
-def train(model, kind, opt_name, world_size, rank):
-    """STEPS optimizer steps; each rank uses its slice of the global batch (all of it if rank is None)."""
+def train(model, kind, opt_name, world_size, rank, after_backward=None):
+    """STEPS optimizer steps; each rank uses its slice of the global batch (all of it if rank is None).
+
+    `after_backward(model)`, if given, runs between backward and the optimizer step (explicit.py).
+    """
     opt = make_optimizer(opt_name, model.parameters())
     for x, y in global_batches(kind, world_size):
         if rank is not None:
             x, y = x[rank * MICRO_BATCH : (rank + 1) * MICRO_BATCH], y[rank * MICRO_BATCH : (rank + 1) * MICRO_BATCH]
         loss_of(model, kind, x, y).backward()
+        if after_backward is not None:
+            after_backward(model)
         opt.step()
         opt.zero_grad(set_to_none=True)
     return {k: v.detach().clone() for k, v in getattr(model, "module", model).state_dict().items()}
@@ -88,6 +101,13 @@ def _worker(rank, world_size, cases, out_path):
             res[collective] = train(ours, kind, opt_name, world_size, rank)
             res["n_buckets"] = len(ours.reducer.buckets)
         res["naive"] = train(NaiveDistributedDataParallel(copy.deepcopy(base)), kind, opt_name, world_size, rank)
+        explicit = copy.deepcopy(base)
+        broadcast_parameters(explicit)
+        res["explicit"] = train(explicit, kind, opt_name, world_size, rank, after_backward=sync_gradients)
+        res["overlap"] = train(OverlapDistributedDataParallel(copy.deepcopy(base)), kind, opt_name, world_size, rank)
+        buckets = BucketedDistributedDataParallel(copy.deepcopy(base), bucket_cap_mb=CAPS_MB[cap_name])
+        res["minimal-buckets"] = train(buckets, kind, opt_name, world_size, rank)
+        res["n_minimal_buckets"] = len(buckets.buckets)
         collectives.GROUPED_STEPS = True  # the ring's grouped form, the one it takes on CUDA (NCCL)
         try:
             cap = CAPS_MB[cap_name]
@@ -101,7 +121,8 @@ def _worker(rank, world_size, cases, out_path):
 
 
 COLLECTIVES = ("torch", "ring")  # dist.all_reduce, and ours from send/recv
-OURS = (*COLLECTIVES, "ring-grouped", "naive")  # the bucketed wrapper with each collective form, and naive.py
+# the full wrapper with each collective form, and the on-ramp's four steps
+OURS = (*COLLECTIVES, "ring-grouped", "explicit", "naive", "overlap", "minimal-buckets")
 CASES = [("mlp", "sgd", c) for c in CAPS_MB] + [
     ("mlp", "adamw", "default"),
     ("tiny", "adamw", "default"),
@@ -133,3 +154,5 @@ def test_scratch_equals_native_equals_single_process(tmp_path, world_size):
     n_params = len(list(make_model("mlp").parameters()))
     assert per_rank[0][("mlp", "sgd", "per-parameter")]["n_buckets"] == n_params
     assert per_rank[0][("mlp", "sgd", "one-bucket")]["n_buckets"] == 1
+    assert per_rank[0][("mlp", "sgd", "per-parameter")]["n_minimal_buckets"] == n_params
+    assert per_rank[0][("mlp", "sgd", "one-bucket")]["n_minimal_buckets"] == 1

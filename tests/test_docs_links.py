@@ -2,9 +2,11 @@
 
 In docs/interview.md (and the other guides) a reference is a backticked `path` or
 `path:function` (`Class.method` allowed), relative to the repository root, e.g.
-`ddp_from_scratch/reducer.py:Reducer._mark_ready`. The file must exist; the function, class or
-method must be defined in it. Relative Markdown links ([text](file.md#anchor)) must name a file
-that exists.
+`ddp_from_scratch/reducer.py:Reducer._mark_variable_ready`. The file must exist; the function, class or
+method must be defined in it. Relative Markdown links ([text](file.md#anchor), [text](#anchor))
+in README.md and every Markdown page of the repository must name a file that exists, and an
+#anchor must be a heading of that file, by GitHub's slugs: lower case, punctuation but `-` and
+`_` dropped, spaces to `-`, `-1`, `-2`... for repeats (or an explicit `<a id="...">`).
 """
 
 from __future__ import annotations
@@ -16,17 +18,52 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-GUIDES = [
+GUIDES = [  # the pages whose backticked code references are checked
     "docs/interview.md",
     "docs/checklist.md",
     "docs/setup.md",
     "docs/fault-tolerance.md",
     "docs/kaggle.md",
     "docs/deploy.md",
+    "docs/exercises.md",
     "CONTRIBUTING.md",
 ]
+PAGES = sorted(  # every Markdown page: links and anchors checked
+    str(p.relative_to(ROOT))
+    for p in [*ROOT.glob("*.md"), *ROOT.glob("docs/**/*.md"), *ROOT.glob("deploy/**/*.md"), *ROOT.glob("kaggle/*.md")]
+)
 REF = re.compile(r"`((?:[\w.-]+/)*[\w.-]+\.(?:py|md|toml|sh))(?::([\w.]+))?`")
-LINK = re.compile(r"\]\(((?!https?://)[^)#\s]+)(?:#[^)]*)?\)")
+LINK = re.compile(r"\]\(((?!https?://|mailto:)[^)#\s]*)(?:#([^)\s]*))?\)")
+FENCE = re.compile(r"^(```|~~~).*?^\1", re.S | re.M)
+
+
+def prose(text: str) -> str:
+    """The Markdown without its fenced code blocks (a link in a code block is no link)."""
+    return FENCE.sub("", text)
+
+
+def slug(heading: str) -> str:
+    """GitHub's anchor for a heading's text (its `github-slugger`): lower case, drop what is not a
+    letter, digit, space, `-` or `_`, spaces to `-`. Inline code and links keep their text."""
+    text = re.sub(r"\[([^\]]*)\]\([^)]*\)", r"\1", heading)  # [text](url) -> text
+    text = text.replace("`", "").strip().lower()
+    text = re.sub(r"[^\w\- ]", "", text)
+    return text.replace(" ", "-")
+
+
+def anchors(path: Path) -> set[str]:
+    """Every #anchor a Markdown file offers: its headings' slugs (repeats numbered) and explicit ids."""
+    seen: dict[str, int] = {}
+    found = set()
+    for line in prose(path.read_text()).splitlines():
+        m = re.match(r"^#{1,6}\s+(.*?)\s*#*\s*$", line)
+        if m:
+            base = slug(m.group(1))
+            k = seen.get(base, 0)
+            found.add(base if k == 0 else f"{base}-{k}")
+            seen[base] = k + 1
+    found.update(re.findall(r"<a\s+(?:id|name)=\"([^\"]+)\"", path.read_text()))
+    return found
 
 
 def defined_names(path: Path) -> set[str]:
@@ -44,9 +81,10 @@ def defined_names(path: Path) -> set[str]:
     return names
 
 
-def broken_references(doc: Path) -> list[str]:
+def broken_references(doc: Path, code: bool = True) -> list[str]:
+    """What in `doc` points nowhere: code references (if `code`), links, anchors."""
     text, bad = doc.read_text(), []
-    for path, func in REF.findall(text):
+    for path, func in REF.findall(text) if code else []:
         target = ROOT / path
         if ("/" not in path or path.startswith(("runs/", ".venv/"))) and not target.exists():
             continue  # a bare file name (`train.py`) is prose, runs/ holds outputs; references carry their directory
@@ -54,9 +92,12 @@ def broken_references(doc: Path) -> list[str]:
             bad.append(f"{path}: no such file")
         elif func and func not in defined_names(target):
             bad.append(f"{path}:{func}: not defined there")
-    for link in LINK.findall(text):
-        if not (doc.parent / link).exists():
+    for link, anchor in LINK.findall(prose(text)):
+        target = (doc.parent / link) if link else doc
+        if not target.exists():
             bad.append(f"link {link}: no such file")
+        elif anchor and target.suffix == ".md" and anchor not in anchors(target):
+            bad.append(f"link {link}#{anchor}: no such heading in {target.relative_to(ROOT)}")
     return bad
 
 
@@ -67,6 +108,16 @@ def test_references_exist(guide):
     assert not broken_references(doc), broken_references(doc)
 
 
+@pytest.mark.parametrize("page", PAGES)
+def test_links_and_anchors_resolve(page):
+    bad = broken_references(ROOT / page, code=False)
+    assert not bad, bad
+
+
+def test_every_page_is_checked():
+    assert {"README.md", "docs/concepts.md", "docs/benchmarks.md", "docs/debugging.md"} <= set(PAGES)
+
+
 def test_interview_guide_links_code_for_its_answers():
     refs = REF.findall((ROOT / "docs/interview.md").read_text())
     assert len([1 for path, func in refs if path.endswith(".py") and func]) >= 15
@@ -75,7 +126,7 @@ def test_interview_guide_links_code_for_its_answers():
 def test_the_checker_can_fail(tmp_path):
     doc = tmp_path / "x.md"
     doc.write_text(
-        "See `ddp_from_scratch/reducer.py:Reducer._mark_ready`, `ddp_from_scratch/reducer.py:Nope`, "
+        "See `ddp_from_scratch/reducer.py:Reducer._mark_variable_ready`, `ddp_from_scratch/reducer.py:Nope`, "
         "`ddp_from_scratch/gone.py` and [here](missing.md)."
     )
     assert broken_references(doc) == [
@@ -83,3 +134,26 @@ def test_the_checker_can_fail(tmp_path):
         "ddp_from_scratch/gone.py: no such file",
         "link missing.md: no such file",
     ]
+
+
+def test_the_anchor_checker_can_fail():
+    doc = ROOT / "docs" / "_anchor_check_tmp.md"
+    doc.write_text(
+        "# Stepping through `reducer.py`: a, b\n## Same\n## Same\n[ok](#stepping-through-reducerpy-a-b) "
+        "[ok](#same-1) [bad](#same-2) [ok](concepts.md) [bad](concepts.md#no-such-heading)\n"
+        "```\n[in code](#nowhere)\n```\n"
+    )
+    try:
+        assert broken_references(doc) == [
+            "link #same-2: no such heading in docs/_anchor_check_tmp.md",
+            "link concepts.md#no-such-heading: no such heading in docs/concepts.md",
+        ]
+    finally:
+        doc.unlink()
+
+
+def test_slugs_follow_github():
+    assert slug("Stepping through reducer.py: `_mark_variable_ready`, `_finalize_backward`") == (
+        "stepping-through-reducerpy-_mark_variable_ready-_finalize_backward"
+    )
+    assert slug("10. Ring vs gloo (25 MB, 2 & 4 ranks)") == "10-ring-vs-gloo-25-mb-2--4-ranks"

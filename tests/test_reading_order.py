@@ -123,3 +123,31 @@ def test_the_private_attribute_check_can_fail(tmp_path):
     src = tmp_path / "m.py"
     src.write_text("def f(ddp):\n    ddp._in_join = True\n    ddp.a, ddp._b = 1, 2\n    self_ok = 1\n")
     assert [h.split(": ")[1] for h in private_assignments(src)] == ["ddp._in_join", "ddp._b"]
+
+
+TORCH_NAMES = (  # reducer.cpp's names, with our leading underscore for the private ones
+    "prepare_for_backward",
+    "_autograd_hook",
+    "_mark_variable_ready",
+    "_copy_grad_to_bucket",
+    "_mark_bucket_ready",
+    "_all_reduce_bucket",
+    "_all_reduce_local_used_map",
+    "_finalize_backward",
+    "_rebuild_buckets",
+)
+OLD_NAMES = ("_make_grad_hook", "_mark_ready", "_launch", "_exchange_used_counts", "_finish_backward", "_fill_slot")
+
+
+def test_the_reducers_methods_take_torchs_names():
+    """A learner puts reducer.py beside reducer.cpp: the methods are there by torch's names, the old ones gone."""
+    tree = ast.parse((PKG / "reducer.py").read_text())
+    reducer = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Reducer")
+    methods = {n.name for n in reducer.body if isinstance(n, ast.FunctionDef)}
+    assert set(TORCH_NAMES) <= methods, sorted(set(TORCH_NAMES) - methods)
+    stale = []
+    for path in [*PKG.glob("*.py"), ROOT / "README.md", *(ROOT / "docs").rglob("*.md"), *(ROOT / "docs").rglob("*.py")]:
+        for old in OLD_NAMES:
+            if re.search(rf"(?<![\w]){old}(?![\w])", path.read_text()):
+                stale.append(f"{path.relative_to(ROOT)}: {old}")
+    assert not stale, f"old reducer method names still mentioned: {stale}"

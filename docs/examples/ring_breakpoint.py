@@ -17,8 +17,8 @@ wait for rank 0 while rank 0 sits at the prompt.
 
 DDP mode (`--ddp`). Every rank wraps a 17-parameter model in our DistributedDataParallel
 (all_reduce="ring", 32-byte buckets so there are two) and takes one backward. Rank 0 stops
-before `loss.backward()` with breakpoints on the reducer's `_mark_ready`, `_launch` and
-`_finish_backward` (reducer.py).
+before `loss.backward()` with breakpoints on the reducer's `_mark_variable_ready`, `_all_reduce_bucket` and
+`_finalize_backward` (reducer.py).
 The ring then runs on the "collectives-worker" thread, which pdb does not stop: watch rank 1
 finish an all-reduce while rank 0's main thread is paused (that is the overlap).
 
@@ -179,11 +179,11 @@ def ddp_demo(rank: int, n: int) -> None:
     loss = ddp(torch.randn(4, 2)).square().mean()
     if rank == 0:
         dbg = TerminalPdb()
-        for name in ("_mark_ready", "_launch", "_finish_backward"):
+        for name in ("_mark_variable_ready", "_all_reduce_bucket", "_finalize_backward"):
             func = getattr(Reducer, name)
             dbg.set_break(inspect.getsourcefile(func), func.__code__.co_firstlineno, funcname=name)  # = `b name`
         dbg.message(
-            "\n[rank 0] breakpoints on Reducer._mark_ready, _launch and _finish_backward.\n"
+            "\n[rank 0] breakpoints on Reducer._mark_variable_ready, _all_reduce_bucket and _finalize_backward.\n"
             "  c = continue;  p index;  p [b.pending for b in self.buckets];  p bucket.index;  "
             "bt = who called us;  n, s;  cl = clear breakpoints\n"
         )
