@@ -15,6 +15,7 @@ Read in this order (each file imports only files above it; tests/test_reading_or
 12. reducer.py             - the state of one backward: hooks, ready marks, launches, the final wait, rebuild
 13. join.py                - uneven inputs: ranks that run out of data early
 14. ddp.py                 - the wrapper: wrap-time checks, forward, no_sync, join; backward is the reducer's
+15. zero.py                - ZeRO-1: each rank keeps optimizer state for its shard only, then shares the update
 """
 
 from __future__ import annotations
