@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from . import collectives, work
+from . import collectives, debug, work
 from .comm_hooks import make_comm_state
 
 
@@ -69,10 +69,13 @@ class _Pending:
     """A launched torch collective whose `wait()` returns `result` (for Works without a future)."""
 
     def __init__(self, handle, result: torch.Tensor):
-        self.handle, self.result = handle, result
+        self.handle, self.result, self.on_done = handle, result, None
 
     def wait(self) -> torch.Tensor:
         self.handle.wait()
+        if self.on_done is not None:
+            self.on_done()
+            self.on_done = None
         return self.result
 
 
@@ -86,6 +89,8 @@ class FlatParameter:
         compute_dtype: dtype of the gathered full parameters and of forward/backward (None:
             the parameters' own). The shard (master weights) keeps the parameters' dtype.
         reduce_dtype: dtype in which gradients are reduce-scattered (None: compute_dtype).
+        name: the unit's name, for the debug log (DDP_FROM_SCRATCH_DEBUG=1: one line per
+            all-gather and reduce-scatter, `op=all_gather/ring(unit layers.0)`).
 
     Attributes:
         shard: `nn.Parameter` of numel_padded / n elements, the parameters' dtype: rank r's
@@ -96,8 +101,8 @@ class FlatParameter:
         shapes, numels, offsets: where each parameter lives in the flat tensor.
     """
 
-    def __init__(self, params: list[torch.Tensor], comm: ShardComm, compute_dtype=None, reduce_dtype=None):
-        self.comm, n = comm, comm.world_size
+    def __init__(self, params: list[torch.Tensor], comm: ShardComm, compute_dtype=None, reduce_dtype=None, name=""):
+        self.comm, n, self.name, self.debug = comm, comm.world_size, name, debug.enabled()
         self.dtype, self.device = params[0].dtype, params[0].device
         self.compute_dtype = compute_dtype or self.dtype
         self.reduce_dtype = reduce_dtype or self.compute_dtype
@@ -130,8 +135,21 @@ class FlatParameter:
             return False
         buf = torch.empty(self.numel_padded, dtype=self.compute_dtype, device=self.device)
         self.chunk(buf).copy_(self.shard.detach())  # the cast to compute dtype happens here, before the wire
+        start = debug.now()
         self._gathering = (buf, self.comm.all_gather(buf))
+        self._log("all_gather", self._gathering[1], buf, start)
         return True
+
+    def _log(self, op: str, handle, tensor: torch.Tensor, start: float) -> None:
+        """One debug line when the collective completes (or, for a handle without a future, when waited for)."""
+        if not self.debug:
+            return
+        args = (self.comm.rank, f"{op}/{self.comm.algorithm}(unit {self.name})", None)
+        args += (tensor.numel() * tensor.element_size(), self.comm.peers, start)
+        if isinstance(handle, _Pending):
+            handle.on_done = lambda: debug.log(*args)
+        else:
+            debug.log_when_done(handle, *args)
 
     def wait_all_gather(self) -> torch.Tensor:
         """The full 1-D parameter (compute dtype), gathering it now if no prefetch started it."""
@@ -161,7 +179,10 @@ class FlatParameter:
         for g, o, k in zip(grads, self.offsets, self.numels):
             if g is not None:
                 flat[o : o + k].copy_(g.reshape(-1))  # casts compute -> reduce dtype
-        return self.comm.reduce_scatter(flat)
+        start = debug.now()
+        handle = self.comm.reduce_scatter(flat)
+        self._log("reduce_scatter", handle, flat, start)
+        return handle
 
     @torch.no_grad()
     def full_tensors(self) -> list[torch.Tensor]:

@@ -52,7 +52,6 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.autograd import Variable
 
-from . import debug
 from .flat_param import FlatParameter, ShardComm
 from .replicas import broadcast_from, verify_same_model
 
@@ -109,8 +108,7 @@ class Unit:
         self.compute_dtype = compute_dtype
         self.flat = None
         if trainable:
-            self.flat = FlatParameter([p for p, _ in trainable], comm, compute_dtype, reduce_dtype)
-            self.flat.name = self.name
+            self.flat = FlatParameter([p for p, _ in trainable], comm, compute_dtype, reduce_dtype, name=self.name)
         for _, places in trainable + frozen:
             for mod, attr in places:
                 delattr(mod, attr)  # no longer a registered parameter: set per forward instead

@@ -27,7 +27,7 @@ import copy
 import pytest
 import torch
 from spawn_utils import run
-from test_zero import STEPS, adamw, make_model, train
+from test_zero import adamw, make_model, train
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
