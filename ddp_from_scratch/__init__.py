@@ -16,6 +16,9 @@ Read in this order (each file imports only files above it; tests/test_reading_or
 13. join.py                - uneven inputs: ranks that run out of data early
 14. ddp.py                 - the wrapper: wrap-time checks, forward, no_sync, join; backward is the reducer's
 15. zero.py                - ZeRO-1: each rank keeps optimizer state for its shard only, then shares the update
+16. flat_param.py          - a unit's parameters as one flat tensor in n equal shards; all-gather, reduce-scatter
+17. zero2.py               - ZeRO-2: each bucket reduce-scattered, so each rank keeps its gradient shard only
+18. fsdp.py                - FSDP (ZeRO-3): parameters sharded too, each unit gathered just before it computes
 """
 
 from __future__ import annotations

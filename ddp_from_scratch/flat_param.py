@@ -41,8 +41,9 @@ class ShardComm:
 
     Attributes:
         all_gather(flat) -> Future: in place; chunk `rank` of the 1-D `flat` is this rank's part.
-        reduce_scatter(flat) -> a handle whose wait() returns a Tensor: averages over ranks; the value is this rank's
-            averaged chunk (a new tensor of flat.numel()/n elements); `flat` is left scrambled.
+        reduce_scatter(flat, op=AVG) -> a handle whose wait() returns this rank's chunk reduced
+            over ranks (a new tensor, chunk `flat.tensor_split(n)[rank]`; torch's needs n equal
+            chunks); `flat` is left scrambled. op: AVG (SUM, then /n) or SUM.
         peers, algorithm: for debug lines.
     Raises: ValueError for an unknown algorithm.
     """
@@ -54,14 +55,14 @@ class ShardComm:
         self.all_gather: Callable[[torch.Tensor], torch.futures.Future] = state.all_gather
         self.reduce_scatter = self._torch_reduce_scatter if algorithm == "torch" else self._ring_reduce_scatter
 
-    def _torch_reduce_scatter(self, flat: torch.Tensor) -> _Pending:
+    def _torch_reduce_scatter(self, flat: torch.Tensor, op=collectives.AVG) -> _Pending:
+        # gloo and NCCL both take AVG here (FSDP2 uses it for fp32 and bf16); equal chunks only
         out = torch.empty(flat.numel() // self.world_size, dtype=flat.dtype, device=flat.device)
-        op = dist.ReduceOp.AVG  # gloo and NCCL both take AVG here (FSDP2 uses it for fp32 and bf16)
         handle = dist.reduce_scatter_tensor(out, flat, op=op, group=self.process_group, async_op=True)
         return _Pending(handle, out)  # gloo's reduce-scatter Work has no get_future() (torch 2.13)
 
-    def _ring_reduce_scatter(self, flat: torch.Tensor) -> torch.futures.Future:
-        launched = work.launch(collectives.reduce_scatter, flat, op=collectives.AVG, group=self.process_group)
+    def _ring_reduce_scatter(self, flat: torch.Tensor, op=collectives.AVG) -> torch.futures.Future:
+        launched = work.launch(collectives.reduce_scatter, flat, op=op, group=self.process_group)
         return launched.get_future().then(lambda fut: fut.value().clone())  # free the full-size input
 
 
