@@ -43,7 +43,8 @@ class ShardedBucket:
         index: launch order, the same on every rank.
         params: the members, in bucket order; `offsets`/`numels` place them in the flat tensor.
         numel_padded: flat length (a multiple of n for torch's equal-chunk collectives).
-        shard: `nn.Parameter`, rank r's chunk of the flat parameters (the optimizer's tensor).
+        flat: the members' weights, back to back: each member's `.data` is a view of it.
+        shard: `nn.Parameter` viewing rank r's chunk of `flat`: the tensor the optimizer steps.
         grad: the flat gradient being filled (None outside backward); pending: members still to come.
         future: its reduce-scatter in flight.
     """
@@ -53,6 +54,7 @@ class ShardedBucket:
     offsets: list[int]
     numels: list[int]
     numel_padded: int
+    flat: torch.Tensor
     shard: torch.nn.Parameter
     grad: torch.Tensor | None = None
     pending: int = 0
@@ -72,11 +74,13 @@ class Zero2Optimizer(torch.optim.Optimizer):
         bucket_cap_mb: cap of every bucket in MiB (bucket.py; 25 as DDP's).
         **defaults: the optimizer's keyword arguments.
 
-    At construction rank 0's parameters are broadcast (as a DDP wrapper would), and each
-    rank copies out its chunks. Gradients are averaged like reducer.py does (each multiplied
-    by 1/n while copied into its bucket, then a SUM reduce-scatter), so with our ring the
-    numbers are those of our DDP with the same buckets. With "ring" the flat tensors are not
-    padded (the ring cuts with `tensor_split`, exactly as in DDP's all-reduce); torch's
+    At construction rank 0's parameters are broadcast (as a DDP wrapper would) and each
+    bucket's parameters are moved into one flat tensor (`param.data` is re-pointed to a view of
+    it, as DDP's gradient_as_bucket_view re-points `.grad`); the optimizer steps a view of chunk
+    r of it, so there is no second copy of the weights. Gradients are averaged as reducer.py
+    does (each multiplied by 1/n while copied into its bucket, then a SUM reduce-scatter), so
+    with our ring the numbers are those of our DDP with the same buckets. With "ring" the flat
+    tensors are not padded (the ring cuts with `tensor_split`, as in DDP's all-reduce); torch's
     collectives need equal chunks, so there each flat tensor is padded to a multiple of n.
 
     `param_groups` holds the model's parameters (for LR schedulers); `zero_grad()` clears the
@@ -115,6 +119,7 @@ class Zero2Optimizer(torch.optim.Optimizer):
         self._hooks = [p.register_post_accumulate_grad_hook(self._grad_hook) for p in everything if p.requires_grad]
 
     def _make_bucket(self, index: int, params: list[torch.Tensor]) -> ShardedBucket:
+        """Move `params` into one flat tensor (each becomes a view of it) and take chunk r of it as the shard."""
         numels = [p.numel() for p in params]
         n, total = self.world_size, sum(numels)
         padded = -(-total // n) * n if self.comm.algorithm == "torch" else total
@@ -122,9 +127,10 @@ class Zero2Optimizer(torch.optim.Optimizer):
         offsets = [sum(numels[:i]) for i in range(len(params))]
         for p, o, k in zip(params, offsets, numels):
             flat[o : o + k].copy_(p.detach().reshape(-1))
-        shard = torch.nn.Parameter(flat.tensor_split(n)[self.rank].clone())
+            p.data = flat[o : o + k].view_as(p)  # no second copy of the weights: the step writes them in place
+        shard = torch.nn.Parameter(flat.tensor_split(n)[self.rank])  # a view too: stepping it updates the model
         slots = {id(p): i for i, p in enumerate(params)}
-        return ShardedBucket(index, params, offsets, numels, padded, shard, pending=len(params), slots=slots)
+        return ShardedBucket(index, params, offsets, numels, padded, flat, shard, pending=len(params), slots=slots)
 
     # ---- backward: called by autograd -------------------------------------------------
     @torch.no_grad()
@@ -175,13 +181,9 @@ class Zero2Optimizer(torch.optim.Optimizer):
         for mine, full in zip(self.optim.param_groups, self.param_groups):
             mine.update({k: v for k, v in full.items() if k != "params"})
         loss = self.optim.step(closure)
-        for b in self.buckets:
-            start = debug.now()
-            flat = torch.empty(b.numel_padded, dtype=b.shard.dtype, device=b.shard.device)
-            flat.tensor_split(self.world_size)[self.rank].copy_(b.shard)
-            self.comm.all_gather(flat).wait()
-            for p, o, k in zip(b.params, b.offsets, b.numels):
-                p.copy_(flat[o : o + k].view_as(p))
+        for b in self.buckets:  # chunk r of each flat is already updated (the shard is a view of it)
+            start, flat = debug.now(), b.flat
+            self.comm.all_gather(flat).wait()  # in place: the model's weights, views of `flat`, are now current
             if self.debug:
                 debug.log(self.rank, f"all_gather/{self.comm.algorithm}(zero-2 params)", b.index,
                           flat.numel() * flat.element_size(), self.comm.peers, start)  # fmt: skip

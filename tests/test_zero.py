@@ -96,8 +96,9 @@ def loss_of(model, ids):
     return F.cross_entropy(logits.reshape(-1, VOCAB).float(), ids[:, 1:].reshape(-1))
 
 
-def train(model, opt, world_size: int, rank, steps: int = STEPS, skip: int = 0):
-    """`steps` steps on global batches `skip`, `skip+1`, ...; rank r takes micro-batch r (all if rank is None)."""
+def train(model, opt, world_size: int, rank, steps: int = STEPS, skip: int = 0, keep_grads: bool = False):
+    """`steps` steps on global batches `skip`, `skip+1`, ...; rank r takes micro-batch r (all if rank is None).
+    keep_grads: no zero_grad after the last step (test_zero_memory.py measures the gradients)."""
     for k, ids in enumerate(global_batches(world_size, skip + steps)):
         if k < skip:
             continue
@@ -105,7 +106,8 @@ def train(model, opt, world_size: int, rank, steps: int = STEPS, skip: int = 0):
             ids = ids[rank * MICRO_BATCH : (rank + 1) * MICRO_BATCH]
         loss_of(model, ids).backward()
         opt.step()
-        opt.zero_grad(set_to_none=True)
+        if not (keep_grads and k == skip + steps - 1):
+            opt.zero_grad(set_to_none=True)
     inner = getattr(model, "module", model)
     return {k: v.detach().clone() for k, v in inner.state_dict().items()}
 
