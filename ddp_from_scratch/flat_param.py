@@ -91,7 +91,7 @@ class FlatParameter:
             the parameters' own). The shard (master weights) keeps the parameters' dtype.
         reduce_dtype: dtype in which gradients are reduce-scattered (None: compute_dtype).
         name: the unit's name, for the debug log (DDP_FROM_SCRATCH_DEBUG=1: one line per
-            all-gather and reduce-scatter, `op=all_gather/ring(unit layers.0)`).
+            all-gather and reduce-scatter, `op=all_gather/ring(unit=layers.0)`).
 
     Attributes:
         shard: `nn.Parameter` of numel_padded / n elements, the parameters' dtype: rank r's
@@ -145,7 +145,7 @@ class FlatParameter:
         """One debug line when the collective completes (or, for a handle without a future, when waited for)."""
         if not self.debug:
             return
-        args = (self.comm.rank, f"{op}/{self.comm.algorithm}(unit {self.name})", None)
+        args = (self.comm.rank, f"{op}/{self.comm.algorithm}(unit={self.name})", None)
         args += (tensor.numel() * tensor.element_size(), self.comm.peers, start)
         if isinstance(handle, _Pending):
             handle.on_done = lambda: debug.log(*args)

@@ -23,31 +23,20 @@ Tolerances, and why:
 from __future__ import annotations
 
 import copy
+import io
+import os
+import sys
 
 import pytest
 import torch
 from spawn_utils import run
 from test_zero import adamw, make_model, train
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor
 
+import ddp_native.sharded
+from ddp_from_scratch import debug
 from ddp_from_scratch.fsdp import FullyShardedDataParallel
 
 TOL_TORCH = {2: 0.0, 3: 1e-6}  # measured: 0 and 1.2e-7
-
-
-def torch_fsdp(model, bf16: bool):
-    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
-    kw = {"mp_policy": policy} if policy else {}
-    for layer in model.layers:
-        fully_shard(layer, **kw)
-    return fully_shard(model, **kw)
-
-
-def torch_full_state(model) -> dict:
-    return {
-        k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().clone() for k, v in model.state_dict().items()
-    }
 
 
 def _worker(rank, world_size, out_path):
@@ -62,10 +51,23 @@ def _worker(rank, world_size, out_path):
         train(model, adamw(model.parameters()), world_size, rank)
         res[name] = model.full_state_dict()
         res[f"{name}/shard-numel"] = sum(p.numel() for p in model.parameters())
-    for bf16 in (False, True):
-        model = torch_fsdp(copy.deepcopy(base), bf16)
+    for name, kw in {
+        "torch": {},
+        "torch/bf16": {"compute_dtype": torch.bfloat16, "reduce_dtype": torch.float32},
+    }.items():
+        model = ddp_native.sharded.fsdp(copy.deepcopy(base), **kw)
         train(model, adamw(model.parameters()), world_size, rank)
-        res["torch/bf16" if bf16 else "torch"] = torch_full_state(model)
+        res[name] = ddp_native.sharded.full_state_dict(model)
+    # DDP_FROM_SCRATCH_DEBUG=1: one line per all-gather and reduce-scatter, naming its unit
+    os.environ[debug.ENV] = "1"
+    model = FullyShardedDataParallel(copy.deepcopy(base), collectives="ring")
+    os.environ[debug.ENV] = "0"
+    captured, sys.stderr = sys.stderr, io.StringIO()
+    try:
+        train(model, adamw(model.parameters()), world_size, rank, steps=2)
+    finally:
+        captured, sys.stderr = sys.stderr.getvalue(), captured
+    res["debug"] = [line.split(" op=")[1].split(" ")[0] for line in captured.splitlines() if " op=" in line]
     # a full state dict loads into a fresh wrapper and reads back unchanged
     fresh = FullyShardedDataParallel(copy.deepcopy(base))
     fresh.load_full_state_dict(res["ours"])
@@ -95,6 +97,12 @@ def test_fsdp_equals_one_process_and_torch_fully_shard(tmp_path, world_size):
             diff = (res["ours/bf16"][k] - res["torch/bf16"][k]).abs().max().item()
             assert diff == 0, ("bf16", r, k, diff)
             assert torch.equal(res["reloaded"][k], res["ours"][k]), k
+        # per step: each unit gathered for forward and again for backward, its gradient reduce-scattered
+        units = ["root", "layers.0", "layers.1"]
+        for u in units:
+            assert res["debug"].count(f"all_gather/ring(unit={u})") == 4, (u, res["debug"])
+            assert res["debug"].count(f"reduce_scatter/ring(unit={u})") == 2, (u, res["debug"])
+        assert len(res["debug"]) == 2 * 3 * len(units)
         # each rank optimises 1/n of the trainable elements (padded to a multiple of n per unit)
         assert n_trainable / world_size <= res["ours/shard-numel"] < n_trainable / world_size + 3
     # the test can fail: training moved the weights far beyond every tolerance
