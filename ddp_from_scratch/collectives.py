@@ -73,8 +73,8 @@ GROUPED_STEPS = False  # True: the grouped form (`_ring_grouped`) on the CPU too
 
 @torch.no_grad()
 def _ring_grouped(flat: torch.Tensor, group, tag: int, op, reduce_steps: int, gather_steps: int) -> None:
-    """The plain ring, for every backend (and the one NCCL always takes): one whole chunk per step, the step's send and receive
-    handed to the backend together (`dist.batch_isend_irecv`, NCCL's group call).
+    """The plain ring, for every backend (the one NCCL always takes): one whole chunk per step, the
+    step's send and receive handed to the backend together (`dist.batch_isend_irecv`, NCCL's group call).
 
     Why not the streamed form: an NCCL send blocks its stream until the peer has posted the matching
     receive, so if every rank issued its send first, all would wait forever; grouped, NCCL starts both
