@@ -63,3 +63,8 @@ class DistributedSetupError(UsageError):
 def exit_code(error: BaseException) -> int:
     """The exit status for `error` under the policy above: its type's `exit_code`, else 1."""
     return getattr(error, "exit_code", EXIT_RUNTIME)
+
+
+class ClusterSetupError(UsageError):
+    """The emulated cluster (experiments/cluster.py) cannot be built here: not Linux, no root or
+    CAP_NET_ADMIN, no `ip`/`tc`; the message says what is missing (exit 2)."""
