@@ -41,7 +41,7 @@ removes every `dncl-` namespace whose owner's lock is free, with the processes s
 
 Errors: without Linux, root (or CAP_NET_ADMIN and CAP_SYS_ADMIN), `ip` or `tc`, it stops at once
 with ClusterSetupError (exit 2) saying what is missing. Exit status: 0 when every node's agent
-succeeded, else the first failing agent's status (1 for a failed rank).
+succeeded, 1 when one failed (or was killed), 2 for a usage error, 130/143 after Ctrl-C/SIGTERM.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from experiments import faults
-from experiments.errors import ClusterSetupError, UsageError, exit_code
+from experiments.errors import EXIT_RUNTIME, ClusterSetupError, UsageError, exit_code
 
 PREFIX = "dncl-"  # every namespace this module creates starts with it: cleanup touches nothing else
 SUBNET = "10.231.0"  # node K is 10.231.0.<K+1>/24; exists only inside our namespaces
@@ -300,10 +300,11 @@ class Network:
     def shape(self, k: int, rate: str, verb: str = "change") -> None:
         """Node k's link at `rate`, both directions: tbf on its eth0 and on its switch port.
 
-        burst: 1 ms at the rate, at least 64 KiB (a TSO packet must fit); latency 50 ms of queue,
+        burst: 1 ms at the rate, at least 16 KiB (larger TSO packets are split by tbf), so a link
+        that was idle lets at most that much through faster than the rate; latency: 50 ms of queue,
         so TCP fills the link without drops on these short paths.
         """
-        burst = max(64 * 1024, int(rate_bits_per_s(rate) / 8 / 1000))
+        burst = max(16 * 1024, int(rate_bits_per_s(rate) / 8 / 1000))
         for ns, dev in ((self.node_ns(k), IFNAME), (self.switch_ns, f"n{k}")):
             sh("ip", "netns", "exec", ns, "tc", "qdisc", verb, "dev", dev, "root", "tbf", "rate", rate,
                "burst", str(burst), "latency", "50ms")  # fmt: skip
@@ -349,6 +350,15 @@ def _pump(stream, prefix: str, lock: threading.Lock) -> None:
             sys.stdout.buffer.write(prefix.encode() + line)
             sys.stdout.buffer.flush()
     stream.close()
+
+
+def _running(pid: int) -> bool:
+    """Whether process `pid` still runs (a zombie has exited: its agent may be too busy to reap it)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 def say(text: str) -> None:
@@ -397,7 +407,13 @@ def run(args, command: list[str]) -> int:
                                               for k in range(args.nodes)))  # fmt: skip
         out_lock = threading.Lock()
         for k in range(args.nodes):
-            env = {**os.environ, "GLOO_SOCKET_IFNAME": IFNAME, "PYTHONUNBUFFERED": "1",
+            ifname = os.environ.get("GLOO_SOCKET_IFNAME", IFNAME)  # set it to see a wrong interface
+            env = {**os.environ, "GLOO_SOCKET_IFNAME": ifname, "PYTHONUNBUFFERED": "1",
+                   # a fresh store for every rendezvous round (on rank 0, at a new port): agents on
+                   # different nodes can count restarts differently (a node whose ranks outlived a
+                   # partition restarts them as a "membership change", uncounted), and keys in one
+                   # store shared across rounds, prefixed with that count, then disagree
+                   "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",
                    faults.CLUSTER_DIR_ENV: str(step_dir),
                    faults.CLUSTER_STEPS_ENV: ",".join(str(f.step) for f in args.faults)}  # fmt: skip
             env.setdefault("OMP_NUM_THREADS", str(max(1, len(cores[k]) // args.nproc_per_node)))
@@ -449,7 +465,7 @@ def supervise(args, net: Network, agents: dict[int, subprocess.Popen], step_dir:
             heal.remove((t, k))
             say(f"node {k}'s link is up again")
         if watch is not None:
-            alive = {p for p in watch[1] if os.path.exists(f"/proc/{p}")}
+            alive = {p for p in watch[1] if _running(p)}
             if not alive:
                 took = time.monotonic() - watch[0]
                 say(f"the ranks running at the {watch[2].split(':')[0]} had all exited {took:.1f} s after it")
@@ -457,7 +473,7 @@ def supervise(args, net: Network, agents: dict[int, subprocess.Popen], step_dir:
         running = [k for k, a in agents.items() if a.poll() is None]
         for k, a in agents.items():
             if a.returncode not in (None, 0) and status == 0:
-                status, failed_at = a.returncode, now
+                status, failed_at = EXIT_RUNTIME, now
                 say(f"node {k}'s agent exited with status {a.returncode}")
         if not running:
             return status
@@ -494,3 +510,20 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def wrap_torchrun(cmd: list[str], spec: str, link: str) -> list[str]:
+    """A `torchrun ... -m MODULE ARGS` command line, run on the emulated cluster instead.
+
+    `spec` is NODESxRANKS (`2x1`: 2 nodes with 1 rank each); torchrun's own options are dropped
+    (the launcher sets them per node). Used by experiments.compare's --cluster.
+
+    Raises:
+        UsageError: `spec` is not NODESxRANKS, or `cmd` has no `-m MODULE`.
+    """
+    m = re.fullmatch(r"(\d+)x(\d+)", spec)
+    if not m or "-m" not in cmd[3:]:
+        raise UsageError(f"--cluster {spec!r}: write NODESxRANKS, e.g. 2x1 (2 nodes, 1 rank each)")
+    module = cmd.index("-m", 3)  # cmd[1:3] is `-m torch.distributed.run`
+    return [sys.executable, "-m", "experiments.cluster", "--nodes", m.group(1), "--nproc-per-node", m.group(2),
+            "--link", link, *cmd[module:]]  # fmt: skip

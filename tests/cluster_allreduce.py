@@ -1,4 +1,5 @@
-"""Run under experiments/cluster.py by tests/test_cluster.py: time a 25 MiB gloo all-reduce.
+"""Run under experiments/cluster.py by tests/test_cluster.py: time a 25 MiB gloo all-reduce
+(with the argument `sleep`: only sleep, for the cleanup test).
 
 Each rank joins the gloo group torchrun set up, all-reduces a 25 MiB float32 tensor three times
 (the first warms the connections up), checks the sum, and rank 0 prints the fastest time:
@@ -6,11 +7,16 @@ Each rank joins the gloo group torchrun set up, all-reduces a 25 MiB float32 ten
 """
 
 import datetime
+import sys
 import time
 
 import torch
 import torch.distributed as dist
 
+if sys.argv[1:] == ["sleep"]:  # for the cleanup test: a node that only waits to be killed
+    print("sleeping", flush=True)
+    time.sleep(120)
+    sys.exit(0)
 dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=30))
 rank, world = dist.get_rank(), dist.get_world_size()
 x = torch.full(((25 << 20) // 4,), float(rank + 1))
