@@ -43,7 +43,14 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=16, help="micro-batch per rank")
     p.add_argument("--out", default=os.path.join("runs", "compare"), help="directory for the three runs and the table")
     p.add_argument("--runs", default="none,native,scratch", help="comma-separated subset of none,native,scratch")
+    p.add_argument("--cluster", metavar="NODESxRANKS", help="DDP runs on the emulated cluster (experiments/cluster.py)")
+    p.add_argument("--link", default="1gbit", help="with --cluster: each node's link rate (tc units), or none")
     args, train_args = p.parse_known_args(argv)
+    if args.cluster:  # the world size is the cluster's; `none` keeps the same global batch
+        nodes, _, ranks = args.cluster.partition("x")
+        if not (nodes.isdigit() and ranks.isdigit()):
+            p.error(f"--cluster {args.cluster!r}: write NODESxRANKS, e.g. 2x1 (2 nodes, 1 rank each)")
+        args.nproc = int(nodes) * int(ranks)
     if args.nproc < 1:
         p.error("--nproc must be at least 1")
     args.runs = [r.strip() for r in args.runs.split(",") if r.strip()]
@@ -115,6 +122,10 @@ def main(argv=None) -> int:
         # a comparison always trains from scratch: drop the snapshots an earlier comparison left here
         shutil.rmtree(os.path.join(out_dir, "snapshots"), ignore_errors=True)
         cmd = command(kind, args.nproc, args.batch_size, out_dir, train_args)
+        if args.cluster and kind != "none":
+            from experiments.cluster import wrap_torchrun
+
+            cmd = wrap_torchrun(cmd, args.cluster, args.link)
         print(f"\n=== {kind}: {' '.join(cmd)}", flush=True)
         env = dict(os.environ)
         if kind != "none":
@@ -139,12 +150,14 @@ def main(argv=None) -> int:
     header = (
         f"Machine: {os.cpu_count()} CPU cores, torch {torch.__version__}, "
         f"{'CUDA' if torch.cuda.is_available() else 'no GPU'}.\n"
-        f"Command: python -m experiments.compare {' '.join(argv if argv is not None else sys.argv[1:])}\n\n"
+        + (f"Topology: DDP runs on {args.cluster} emulated nodes x ranks, links {args.link}.\n" if args.cluster else "")
+        + f"Command: python -m experiments.compare {' '.join(argv if argv is not None else sys.argv[1:])}\n\n"
     )
     with open(os.path.join(args.out, "comparison.md"), "w") as f:
         f.write(header + md + "\n")
     with open(os.path.join(args.out, "comparison.json"), "w") as f:
-        json.dump({"runs": summaries, "max_weight_diff_native_vs_scratch": diff}, f, indent=2)
+        topology = {"cluster": args.cluster, "link": args.link if args.cluster else None}
+        json.dump({"runs": summaries, "max_weight_diff_native_vs_scratch": diff, **topology}, f, indent=2)
     print("\n" + header + md)
     print(f"\nwritten: {os.path.join(args.out, 'comparison.md')}")
     return 0

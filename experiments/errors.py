@@ -70,6 +70,11 @@ def exit_code(error: BaseException) -> int:
     return getattr(error, "exit_code", EXIT_RUNTIME)
 
 
+class ClusterSetupError(UsageError):
+    """The emulated cluster (experiments/cluster.py) cannot be built here: not Linux, no root or
+    CAP_NET_ADMIN, no `ip`/`tc`; the message says what is missing (exit 2)."""
+
+
 def system_exit(error: BaseException) -> SystemExit:
     """For an entry point that stops at once, as argparse does for a bad option: a SystemExit with
     status `exit_code(error)` whose text is the error's message. Print the message first: Python
