@@ -181,7 +181,7 @@ class Unit:
         return self.flat.full
 
     def post_backward(self, grads) -> None:
-        self.fsdp.queue_finish_backward()
+        self.fsdp.queue_finalize_backward()
         if self.pending is not None:  # the unit ran twice in one backward: sum its gradients first
             self.fsdp.collect(self)
         self.pending = self.flat.launch_reduce_scatter(list(grads))
@@ -298,9 +298,9 @@ class FullyShardedDataParallel(nn.Module):
                 order[k].flat.launch_all_gather()
 
     # ---- end of backward ---------------------------------------------------------------
-    def queue_finish_backward(self) -> None:
+    def queue_finalize_backward(self) -> None:
         if not self._callback_queued:
-            Variable._execution_engine.queue_callback(self._finish_backward)
+            Variable._execution_engine.queue_callback(self._finalize_backward)
             self._callback_queued = True
 
     def collect(self, unit: Unit) -> None:
@@ -310,7 +310,7 @@ class FullyShardedDataParallel(nn.Module):
         shard = unit.flat.shard
         shard.grad = grad if shard.grad is None else shard.grad.add_(grad)
 
-    def _finish_backward(self) -> None:
+    def _finalize_backward(self) -> None:
         self._callback_queued = False
         for unit in self.units:
             if unit.pending is not None:

@@ -136,14 +136,14 @@ class Zero2Optimizer(torch.optim.Optimizer):
     @torch.no_grad()
     def _grad_hook(self, p: torch.Tensor) -> None:
         if not self._callback_queued:
-            Variable._execution_engine.queue_callback(self._finish_backward)
+            Variable._execution_engine.queue_callback(self._finalize_backward)
             self._callback_queued = True
         b = self._where[id(p)]
         self._fill(b, b.slots[id(p)], p.grad)
         p.grad = None  # the full-size gradient is not kept: that is the saving
         b.pending -= 1
         while self._next_bucket < len(self.buckets) and self.buckets[self._next_bucket].pending == 0:
-            self._launch(self.buckets[self._next_bucket])
+            self._reduce_scatter_bucket(self.buckets[self._next_bucket])
             self._next_bucket += 1
 
     def _fill(self, b: ShardedBucket, i: int, grad: torch.Tensor | None) -> None:
@@ -152,18 +152,18 @@ class Zero2Optimizer(torch.optim.Optimizer):
         if grad is not None:  # pre-divided, as reducer.py does: the same numbers as our DDP
             torch.mul(grad.reshape(-1), 1.0 / self.world_size, out=b.grad[b.offsets[i] : b.offsets[i] + b.numels[i]])
 
-    def _launch(self, b: ShardedBucket) -> None:
+    def _reduce_scatter_bucket(self, b: ShardedBucket) -> None:
         b.start = debug.now()
         b.future = self.comm.reduce_scatter(b.grad, op=collectives.SUM)
         b.grad = None  # the collective holds it until done; then its memory goes
 
-    def _finish_backward(self) -> None:
+    def _finalize_backward(self) -> None:
         """End of backward: launch buckets left incomplete (unused parameters count as zeros), wait, keep chunks."""
         self._callback_queued = False
         for b in self.buckets[self._next_bucket :]:
             if b.grad is None:
                 b.grad = torch.zeros(b.numel_padded, dtype=b.shard.dtype, device=b.shard.device)
-            self._launch(b)
+            self._reduce_scatter_bucket(b)
         for b in self.buckets:
             chunk = b.future.wait()
             if self.debug:  # logged when waited for: gloo's reduce-scatter has no future to watch
