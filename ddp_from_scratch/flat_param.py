@@ -137,20 +137,25 @@ class FlatParameter:
         buf = torch.empty(self.numel_padded, dtype=self.compute_dtype, device=self.device)
         self.chunk(buf).copy_(self.shard.detach())  # the cast to compute dtype happens here, before the wire
         start = debug.now()
-        self._gathering = (buf, self.comm.all_gather(buf))
-        self._log("all_gather", self._gathering[1], buf, start)
+        self._gathering = (buf, self._log("all_gather", self.comm.all_gather(buf), buf, start))
         return True
 
-    def _log(self, op: str, handle, tensor: torch.Tensor, start: float) -> None:
-        """One debug line when the collective completes (or, for a handle without a future, when waited for)."""
+    def _log(self, op: str, handle, tensor: torch.Tensor, start: float):
+        """`handle`, which now also prints one debug line when done (before its `wait()` returns)."""
         if not self.debug:
-            return
+            return handle
         args = (self.comm.rank, f"{op}/{self.comm.algorithm}(unit={self.name})", None)
         args += (tensor.numel() * tensor.element_size(), self.comm.peers, start)
         if isinstance(handle, _Pending):
             handle.on_done = lambda: debug.log(*args)
-        else:
-            debug.log_when_done(handle, *args)
+            return handle
+
+        def log(fut):
+            value = fut.value()  # a failed collective raises here, to whoever waits: no line
+            debug.log(*args)
+            return value
+
+        return handle.then(log)
 
     def wait_all_gather(self) -> torch.Tensor:
         """The full 1-D parameter (compute dtype), gathering it now if no prefetch started it."""
@@ -181,9 +186,7 @@ class FlatParameter:
             if g is not None:
                 flat[o : o + k].copy_(g.reshape(-1))  # casts compute -> reduce dtype
         start = debug.now()
-        handle = self.comm.reduce_scatter(flat)
-        self._log("reduce_scatter", handle, flat, start)
-        return handle
+        return self._log("reduce_scatter", self.comm.reduce_scatter(flat), flat, start)
 
     @torch.no_grad()
     def full_tensors(self) -> list[torch.Tensor]:

@@ -72,6 +72,13 @@ def _worker(rank, world_size, out_path):
     fresh = FullyShardedDataParallel(copy.deepcopy(base))
     fresh.load_full_state_dict(res["ours"])
     res["reloaded"] = fresh.full_state_dict()
+    # a weight shared by two units is refused on every rank, with what to do
+    bad = copy.deepcopy(base)
+    bad.layers[1].proj.weight = bad.layers[0].proj.weight
+    try:
+        FullyShardedDataParallel(bad)
+    except ValueError as e:
+        res["shared-error"] = str(e)
     torch.save(res, f"{out_path}.rank{rank}")
 
 
@@ -97,6 +104,7 @@ def test_fsdp_equals_one_process_and_torch_fully_shard(tmp_path, world_size):
             diff = (res["ours/bf16"][k] - res["torch/bf16"][k]).abs().max().item()
             assert diff == 0, ("bf16", r, k, diff)
             assert torch.equal(res["reloaded"][k], res["ours"][k]), k
+        assert "shared by units 'layers.0' and 'layers.1'" in res["shared-error"], res.get("shared-error")
         # per step: each unit gathered for forward and again for backward, its gradient reduce-scattered
         units = ["root", "layers.0", "layers.1"]
         for u in units:

@@ -178,6 +178,12 @@ def _worker(rank, world_size, out_path):
     opt2.load_state_dict(full[0])
     res["zero1-resumed"] = train(m2, opt2, world_size, rank, steps=STEPS - 4, skip=4)
     res["n-state"] = len(opt2.optim.state)
+    res["errors"] = []  # bad calls raise clear errors, on every rank alike
+    for call in (opt2.state_dict, lambda: opt2.load_state_dict({"state": {}, "param_groups": []})):
+        try:
+            call()
+        except (RuntimeError, ValueError) as e:
+            res["errors"].append((type(e).__name__, str(e)))
     torch.save(res, f"{out_path}.rank{rank}")
 
 
@@ -212,6 +218,9 @@ def test_zero_equals_ddp_torch_and_one_process(tmp_path, world_size):
         assert res["zero2/ring/buckets"] == 1 and res["zero2/ring-small-buckets/buckets"] > 3
         n_trainable = sum(p.numel() for p in single_model.parameters() if p.requires_grad)
         assert res["zero2/ring/grad-numel"] <= n_trainable / world_size + 1  # each rank keeps 1/n of the gradient
+        (kind1, msg1), (kind2, msg2) = res["errors"]
+        assert kind1 == "RuntimeError" and "consolidate_state_dict" in msg1, msg1
+        assert kind2 == "ValueError" and "parameter groups" in msg2, msg2
         # each rank held optimizer state for its shard only
         assert 0 < res["n-state"] < len([p for p in single_model.parameters() if p.requires_grad])
     # the consolidated state dict is plain AdamW's, element for element
