@@ -164,6 +164,20 @@ def _worker(rank, world_size, out_path):
         res[f"{case}/buckets"] = len(opt.buckets)
         res[f"{case}/grad-numel"] = sum(b.shard.numel() for b in opt.buckets)
 
+    # ZeRO-2 checkpoint: consolidate to rank 0, load the full state everywhere, train on
+    m = copy.deepcopy(base)
+    opt = Zero2Optimizer(m.parameters(), torch.optim.AdamW, lr=LR, collectives="ring", bucket_cap_mb=2e-3)
+    train(m, opt, world_size, rank, steps=4)
+    opt.consolidate_state_dict(to=0)
+    full = [opt.state_dict() if rank == 0 else None]
+    torch.distributed.broadcast_object_list(full, src=0)
+    res["zero2-state"] = full[0]
+    m2 = copy.deepcopy(base)
+    m2.load_state_dict(m.state_dict())
+    opt2 = Zero2Optimizer(m2.parameters(), torch.optim.AdamW, lr=LR, collectives="ring", bucket_cap_mb=2e-3)
+    opt2.load_state_dict(full[0])
+    res["zero2-resumed"] = train(m2, opt2, world_size, rank, steps=STEPS - 4, skip=4)
+
     # checkpoint: consolidate on rank 0, load the full state on every rank of fresh optimizers, train on
     m = ours_ddp()
     opt = zero1(m.parameters(), collectives="ring")
@@ -205,6 +219,8 @@ def test_zero_equals_ddp_torch_and_one_process(tmp_path, world_size):
             got = res["zero1/torch-ddp"][name]
             assert torch.equal(got, res["torch-zero/torch-ddp"][name]), ("torch ddp", r, name)
             assert torch.equal(got, per_rank[0]["zero1/torch-ddp"][name]), "replicas diverged"
+            got, want = res["zero2-resumed"][name], res["zero2/ring-small-buckets"][name]
+            assert torch.equal(got, want), ("zero2 resumed", r, name, (got - want).abs().max())
             for case in ("zero2/torch", "zero2/ring-small-buckets"):  # other sums' orders on 3 ranks
                 diff = (res[case][name] - res["ddp"][name]).abs().max().item()
                 assert diff <= (0 if world_size == 2 else 1e-6), (case, r, name, diff)
@@ -228,7 +244,9 @@ def test_zero_equals_ddp_torch_and_one_process(tmp_path, world_size):
     assert ours["param_groups"] == per_rank[0]["ddp-optim-state"]["param_groups"]
     assert sorted(ours["state"]) == sorted(plain["state"])
     ddp_state = per_rank[0]["ddp-optim-state"]["state"]
-    for i, s in ours["state"].items():
+    zero2 = per_rank[0]["zero2-state"]
+    assert zero2["param_groups"] == ours["param_groups"] and sorted(zero2["state"]) == sorted(ours["state"])
+    for i, s in [*ours["state"].items(), *zero2["state"].items()]:
         for k, v in s.items():
             assert v.shape == ddp_state[i][k].shape and v.dtype == ddp_state[i][k].dtype, (i, k)
     # the test can fail: training moved the weights well beyond the tolerance
