@@ -80,6 +80,28 @@ class _Pending:
         return self.result
 
 
+@torch.no_grad()
+def clip_grad_norm_(shards: list[torch.Tensor], max_norm: float, process_group=None) -> torch.Tensor:
+    """`torch.nn.utils.clip_grad_norm_` (2-norm) for gradients sharded across ranks; call on every rank.
+
+    A rank's shards hold 1/n of the gradient, so the norm is sqrt(SUM over ranks of each rank's
+    sum of squares) (one all-reduce of one number, torch's), then every shard is scaled by
+    min(1, max_norm / (norm + 1e-6)) as torch does. Padding is zeros and adds nothing.
+    Returns: the total norm (0-dim float32 tensor, the same on every rank).
+    """
+    grads = [s.grad for s in shards if s.grad is not None]
+    device = grads[0].device if grads else torch.device("cpu")
+    squares = torch.zeros((), dtype=torch.float32, device=device)
+    for g in grads:
+        squares += torch.linalg.vector_norm(g.float()) ** 2
+    dist.all_reduce(squares, group=process_group)
+    total = squares.sqrt()
+    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    for g in grads:
+        g.mul_(coef.to(g.dtype))
+    return total
+
+
 class FlatParameter:
     """The trainable parameters of one unit, flattened, padded and sharded across the ranks.
 

@@ -31,7 +31,7 @@ from torch.autograd import Variable
 
 from . import collectives, debug
 from .bucket import MB, assign_buckets
-from .flat_param import ShardComm
+from .flat_param import ShardComm, clip_grad_norm_
 from .replicas import broadcast_from
 
 
@@ -190,6 +190,12 @@ class Zero2Optimizer(torch.optim.Optimizer):
                 debug.log(self.rank, f"all_gather/{self.comm.algorithm}(zero-2 params)", b.index,
                           flat.numel() * flat.element_size(), self.comm.peers, start)  # fmt: skip
         return loss
+
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        """Clip the sharded gradients by their global 2-norm, as `torch.nn.utils.clip_grad_norm_`
+        over the model would unsharded (flat_param.clip_grad_norm_). Every rank calls it, after
+        backward and before `step()`."""
+        return clip_grad_norm_([b.shard for b in self.buckets], max_norm, self.comm.process_group)
 
     # ---- checkpoints ------------------------------------------------------------------
     @torch.no_grad()
