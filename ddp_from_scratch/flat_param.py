@@ -80,6 +80,28 @@ class _Pending:
         return self.result
 
 
+@torch.no_grad()
+def clip_grad_norm_(shards: list[torch.Tensor], max_norm: float, process_group=None) -> torch.Tensor:
+    """`torch.nn.utils.clip_grad_norm_` (2-norm) for gradients sharded across ranks; call on every rank.
+
+    A rank's shards hold 1/n of the gradient, so the norm is sqrt(SUM over ranks of each rank's
+    sum of squares) (one all-reduce of one number, torch's), then every shard is scaled by
+    min(1, max_norm / (norm + 1e-6)) as torch does. Padding is zeros and adds nothing.
+    Returns: the total norm (0-dim float32 tensor, the same on every rank).
+    """
+    grads = [s.grad for s in shards if s.grad is not None]
+    device = grads[0].device if grads else torch.device("cpu")
+    squares = torch.zeros((), dtype=torch.float32, device=device)
+    for g in grads:
+        squares += torch.linalg.vector_norm(g.float()) ** 2
+    dist.all_reduce(squares, group=process_group)
+    total = squares.sqrt()
+    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    for g in grads:
+        g.mul_(coef.to(g.dtype))
+    return total
+
+
 class FlatParameter:
     """The trainable parameters of one unit, flattened, padded and sharded across the ranks.
 
@@ -137,20 +159,25 @@ class FlatParameter:
         buf = torch.empty(self.numel_padded, dtype=self.compute_dtype, device=self.device)
         self.chunk(buf).copy_(self.shard.detach())  # the cast to compute dtype happens here, before the wire
         start = debug.now()
-        self._gathering = (buf, self.comm.all_gather(buf))
-        self._log("all_gather", self._gathering[1], buf, start)
+        self._gathering = (buf, self._log("all_gather", self.comm.all_gather(buf), buf, start))
         return True
 
-    def _log(self, op: str, handle, tensor: torch.Tensor, start: float) -> None:
-        """One debug line when the collective completes (or, for a handle without a future, when waited for)."""
+    def _log(self, op: str, handle, tensor: torch.Tensor, start: float):
+        """`handle`, which now also prints one debug line when done (before its `wait()` returns)."""
         if not self.debug:
-            return
+            return handle
         args = (self.comm.rank, f"{op}/{self.comm.algorithm}(unit={self.name})", None)
         args += (tensor.numel() * tensor.element_size(), self.comm.peers, start)
         if isinstance(handle, _Pending):
             handle.on_done = lambda: debug.log(*args)
-        else:
-            debug.log_when_done(handle, *args)
+            return handle
+
+        def log(fut):
+            value = fut.value()  # a failed collective raises here, to whoever waits: no line
+            debug.log(*args)
+            return value
+
+        return handle.then(log)
 
     def wait_all_gather(self) -> torch.Tensor:
         """The full 1-D parameter (compute dtype), gathering it now if no prefetch started it."""
@@ -181,9 +208,7 @@ class FlatParameter:
             if g is not None:
                 flat[o : o + k].copy_(g.reshape(-1))  # casts compute -> reduce dtype
         start = debug.now()
-        handle = self.comm.reduce_scatter(flat)
-        self._log("reduce_scatter", handle, flat, start)
-        return handle
+        return self._log("reduce_scatter", self.comm.reduce_scatter(flat), flat, start)
 
     @torch.no_grad()
     def full_tensors(self) -> list[torch.Tensor]:

@@ -52,7 +52,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.autograd import Variable
 
-from .flat_param import FlatParameter, ShardComm
+from .flat_param import FlatParameter, ShardComm, clip_grad_norm_
 from .replicas import broadcast_from, verify_same_model
 
 
@@ -317,6 +317,11 @@ class FullyShardedDataParallel(nn.Module):
                 self.collect(unit)
         for unit in self.units:
             unit.reshard()  # a prefetched gather nobody used, or a unit unpacked late
+
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        """Clip the sharded gradients by their global 2-norm (flat_param.clip_grad_norm_): what
+        `torch.nn.utils.clip_grad_norm_(model.parameters())` would do unsharded. Every rank calls it."""
+        return clip_grad_norm_(list(self.shards), max_norm, self.process_group)
 
     # ---- checkpoints -------------------------------------------------------------------
     def full_state_dict(self) -> dict[str, torch.Tensor]:

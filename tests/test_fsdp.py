@@ -37,6 +37,7 @@ from ddp_from_scratch import debug
 from ddp_from_scratch.fsdp import FullyShardedDataParallel
 
 TOL_TORCH = {2: 0.0, 3: 1e-6}  # measured: 0 and 1.2e-7
+CLIP = 0.2  # below the gradient norm of every step here, so clipping acts each step
 
 
 def _worker(rank, world_size, out_path):
@@ -58,6 +59,13 @@ def _worker(rank, world_size, out_path):
         model = ddp_native.sharded.fsdp(copy.deepcopy(base), **kw)
         train(model, adamw(model.parameters()), world_size, rank)
         res[name] = ddp_native.sharded.full_state_dict(model)
+    # gradient clipping by the global norm of sharded gradients (the harness clips every step)
+    model = FullyShardedDataParallel(copy.deepcopy(base))
+    train(model, adamw(model.parameters()), world_size, rank, clip=CLIP)
+    res["ours/clip"] = model.full_state_dict()
+    model = ddp_native.sharded.fsdp(copy.deepcopy(base))
+    train(model, adamw(model.parameters()), world_size, rank, clip=CLIP)
+    res["torch/clip"] = ddp_native.sharded.full_state_dict(model)
     # DDP_FROM_SCRATCH_DEBUG=1: one line per all-gather and reduce-scatter, naming its unit
     os.environ[debug.ENV] = "1"
     model = FullyShardedDataParallel(copy.deepcopy(base), collectives="ring")
@@ -72,6 +80,13 @@ def _worker(rank, world_size, out_path):
     fresh = FullyShardedDataParallel(copy.deepcopy(base))
     fresh.load_full_state_dict(res["ours"])
     res["reloaded"] = fresh.full_state_dict()
+    # a weight shared by two units is refused on every rank, with what to do
+    bad = copy.deepcopy(base)
+    bad.layers[1].proj.weight = bad.layers[0].proj.weight
+    try:
+        FullyShardedDataParallel(bad)
+    except ValueError as e:
+        res["shared-error"] = str(e)
     torch.save(res, f"{out_path}.rank{rank}")
 
 
@@ -82,6 +97,8 @@ def test_fsdp_equals_one_process_and_torch_fully_shard(tmp_path, world_size):
     per_rank = [torch.load(f"{out}.rank{r}", weights_only=False) for r in range(world_size)]
     single_model = make_model()
     single = train(single_model, adamw(single_model.parameters()), world_size, None)
+    clipped_model = make_model()
+    clipped = train(clipped_model, adamw(clipped_model.parameters()), world_size, None, clip=CLIP)
     start = make_model().state_dict()
     n_trainable = sum(p.numel() for p in single_model.parameters() if p.requires_grad)
     for r, res in enumerate(per_rank):
@@ -97,6 +114,10 @@ def test_fsdp_equals_one_process_and_torch_fully_shard(tmp_path, world_size):
             diff = (res["ours/bf16"][k] - res["torch/bf16"][k]).abs().max().item()
             assert diff == 0, ("bf16", r, k, diff)
             assert torch.equal(res["reloaded"][k], res["ours"][k]), k
+            for case, ref in (("ours/clip", clipped[k]), ("ours/clip", res["torch/clip"][k])):
+                diff = (res[case][k] - ref).abs().max().item()
+                assert diff <= 1e-5, (case, r, k, diff)
+        assert "shared by units 'layers.0' and 'layers.1'" in res["shared-error"], res.get("shared-error")
         # per step: each unit gathered for forward and again for backward, its gradient reduce-scattered
         units = ["root", "layers.0", "layers.1"]
         for u in units:
@@ -108,5 +129,7 @@ def test_fsdp_equals_one_process_and_torch_fully_shard(tmp_path, world_size):
     # the test can fail: training moved the weights far beyond every tolerance
     moved = max((single[k] - start[k]).abs().max().item() for k in single)
     assert moved > 1e-2, moved
+    clipping = max((clipped[k] - single[k]).abs().max().item() for k in single)
+    assert clipping > 1e-3, "clipping must change the result, or the clip test proves nothing"
     bf16_vs_fp32 = max((per_rank[0]["ours/bf16"][k] - single[k]).abs().max().item() for k in single)
     assert bf16_vs_fp32 > 1e-4, "bf16 compute must differ from fp32 (else it ran in fp32)"

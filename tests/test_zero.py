@@ -41,6 +41,7 @@ from ddp_from_scratch.zero2 import Zero2Optimizer
 
 STEPS, MICRO_BATCH, SEQ, VOCAB, DIM = 10, 2, 6, 32, 16
 LR = 1e-2
+CLIP = 0.2  # a global gradient norm below every step's here: clipping acts each step
 
 
 class Block(nn.Module):
@@ -96,15 +97,19 @@ def loss_of(model, ids):
     return F.cross_entropy(logits.reshape(-1, VOCAB).float(), ids[:, 1:].reshape(-1))
 
 
-def train(model, opt, world_size: int, rank, steps: int = STEPS, skip: int = 0, keep_grads: bool = False):
+def train(model, opt, world_size: int, rank, steps: int = STEPS, skip: int = 0, keep_grads: bool = False, clip=None):
     """`steps` steps on global batches `skip`, `skip+1`, ...; rank r takes micro-batch r (all if rank is None).
-    keep_grads: no zero_grad after the last step (test_zero_memory.py measures the gradients)."""
+    keep_grads: no zero_grad after the last step (test_zero_memory.py measures the gradients).
+    clip: clip gradients to this global 2-norm before each step (sharded: the wrapper's or optimizer's method)."""
     for k, ids in enumerate(global_batches(world_size, skip + steps)):
         if k < skip:
             continue
         if rank is not None:
             ids = ids[rank * MICRO_BATCH : (rank + 1) * MICRO_BATCH]
         loss_of(model, ids).backward()
+        if clip is not None:
+            sharded = getattr(opt, "clip_grad_norm_", None) or getattr(model, "clip_grad_norm_", None)
+            sharded(clip) if sharded else torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         opt.step()
         if not (keep_grads and k == skip + steps - 1):
             opt.zero_grad(set_to_none=True)
@@ -164,6 +169,27 @@ def _worker(rank, world_size, out_path):
         res[f"{case}/buckets"] = len(opt.buckets)
         res[f"{case}/grad-numel"] = sum(b.shard.numel() for b in opt.buckets)
 
+    # ZeRO-2 clipping by the global norm of the sharded gradients, against DDP's clipping
+    m = copy.deepcopy(base)
+    opt = Zero2Optimizer(m.parameters(), torch.optim.AdamW, lr=LR, collectives="ring", bucket_cap_mb=2e-3)
+    res["zero2/clip"] = train(m, opt, world_size, rank, clip=CLIP)
+    m = ours_ddp()
+    res["ddp/clip"] = train(m, adamw(m.parameters()), world_size, rank, clip=CLIP)
+
+    # ZeRO-2 checkpoint: consolidate to rank 0, load the full state everywhere, train on
+    m = copy.deepcopy(base)
+    opt = Zero2Optimizer(m.parameters(), torch.optim.AdamW, lr=LR, collectives="ring", bucket_cap_mb=2e-3)
+    train(m, opt, world_size, rank, steps=4)
+    opt.consolidate_state_dict(to=0)
+    full = [opt.state_dict() if rank == 0 else None]
+    torch.distributed.broadcast_object_list(full, src=0)
+    res["zero2-state"] = full[0]
+    m2 = copy.deepcopy(base)
+    m2.load_state_dict(m.state_dict())
+    opt2 = Zero2Optimizer(m2.parameters(), torch.optim.AdamW, lr=LR, collectives="ring", bucket_cap_mb=2e-3)
+    opt2.load_state_dict(full[0])
+    res["zero2-resumed"] = train(m2, opt2, world_size, rank, steps=STEPS - 4, skip=4)
+
     # checkpoint: consolidate on rank 0, load the full state on every rank of fresh optimizers, train on
     m = ours_ddp()
     opt = zero1(m.parameters(), collectives="ring")
@@ -178,6 +204,12 @@ def _worker(rank, world_size, out_path):
     opt2.load_state_dict(full[0])
     res["zero1-resumed"] = train(m2, opt2, world_size, rank, steps=STEPS - 4, skip=4)
     res["n-state"] = len(opt2.optim.state)
+    res["errors"] = []  # bad calls raise clear errors, on every rank alike
+    for call in (opt2.state_dict, lambda: opt2.load_state_dict({"state": {}, "param_groups": []})):
+        try:
+            call()
+        except (RuntimeError, ValueError) as e:
+            res["errors"].append((type(e).__name__, str(e)))
     torch.save(res, f"{out_path}.rank{rank}")
 
 
@@ -199,6 +231,10 @@ def test_zero_equals_ddp_torch_and_one_process(tmp_path, world_size):
             got = res["zero1/torch-ddp"][name]
             assert torch.equal(got, res["torch-zero/torch-ddp"][name]), ("torch ddp", r, name)
             assert torch.equal(got, per_rank[0]["zero1/torch-ddp"][name]), "replicas diverged"
+            diff = (res["zero2/clip"][name] - res["ddp/clip"][name]).abs().max().item()
+            assert diff <= 1e-6, ("zero2 clip", r, name, diff)  # the norm's sum runs in another order
+            got, want = res["zero2-resumed"][name], res["zero2/ring-small-buckets"][name]
+            assert torch.equal(got, want), ("zero2 resumed", r, name, (got - want).abs().max())
             for case in ("zero2/torch", "zero2/ring-small-buckets"):  # other sums' orders on 3 ranks
                 diff = (res[case][name] - res["ddp"][name]).abs().max().item()
                 assert diff <= (0 if world_size == 2 else 1e-6), (case, r, name, diff)
@@ -212,14 +248,21 @@ def test_zero_equals_ddp_torch_and_one_process(tmp_path, world_size):
         assert res["zero2/ring/buckets"] == 1 and res["zero2/ring-small-buckets/buckets"] > 3
         n_trainable = sum(p.numel() for p in single_model.parameters() if p.requires_grad)
         assert res["zero2/ring/grad-numel"] <= n_trainable / world_size + 1  # each rank keeps 1/n of the gradient
+        (kind1, msg1), (kind2, msg2) = res["errors"]
+        assert kind1 == "RuntimeError" and "consolidate_state_dict" in msg1, msg1
+        assert kind2 == "ValueError" and "parameter groups" in msg2, msg2
         # each rank held optimizer state for its shard only
         assert 0 < res["n-state"] < len([p for p in single_model.parameters() if p.requires_grad])
+    clipping = max((per_rank[0]["ddp/clip"][k] - per_rank[0]["ddp"][k]).abs().max().item() for k in single)
+    assert clipping > 1e-3, "clipping must change the result, or the clip comparison proves nothing"
     # the consolidated state dict is plain AdamW's, element for element
     ours, plain = per_rank[0]["zero1-state"], single_opt.state_dict()
     assert ours["param_groups"] == per_rank[0]["ddp-optim-state"]["param_groups"]
     assert sorted(ours["state"]) == sorted(plain["state"])
     ddp_state = per_rank[0]["ddp-optim-state"]["state"]
-    for i, s in ours["state"].items():
+    zero2 = per_rank[0]["zero2-state"]
+    assert zero2["param_groups"] == ours["param_groups"] and sorted(zero2["state"]) == sorted(ours["state"])
+    for i, s in [*ours["state"].items(), *zero2["state"].items()]:
         for k, v in s.items():
             assert v.shape == ddp_state[i][k].shape and v.dtype == ddp_state[i][k].dtype, (i, k)
     # the test can fail: training moved the weights well beyond the tolerance
