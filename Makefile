@@ -4,8 +4,17 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-# The CPU wheel of torch; pinned here (not in pyproject.toml) so GPU users keep their CUDA build.
+# torch, pinned here (not in pyproject.toml) so GPU users keep their CUDA build.
 TORCH  ?= torch==2.13.0
+# Where torch comes from (docs/setup.md): on Linux without an NVIDIA GPU, PyTorch's CPU wheel index
+# (a ~200 MB wheel instead of a multi-GB CUDA build); with one (nvidia-smi lists a GPU), and on macOS
+# (whose wheels are CPU builds), the default index. When the CPU index cannot be reached (this
+# project's machines, behind a registry mirror), pip gives up on it within seconds (--timeout 5
+# --retries 0) and the plain install of today runs. Override: TORCH_INDEX= (default index) or a URL.
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+HAS_NVIDIA_GPU := $(shell nvidia-smi -L 2>/dev/null | grep -q '^GPU' && echo yes)
+TORCH_INDEX ?= $(if $(HAS_NVIDIA_GPU),,$(if $(filter Linux,$(shell uname -s)),$(TORCH_CPU_INDEX),))
+PIP    := $(BIN)/python -m pip install --quiet
 
 NPROC  ?= 2
 # AG News: the CSVs in ../shared/ag_news when they are there, else the Hugging Face hub
@@ -13,13 +22,13 @@ DATA   ?= $(if $(wildcard ../shared/ag_news/train.csv),../shared/ag_news,)
 MODEL  ?= minilm-l6
 MAIN_ARGS ?= --max-train-samples 4000 --max-length 64 --batch-size 16 --epochs 1 --lr 1e-4
 
-.PHONY: install main test test-gpu lint bench bench-gpu doctor exercise clean
+.PHONY: install main test test-gpu gpu-check lint bench bench-gpu doctor exercise clean
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet "$(TORCH)"
+	$(if $(TORCH_INDEX),$(PIP) --timeout 5 --retries 0 --index-url $(TORCH_INDEX) "$(TORCH)" || ,)$(PIP) "$(TORCH)"
 	$(BIN)/python -m pip install --quiet -e ".[offline,dev]"
 	touch $@
 
@@ -30,9 +39,14 @@ main: install
 test: install lint
 	$(BIN)/python -m pytest -q
 
-# On a machine with two CUDA GPUs (a CUDA build of torch: make install TORCH=torch)
+# On a machine with CUDA GPUs (a CUDA build of torch: make install TORCH=torch): every tier it can run,
+# the one-GPU tier on one GPU, both on two (tests/gpu/conftest.py skips the rest, saying why)
 test-gpu: install
 	$(BIN)/python -m pytest -q -m gpu tests/gpu
+
+# The first GPU we get: GPU tests, short NCCL trainings (fp16, bf16), the doctor, the step benchmark; one summary
+gpu-check: install
+	$(BIN)/python -m experiments.gpu_check
 
 # One exercise's tests against your file: make exercise NAME=step1_explicit (no NAME: the list; docs/exercises.md)
 exercise: install

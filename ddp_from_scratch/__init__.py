@@ -20,6 +20,10 @@ optimisations or corner cases a first pass may leave for later, with the reason 
 15. reducer.py             - the state of one backward: hooks, ready marks, launches, the final wait, rebuild
 16. join.py                - skip: uneven inputs: ranks that run out of data early keep the others from hanging
 17. ddp.py                 - the wrapper: wrap-time checks, forward, no_sync, join; backward is the reducer's
+18. zero.py                - beyond DDP, ZeRO-1: each rank keeps optimizer state for its shard only, shares the update
+19. flat_param.py          - a unit's parameters as one flat tensor in n equal shards; all-gather, reduce-scatter
+20. zero2.py               - ZeRO-2: each bucket reduce-scattered, so each rank keeps its gradient shard only
+21. fsdp.py                - FSDP (ZeRO-3): parameters sharded too, each unit gathered just before it computes
 """
 
 from __future__ import annotations

@@ -33,7 +33,9 @@ Two forms of the same ring, read them in this order:
    with other jobs (load average ~8), so a rough figure; rerun on an idle machine with
    `python docs/examples/ring_forms.py --nproc 2 --mib 25 --reps 20`. Both forms give the same
    sums (tests/test_ddp_equivalence.py runs the DDP with each).
-NCCL ignores message tags, so on GPUs run our collectives from one thread in order (work.py does).
+NCCL ignores message tags, so on GPUs our collectives of one group run from one thread in order: a
+blocking call while work.py's worker still issues launched ones on the group is refused (`check`),
+and work.py runs them on its own CUDA stream (its stream rules).
 
 Every call here blocks until this rank has its result. Every message carries the operation's
 *tag*, taken from a per-group counter in call order (`next_tag`): every rank calls in the same
@@ -71,16 +73,18 @@ GROUPED_STEPS = False  # True: the grouped form (`_ring_grouped`) on the CPU too
 
 @torch.no_grad()
 def _ring_grouped(flat: torch.Tensor, group, tag: int, op, reduce_steps: int, gather_steps: int) -> None:
-    """The same ring for NCCL (CUDA tensors): one whole chunk per step, the step's send and receive
-    handed to the backend together (`dist.batch_isend_irecv`, NCCL's group call).
+    """The plain ring, for every backend (the one NCCL always takes): one whole chunk per step, the
+    step's send and receive handed to the backend together (`dist.batch_isend_irecv`, NCCL's group call).
 
     Why not the streamed form: an NCCL send blocks its stream until the peer has posted the matching
     receive, so if every rank issued its send first, all would wait forever; grouped, NCCL starts both
     at once. NCCL cuts a chunk into pieces itself, so ours are not needed.
     Streams: the ops of this function run on the calling thread's current CUDA stream (NCCL's internal
-    stream waits for it at each launch, and `Work.wait()` makes it wait for NCCL), so each step's add
-    sees the received chunk and the next step's send sees the sum. work.py makes sure that the stream
-    first waits for the gradients of the bucket, and that the result is finished before anyone reads it.
+    stream waits for it at each launch, and `Work.wait()` makes it wait for NCCL, without blocking the
+    host), so each step's add sees the received chunk and the next step's send sees the sum. `scratch`
+    is allocated on that same stream, so freeing it at return is safe in stream order (NCCL keeps its
+    own reference until its kernels end). Launched through work.py, that stream is the worker's own,
+    which first waits for the bucket's gradients; called directly, it is the caller's.
     """
     rank, n, nxt, prv = _neighbours(group)
     chunks = flat.tensor_split(n)
@@ -260,6 +264,14 @@ def broadcast(tensor: torch.Tensor, src: int = 0, group=None, tag: int | None = 
 
 _tags: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # ProcessGroup -> counter
 _tags_lock = threading.Lock()
+_in_flight: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # ProcessGroup -> launched CUDA ops not yet issued
+
+
+def count_in_flight(group, delta: int) -> None:
+    """work.py's interface: +1 when it launches an operation on CUDA tensors of `group`, -1 once the
+    worker has issued all of its NCCL calls (or it failed). `check` refuses blocking CUDA calls meanwhile."""
+    with _tags_lock:
+        _in_flight[group] = _in_flight.get(group, 0) + delta
 
 
 def next_tag(group=None) -> int:
@@ -274,12 +286,19 @@ def next_tag(group=None) -> int:
         return (1 << 30) + next(counter) % (1 << 30)
 
 
-def check(tensor: torch.Tensor, op=SUM, group=None, tag: int | None = None):
+def check(tensor: torch.Tensor, op=SUM, group=None, tag: int | None = None, launched: bool = False):
     """Validate what every public function takes; return (process group, tag) to use.
 
-    Raises: RuntimeError (no process group), TypeError (not a tensor, dtype not in DTYPES, AVG
-    on int64: the mean of integers is no integer, gloo refuses it too; use SUM and divide as you
-    see fit), ValueError (op not SUM/AVG/MAX, tensor not contiguous, neither on the CPU nor on CUDA).
+    `launched`: work.py is launching it (it takes the tag now and orders it on its worker).
+    A call with `tag=None` on a CUDA tensor is a blocking one from the caller's thread: over NCCL it
+    must not run while work.py's worker is still issuing launched operations of the same group (the
+    two threads would interleave differently on each rank), so it is refused then.
+
+    Raises: RuntimeError (no process group; a blocking CUDA collective while launched ones of the
+    group are still being issued: `work.launch(...).wait()` it instead), TypeError (not a tensor,
+    dtype not in DTYPES, AVG on int64: the mean of integers is no integer, gloo refuses it too; use
+    SUM and divide as you see fit), ValueError (op not SUM/AVG/MAX, tensor not contiguous, neither
+    on the CPU nor on CUDA).
     """
     if not dist.is_initialized():
         raise RuntimeError("no process group: call torch.distributed.init_process_group first")
@@ -296,6 +315,13 @@ def check(tensor: torch.Tensor, op=SUM, group=None, tag: int | None = None):
     if tensor.device.type not in ("cpu", "cuda"):
         raise ValueError(f"tensor must be on the CPU (gloo) or a CUDA GPU (NCCL), got {tensor.device}")
     group = group if group is not None else dist.group.WORLD
+    if tensor.is_cuda and tag is None and not launched and _in_flight.get(group, 0):
+        raise RuntimeError(
+            "a blocking collective on CUDA tensors was called while launched ones (work.py) of the same process "
+            "group are still being issued on its worker thread; over NCCL the two threads would order their "
+            "operations differently on each rank (a hang or wrong sums). Launch this one too, "
+            "`work.launch(collective, tensor).wait()`, or wait() for the launched ones first."
+        )
     return group, (next_tag(group) if tag is None else tag)
 
 

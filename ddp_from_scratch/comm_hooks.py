@@ -79,6 +79,8 @@ def torch_all_reduce(process_group) -> Callable[[torch.Tensor], torch.futures.Fu
     """`dist.all_reduce(SUM, async_op=True)` as a launcher whose future's value is the tensor itself."""
 
     def launch(tensor: torch.Tensor) -> torch.futures.Future:
+        # NCCL: the collective runs on ProcessGroupNCCL's own stream after an event of this one; its
+        # future carries the device, so `.then()` and `wait()` synchronise streams (no host sync)
         work = dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=process_group, async_op=True)
         return work.get_future().then(lambda fut: fut.value()[0])
 
@@ -133,7 +135,7 @@ def _compress_hook(dtype: torch.dtype):
         # fp16 range (max 65504) is not exceeded by adding world_size gradients.
         compressed = bucket.buffer.to(dtype).div_(state.world_size)
         fut = state.all_reduce(compressed)
-        return fut.then(lambda f: bucket.buffer.copy_(f.value()))  # decompress into the bucket
+        return fut.then(lambda f: _decompress(f, bucket.buffer))
 
     hook.__name__ = f"{str(dtype).removeprefix('torch.')}_compress_hook"
     hook.__doc__ = (
@@ -141,6 +143,22 @@ def _compress_hook(dtype: torch.dtype):
         f"rounding every gradient to {dtype} (torch's `default_hooks.{hook.__name__}`)."
     )
     return hook
+
+
+def _decompress(fut: torch.futures.Future, buffer: torch.Tensor) -> torch.Tensor:
+    """`.then()` callback: copy the reduced 16-bit tensor back into the float32 bucket `buffer`.
+
+    Streams (CUDA): the callback runs with a pool stream current that already waits for the
+    all-reduce (both futures carry their devices: NCCL's, and work.py's), so reading `fut.value()`
+    here is safe and the future records the compressed tensor on this stream before it can be
+    freed. `buffer` was allocated on the default stream and is written on this one: record it
+    here, or rebuilt buckets could free it while the copy is still queued. The future this
+    callback returns records its own event on this stream, which the reducer's `wait()` waits for.
+    """
+    reduced = fut.value()
+    if buffer.is_cuda:
+        buffer.record_stream(torch.cuda.current_stream(buffer.device))
+    return buffer.copy_(reduced)  # decompress into the bucket
 
 
 fp16_compress_hook = _compress_hook(torch.float16)

@@ -53,7 +53,7 @@ from torch.autograd import Variable
 from . import debug
 from .bucket import Bucket, build_buckets, rebuild_in_ready_order
 from .comm_hooks import CommState
-from .replicas import broadcast_from
+from .replicas import broadcast_from, check_same_numel
 from .sparse import EmbeddingRows, exchange
 from .unused import missing_gradients_error
 
@@ -282,6 +282,7 @@ class Reducer:
                 bucket.nbytes,
                 self.comm_state.peers,
                 start,
+                device=self.device,
             )
 
     def _all_reduce_local_used_map(self, used: bytearray) -> torch.futures.Future:
@@ -304,6 +305,7 @@ class Reducer:
                 counts.numel() * counts.element_size(),
                 self.comm_state.peers,
                 start,
+                device=self.device,
             )
         return future
 
@@ -373,6 +375,7 @@ class Reducer:
 
         def broadcast(order: torch.Tensor) -> None:
             start = debug.now()
+            check_same_numel(order, self.process_group, "the bucket rebuild's ready order")  # NCCL checks no sizes
             broadcast_from([order], 0, self.process_group)
             if self.debug:
                 debug.log_broadcast(self.rank, self.world_size, 0, "bucket-order", [order], start)

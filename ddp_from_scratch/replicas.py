@@ -63,3 +63,26 @@ def broadcast_from(tensors: list[torch.Tensor], src: int = 0, group=None) -> Non
             for t in group_tensors:
                 t.copy_(flat[offset : offset + t.numel()].view_as(t))
                 offset += t.numel()
+
+
+def check_same_numel(tensor: torch.Tensor, group=None, what: str = "the tensor") -> None:
+    """Before broadcasting a tensor whose length each rank computed itself: check that the lengths agree.
+
+    gloo compares the sizes of a broadcast and raises; NCCL does not: with different lengths it reads
+    or writes past the shorter buffer, or hangs. So on any backend but gloo, every rank all-gathers the
+    element counts (one int64 per rank, on `tensor`'s device) and all raise together if they differ.
+    Raises: RuntimeError on every rank, naming each rank's count.
+    """
+    if dist.get_backend(group) == "gloo" or dist.get_world_size(group) == 1:
+        return
+    n = dist.get_world_size(group)
+    mine = torch.tensor([tensor.numel()], dtype=torch.int64, device=tensor.device)
+    everyone = torch.empty(n, dtype=torch.int64, device=tensor.device)
+    dist.all_gather_into_tensor(everyone, mine, group=group)
+    counts = everyone.tolist()
+    if len(set(counts)) > 1:
+        raise RuntimeError(
+            f"DistributedDataParallel: {what} has a different length on each rank ({counts}, by rank) before a "
+            "broadcast, which NCCL would not catch. The ranks disagree on which parameters got gradients; "
+            "check that every rank runs the same model and the same backward."
+        )

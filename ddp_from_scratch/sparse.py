@@ -142,6 +142,11 @@ def exchange(table: EmbeddingRows, comm: CommState, rank: int, name: str, contri
         contribute: False for a rank that joined (join.py): it sends nothing (0 rows, or zeros
             in the dense all-reduce) and leaves its gradient alone.
         break_even: sparse while the all-gather sends at most this share of the all-reduce's bytes.
+    Streams (CUDA): counts, indices and values are made on the caller's current stream and handed
+    to `comm`'s collectives, which record them on the stream they run on (work.py's rule 3, or NCCL's
+    own); every `.wait()` below is a future's wait, which makes the current stream wait for the
+    collective (no host sync). The one host sync is `counts.tolist()`: the sparse-or-dense decision
+    needs the numbers on the CPU, the same on every rank.
     Returns: one record {"bucket": "sparse:<name>", "mode": "sparse"|"dense"|"none", "rows" (K),
         "bytes" (put into the collectives by this rank), "sent_bytes" (sent per rank by the ring
         algorithms: (n-1) K (D b + 8), or 2 (n-1)/n V D b for dense), "launch", "done"
@@ -167,7 +172,7 @@ def exchange(table: EmbeddingRows, comm: CommState, rank: int, name: str, contri
     counts = torch.zeros(n, 2, dtype=torch.int64, device=w.device)
     counts[rank, 0], counts[rank, 1] = rows.numel(), int(dirty)
     comm.all_gather(counts).wait()
-    k = counts[:, 0].tolist()
+    k = counts[:, 0].tolist()  # CUDA: copies on the current stream, which now waits for the all-gather
     K, any_dirty = max(k), bool(counts[:, 1].any())
     V, D = w.shape
     row_bytes = D * w.element_size()

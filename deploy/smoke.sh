@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
-# Build the server image, start it, wait for /ready, classify one text; print the image size, the
-# seconds from `docker run` to ready, the container's memory, and how it shuts down (docker stop).
+# Build the server image, start it, wait for /ready, classify one text, then a burst; print the
+# image size, the seconds from `docker run` to ready, the server's memory (RSS after the first
+# prediction, and its peak after the burst) and how it shuts down (docker stop).
 #
-#   bash deploy/smoke.sh                                  # a tiny random checkpoint: checks the image works
-#   bash deploy/smoke.sh runs/compare/scratch/checkpoint  # bake a trained checkpoint in
+#   bash deploy/smoke.sh                  # a tiny random checkpoint: checks the image works
+#   bash deploy/smoke.sh minilm-l6        # all-MiniLM-L6-v2 (needs the `offline` extra here)
+#   bash deploy/smoke.sh distilbert       # DistilBERT's size: a default DistilBertConfig, random weights
+#   bash deploy/smoke.sh runs/compare/scratch/checkpoint   # bake a trained checkpoint in
 #   TORCH_WHEEL_FILE=/opt/wheels/torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl bash deploy/smoke.sh
-#       (a local torch wheel instead of PyTorch's CPU index, for machines that cannot reach it)
+#       (a local torch wheel instead of PyTorch's CPU index, for machines that cannot reach it;
+#        it is linked into deploy/wheels/ for the build's first stage and removed afterwards)
 #
 # Needs docker (on this project's machines: bash ../shared/tools/docker-python-base.sh first).
 set -euo pipefail
@@ -13,23 +17,41 @@ cd "$(dirname "$0")/.."
 IMAGE=${IMAGE:-distrinews-server}
 PORT=${PORT:-7860}
 PY=$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)
+WHAT=${1:-tiny}
 
 rm -rf deploy/checkpoint && mkdir -p deploy/checkpoint
-if [ -n "${1:-}" ]; then
-  cp -r "$1"/. deploy/checkpoint/
-else  # a randomly initialised tiny model: answers are meaningless, but every part of the image runs
-  "$PY" - <<'PYEOF'
+if [ -d "$WHAT" ]; then
+  cp -r "$WHAT"/. deploy/checkpoint/
+else  # tiny and distilbert: random weights, meaningless answers, the real sizes and code paths
+  "$PY" - "$WHAT" <<'PYEOF'
+import sys
 import torch
+from transformers import AutoModelForSequenceClassification, DistilBertConfig
 from experiments.checkpoint import save_checkpoint
-from experiments.model import build_model, build_tokenizer
+from experiments.model import ID2LABEL, LABELS, build_model, build_tokenizer
+what = sys.argv[1]
 torch.manual_seed(0)
-tok = build_tokenizer("tiny")
-save_checkpoint(build_model("tiny", vocab_size=len(tok)), tok, "deploy/checkpoint", {"model": "tiny", "max_length": 64})
+if what == "tiny":
+    tok = build_tokenizer("tiny")
+    model = build_model("tiny", vocab_size=len(tok))
+elif what == "minilm-l6":  # the pre-trained weights of the `offline` package, untrained head
+    tok, model = build_tokenizer("minilm-l6"), build_model("minilm-l6")
+elif what == "distilbert":  # distilbert-base-uncased's shape (66M parameters); BERT's uncased vocabulary
+    tok = build_tokenizer("minilm-l6")  # the same 30,522 tokens; the hub is not reachable from here
+    config = DistilBertConfig(num_labels=len(LABELS), id2label=ID2LABEL, label2id={v: k for k, v in ID2LABEL.items()})
+    model = AutoModelForSequenceClassification.from_config(config)
+else:
+    sys.exit(f"error: {what!r} is neither a checkpoint directory nor one of tiny, minilm-l6, distilbert")
+save_checkpoint(model, tok, "deploy/checkpoint", {"model": what, "max_length": 128 if what != "tiny" else 64})
+print(f"checkpoint: {what}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters")
 PYEOF
 fi
+git checkout -- deploy/checkpoint/README 2>/dev/null || true  # the placeholder git keeps
 build_args=()
 if [ -n "${TORCH_WHEEL_FILE:-}" ]; then
-  cp "$TORCH_WHEEL_FILE" deploy/wheels/
+  wheel="deploy/wheels/$(basename "$TORCH_WHEEL_FILE")"
+  ln -f "$TORCH_WHEEL_FILE" "$wheel" 2>/dev/null || cp "$TORCH_WHEEL_FILE" "$wheel"
+  trap 'rm -f "$wheel"' EXIT
   build_args+=(--build-arg "TORCH_WHEEL=$(basename "$TORCH_WHEEL_FILE")")
 fi
 t_build=$(date +%s)
@@ -39,17 +61,23 @@ echo "built $IMAGE in $(( $(date +%s) - t_build )) s; image size $(docker image 
 
 t0=$(date +%s.%N)
 cid=$(docker run -d --network host -e PORT="$PORT" "$IMAGE")
-trap 'docker rm -f "$cid" >/dev/null 2>&1 || true' EXIT
-for _ in $(seq 600); do
+trap 'docker rm -f "$cid" >/dev/null 2>&1 || true; rm -f "${wheel:-}"' EXIT
+for _ in $(seq 1200); do
   if curl -sf "http://127.0.0.1:$PORT/ready" >/dev/null; then break; fi
   if [ "$(docker inspect -f '{{.State.Running}}' "$cid")" != true ]; then docker logs "$cid"; exit 1; fi
   sleep 0.1
 done
-curl -sf "http://127.0.0.1:$PORT/ready" >/dev/null || { docker logs "$cid"; echo "not ready after 60 s"; exit 1; }
+curl -sf "http://127.0.0.1:$PORT/ready" >/dev/null || { docker logs "$cid"; echo "not ready after 120 s"; exit 1; }
 echo "ready $(echo "$(date +%s.%N) - $t0" | bc) s after docker run"
 echo "predict: $(curl -s -X POST "http://127.0.0.1:$PORT/predict" -H 'content-type: application/json' \
   -d '{"text": "Stocks fell sharply after the central bank raised interest rates."}')"
-echo "memory: $(docker stats --no-stream --format '{{.MemUsage}}' "$cid")"
+rss() { docker exec "$cid" sh -c "grep $1 /proc/1/status" | awk '{printf "%.0f MiB", $2/1024}'; }  # PID 1: the server
+echo "memory after the first prediction: RSS $(rss VmRSS) (docker stats: $(docker stats --no-stream --format '{{.MemUsage}}' "$cid"))"
+# A burst: 64 concurrent requests of 128 tokens each, so the batcher runs full batches (64 texts x 128 tokens)
+long=$("$PY" -c 'import json; print(json.dumps({"text": " ".join(["markets rallied as rates fell"] * 40)}))')
+seq 64 | xargs -P 64 -I{} curl -s -o /dev/null -X POST "http://127.0.0.1:$PORT/predict" \
+  -H 'content-type: application/json' -d "$long"
+echo "memory after a burst of 64 concurrent 128-token requests: RSS $(rss VmRSS), peak RSS $(rss VmHWM)"
 t_stop=$(date +%s.%N)
 docker stop "$cid" >/dev/null
 echo "docker stop (SIGTERM): exit code $(docker inspect -f '{{.State.ExitCode}}' "$cid") after $(echo "$(date +%s.%N) - $t_stop" | bc) s"

@@ -12,7 +12,9 @@ writes (`<out>/comparison.md`, `<out>/comparison.json`) one table: samples/s, ti
 per epoch, speedup over 1 process, parallel efficiency (speedup / N), validation
 and test accuracy, and the largest absolute difference between the native and the
 hand-written final weights (0 up to float rounding: same data, same dropout masks,
-same averaged gradients).
+same averaged gradients). Each run also writes TensorBoard events into its folder:
+`tensorboard --logdir runs/compare` shows the three curves (loss, learning rate, samples/s, step
+time; bytes and exposed communication per step for the two DDPs) side by side.
 """
 
 from __future__ import annotations
@@ -27,6 +29,9 @@ import sys
 import torch
 from safetensors.torch import load_file
 
+from .errors import DistriNewsError, UsageError, exit_code
+from .launch import torchrun_command
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
@@ -38,7 +43,14 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=16, help="micro-batch per rank")
     p.add_argument("--out", default=os.path.join("runs", "compare"), help="directory for the three runs and the table")
     p.add_argument("--runs", default="none,native,scratch", help="comma-separated subset of none,native,scratch")
+    p.add_argument("--cluster", metavar="NODESxRANKS", help="DDP runs on the emulated cluster (experiments/cluster.py)")
+    p.add_argument("--link", default="1gbit", help="with --cluster: each node's link rate (tc units), or none")
     args, train_args = p.parse_known_args(argv)
+    if args.cluster:  # the world size is the cluster's; `none` keeps the same global batch
+        nodes, _, ranks = args.cluster.partition("x")
+        if not (nodes.isdigit() and ranks.isdigit()):
+            p.error(f"--cluster {args.cluster!r}: write NODESxRANKS, e.g. 2x1 (2 nodes, 1 rank each)")
+        args.nproc = int(nodes) * int(ranks)
     if args.nproc < 1:
         p.error("--nproc must be at least 1")
     args.runs = [r.strip() for r in args.runs.split(",") if r.strip()]
@@ -52,40 +64,24 @@ def command(kind: str, nproc: int, batch_size: int, out_dir: str, train_args: li
     """The exact command line of one run (printed, so a learner can rerun it alone)."""
     # no snapshots: a comparison always starts afresh, and three runs' snapshots of minilm-l6
     # (about 270 MB each) would only fill the disk
-    common = ["--output-dir", out_dir, "--no-snapshots", *train_args]
+    # TensorBoard events in each run's folder: `tensorboard --logdir <out>` shows the three runs together
+    # (a later --report-to in train_args wins)
+    common = ["--output-dir", out_dir, "--no-snapshots", "--report-to", "tensorboard", *train_args]
     if kind == "none":  # one process trains on the whole global batch
-        return [
-            sys.executable,
-            "-m",
-            "experiments.train",
-            "--ddp",
-            "none",
-            "--batch-size",
-            str(batch_size * nproc),
-            *common,
-        ]
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc_per_node={nproc}",
-        "-m",
-        "experiments.train",
-        "--ddp",
-        kind,
-        "--batch-size",
-        str(batch_size),
-        *common,
-    ]
+        return [sys.executable, "-m", "experiments.train", "--ddp", "none", "--batch-size", str(batch_size * nproc),
+                *common]  # fmt: skip
+    return torchrun_command(nproc, "experiments.train", ["--ddp", kind, "--batch-size", str(batch_size), *common])
 
 
 def max_weight_difference(dir_a: str, dir_b: str) -> float:
-    """Largest |a - b| over all weights of two checkpoints (model.safetensors)."""
+    """Largest |a - b| over all weights of two checkpoints (model.safetensors).
+
+    Raises: UsageError if they hold different tensors.
+    """
     a = load_file(os.path.join(dir_a, "model.safetensors"))
     b = load_file(os.path.join(dir_b, "model.safetensors"))
     if a.keys() != b.keys():
-        raise ValueError(f"checkpoints {dir_a} and {dir_b} hold different tensors")
+        raise UsageError(f"checkpoints {dir_a} and {dir_b} hold different tensors: not two runs of one model")
     return max(float((a[k].double() - b[k].double()).abs().max()) if a[k].numel() else 0.0 for k in a)
 
 
@@ -99,7 +95,7 @@ def table(summaries: dict, weight_diff: float | None) -> str:
     ]
     for kind, s in summaries.items():
         speedup = s["samples_per_s"] / base if base else None
-        fmt = lambda x, f: "-" if x is None else format(x, f)  # noqa: E731
+        fmt = lambda x, f: "-" if x is None else format(x, f)
         rows.append(
             f"| {kind} | {s['world_size']} | {s['samples_per_s']:.1f} | "
             f"{sum(s['epoch_times_s']) / len(s['epoch_times_s']):.1f} | {fmt(speedup, '.2f')} | "
@@ -126,31 +122,42 @@ def main(argv=None) -> int:
         # a comparison always trains from scratch: drop the snapshots an earlier comparison left here
         shutil.rmtree(os.path.join(out_dir, "snapshots"), ignore_errors=True)
         cmd = command(kind, args.nproc, args.batch_size, out_dir, train_args)
+        if args.cluster and kind != "none":
+            from experiments.cluster import wrap_torchrun
+
+            cmd = wrap_torchrun(cmd, args.cluster, args.link)
         print(f"\n=== {kind}: {' '.join(cmd)}", flush=True)
         env = dict(os.environ)
         if kind != "none":
             env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc)))
-        if subprocess.run(cmd, env=env).returncode != 0:
+        status = subprocess.run(cmd, env=env).returncode
+        if status != 0:  # experiments.train's status follows the same policy (errors.py): pass it on
             print(
                 f"error: the {kind} run failed (its output is above); rerun it alone with the command shown.",
                 file=sys.stderr,
             )
-            return 1
+            return status
         with open(os.path.join(out_dir, "summary.json")) as f:
             summaries[kind] = json.load(f)
     diff = None
     if {"native", "scratch"} <= summaries.keys() and all("checkpoint" in summaries[k] for k in ("native", "scratch")):
-        diff = max_weight_difference(summaries["native"]["checkpoint"], summaries["scratch"]["checkpoint"])
+        try:
+            diff = max_weight_difference(summaries["native"]["checkpoint"], summaries["scratch"]["checkpoint"])
+        except DistriNewsError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return exit_code(e)
     md = table(summaries, diff)
     header = (
         f"Machine: {os.cpu_count()} CPU cores, torch {torch.__version__}, "
         f"{'CUDA' if torch.cuda.is_available() else 'no GPU'}.\n"
-        f"Command: python -m experiments.compare {' '.join(argv if argv is not None else sys.argv[1:])}\n\n"
+        + (f"Topology: DDP runs on {args.cluster} emulated nodes x ranks, links {args.link}.\n" if args.cluster else "")
+        + f"Command: python -m experiments.compare {' '.join(argv if argv is not None else sys.argv[1:])}\n\n"
     )
     with open(os.path.join(args.out, "comparison.md"), "w") as f:
         f.write(header + md + "\n")
     with open(os.path.join(args.out, "comparison.json"), "w") as f:
-        json.dump({"runs": summaries, "max_weight_diff_native_vs_scratch": diff}, f, indent=2)
+        topology = {"cluster": args.cluster, "link": args.link if args.cluster else None}
+        json.dump({"runs": summaries, "max_weight_diff_native_vs_scratch": diff, **topology}, f, indent=2)
     print("\n" + header + md)
     print(f"\nwritten: {os.path.join(args.out, 'comparison.md')}")
     return 0

@@ -26,6 +26,7 @@ import datasets
 from datasets import ClassLabel, DatasetDict, Features, List, Value
 from transformers import DataCollatorWithPadding
 
+from .errors import DataError  # defined with the other error types; importable from here as before
 from .hub import unreachable_reason
 from .model import LABELS
 
@@ -43,10 +44,6 @@ CSV_FORM = 'the original ag_news_csv form: rows "class","title","description", n
     LABELS
 )
 OFFLINE_HINT = "--data-dir ../shared/ag_news (a directory with train.csv and test.csv in the original ag_news_csv form)"
-
-
-class DataError(Exception):
-    """Bad or unreachable input data; the message names the file (and line) and the fix."""
 
 
 def clean_text(text: str) -> str:

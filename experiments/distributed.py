@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import datetime
 import os
+import pickle
 import platform
-import socket
 import sys
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from .errors import DistributedSetupError
+from .launch import free_port
 
 
 @dataclass
@@ -47,27 +50,56 @@ class DistEnv:
         return bool(self.backend)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def choose_backend(requested: str | None, local_world_size: int) -> str:
     """NCCL when CUDA is there and every rank on this machine has its own GPU; gloo otherwise.
 
     Raises:
-        SystemExit: nccl was requested but there are fewer GPUs than local ranks.
+        DistributedSetupError: nccl was requested but there are fewer GPUs than local ranks.
     """
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if one_gpu_per_process(gpus, local_world_size):
+        gpus = local_world_size  # each rank sees only its own GPU: there is one per rank
     if requested in (None, "auto"):
         return "nccl" if gpus >= local_world_size > 0 and gpus > 0 else "gloo"
     if requested == "nccl" and gpus < local_world_size:
-        raise SystemExit(
+        raise DistributedSetupError(
             f"--backend nccl needs one GPU per rank: {local_world_size} ranks on this machine but "
             f"{gpus} GPU(s) visible. Use --backend gloo (CPU) or fewer processes."
         )
     return requested
+
+
+def one_gpu_per_process(visible_gpus: int, local_world_size: int) -> bool:
+    """True when a scheduler gives each process its own GPU: CUDA_VISIBLE_DEVICES names exactly one
+    device and this process sees one, while several ranks run on this machine (SLURM's
+    --gpus-per-task=1, Kubernetes' nvidia.com/gpu: 1 per container). Then LOCAL_RANK may be 1 while
+    `device_count()` is 1, and this rank's GPU is cuda:0.
+
+    Without CUDA_VISIBLE_DEVICES, one visible GPU and two local ranks means two ranks on one GPU,
+    which NCCL refuses: that stays gloo (auto) or an error (nccl).
+    """
+    names = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    return visible_gpus == 1 and local_world_size > 1 and len(names) == 1
+
+
+def rank_device(local_rank: int) -> torch.device:
+    """This rank's GPU: cuda:LOCAL_RANK when it sees every GPU of the machine, cuda:0 when it sees only its own.
+
+    Raises:
+        DistributedSetupError: LOCAL_RANK is not a visible GPU (fewer GPUs than local ranks).
+    """
+    from .errors import DistributedSetupError
+
+    gpus = torch.cuda.device_count()
+    if local_rank < gpus:
+        return torch.device("cuda", local_rank)
+    if gpus == 1:  # one_gpu_per_process: the one visible GPU is this rank's
+        return torch.device("cuda", 0)
+    raise DistributedSetupError(
+        f"LOCAL_RANK={local_rank} but this process sees {gpus} GPU(s) (CUDA_VISIBLE_DEVICES="
+        f"{os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>')}). Give every rank its own GPU: start at most "
+        f"{gpus} ranks per machine, or set CUDA_VISIBLE_DEVICES to one device per process."
+    )
 
 
 def setup(ddp: str, backend: str | None = None, timeout_s: float = 300.0) -> DistEnv:
@@ -80,19 +112,22 @@ def setup(ddp: str, backend: str | None = None, timeout_s: float = 300.0) -> Dis
             this for a peer (dead, or stuck) raises instead of hanging.
 
     Raises:
-        SystemExit: `--ddp none` launched with several processes.
+        DistributedSetupError: `--ddp none` launched with several processes, or nccl asked for
+            without a GPU.
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if ddp == "none":
         if world_size > 1:
-            raise SystemExit(
+            raise DistributedSetupError(
                 "--ddp none trains in one process; launch it without torchrun "
                 "(or --nproc_per_node=1), or pick --ddp native / --ddp scratch."
             )
         # one process: on the GPU if there is one (unless --backend gloo asks for the CPU)
         gpu = torch.cuda.is_available() and backend != "gloo"
         if backend == "nccl" and not gpu:
-            raise SystemExit("--backend nccl needs a CUDA GPU, and none is visible. Use --backend gloo (CPU).")
+            raise DistributedSetupError(
+                "--backend nccl needs a CUDA GPU, and none is visible. Use --backend gloo (CPU)."
+            )
         return DistEnv(device=torch.device("cuda", 0) if gpu else torch.device("cpu"))
     if "RANK" not in os.environ:  # plain `python -m experiments.train`: a group of one
         os.environ.update(
@@ -101,12 +136,12 @@ def setup(ddp: str, backend: str | None = None, timeout_s: float = 300.0) -> Dis
             WORLD_SIZE="1",
             LOCAL_WORLD_SIZE="1",
             MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=str(_free_port()),
+            MASTER_PORT=str(free_port()),
         )
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     backend = choose_backend(backend, int(os.environ.get("LOCAL_WORLD_SIZE", world_size)))
     if backend == "nccl":
-        device = torch.device("cuda", local_rank)
+        device = rank_device(local_rank)
         torch.cuda.set_device(device)  # before init, so NCCL binds this rank to its own GPU
     else:
         device = torch.device("cpu")
@@ -145,29 +180,39 @@ def teardown() -> None:
         dist.destroy_process_group()
 
 
+def shareable(error: Exception, prefix: str = "") -> Exception:
+    """`error` as it can travel to the other ranks (pickled): its type kept, `prefix` before its message.
+
+    The project's types (errors.py) and the built-in ones take one message argument and pickle;
+    any other type becomes a RuntimeError naming it. Callers on every rank then catch by type
+    (`except DataError`), and the entry point maps the type to its exit status.
+    """
+    message = f"{prefix}{error}"
+    try:
+        copy = type(error)(message)
+        pickle.loads(pickle.dumps(copy))
+    except Exception:  # a constructor with other arguments, or state that does not pickle
+        return RuntimeError(f"{prefix}{type(error).__name__}: {error}")
+    return copy if str(copy) == message else RuntimeError(f"{prefix}{type(error).__name__}: {error}")
+
+
 def run_on_main_first(env: DistEnv, fn):
     """Run `fn()` on rank 0, then on the other ranks (which then hit rank 0's caches).
 
-    If rank 0 fails, every rank raises SystemExit with rank 0's message instead of
+    If rank 0 fails, every rank raises rank 0's error (its type kept, see `shareable`) instead of
     waiting for it at a barrier until the timeout. If another rank fails (its machine lacks the
     data folder, say), every rank raises that rank's error, its message starting "rank k:", so
     that rank 0 reports it (only rank 0 prints errors).
     """
     if not env.distributed or env.world_size == 1:
         return fn()
-
-    def shareable(e: BaseException, prefix: str = "") -> BaseException:  # DataError keeps its type: exit 2
-        if type(e).__name__ == "DataError":
-            return type(e)(f"{prefix}{e}")
-        return SystemExit(f"{prefix}{e}" if isinstance(e, SystemExit) else f"{prefix}{type(e).__name__}: {e}")
-
     result = None
     for main_turn in (True, False):  # rank 0 first (the others wait at the all-gather), then the others
         failure = None
         if env.is_main == main_turn:
             try:
                 result = fn()
-            except (SystemExit, Exception) as e:  # noqa: BLE001 - any failure must reach the other ranks
+            except Exception as e:  # any failure must reach the other ranks
                 failure = shareable(e, "" if env.is_main else f"rank {env.rank}: ")
         failures = [None] * env.world_size
         dist.all_gather_object(failures, failure)
@@ -184,25 +229,29 @@ def all_reduce_sum(tensor: torch.Tensor, env: DistEnv) -> torch.Tensor:
     return tensor
 
 
-def decide_on_main(env: DistEnv, fn):
+def decide_on_main(env: DistEnv, fn, share=None):
     """Run `fn()` on rank 0 only and give every rank its result (broadcast as a Python object).
 
-    If `fn` raises, every rank raises the same exception (its type kept when it can be pickled),
+    Args:
+        share: what the other ranks receive of rank 0's result, `share(result)` (default: all of
+            it); rank 0 keeps the whole result (a loaded snapshot, say, sent later as tensors).
+    If `fn` raises, every rank raises the same exception (its type kept, see `shareable`),
     so a decision that fails on rank 0 (a snapshot that cannot be used, say) stops all ranks with
     rank 0's message instead of leaving them waiting.
     """
     if not env.distributed or env.world_size == 1:
         return fn()
-    box = [None, None]  # result, error
+    result, box = None, [None, None]  # what the others get, error
     if env.is_main:
         try:
-            box[0] = fn()
-        except Exception as e:  # noqa: BLE001 - any failure must reach the other ranks
-            box[1] = e
+            result = fn()
+            box[0] = share(result) if share else result
+        except Exception as e:  # any failure must reach the other ranks
+            box[1] = shareable(e)
     dist.broadcast_object_list(box, src=0)
     if box[1] is not None:
         raise box[1]
-    return box[0]
+    return result if env.is_main else box[0]
 
 
 def all_gather_object(env: DistEnv, obj) -> list:

@@ -32,6 +32,8 @@ import torch
 import torch.distributed as dist
 
 from .distributed import choose_backend
+from .errors import DistributedSetupError, DistriNewsError, exit_code
+from .launch import free_port
 
 WORKER_TIMEOUT_S = 60  # a healthy check takes seconds; a hang is cut off here
 
@@ -55,12 +57,6 @@ def facts() -> list[str]:
         f"{os.cpu_count()} CPU cores; OMP_NUM_THREADS={threads or 'unset'}, torch threads {torch.get_num_threads()}"
     )
     return lines
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def port_taken(port: int) -> bool:
@@ -98,13 +94,15 @@ def _worker(backend: str) -> None:
         fn(x)
         ms = (time.perf_counter() - t0) * 1e3
         if not torch.all(x == want):
-            raise SystemExit(f"{name} gave {x[0].item()} instead of {want} on rank {rank}: the backend is broken here")
+            raise DistriNewsError(
+                f"{name} gave {x[0].item()} instead of {want} on rank {rank}: the backend is broken here"
+            )
         if rank == 0:
             print(f"ok: {name}, {world} ranks, 256 KiB: {ms:.1f} ms", flush=True)
     y = torch.full((4,), float(rank), device=device)
     collectives.broadcast(y, src=world - 1)
     if not torch.all(y == world - 1):
-        raise SystemExit(f"our broadcast gave {y.tolist()} on rank {rank}")
+        raise DistriNewsError(f"our broadcast gave {y.tolist()} on rank {rank}")
     if rank == 0:
         print("ok: our broadcast", flush=True)
     dist.barrier()
@@ -141,18 +139,27 @@ def main(argv=None) -> int:
     p.add_argument("--master-port", type=int, default=None, help="rendezvous port (default: a free one)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: one rank
     a = p.parse_args(argv)
-    if a.worker:
-        _worker(a.worker)
-        return 0
+    try:
+        if a.worker:
+            _worker(a.worker)
+            return 0
+        return check(a.nproc, a.backend, a.master_port, p)
+    except DistriNewsError as e:  # a broken collective on a rank, say
+        print(f"FAIL: {e}", flush=True)
+        return exit_code(e)
+
+
+def check(nproc: int | None, requested_backend: str, master_port: int | None, parser) -> int:
+    """Steps 1-3 of the module docstring; the exit status (0: training will work here, 1: it will not)."""
     for line in facts():
         print(line)
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    nproc = max(2, gpus) if a.nproc is None else a.nproc
+    nproc = max(2, gpus) if nproc is None else nproc
     if nproc < 1:
-        p.error("--nproc must be at least 1")
+        parser.error("--nproc must be at least 1")
     try:
-        backend = choose_backend(a.backend, nproc)
-    except SystemExit as e:
+        backend = choose_backend(requested_backend, nproc)
+    except DistributedSetupError as e:  # a finding of the check: training will not work as asked
         print(f"FAIL: {e}")
         return 1
     problems = []
@@ -162,7 +169,7 @@ def main(argv=None) -> int:
     if backend == "gloo" and nproc * threads > cores:
         print(f"warning: {nproc} ranks x {threads} threads > {cores} cores: ranks will compete for cores "
               f"(set OMP_NUM_THREADS={max(1, cores // nproc)} or run fewer ranks)")  # fmt: skip
-    port = a.master_port or _free_port()
+    port = master_port or free_port()
     if port_taken(port):
         print(f"FAIL: port {port} on 127.0.0.1 is in use, so ranks cannot meet there. Another run (an old torchrun?) "
               f"may hold it: `ss -ltnp | grep {port}` shows which; stop it or pass another --master-port.")  # fmt: skip
@@ -172,7 +179,7 @@ def main(argv=None) -> int:
     print(out)
     if not ok and backend == "nccl" and os.environ.get("NCCL_P2P_DISABLE") != "1":
         print("NCCL failed or hung; trying again with NCCL_P2P_DISABLE=1 ...", flush=True)
-        ok, out = run_ranks(nproc, backend, _free_port(), {"NCCL_P2P_DISABLE": "1"})
+        ok, out = run_ranks(nproc, backend, free_port(), {"NCCL_P2P_DISABLE": "1"})
         print(out)
         if ok:
             print("NCCL works with peer-to-peer transfers disabled: `export NCCL_P2P_DISABLE=1` (in a notebook: "

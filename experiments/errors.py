@@ -60,6 +60,25 @@ class DistributedSetupError(UsageError):
     """The launch does not fit the options: `--ddp none` under several processes, nccl without GPUs (exit 2)."""
 
 
+class LaunchError(DistriNewsError):
+    """A process this one started (a rank of a benchmark, a training run) failed; the message holds
+    its command and the end of its output, where the ranks' tracebacks are (exit 1)."""
+
+
 def exit_code(error: BaseException) -> int:
     """The exit status for `error` under the policy above: its type's `exit_code`, else 1."""
     return getattr(error, "exit_code", EXIT_RUNTIME)
+
+
+class ClusterSetupError(UsageError):
+    """The emulated cluster (experiments/cluster.py) cannot be built here: not Linux, no root or
+    CAP_NET_ADMIN, no `ip`/`tc`; the message says what is missing (exit 2)."""
+
+
+def system_exit(error: BaseException) -> SystemExit:
+    """For an entry point that stops at once, as argparse does for a bad option: a SystemExit with
+    status `exit_code(error)` whose text is the error's message. Print the message first: Python
+    prints nothing for a numeric status."""
+    stop = SystemExit(str(error))
+    stop.code = exit_code(error)
+    return stop

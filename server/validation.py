@@ -1,14 +1,16 @@
-"""What a request must be: the JSON body read within its byte limit, its fields, each text.
+"""What a request must be: the JSON body read within its byte and time limits, its fields, each text.
 
 Each check raises starlette's HTTPException with the status and a message that says what was
-wrong and how to fix it (400: not JSON, 413: too large, 422: the wrong shape); app.py turns it
-into `{"error": ...}`. Apart from the routes so that the rules of a valid request are in one place.
+wrong and how to fix it (400: not JSON, 408: the body did not arrive in time, 413: too large,
+422: the wrong shape); routes.py turns it into `{"error": ...}`. Apart from the routes so that
+the rules of a valid request are in one place.
 """
 
 from __future__ import annotations
 
 import json
 
+import anyio
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 
@@ -27,8 +29,10 @@ def json_type(x) -> str:
     return names.get(type(x), type(x).__name__)
 
 
-async def read_json(request: Request, max_bytes: int, example: str):
-    """The parsed JSON body. Raises HTTPException 413 past `max_bytes` bytes, 400 if not JSON."""
+async def read_json(request: Request, max_bytes: int, example: str, timeout_s: float):
+    """The parsed JSON body. Raises HTTPException 413 past `max_bytes` bytes, 400 if not JSON, and
+    408 with `Connection: close` if the whole body has not arrived within `timeout_s` seconds (a
+    stalled upload: the server closes its connection rather than wait for the rest)."""
     too_big = f"the request body is over the limit of {max_bytes} bytes; send less text or split the batch"
     declared = request.headers.get("content-length")
     if declared is not None:
@@ -39,10 +43,17 @@ async def read_json(request: Request, max_bytes: int, example: str):
         if declared_bytes > max_bytes:  # refuse before reading anything
             raise HTTPException(413, too_big)
     body = bytearray()
-    async for chunk in request.stream():  # chunked uploads carry no Content-Length: count what arrives
-        body += chunk
-        if len(body) > max_bytes:
-            raise HTTPException(413, too_big)
+    with anyio.move_on_after(timeout_s) as reading:
+        async for chunk in request.stream():  # chunked uploads carry no Content-Length: count what arrives
+            body += chunk
+            if len(body) > max_bytes:
+                raise HTTPException(413, too_big)
+    if reading.cancelled_caught:
+        raise HTTPException(
+            408,
+            f"the request body did not arrive within {timeout_s:g} s ({len(body)} bytes came); send it at once",
+            headers={"Connection": "close"},
+        )
     if not body:
         raise HTTPException(400, f"the request body is empty; send JSON like {example}")
     try:

@@ -26,6 +26,7 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
 import ddp_from_scratch
 import ddp_native
+from experiments.launch import torchrun_command
 from experiments.train import optimizer_step
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -103,8 +104,8 @@ def _cli(args: list[str], tmp_path: Path, nproc: int | None = None) -> subproces
     common = ["--data-dir", str(AG_NEWS), "--model", "tiny", "--max-train-samples", "128", "--max-eval-samples", "32",
               "--max-length", "32", "--epochs", "1", "--no-test", "--no-snapshots",
               "--cache-dir", str(tmp_path / "cache")]  # fmt: skip
-    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc else []
-    cmd = [sys.executable, *launcher, "-m", "experiments.train", *common, *args]
+    one = [sys.executable, "-m", "experiments.train", *common, *args]
+    cmd = torchrun_command(nproc, "experiments.train", [*common, *args]) if nproc else one
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=180,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]

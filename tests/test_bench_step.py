@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from experiments.bench.common import IMPLS
+from experiments.bench.common.wrappers import IMPLS
 from experiments.bench.step import QUICK, run
 
 

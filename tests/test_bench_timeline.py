@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 
-from experiments.bench.common import measure, overlap
+from experiments.bench.common.intervals import overlap, union_length
 from experiments.bench.timeline import IMPLS, run
 
 
 def test_union_and_overlap_arithmetic():
-    assert measure([(0, 2), (1, 3), (5, 6)]) == 4
+    assert union_length([(0, 2), (1, 3), (5, 6)]) == 4
     events = [
         {"impl": "x", "rank": 0, "step": 0, "kind": "backward", "start": 0.0, "end": 10.0},
         {"impl": "x", "rank": 0, "step": 0, "kind": "allreduce", "bucket": 0, "bytes": 4, "start": 2.0, "end": 5.0},

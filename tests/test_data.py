@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from experiments.data import DataError, load_ag_news, make_collator, tokenize
+from experiments.errors import ModelLoadError
 from experiments.model import LABELS, build_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -143,7 +144,7 @@ def test_hub_out_of_reach_fails_in_seconds(monkeypatch, load):
         with pytest.raises(DataError, match=r"unreachable.*127.0.0.1:9.*--data-dir .*--model minilm-l6"):
             load_ag_news()
     else:
-        with pytest.raises(SystemExit, match=r"(?s)unreachable.*127.0.0.1:9.*--model minilm-l6"):
+        with pytest.raises(ModelLoadError, match=r"(?s)unreachable.*127.0.0.1:9.*--model minilm-l6"):
             (build_tokenizer if load == "tokenizer" else build_model)("distilbert")
     assert time.time() - t < 15
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -26,6 +25,7 @@ import torch
 
 from experiments import faults
 from experiments import snapshot as S
+from experiments.launch import free_port, torchrun_command
 
 ROOT = Path(__file__).resolve().parents[1]
 AG_NEWS = ROOT.parent / "shared" / "ag_news"
@@ -47,8 +47,8 @@ def train_args(out: Path, cache: Path, world: int, ddp: str, extra=()) -> list[s
 
 def torchrun(nproc: int, args: list[str], restarts: int = 0, env=None, rdzv=()) -> subprocess.CompletedProcess:
     launcher = ["--standalone"] if not rdzv else list(rdzv)
-    cmd = [sys.executable, "-m", "torch.distributed.run", *launcher, f"--nproc_per_node={nproc}",
-           f"--max-restarts={restarts}", *args]  # fmt: skip
+    module, rest = args[1], args[2:]  # args: -m experiments.train ...
+    cmd = torchrun_command(nproc, module, rest, launcher=[*launcher, f"--max-restarts={restarts}"])
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT_S,
                           env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})  # fmt: skip
 
@@ -231,12 +231,6 @@ def test_no_room_for_a_snapshot_fails_before_any_step(tmp_path, monkeypatch, cap
     S.preflight(tmp_path, state_bytes=1 << 20)  # with the real disk a small one fits
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize(("ddp", "per_node"), [("native", 1), ("scratch", 2)])
 def test_two_agents_as_two_nodes_equal_one_agent(refs, ddp, per_node):
     """torchrun's c10d rendezvous, two agents on localhost acting as two machines (native with one
@@ -244,13 +238,12 @@ def test_two_agents_as_two_nodes_equal_one_agent(refs, ddp, per_node):
     base, cache, ref = refs
     world = 2 * per_node
     out = base / f"nodes-{ddp}-{per_node}"
-    port = _free_port()
+    port = free_port()
     procs = []
     for node in (0, 1):
         rdzv = ["--nnodes=2", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=ft-test",
                 f"--node-rank={node}"]  # fmt: skip
-        cmd = [sys.executable, "-m", "torch.distributed.run", *rdzv, f"--nproc_per_node={per_node}",
-               *train_args(out, cache, world, ddp)]  # fmt: skip
+        cmd = torchrun_command(per_node, "experiments.train", train_args(out, cache, world, ddp)[2:], launcher=rdzv)
         procs.append(subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                       env={**os.environ, "OMP_NUM_THREADS": "1"}))  # fmt: skip
     logs = [p.communicate(timeout=TIMEOUT_S)[0] for p in procs]

@@ -21,9 +21,9 @@ import torch
 from served_model import assert_told_apart, tiny_checkpoint
 from starlette.testclient import TestClient
 
-import server.app as app_module
 from experiments.model import LABELS
-from server import create_app
+from server import ServerConfig, create_app
+from server.predictor import load_model_predictor
 
 REPO = Path(__file__).resolve().parents[1]
 TEXTS = [
@@ -50,7 +50,9 @@ def wait_ready(c, seconds: float = 60) -> None:
 
 @pytest.fixture(scope="module")
 def client(checkpoint):
-    with TestClient(create_app(checkpoint, **LIMITS)) as c:  # `with` runs the lifespan (starts the model load)
+    with TestClient(
+        create_app(checkpoint, ServerConfig(**LIMITS))
+    ) as c:  # `with` runs the lifespan (starts the model load)
         wait_ready(c)
         yield c
 
@@ -104,7 +106,7 @@ def test_texts_are_truncated_to_max_length(client):
 
 
 def test_max_length_argument_overrides_training_args(checkpoint):
-    with TestClient(create_app(checkpoint, max_length=16)) as c:
+    with TestClient(create_app(checkpoint, ServerConfig(max_length=16))) as c:
         assert c.get("/health").json()["limits"]["max_length"] == 16
 
 
@@ -178,13 +180,28 @@ def test_unknown_path_or_method_is_json(client, method, path, status):
     assert path in r.json()["error"] and "POST /predict" in r.json()["error"]  # lists the real endpoints
 
 
-def test_unexpected_error_is_a_json_500(checkpoint, monkeypatch):
-    def boom(*args):
-        raise RuntimeError("simulated bug")
+class BreakingPredictor:
+    """The real model until `broken` is set; then every forward pass raises (a bug in the model code)."""
 
-    with TestClient(create_app(checkpoint), raise_server_exceptions=False) as c:
+    def __init__(self, checkpoint, pad_id):
+        self.real, self.broken = load_model_predictor(checkpoint, pad_id), False
+
+    def __call__(self, ids):
+        if self.broken:
+            raise RuntimeError("simulated bug")
+        return self.real(ids)
+
+
+def test_unexpected_error_is_a_json_500(checkpoint):
+    made: list[BreakingPredictor] = []
+
+    def load(ckpt, pad):
+        made.append(BreakingPredictor(ckpt, pad))
+        return made[-1]
+
+    with TestClient(create_app(checkpoint, load_predictor=load), raise_server_exceptions=False) as c:
         wait_ready(c)  # the warm-up pass ran with the real forward
-        monkeypatch.setattr(app_module, "_forward", boom)
+        made[0].broken = True
         r = c.post("/predict", json={"text": "hello"})
     assert r.status_code == 500
     assert "internal server error (RuntimeError)" in r.json()["error"]
@@ -259,7 +276,7 @@ def test_info_describes_the_model_and_the_training_run(tmp_path):
     (ckpt / "training_args.json").write_text(json.dumps({**args, **training, "seed": 42}))
     summary = {"ddp": "scratch", "world_size": 2, "steps": 125, "test_accuracy": 0.8917, "epoch_times_s": [1.0]}
     (tmp_path / "run" / "summary.json").write_text(json.dumps(summary))  # experiments.train writes it there
-    with TestClient(create_app(ckpt, max_batch_size=4)) as c:
+    with TestClient(create_app(ckpt, ServerConfig(max_batch_size=4))) as c:
         info = c.get("/info").json()
     assert info["model"] == "tiny" and info["labels"] == list(LABELS) and info["max_length"] == 64
     assert info["checkpoint"] == str(ckpt) and info["limits"]["max_batch_size"] == 4
@@ -276,3 +293,32 @@ def test_a_negative_shutdown_timeout_is_a_usage_error(checkpoint, capsys, second
     with pytest.raises(SystemExit) as e:
         main(["--checkpoint", str(checkpoint), "--shutdown-timeout", seconds])
     assert e.value.code == 2 and "--shutdown-timeout must be a number of seconds >= 0" in capsys.readouterr().err
+
+
+def test_the_server_uses_only_what_its_image_installs(checkpoint):
+    # deploy/Dockerfile installs torch and deploy/requirements-server.txt and copies server/ and
+    # experiments/errors.py, nothing else: a real load and prediction must need no more than that.
+    code = f"""
+import sys, time
+from starlette.testclient import TestClient
+import server.__main__
+from server import create_app
+with TestClient(create_app({str(checkpoint)!r})) as c:
+    while c.get("/ready").status_code != 200:
+        time.sleep(0.05)
+    assert c.post("/predict", json={{"text": "Oil prices fell"}}).status_code == 200
+print(" ".join(sorted(sys.modules)))
+"""
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    modules = set(r.stdout.split())
+    assert {m for m in modules if m.split(".")[0] == "experiments"} == {"experiments", "experiments.errors"}
+    assert not {m.split(".")[0] for m in modules} & {"datasets", "pandas", "pyarrow", "matplotlib"}
+
+
+def test_the_image_requirements_are_the_package_ranges():
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    lines = (REPO / "deploy" / "requirements-server.txt").read_text().splitlines()
+    reqs = [line for line in lines if line.strip() and not line.startswith("#")]
+    assert reqs and set(reqs) <= set(deps), set(reqs) - set(deps)  # same ranges as pyproject.toml

@@ -27,10 +27,10 @@ from hypothesis import strategies as st
 from served_model import assert_told_apart, tiny_checkpoint
 from starlette.testclient import TestClient
 
-import server.app as app_module
 from experiments.model import LABELS
-from server import create_app
+from server import ServerConfig, create_app
 from server.batcher import Batcher
+from server.predictor import load_model_predictor
 
 REPO = Path(__file__).resolve().parents[1]
 TEXTS = [f"story {i}: " + " ".join(["markets", "match", "rockets", "elections"][i % 4] for _ in range(i % 7 + 1))
@@ -163,16 +163,19 @@ def test_sigterm_during_load_answers_every_accepted_request(checkpoint, tmp_path
     assert not others, f"requests that failed in another way: {others[:3]}"
 
 
-def test_overload_is_an_immediate_503_with_retry_after(checkpoint, monkeypatch):
-    real = app_module._forward
+def test_overload_is_an_immediate_503_with_retry_after(checkpoint):
+    def slow_model(ckpt, pad):
+        real = load_model_predictor(ckpt, pad)
 
-    def slow(*args):  # a forward pass of 1 s: a refusal that waited behind one would take over 1 s
-        time.sleep(1.0)
-        return real(*args)
+        def slow(ids):  # a forward pass of 1 s: a refusal that waited behind one would take over 1 s
+            time.sleep(1.0)
+            return real(ids)
 
-    with TestClient(create_app(checkpoint, max_concurrent_requests=2, batching=False)) as c:
+        return slow
+
+    config = ServerConfig(max_concurrent_requests=2, batching=False)
+    with TestClient(create_app(checkpoint, config, load_predictor=slow_model)) as c:
         wait_ready(c)
-        monkeypatch.setattr(app_module, "_forward", slow)
         with ThreadPoolExecutor(8) as pool:
             t0 = time.monotonic()
             rs = list(pool.map(lambda t: (c.post("/predict", json={"text": t}), time.monotonic() - t0), TEXTS[:8]))
@@ -181,6 +184,92 @@ def test_overload_is_an_immediate_503_with_retry_after(checkpoint, monkeypatch):
     for r, seconds in refused:
         assert r.headers["retry-after"] == "1" and "limit of 2 predictions in flight" in r.json()["error"]
         assert seconds < 0.5  # at once, not after waiting behind the others (margin for a busy machine)
+
+
+STALLED_UPLOAD = (
+    b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
+)
+
+
+def read_until_closed(sock: socket.socket, seconds: float) -> tuple[bytes, float]:
+    """Everything the server sends until it closes the connection, and when it closed (monotonic s).
+    Fails if it is still open after `seconds`."""
+    sock.settimeout(seconds)
+    data = b""
+    try:
+        while chunk := sock.recv(65536):
+            data += chunk
+    except TimeoutError:
+        pytest.fail(f"the server kept the connection open over {seconds} s; it sent {data[:200]!r}")
+    return data, time.monotonic()
+
+
+def test_slow_and_idle_clients_cannot_hold_the_service(checkpoint, tmp_path):
+    # One server (a start costs seconds), three checks: stalled uploads, an idle keep-alive
+    # connection, the bound on open connections.
+    body_timeout, keep_alive, slots, limit = 1.5, 1.0, 2, 8
+    args = ("--max-concurrent-requests", slots, "--body-timeout", body_timeout, "--keep-alive-timeout", keep_alive)
+    with Server(checkpoint, tmp_path, *map(str, args), "--max-connections", str(limit)) as srv:
+        stalled_uploads_hold_no_slot(srv, body_timeout, slots)
+        idle_keep_alive_is_closed(srv, keep_alive)
+        open_connections_are_bounded(srv, limit)
+
+
+def stalled_uploads_hold_no_slot(srv: Server, body_timeout: float, slots: int) -> None:
+    """Uploads that send their headers (Content-Length: 1000) and then nothing, three times the
+    admission slots: a normal request is still answered at once, and each stalled upload gets a
+    408 and a closed connection within the body timeout."""
+    usual = []
+    for t in TEXTS[:5]:
+        t0 = time.monotonic()
+        assert httpx.post(f"{srv.url}/predict", json={"text": t}, timeout=10).status_code == 200
+        usual.append(time.monotonic() - t0)
+    stalled = [socket.create_connection(("127.0.0.1", srv.port), timeout=5) for _ in range(3 * slots)]
+    try:
+        for s in stalled:
+            s.sendall(STALLED_UPLOAD)
+        t_stall = time.monotonic()
+        time.sleep(0.3)  # the server has their headers: their handlers wait for the bodies
+        t0 = time.monotonic()
+        r = httpx.post(f"{srv.url}/predict", json={"text": TEXTS[0]}, timeout=10)
+        latency, answered_at = time.monotonic() - t0, time.monotonic()
+        assert r.status_code == 200, r.text  # before: 503, every slot held by a stalled upload
+        assert latency < max(usual) + 0.5, (latency, usual)
+        assert answered_at - t_stall < body_timeout  # while the stalled uploads were all still open
+        for s in stalled:
+            data, closed_at = read_until_closed(s, body_timeout + 5)
+            assert data.startswith(b"HTTP/1.1 408 "), data[:300]
+            assert f"did not arrive within {body_timeout:g} s".encode() in data and b'"error"' in data
+            assert closed_at - t_stall < body_timeout + 1.5, closed_at - t_stall  # margin for a busy machine
+    finally:
+        for s in stalled:
+            s.close()
+    assert httpx.post(f"{srv.url}/predict", json={"text": TEXTS[1]}, timeout=10).status_code == 200
+
+
+def idle_keep_alive_is_closed(srv: Server, keep_alive: float) -> None:
+    """A connection that made one request and then sends nothing is closed after --keep-alive-timeout."""
+    with socket.create_connection(("127.0.0.1", srv.port), timeout=5) as s:
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        t0 = time.monotonic()
+        data, closed_at = read_until_closed(s, keep_alive + 5)
+    assert data.startswith(b"HTTP/1.1 200 "), data[:300]
+    assert 0.9 * keep_alive <= closed_at - t0 < keep_alive + 1.5, closed_at - t0
+
+
+def open_connections_are_bounded(srv: Server, limit: int) -> None:
+    """With --max-connections sockets open, uvicorn answers the next request 503; closing them frees it."""
+    idle = [socket.create_connection(("127.0.0.1", srv.port), timeout=5) for _ in range(limit)]
+    try:
+        time.sleep(0.3)  # accepted by the server
+        assert httpx.get(f"{srv.url}/health", timeout=10).status_code == 503
+    finally:
+        for s in idle:
+            s.close()
+    deadline = time.monotonic() + 5
+    while (r := httpx.get(f"{srv.url}/health", timeout=10)).status_code != 200:  # the closed ones are gone
+        assert time.monotonic() < deadline, r.status_code
+        time.sleep(0.05)
 
 
 def test_a_model_that_cannot_load_exits_3_with_the_reason(checkpoint, tmp_path):
@@ -197,11 +286,9 @@ def test_a_model_that_cannot_load_exits_3_with_the_reason(checkpoint, tmp_path):
     assert f"could not load the checkpoint in {broken}: " in text and "experiments.train" in text, text[-2000:]
 
 
-def test_not_ready_while_loading_and_failed_load_says_why(checkpoint, monkeypatch):
-    real = app_module.AutoModelForSequenceClassification.from_pretrained
-    monkeypatch.setattr(app_module.AutoModelForSequenceClassification, "from_pretrained",
-                        lambda *a, **k: (time.sleep(0.5), real(*a, **k))[1])  # fmt: skip
-    with TestClient(create_app(checkpoint)) as c:
+def test_not_ready_while_loading_and_failed_load_says_why(checkpoint):
+    slow_load = lambda ckpt, pad: (time.sleep(0.5), load_model_predictor(ckpt, pad))[1]
+    with TestClient(create_app(checkpoint, load_predictor=slow_load)) as c:
         r = c.get("/ready")
         assert r.status_code == 503 and r.json()["status"] == "loading" and r.headers["retry-after"] == "1"
         p = c.post("/predict", json={"text": "hello"})
@@ -210,11 +297,10 @@ def test_not_ready_while_loading_and_failed_load_says_why(checkpoint, monkeypatc
         wait_ready(c)
     fatal = []
 
-    def broken(*a, **k):
+    def broken(ckpt, pad):
         raise OSError("model.safetensors is truncated")
 
-    monkeypatch.setattr(app_module.AutoModelForSequenceClassification, "from_pretrained", broken)
-    with TestClient(create_app(checkpoint, on_fatal=lambda: fatal.append(1))) as c:
+    with TestClient(create_app(checkpoint, load_predictor=broken, on_fatal=lambda: fatal.append(1))) as c:
         deadline = time.monotonic() + 10
         while c.get("/ready").json()["status"] == "loading":
             assert time.monotonic() < deadline
@@ -298,7 +384,7 @@ def test_a_batcher_that_dies_fails_its_callers_at_once():
 
 def test_infinite_max_wait_is_refused(checkpoint):
     with pytest.raises(ValueError, match="max_wait_ms must be a finite number"):
-        create_app(checkpoint, max_wait_ms=float("inf"))
+        create_app(checkpoint, ServerConfig(max_wait_ms=float("inf")))
 
 
 def test_batcher_caps_texts_and_tokens_and_isolates_failures():
@@ -367,7 +453,7 @@ def test_fuzzed_requests_never_get_a_5xx_and_errors_are_json(fuzz_client, method
 
 @pytest.fixture(scope="module")
 def fuzz_client(checkpoint):
-    with TestClient(create_app(checkpoint, max_text_chars=200, max_batch_size=4)) as c:
+    with TestClient(create_app(checkpoint, ServerConfig(max_text_chars=200, max_batch_size=4))) as c:
         wait_ready(c)
         yield c
 

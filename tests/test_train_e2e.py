@@ -67,6 +67,40 @@ def test_compare_tiny_end_to_end(tmp_path):
     pred = clf("Stocks rallied as the central bank cut interest rates.")[0]
     assert pred["label"] in {"World", "Sports", "Business", "Sci/Tech"}
 
+    check_tensorboard_events(out, rows)
+
+
+def check_tensorboard_events(out: Path, rows: dict) -> None:
+    """compare passes --report-to tensorboard: each run's folder holds its event files, read back here
+    with tensorboard's own reader; the scalars are the metrics.jsonl values, from rank 0 only."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
+
+    for kind, lines in rows.items():
+        acc = EventAccumulator(str(out / kind))
+        acc.Reload()
+        tags = set(acc.Tags()["scalars"])
+        assert {"train/loss", "train/lr", "train/samples_per_s", "train/step_s", "validation/accuracy"} <= tags
+        assert ({"comm/bytes_per_step", "comm/exposed_s"} <= tags) == (kind != "none"), (kind, tags)
+        steps = [r for r in lines if r["type"] == "step"]
+        loss = acc.Scalars("train/loss")
+        assert [e.step for e in loss] == [r["step"] for r in steps] == list(range(1, 9))  # one writer: rank 0
+        assert [e.value for e in loss] == pytest.approx([r["loss"] for r in steps], rel=1e-6)
+        assert [e.value for e in acc.Scalars("train/lr")] == pytest.approx([r["lr"] for r in steps], rel=1e-6)
+        assert [e.value for e in acc.Scalars("train/step_s")] == pytest.approx([r["step_s"] for r in steps], rel=1e-5)
+        assert all(e.value > 0 for e in acc.Scalars("train/samples_per_s"))
+        if kind != "none":
+            assert all(e.value > 0 for e in acc.Scalars("comm/bytes_per_step"))
+            assert all(e.value >= 0 for e in acc.Scalars("comm/exposed_s"))
+    both = {k: set(acc.Tags()["scalars"]) for k, acc in _multiplexed(EventMultiplexer, out).items()}
+    assert set(both) == {"none", "native", "scratch"}, both  # `tensorboard --logdir <out>` shows the three runs
+
+
+def _multiplexed(multiplexer, logdir: Path) -> dict:
+    m = multiplexer().AddRunsFromDirectory(str(logdir))
+    m.Reload()
+    return {run: m.GetAccumulator(run) for run in m.Runs()}
+
 
 def test_bad_inputs_fail_with_clear_messages(tmp_path, monkeypatch, capsys):
     # in this process (each subprocess would cost 4 s of imports): main() is what `python -m` runs,

@@ -22,9 +22,11 @@ Parts, one module each in experiments/bench/ (each also runs alone: python -m ex
     accuracy   minilm-l6 on the AG News rows in ../shared/ag_news with native and hand-written DDP:
                loss curves, accuracy, confusion matrix
 
-What they share (starting ranks, the timed step, timing bucket all-reduces, overlap) is in
-common.py. Writes `<out>/<part>/...` (JSON, Markdown tables, PNG plots) and `<out>/README.md`,
-which gathers every part's table with the command and the machine, then prints where it all is.
+What they share is in common/, one module per job: launch.py (starting ranks), wrappers.py (the
+wrappers with their bucket all-reduces timed, the training step with clocks around it),
+intervals.py (overlap arithmetic), report.py (tables, files). Writes `<out>/<part>/...` (JSON,
+Markdown tables, PNG plots) and `<out>/README.md`, which gathers every part's table with the
+command and the machine, then prints where it all is.
 """
 
 from __future__ import annotations
@@ -37,7 +39,9 @@ import sys
 import time
 from pathlib import Path
 
-from .common import machine, result_files
+from experiments.errors import DistriNewsError, exit_code
+
+from .common.report import machine, result_files
 
 PARTS = ("step", "timeline", "allreduce", "ring", "sparse", "buckets", "scaling", "snapshot", "grouping", "accuracy")
 
@@ -59,7 +63,11 @@ def main(argv=None) -> int:
     for name in parts:
         print(f"=== {name}", flush=True)
         t0 = time.perf_counter()
-        result = importlib.import_module(f"experiments.bench.{name}").run(out / name, quick=args.quick)
+        try:
+            result = importlib.import_module(f"experiments.bench.{name}").run(out / name, quick=args.quick)
+        except DistriNewsError as e:  # a rank or a training run failed: its output is in the message
+            print(f"error: part {name}: {e}", file=sys.stderr)
+            return exit_code(e)
         elapsed = time.perf_counter() - t0
         summary[name] = {k: v for k, v in result.items() if k != "markdown"} | {"seconds": elapsed}
         sections.append(

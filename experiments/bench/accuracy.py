@@ -20,7 +20,8 @@ from pathlib import Path
 
 from experiments.model import LABELS
 
-from .common import part_main, pyplot, run_command
+from .common.launch import run_command
+from .common.report import part_main, pyplot
 
 DATA_DIR = Path(__file__).resolve().parents[2].parent / "shared" / "ag_news"
 FULL = ["--model", "minilm-l6", "--epochs", "3", "--max-length", "128", "--lr", "1e-4", "--batch-size", "16"]

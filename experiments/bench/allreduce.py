@@ -11,7 +11,7 @@ same for `python -m experiments.bench`.
 
 How it measures:
 - float32 tensors of 1 KB .. 256 MB (1 KB = 1024 bytes), each rank's own random values, SUM.
-- one launch of real ranks per world size (`common.launch_ranks`); a process-group timeout
+- one launch of real ranks per world size (`common.launch.launch_ranks`); a process-group timeout
   bounds hangs.
 - one untimed warm-up run per algorithm and size (connections, allocator, caches); it also
   checks every algorithm's result against gloo's, since timing a wrong answer means nothing.
@@ -46,7 +46,9 @@ import torch.distributed as dist
 
 from ddp_from_scratch import collectives, collectives_classic, work
 
-from .common import device, launch_ranks, part_main, pyplot
+from .common.launch import launch_ranks
+from .common.report import part_main, pyplot
+from .common.wrappers import device
 
 # name -> function(tensor) reducing it in place (SUM) across the default group; order = table order
 ALGORITHMS = {

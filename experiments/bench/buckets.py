@@ -14,14 +14,14 @@ For every cap in CAPS_MB (MiB; an explicit cap caps every bucket, the first incl
 torch) and every bucketed implementation -- torch's DDP ("native"), ours with `dist.all_reduce`
 ("scratch-torch") and ours with the ring from send/recv ("scratch-ring") -- each rank wraps
 its own replica; then all configurations take turns, one training step each
-(`common.timed_step`), in a fresh shuffled order every round (seeded, so all ranks agree), so
+(`common.wrappers.timed_step`), in a fresh shuffled order every round (seeded, so all ranks agree), so
 drift of the machine hits them alike. torch's default buckets (25 MiB, first bucket 1 MiB) are
 not in the sweep: the step part measures them.
 
 Reported per configuration: median step time over rounds (ms; forward + backward + optimizer,
 first rank's start to last rank's end), the paired ratio to native DDP at the same cap in the
 same round, the number of buckets (bucket all-reduces per step), and the share of all-reduce
-time hidden behind backward (`common.overlap`; bucket all-reduces timed by `common.wrap`).
+time hidden behind backward (`common.intervals.overlap`; bucket all-reduces timed by `common.wrappers.wrap`).
 The optimizer is plain SGD: AdamW's two state tensors would add ~180 MB to each of the 21
 minilm-l6 replicas per rank (~8 GB on 2 ranks), and the optimizer's cost does not depend on
 the bucket cap.
@@ -39,19 +39,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .common import (
-    BUCKETED,
-    launch_ranks,
-    model_and_batches,
-    overlap,
-    paired_ratios,
-    part_main,
-    pyplot,
-    step_events,
-    timed_step,
-    wrap,
-    write_result,
-)
+from .common.intervals import overlap, paired_ratios
+from .common.launch import launch_ranks
+from .common.report import part_main, pyplot, write_result
+from .common.wrappers import BUCKETED, model_and_batches, step_events, timed_step, wrap
 
 IMPLS = BUCKETED
 PER_PARAM, ONE_BUCKET = 1e-6, 1e4  # MiB: a 1-byte cap closes a bucket after every parameter; 10 GB holds all

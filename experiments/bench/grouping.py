@@ -21,7 +21,8 @@ import tempfile
 from pathlib import Path
 
 from .accuracy import DATA_DIR
-from .common import part_main, run_training, write_result
+from .common.launch import run_training
+from .common.report import part_main, write_result
 
 FULL = dict(model="minilm-l6", lengths=[64, 128], rows=4000, eval_rows=None)
 QUICK = dict(model="tiny", lengths=[256], rows=64, eval_rows=40)

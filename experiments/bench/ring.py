@@ -34,7 +34,9 @@ import torch.distributed as dist
 
 from ddp_from_scratch import collectives
 
-from .common import launch_ranks, part_main, slowest_median, write_result
+from .common.intervals import slowest_median
+from .common.launch import launch_ranks
+from .common.report import part_main, write_result
 
 FULL = dict(nbytes=25 * 2**20, runs=40)
 QUICK = dict(nbytes=2**20, runs=2)

@@ -17,7 +17,7 @@ Each world size is one torchrun launch. Inside it, native and hand-written DDP (
 default buckets, AdamW) take turns, and each also takes a *no-sync* step: every micro-batch
 under `no_sync()`, so no all-reduce at all -- pure compute plus the optimizer. The four step
 kinds rotate every round, so drift hits them alike (as in the step part); each is one
-`common.timed_step`. Per round
+`common.wrappers.timed_step`. Per round
 the slowest rank's time counts (it bounds throughput); T = median over rounds, in seconds:
 
     samples/s         = G / T_sync(N)
@@ -44,7 +44,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .common import launch_ranks, model_and_batches, part_main, pyplot, timed_step, wrap, write_result
+from .common.launch import launch_ranks
+from .common.report import part_main, pyplot, write_result
+from .common.wrappers import model_and_batches, timed_step, wrap
 
 IMPLS = ("native", "scratch")
 FULL = dict(model="minilm-l6", steps=12, warmup=1, micro_batch=16, seq_len=64, world_sizes=(1, 2, 4))

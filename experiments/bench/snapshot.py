@@ -23,7 +23,8 @@ import tempfile
 from pathlib import Path
 
 from .accuracy import DATA_DIR
-from .common import part_main, run_training, write_result
+from .common.launch import run_training
+from .common.report import part_main, write_result
 
 FULL = {"minilm-l6": ["--max-train-samples", "4000"], "tiny": ["--max-train-samples", "4000"]}
 QUICK = {"tiny": ["--max-train-samples", "160"]}

@@ -23,7 +23,9 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .common import launch_ranks, part_main, slowest_median, write_result
+from .common.intervals import slowest_median
+from .common.launch import launch_ranks
+from .common.report import part_main, write_result
 
 FULL = dict(vocab=30522, dim=384, fractions=[0.01, 0.03, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6], runs=5)
 QUICK = dict(vocab=4000, dim=32, fractions=[0.02, 0.5], runs=2)

@@ -5,14 +5,14 @@
     python -m experiments.bench.step --gpu --precision fp16 --out runs/bench/step-gpu   # 2 GPUs, NCCL
 
 Each rank builds the model once (seeded, so identical everywhere) and wraps one deep copy per
-implementation (common.IMPLS): torch's DDP ("native"), ours with `dist.all_reduce`
+implementation (common.wrappers.IMPLS): torch's DDP ("native"), ours with `dist.all_reduce`
 ("scratch-torch"), ours with the ring from send/recv ("scratch-ring"), and the naive DDP of
 naive.py ("scratch-naive": no buckets, no overlap, one blocking all-reduce per parameter). All
 bucketed ones use torch's default buckets (25 MiB, first bucket 1 MiB) and no timing hooks. The
-implementations then take turns, one training step each (common.timed_step, AdamW), for
---steps rounds after --warmup rounds, in an order that rotates every round, so slow drifts of
-the machine hit all of them alike and none always runs first (it matters: caches, the
-allocator). A round's time is the slowest rank's.
+implementations then take turns, one training step each (common.wrappers.timed_step: the step
+training takes, AdamW; fp16 with a loss scaler), for --steps rounds after --warmup rounds, in
+an order that rotates every round, so slow drifts of the machine hit all of them alike and none
+always runs first (it matters: caches, the allocator). A round's time is the slowest rank's.
 
 Reported per implementation: median step time (ms), the paired ratio to native (median over
 rounds of its time / native's time in the same round), all-reduces per step, how ours exchanged
@@ -31,18 +31,12 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .common import (
-    IMPLS,
-    allreduces_per_step,
-    bytes_per_step,
-    launch_ranks,
-    model_and_batches,
-    paired_ratios,
-    part_main,
-    timed_step,
-    wrap,
-    write_result,
-)
+from experiments.precision import make_scaler
+
+from .common.intervals import paired_ratios
+from .common.launch import launch_ranks
+from .common.report import part_main, write_result
+from .common.wrappers import IMPLS, allreduces_per_step, bytes_per_step, device, model_and_batches, timed_step, wrap
 
 # --onramp: the on-ramp's steps 3 and 4 too (ddp_from_scratch/overlap.py, minimal_buckets.py, 25 MiB
 # buckets); step 1 (explicit.py) sends what step 2 (scratch-naive) sends, at the same moment.
@@ -85,11 +79,12 @@ def worker(
         for impl in impls
     }
     opts = {impl: torch.optim.AdamW(m.parameters(), lr=1e-5) for impl, m in models.items()}
+    scalers = {impl: make_scaler(precision, device()) for impl in impls}  # fp16: as training does
     times = {impl: [] for impl in impls}
     rows = {impl: [] for impl in impls}  # sparse exchange: rows sent (K) per step
     for i, batch in enumerate(tqdm(batches, desc="step time", unit="round", disable=not show_progress)):
         for impl in impls[i % len(impls) :] + impls[: i % len(impls)]:  # rotate the order
-            t = timed_step(models[impl], opts[impl], [batch], precision=precision)
+            t = timed_step(models[impl], opts[impl], [batch], precision=precision, scaler=scalers[impl])
             if i >= warmup:
                 times[impl].append(t["end"] - t["start"])
                 ex = getattr(getattr(models[impl], "reducer", None), "exchanges", [])

@@ -10,7 +10,7 @@ For native DDP ("native") and ours with `dist.all_reduce` ("scratch-torch") or w
 built from send/recv ("scratch-ring"), all with the same model and the same buckets (default:
 torch's 25 MiB with a 1 MiB first bucket), every rank records per step the forward, backward
 and optimizer intervals and, for every bucket, when its all-reduce was launched (= when the
-bucket's last gradient was ready) and when it finished, through `common.wrap`: ours records
+bucket's last gradient was ready) and when it finished, through `common.wrappers.wrap`: ours records
 its own timeline (`Reducer.timeline`), native DDP a communication hook that averages exactly
 like its default path. "Finished" is stamped by a callback on the all-reduce's future, so it is
 the completion, not the moment someone waited for it. All ranks use the same monotonic clock
@@ -33,18 +33,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .common import (
-    BUCKETED,
-    launch_ranks,
-    model_and_batches,
-    overlap,
-    part_main,
-    pyplot,
-    step_events,
-    timed_step,
-    wrap,
-    write_result,
-)
+from .common.intervals import overlap
+from .common.launch import launch_ranks
+from .common.report import part_main, pyplot, write_result
+from .common.wrappers import BUCKETED, model_and_batches, step_events, timed_step, wrap
 
 IMPLS = BUCKETED
 FULL = dict(model="minilm-l6", steps=12, warmup=2, batch_size=16, seq_len=64)

@@ -1,6 +1,9 @@
-"""GPU tests: marked `gpu`, skipped (and reported as skipped) unless two CUDA devices are visible.
+"""GPU tiers, marked `gpu` and skipped (reported as skipped) where the machine lacks what they need.
 
-make test-gpu        # = python -m pytest -q -m gpu tests/gpu
+- one GPU (tests/gpu/test_one_gpu.py): streams, events and a real NCCL ring to self, world size 1;
+- two GPUs (tests/gpu/test_gpu.py, also marked `two_gpus`): both DDPs over NCCL, rank against rank.
+
+make test-gpu        # = python -m pytest -q -m gpu tests/gpu: every tier this machine can run
 """
 
 from __future__ import annotations
@@ -9,14 +12,18 @@ import pytest
 import torch
 
 
-def two_gpus() -> bool:
-    return torch.cuda.is_available() and torch.cuda.device_count() >= 2
+def gpus() -> int:
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 def pytest_collection_modifyitems(config, items):
-    if two_gpus():
-        return
-    skip = pytest.mark.skip(reason="needs two CUDA GPUs (NCCL); run with `make test-gpu` on such a machine")
+    n = gpus()
+    no_cuda = pytest.mark.skip(reason="needs a CUDA GPU (NCCL); run with `make test-gpu` on such a machine")
+    one = pytest.mark.skip(reason=f"needs two CUDA GPUs (NCCL), {n} visible; the one-GPU tier ran instead")
     for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+        if "gpu" not in item.keywords:
+            continue
+        if n == 0:
+            item.add_marker(no_cuda)
+        elif n < 2 and "two_gpus" in item.keywords:
+            item.add_marker(one)

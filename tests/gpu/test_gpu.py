@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -23,16 +22,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-pytestmark = pytest.mark.gpu
+from experiments.launch import free_port, torchrun_command
+
+pytestmark = [pytest.mark.gpu, pytest.mark.two_gpus]
 ROOT = Path(__file__).resolve().parents[2]
 AG_NEWS = ROOT.parent / "shared" / "ag_news"
 DATA = ["--data-dir", str(AG_NEWS)] if AG_NEWS.exists() else []  # else the hub
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _collectives_worker(rank: int, world: int, port: int) -> None:
@@ -73,7 +68,7 @@ def _collectives_worker(rank: int, world: int, port: int) -> None:
 
 
 def test_our_collectives_on_cuda_match_nccl():
-    mp.spawn(_collectives_worker, args=(2, _free_port()), nprocs=2, join=True)
+    mp.spawn(_collectives_worker, args=(2, free_port()), nprocs=2, join=True)
 
 
 def _train(tmp: Path, ddp: str, extra: list[str], nproc: int = 2) -> dict:
@@ -84,8 +79,8 @@ def _train(tmp: Path, ddp: str, extra: list[str], nproc: int = 2) -> dict:
             "--max-train-samples", "256", "--max-eval-samples", "64", "--max-length", "64", "--epochs", "1",
             "--no-test", "--no-snapshots", "--cache-dir", str(tmp / "cache"),
             "--output-dir", str(out), *extra]  # fmt: skip
-    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if ddp != "none" else []
-    r = subprocess.run([sys.executable, *launcher, *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    cmd = torchrun_command(nproc, "experiments.train", args[2:]) if ddp != "none" else [sys.executable, *args]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "backend nccl" in r.stdout or ddp == "none", r.stdout[-2000:]
     return load_file(str(out / "checkpoint" / "model.safetensors"))

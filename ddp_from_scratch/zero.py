@@ -1,0 +1,240 @@
+"""ZeRO stage 1: each rank keeps the optimizer state of its shard of the parameters only.
+
+DDP leaves every rank with the same averaged gradients and has every rank take the same
+optimizer step on all parameters: AdamW's two fp32 moments (8 bytes per parameter) are held
+n times over. ZeRO-1 (Rajbhandari et al., "ZeRO: Memory Optimizations Toward Training Trillion
+Parameter Models", SC 2020, §5.1, P_os) cuts that redundancy:
+
+1. the parameters are partitioned across ranks, once (`partition_parameters`);
+2. every rank still receives all averaged gradients (DDP's all-reduce, ours or torch's:
+   this class does not care which), but steps only its own parameters, so optimizer
+   state exists for those only: 8 bytes / n per parameter instead of 8;
+3. the updated parameters then travel from their owner to every other rank
+   (`sync="all_gather"`: one all-gather per dtype; `sync="broadcast"`: one broadcast per rank
+   and dtype, what torch does), so all replicas are identical again for the next forward.
+
+The partition is torch's (torch/distributed/optim/zero_redundancy_optimizer.py,
+`_partition_parameters`), on purpose: whole parameters, each parameter group sorted by size
+(largest first), each parameter given to the rank holding the fewest elements so far, the
+running totals carried across groups. Whole parameters mean the wrapped optimizer sees real
+parameters, so any `torch.optim.Optimizer` works, per-parameter rules included (LAMB's trust
+ratio, Adafactor's factored moments); the same partition means the same rank steps the same
+parameter in ours and torch's, so the two can be compared bit for bit. ZeRO-2 (zero2.py) cuts
+parameters into equal flat pieces instead, because a reduce-scatter splits a bucket by elements.
+
+Communication per step: the all-reduce of DDP (2(n-1)/n * Psi elements per rank) plus the
+all-gather of the parameters ((n-1)/n * Psi): 1.5x DDP's bytes. ZeRO's paper reduce-scatters
+the gradients instead of all-reducing them (stage 2), which makes the total DDP's 2(n-1)/n * Psi.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from . import collectives, debug
+from .comm_hooks import make_comm_state
+
+
+def partition_parameters(param_groups: list[dict], world_size: int) -> list[list[list[torch.Tensor]]]:
+    """Assign each parameter to one rank: `result[rank][group]` lists that rank's parameters of that group.
+
+    torch's `ZeroRedundancyOptimizer._partition_parameters`: within a group, largest first
+    (a stable sort, so equal sizes keep their order), each to the rank with the fewest
+    elements so far (the lowest such rank on a tie), totals carried from group to group.
+    Frozen parameters take part too, as in torch (they are stepped by nobody).
+    """
+    sizes = [0] * world_size
+    result = [[[] for _ in param_groups] for _ in range(world_size)]
+    for g, group in enumerate(param_groups):
+        for p in sorted(group["params"], key=lambda t: t.numel(), reverse=True):
+            rank = sizes.index(min(sizes))
+            result[rank][g].append(p)
+            sizes[rank] += p.numel()
+    return result
+
+
+class ZeroRedundancyOptimizer(torch.optim.Optimizer):
+    """ZeRO-1: `optimizer_class(**defaults)` on this rank's shard of the parameters only.
+
+    Args:
+        params: parameters or parameter groups, as for any optimizer (every rank the same, in
+            the same order: normally `model.parameters()`).
+        optimizer_class: the optimizer to shard, e.g. `torch.optim.AdamW`.
+        process_group: the group to shard over (None = the default group).
+        collectives: "torch" (`dist.all_gather_single` / `dist.broadcast`) or "ring" (ours,
+            collectives.py): the same choice as our DDP's `all_reduce=`.
+        sync: "all_gather" (each rank's parameters packed into chunk r of one flat tensor per
+            dtype, padded to the largest shard: one all-gather) or "broadcast" (each owner
+            broadcasts its packed parameters: n broadcasts, torch's `_sync_params`).
+        **defaults: the optimizer's keyword arguments (lr, betas, weight_decay, ...).
+
+    `param_groups` holds every parameter, as the user passed them, so LR schedulers and
+    `zero_grad()` work on the whole model; hyperparameters are copied to the local optimizer at
+    each `step()`. `state` stays empty: the state lives in `self.optim` (this rank's shard).
+
+    Raises:
+        RuntimeError: no process group. ValueError: unknown `collectives` or `sync`.
+    """
+
+    def __init__(
+        self,
+        params,
+        optimizer_class,
+        process_group=None,
+        collectives: str = "torch",
+        sync: str = "all_gather",
+        **defaults,
+    ):
+        if not dist.is_initialized():
+            raise RuntimeError("ZeroRedundancyOptimizer needs a process group: call init_process_group() first")
+        if sync not in ("all_gather", "broadcast"):
+            raise ValueError(f"sync must be 'all_gather' or 'broadcast', got {sync!r}")
+        super().__init__(params, defaults)
+        self.process_group, self.sync = process_group, sync
+        self.rank, self.world_size = dist.get_rank(process_group), dist.get_world_size(process_group)
+        self.comm_state = make_comm_state(process_group, collectives)  # raises on a typo, on every rank
+        self.debug = debug.enabled()
+        self.partition = partition_parameters(self.param_groups, self.world_size)
+        self.owner = {p: r for r, groups in enumerate(self.partition) for g in groups for p in g}
+        self.index = {p: i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
+        local = [{**self._hyper(g), "params": ps} for g, ps in zip(self.param_groups, self.partition[self.rank])]
+        self.optim = optimizer_class(local, **defaults)
+        for full, mine in zip(self.param_groups, self.optim.param_groups):
+            full.update(self._hyper(mine))  # the optimizer's own defaults (betas, eps, ...) become visible
+        self.defaults = dict(self.optim.defaults)
+        self._consolidated: dict | None = None
+
+    @staticmethod
+    def _hyper(group: dict) -> dict:
+        return {k: v for k, v in group.items() if k != "params"}
+
+    # ---- the step -----------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Step this rank's shard, then give every rank the updated parameters. Returns the closure's loss."""
+        for mine, full in zip(self.optim.param_groups, self.param_groups):
+            mine.update(self._hyper(full))  # an LR scheduler changed `self.param_groups`
+        loss = self.optim.step(closure)
+        self.sync_parameters()
+        return loss
+
+    def _shard(self, rank: int, dtype: torch.dtype) -> list[torch.Tensor]:
+        return [p for g in self.partition[rank] for p in g if p.dtype == dtype]
+
+    @torch.no_grad()
+    def sync_parameters(self) -> None:
+        """Every rank's parameters <- their owner's, one collective per dtype (all-gather) or per rank and dtype."""
+        for dtype in sorted({p.dtype for g in self.param_groups for p in g["params"]}, key=str):
+            shards = [self._shard(r, dtype) for r in range(self.world_size)]
+            start = debug.now()
+            if self.sync == "all_gather":
+                width = max(sum(p.numel() for p in s) for s in shards)
+                device = next(p for s in shards for p in s).device
+                flat = torch.zeros(width * self.world_size, dtype=dtype, device=device)
+                chunks = flat.tensor_split(self.world_size)  # equal chunks: ours and torch's agree
+                _pack(shards[self.rank], chunks[self.rank])
+                self.comm_state.all_gather(flat).wait()
+                for r, shard in enumerate(shards):
+                    if r != self.rank:
+                        _unpack(chunks[r], shard)
+                self._log("all_gather", flat, start)
+            else:
+                for r, shard in enumerate(shards):
+                    if not shard:
+                        continue
+                    flat = torch.empty(sum(p.numel() for p in shard), dtype=dtype, device=shard[0].device)
+                    if r == self.rank:
+                        _pack(shard, flat)
+                    self._broadcast(flat, r)
+                    if r != self.rank:
+                        _unpack(flat, shard)
+                    self._log(f"broadcast(from {r})", flat, start)
+
+    def _broadcast(self, flat: torch.Tensor, src: int) -> None:
+        if self.comm_state.algorithm == "ring":
+            collectives.broadcast(flat, src=src, group=self.process_group)
+        else:
+            glob = dist.get_global_rank(self.process_group, src) if self.process_group is not None else src
+            dist.broadcast(flat, src=glob, group=self.process_group)
+
+    def _log(self, op: str, flat: torch.Tensor, start: float) -> None:
+        if self.debug:
+            nbytes = flat.numel() * flat.element_size()
+            debug.log(self.rank, f"{op}/{self.comm_state.algorithm}(zero-1 params)", None, nbytes,
+                      self.comm_state.peers, start)  # fmt: skip
+
+    # ---- checkpoints ------------------------------------------------------------------
+    def consolidate_state_dict(self, to: int = 0) -> None:
+        """Collect every rank's optimizer state on rank `to` (of the group); call on every rank.
+
+        Each rank sends {global parameter index: its state}, tensors moved to the CPU (gathered
+        objects are pickled); afterwards `state_dict()` works on rank `to` (torch's method of
+        the same name). Cost: one gather of Psi*8/n bytes per rank for AdamW.
+        """
+        mine = {self.index[p]: _to_cpu(s) for p, s in self.optim.state.items()}
+        everyone = [None] * self.world_size if self.rank == to else None
+        dst = dist.get_global_rank(self.process_group, to) if self.process_group is not None else to
+        dist.gather_object(mine, everyone, dst=dst, group=self.process_group)
+        self._consolidated = None
+        if self.rank == to:
+            self._consolidated = {i: s for part in everyone for i, s in part.items()}
+
+    def state_dict(self) -> dict:
+        """The whole optimizer's state in torch.optim's format, as one process with `optimizer_class`
+        on all parameters would save it (global indices): loadable by that optimizer too.
+
+        Raises: RuntimeError if `consolidate_state_dict(to=this rank)` was not called first.
+        """
+        if self._consolidated is None:
+            raise RuntimeError(
+                f"rank {self.rank} holds only its shard: call consolidate_state_dict(to={self.rank}) on every rank"
+            )
+        groups, start = [], 0
+        for g in self.param_groups:
+            groups.append({**self._hyper(g), "params": list(range(start, start + len(g["params"])))})
+            start += len(g["params"])
+        return {"state": dict(sorted(self._consolidated.items())), "param_groups": groups}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load a full state dict (from `state_dict()`, or from a plain optimizer over the same
+        parameters) on every rank: each keeps the state of its own shard only (resharded).
+
+        Raises: ValueError if the parameter groups do not match in number or size.
+        """
+        saved = state_dict["param_groups"]
+        if [len(g["params"]) for g in saved] != [len(g["params"]) for g in self.param_groups]:
+            raise ValueError(
+                "state dict has parameter groups of sizes "
+                f"{[len(g['params']) for g in saved]}, this optimizer {[len(g['params']) for g in self.param_groups]}"
+            )
+        for full, g in zip(self.param_groups, saved):
+            full.update({k: v for k, v in g.items() if k != "params"})
+        local_groups, local_state, k = [], {}, 0
+        for full, mine in zip(self.param_groups, self.optim.param_groups):
+            ids = []
+            for p in mine["params"]:
+                if self.index[p] in state_dict["state"]:
+                    local_state[k] = state_dict["state"][self.index[p]]
+                ids.append(k)
+                k += 1
+            local_groups.append({**self._hyper(full), "params": ids})
+        self.optim.load_state_dict({"state": local_state, "param_groups": local_groups})
+
+
+def _pack(params: list[torch.Tensor], out: torch.Tensor) -> None:
+    offset = 0
+    for p in params:
+        out[offset : offset + p.numel()].copy_(p.detach().reshape(-1))
+        offset += p.numel()
+
+
+def _unpack(flat: torch.Tensor, params: list[torch.Tensor]) -> None:
+    offset = 0
+    for p in params:
+        p.detach().copy_(flat[offset : offset + p.numel()].view_as(p))
+        offset += p.numel()
+
+
+def _to_cpu(state: dict) -> dict:
+    return {k: v.detach().cpu().clone() if torch.is_tensor(v) else v for k, v in state.items()}

@@ -1,0 +1,75 @@
+"""What a benchmark part writes and prints: its table and JSON, its command line when run alone,
+the machine line, and matplotlib without a display."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+
+import torch
+
+from experiments.errors import DistriNewsError, system_exit
+
+
+def machine() -> str:
+    """One line describing where the numbers come from."""
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return (
+        f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), {gpu}, "
+        f"Python {platform.python_version()}, torch {torch.__version__}"
+    )
+
+
+def result_files(result: dict) -> list[str]:
+    """A part's written files as paths (parts return a list, or a dict kind -> path)."""
+    files = result["files"]
+    return [str(f) for f in (files.values() if isinstance(files, dict) else files)]
+
+
+def print_result(result: dict) -> None:
+    """What every part prints when run on its own: its table, then where its files are."""
+    print(result["markdown"])
+    print("\nwritten:\n  " + "\n  ".join(result_files(result)))
+
+
+def write_result(out_dir: Path, part: str, md_lines: list[str], data, plots=(), **returned) -> dict:
+    """Write `<part>.md` (the lines of its table) and `<part>.json` (`data`) into `out_dir`; return
+    what a part's `run` returns: {"markdown", "files": [json, md, *plots], **returned}."""
+    md = "\n".join(md_lines)
+    (out_dir / f"{part}.md").write_text(md + "\n")
+    (out_dir / f"{part}.json").write_text(json.dumps(data, indent=2, default=str))
+    files = [out_dir / f"{part}.json", out_dir / f"{part}.md", *plots]
+    return {"markdown": md, "files": [str(f) for f in files], **returned}
+
+
+def part_main(part: str, doc: str, run, argv=None, add_arguments=None, pass_unknown: bool = False) -> None:
+    """The command line of a part run alone (`python -m experiments.bench.<part>`): --out, --quick
+    and the part's own options (added by `add_arguments(parser)`, passed to `run` by name). With
+    `pass_unknown`, flags the parser does not know go to `run(overrides=...)`; otherwise they are an error.
+    A failed rank or run exits with errors.py's status for it, after printing what failed."""
+    p = argparse.ArgumentParser(prog=f"python -m experiments.bench.{part}", description=doc.split("\n")[0])
+    p.add_argument("--out", default=f"runs/bench/{part}", help="directory for the files (default: %(default)s)")
+    p.add_argument("--quick", action="store_true", help="tiny sizes: checks that it runs, measures little")
+    if add_arguments:
+        add_arguments(p)
+    a, unknown = p.parse_known_args(argv) if pass_unknown else (p.parse_args(argv), None)
+    opts = {k: v for k, v in vars(a).items() if k not in ("out", "quick")}
+    try:
+        print_result(run(Path(a.out), quick=a.quick, **opts, **({"overrides": unknown} if pass_unknown else {})))
+    except DistriNewsError as e:  # a rank or a training run failed: its output is in the message
+        print(f"error: {e}", file=sys.stderr)
+        raise system_exit(e) from None
+
+
+def pyplot():
+    """matplotlib.pyplot on the Agg backend: files only, no display needed (CI, ssh)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt

@@ -1,0 +1,72 @@
+"""When each gradient all-reduce of a step ran, and how much of it backward did not hide.
+
+Both DDPs record one dict per bucket all-reduce, {"bucket", "bytes", "launch", "done"}
+(perf_counter seconds): ours through its own timeline (`Reducer.timeline`, stamped when each
+all-reduce completes); torch's DDP has none, so a comm hook that averages exactly like its
+default path (divide, then a SUM all-reduce, as torch's `allreduce_hook`) records them. The
+training loop (`--report-to tensorboard`) and the benchmarks (bench/wrappers.py) read them.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch.distributed as dist
+
+from .bench.common.intervals import hidden_length, union_length
+
+
+def timed_allreduce_hook(records: list):
+    """A comm hook for torch's DDP: averages a bucket (divide, SUM all-reduce), appends its times to `records`."""
+
+    def hook(state, bucket):
+        buf = bucket.buffer()
+        buf.div_(dist.get_world_size())  # torch's default path divides while copying in; ours too, untimed
+        rec = {"bucket": bucket.index(), "bytes": buf.numel() * buf.element_size(), "launch": time.perf_counter()}
+        records.append(rec)
+        fut = dist.all_reduce(buf, async_op=True).get_future()
+
+        def done(f):
+            rec["done"] = time.perf_counter()  # runs on the communication thread, at completion
+            return f.value()[0]
+
+        return fut.then(done)
+
+    return hook
+
+
+def record_allreduces(model, native: bool) -> list:
+    """Start recording `model`'s bucket all-reduces; returns the list that fills (clear it per step).
+
+    Args:
+        model: torch's DDP (`native`) or ours (ddp_from_scratch.DistributedDataParallel).
+    """
+    if native:
+        records = []
+        model.register_comm_hook(None, timed_allreduce_hook(records))
+        return records
+    model.reducer.timeline = []
+    return model.reducer.timeline
+
+
+def exposed_seconds(records: list[dict], backward: tuple[float, float]) -> float:
+    """Seconds of one step's communication that backward's compute did not hide.
+
+    Compute ends when the last bucket is launched (its last gradient was just computed); what
+    the all-reduces take outside [backward start, that moment] is exposed: the step waits for it.
+    `backward`: (start, end) of the synced micro-batch's backward, perf_counter seconds.
+    """
+    comm = sorted((r["launch"], r["done"]) for r in records if "done" in r)
+    if not comm:
+        return 0.0
+    return union_length(comm) - hidden_length(comm, backward[0], comm[-1][0])
+
+
+def bytes_per_step(model, native: bool) -> int:
+    """Gradient bytes one rank hands to collectives in a synced step: the buckets (ours: plus its
+    sparse embedding exchanges, in place of that embedding's dense gradient); torch's DDP: every
+    gradient's bytes (its buckets hold each exactly once)."""
+    if native:
+        return sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    dense = sum(bk.buffer.numel() * bk.buffer.element_size() for bk in model.reducer.buckets)
+    return dense + sum(r["bytes"] for r in model.reducer.exchanges)

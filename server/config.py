@@ -1,0 +1,138 @@
+"""The server's limits: one frozen type holding each with its default, its help text and its check.
+
+`python -m server` builds its command line from these fields (`ServerConfig.add_arguments`), and
+`create_app` takes a `ServerConfig`, so each limit is written once, here.
+
+How slow and idle clients are kept from holding the service (the last four fields):
+
+- a prediction takes one of `max_concurrent_requests` admission slots only once its body has
+  arrived and been checked (routes.py), so an upload that stalls holds a connection, never a slot;
+- a body that has not arrived `body_timeout_s` seconds after its headers gets a 408 and its
+  connection is closed (validation.py): 10 s by default, so a 1 MB body (`max_body_bytes`) still
+  arrives over a 1 Mbit/s link, while a stalled upload is gone within seconds;
+- an idle keep-alive connection is closed after `keep_alive_s` seconds without a new request
+  (uvicorn's `timeout_keep_alive`): 5 s, uvicorn's default, longer than the pause between a
+  browser's requests on one page and short enough that idle sockets do not pile up;
+- at most `max_connections` connections (and running requests) at once (uvicorn's
+  `limit_concurrency`): beyond, uvicorn answers 503 itself. 512 by default: twice the admission
+  slots, so with every slot taken there is still room for /health, /ready and the 503s that say
+  "at the limit", while the process's file descriptors and memory stay bounded.
+
+uvicorn does not time out a connection that never finishes sending its headers (a "slowloris"
+client); behind a public URL, put the server behind a proxy that does (Render's and Hugging
+Face's front ends are such proxies), see docs/deploy.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+from experiments.errors import UsageError
+
+DEFAULT_MAX_LENGTH = 128  # tokens per text, when the checkpoint's training_args.json has none
+
+
+class ConfigError(UsageError, ValueError):
+    """A limit out of its range (exit 2). `name` is the field, or the command-line flag."""
+
+    def __init__(self, name: str, requirement: str, value):
+        self.name, self.requirement, self.value = name, requirement, value
+        super().__init__(f"{name} {requirement}, got {value!r}")
+
+    def named(self, name: str) -> ConfigError:
+        """The same error, naming `name` (a flag such as --shutdown-timeout) instead of the field."""
+        return ConfigError(name, self.requirement, self.value)
+
+
+def _option(default, help: str, flag: str | None = None, request_limit: bool = False):
+    """A field with its command-line help; `flag` overrides the one derived from the name."""
+    return field(default=default, metadata={"help": help, "flag": flag, "request_limit": request_limit})
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Every limit of the server, with its default. Raises ConfigError (a ValueError) when one is
+    out of range: the counts must be integers >= 1, the times finite numbers >= 0 (an infinite
+    `max_wait_ms` would keep a lone request waiting forever)."""
+
+    max_text_chars: int = _option(10_000, "characters per text; longer texts get a 422", request_limit=True)
+    max_batch_size: int = _option(64, "texts per /predict/batch request; more get a 422", request_limit=True)
+    max_body_bytes: int = _option(1_000_000, "bytes per request body; more get a 413", request_limit=True)
+    max_length: int | None = _option(
+        None, "tokens kept per text (default: the checkpoint's training max_length, else 128)", request_limit=True
+    )
+    max_batch_texts: int = _option(64, "texts per forward pass, as TEI's max batch requests", request_limit=True)
+    max_batch_tokens: int = _option(
+        8192, "padded tokens per forward pass, texts x longest, as TEI's max batch tokens", request_limit=True
+    )
+    max_wait_ms: float = _option(
+        0.0,
+        "milliseconds a request waits for others to share its forward pass (0: only while the model is busy)",
+    )
+    max_concurrent_requests: int = _option(
+        256, "predictions in flight at most; beyond, an immediate 503 with Retry-After", request_limit=True
+    )
+    batching: bool = _option(True, "one forward pass per request (for comparison)", flag="--no-batching")
+    body_timeout_s: float = _option(
+        10.0, "seconds for a request body to arrive after its headers; then 408, connection closed", "--body-timeout"
+    )
+    keep_alive_s: float = _option(5.0, "seconds an idle keep-alive connection stays open", "--keep-alive-timeout")
+    max_connections: int = _option(512, "open connections at most; beyond, uvicorn answers 503")
+    shutdown_timeout_s: float = _option(30.0, "seconds to finish accepted requests after SIGTERM", "--shutdown-timeout")
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.type == "bool":
+                if not isinstance(value, bool):
+                    raise ConfigError(f.name, "must be True or False", value)
+            elif f.type == "float":
+                ok = not isinstance(value, bool) and isinstance(value, (int, float)) and 0 <= value < math.inf
+                if not ok:  # NaN too; an infinite wait or timeout would keep a client waiting forever
+                    what = "a number of seconds >= 0 (finite)" if f.name.endswith("_s") else "a finite number >= 0"
+                    raise ConfigError(f.name, f"must be {what}", value)
+            elif value is not None or f.type != "int | None":
+                if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                    raise ConfigError(f.name, "must be a positive integer", value)
+
+    def request_limits(self) -> dict[str, int | None]:
+        """The limits on one request and one forward pass, as /health and /info report them."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata["request_limit"]}
+
+    def uvicorn_options(self) -> dict[str, float | int]:
+        """The connection limits, as `uvicorn.Config` keyword arguments."""
+        return {
+            "timeout_keep_alive": self.keep_alive_s,
+            "limit_concurrency": self.max_connections,
+            "timeout_graceful_shutdown": self.shutdown_timeout_s,
+        }
+
+    # ---- the command line -------------------------------------------------------
+    @staticmethod
+    def flag(f: dataclasses.Field) -> str:
+        return f.metadata["flag"] or "--" + f.name.replace("_", "-")
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        """One option per field: its flag, type, default and help."""
+        for f in dataclasses.fields(cls):
+            help = f.metadata["help"]
+            if f.type == "bool":  # on by default: the flag turns it off
+                parser.add_argument(cls.flag(f), dest=f.name, action="store_false", help=help)
+                continue
+            kind = float if f.type == "float" else int
+            metavar = "N" if kind is int else "SECONDS" if f.name.endswith("_s") else "MS"
+            if f.default is not None:
+                help = f"{help} (default {f.default:g})" if kind is float else f"{help} (default {f.default})"
+            parser.add_argument(cls.flag(f), dest=f.name, type=kind, default=f.default, metavar=metavar, help=help)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> ServerConfig:
+        """The config from parsed options. Raises ConfigError naming the flag that is out of range."""
+        try:
+            return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+        except ConfigError as e:
+            raise e.named(cls.flag(next(f for f in dataclasses.fields(cls) if f.name == e.name))) from None
