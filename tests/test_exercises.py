@@ -16,6 +16,7 @@ import importlib
 import os
 import subprocess
 import sys
+import traceback
 from pathlib import Path
 
 import pytest
@@ -76,7 +77,8 @@ def train(model, world_size, rank, after_backward=None):
     return [p.detach().clone() for p in model.parameters()]
 
 
-def _train_worker(rank, world_size, name, against, out):
+def _train_one(rank, world_size, name, against) -> dict:
+    """Train with exercise `name` on this rank; per cap: {"weights", "events"}."""
     impl = implementation(name, against)
     events = []  # ("launch", async_op) per all-reduce, ("last-grad",) when the last gradient of a backward came
     real_all_reduce = dist.all_reduce
@@ -105,14 +107,39 @@ def _train_worker(rank, world_size, name, against, out):
             events.clear()
     finally:
         dist.all_reduce = real_all_reduce
+    return results
+
+
+def _train_worker(rank, world_size, names, against, out):
+    """Every step exercise in one spawn (processes are the slow part); an exercise that raises is recorded."""
+    results = {}
+    for name in names:
+        try:
+            results[name] = _train_one(rank, world_size, name, against)
+        except Exception:  # the test of that exercise reports it; the next exercise still runs
+            results[name] = {"error": traceback.format_exc()}
     torch.save(results, f"{out}.rank{rank}")
 
 
-def check_training(name, tmp_path, world_size=2):
-    """Train with the exercise on 2 ranks; returns per cap: (the ranks' weights, rank 0's events), after checks."""
-    out = tmp_path / "weights"
-    run(_train_worker, world_size, tmp_path, name, AGAINST, str(out), timeout_s=30.0)
-    per_rank = [torch.load(f"{out}.rank{r}") for r in range(world_size)]
+WORLD = 2
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """{exercise: [rank 0's results, rank 1's]} for the four steps, trained in one spawn of 2 ranks."""
+    tmp = tmp_path_factory.mktemp("steps")
+    out = tmp / "weights"
+    names = [n for n in EXERCISES if n.startswith("step")]
+    run(_train_worker, WORLD, tmp, names, AGAINST, str(out), timeout_s=30.0)
+    per_rank = [torch.load(f"{out}.rank{r}") for r in range(WORLD)]
+    return {n: [per_rank[r][n] for r in range(WORLD)] for n in names}
+
+
+def check_training(name, trained, world_size=WORLD):
+    """The exercise's results on 2 ranks, checked against one process; returns rank 0's events per cap."""
+    per_rank = trained[name]
+    for r, res in enumerate(per_rank):
+        assert "error" not in res, f"rank {r} raised:\n{res['error']}"
     single = train(make_mlp(), world_size, None)
     start = [p.detach() for p in make_mlp().parameters()]
     assert max((a - b).abs().max().item() for a, b in zip(single, start)) > 1e-2, "the test must move the weights"
@@ -127,16 +154,16 @@ def check_training(name, tmp_path, world_size=2):
     return {cap: res["events"] for cap, res in per_rank[0].items()}
 
 
-def test_step1_explicit(tmp_path):
-    events = check_training("step1_explicit", tmp_path)[""]
+def test_step1_explicit(trained):
+    events = check_training("step1_explicit", trained)[""]
     n_params = len(list(make_mlp().parameters()))
     assert [e for e in events if e[0] == "launch"] == [("launch", False)] * n_params * STEPS, (
         "expected one blocking dist.all_reduce per parameter per step"
     )
 
 
-def test_step2_hooks(tmp_path):
-    events = check_training("step2_hooks", tmp_path)[""]
+def test_step2_hooks(trained):
+    events = check_training("step2_hooks", trained)[""]
     n_params = len(list(make_mlp().parameters()))
     launches = [e for e in events if e[0] == "launch"]
     assert len(launches) == n_params * STEPS, f"expected {n_params} all-reduces per step, got {len(launches) / STEPS}"
@@ -144,8 +171,8 @@ def test_step2_hooks(tmp_path):
     assert events[0] == ("last-grad",), "the all-reduces must run after the last gradient (queue_callback), not before"
 
 
-def test_step3_overlap(tmp_path):
-    events = check_training("step3_overlap", tmp_path)[""]
+def test_step3_overlap(trained):
+    events = check_training("step3_overlap", trained)[""]
     n_params = len(list(make_mlp().parameters()))
     launches = [e for e in events if e[0] == "launch"]
     assert launches == [("launch", True)] * n_params * STEPS, (
@@ -154,8 +181,8 @@ def test_step3_overlap(tmp_path):
     assert events[0][0] == "launch", "the first all-reduce must start during backward, before the last gradient"
 
 
-def test_step4_buckets(tmp_path):
-    events = check_training("step4_buckets", tmp_path)
+def test_step4_buckets(trained):
+    events = check_training("step4_buckets", trained)
     n_params = len(list(make_mlp().parameters()))
     per_param, one = events["per-parameter"], events["one-bucket"]
     assert [e for e in per_param if e[0] == "launch"] == [("launch", True)] * n_params * STEPS, (

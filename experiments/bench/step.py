@@ -38,6 +38,19 @@ from .common.launch import launch_ranks
 from .common.report import part_main, write_result
 from .common.wrappers import IMPLS, allreduces_per_step, bytes_per_step, device, model_and_batches, timed_step, wrap
 
+# --onramp: the on-ramp's steps 3 and 4 too (ddp_from_scratch/overlap.py, minimal_buckets.py, 25 MiB
+# buckets); step 1 (explicit.py) sends what step 2 (scratch-naive) sends, at the same moment.
+ONRAMP = ("step-overlap", "step-buckets")
+
+
+def _wrap_step(impl: str, module):
+    import ddp_from_scratch
+
+    if impl == "step-overlap":
+        return ddp_from_scratch.OverlapDistributedDataParallel(module)
+    return ddp_from_scratch.BucketedDistributedDataParallel(module)
+
+
 FULL = dict(model="minilm-l6", steps=20, warmup=3, batch_size=16, seq_len=64)
 QUICK = dict(model="tiny", steps=2, warmup=1, batch_size=8, seq_len=32)
 
@@ -51,21 +64,26 @@ def worker(
     seq_len: int,
     sparse_embeddings="auto",
     show_progress: bool = False,
+    onramp: bool = False,
 ) -> dict:
     """One rank: every implementation takes one step per round; returns seconds per step, counts, bytes."""
     import torch.distributed as dist
 
     rank = dist.get_rank()
     base, batches = model_and_batches(model, warmup + steps, batch_size, seq_len, seed=rank)
+    impls = (*IMPLS, *ONRAMP) if onramp else IMPLS
     models = {
-        impl: wrap(impl, copy.deepcopy(base), record=False, sparse_embeddings=sparse_embeddings)[0] for impl in IMPLS
+        impl: _wrap_step(impl, copy.deepcopy(base))
+        if impl in ONRAMP
+        else wrap(impl, copy.deepcopy(base), record=False, sparse_embeddings=sparse_embeddings)[0]
+        for impl in impls
     }
     opts = {impl: torch.optim.AdamW(m.parameters(), lr=1e-5) for impl, m in models.items()}
-    scalers = {impl: make_scaler(precision, device()) for impl in IMPLS}  # fp16: as training does
-    times = {impl: [] for impl in IMPLS}
-    rows = {impl: [] for impl in IMPLS}  # sparse exchange: rows sent (K) per step
+    scalers = {impl: make_scaler(precision, device()) for impl in impls}  # fp16: as training does
+    times = {impl: [] for impl in impls}
+    rows = {impl: [] for impl in impls}  # sparse exchange: rows sent (K) per step
     for i, batch in enumerate(tqdm(batches, desc="step time", unit="round", disable=not show_progress)):
-        for impl in IMPLS[i % len(IMPLS) :] + IMPLS[: i % len(IMPLS)]:  # rotate the order
+        for impl in impls[i % len(impls) :] + impls[: i % len(impls)]:  # rotate the order
             t = timed_step(models[impl], opts[impl], [batch], precision=precision, scaler=scalers[impl])
             if i >= warmup:
                 times[impl].append(t["end"] - t["start"])
@@ -74,15 +92,20 @@ def worker(
     grad_bytes = sum(p.numel() * p.element_size() for p in base.parameters() if p.requires_grad)
     return {
         "times_s": times,
-        "allreduces": {impl: allreduces_per_step(impl, m) for impl, m in models.items()},
-        "bytes": {impl: bytes_per_step(impl, m) for impl, m in models.items()},
+        "allreduces": {
+            impl: (len(m.params) if impl == "step-overlap" else len(m.buckets))
+            if impl in ONRAMP
+            else allreduces_per_step(impl, m)
+            for impl, m in models.items()
+        },
+        "bytes": {impl: bytes_per_step("scratch-naive" if impl in ONRAMP else impl, m) for impl, m in models.items()},
         "exchanges": rows,
         "grad_bytes": grad_bytes,
     }
 
 
 def run(out_dir: Path, quick: bool = False, nproc: int = 2, gpu: bool = False, precision: str = "fp32",
-        dense_embeddings: bool = False) -> dict:  # fmt: skip
+        dense_embeddings: bool = False, onramp: bool = False) -> dict:  # fmt: skip
     """Launch the ranks, then write step.json and step.md.
 
     `gpu`: NCCL, rank r on cuda:r (one GPU per rank); `precision`: autocast of the forward;
@@ -94,10 +117,12 @@ def run(out_dir: Path, quick: bool = False, nproc: int = 2, gpu: bool = False, p
         **(QUICK if quick else FULL),
         "precision": precision,
         "sparse_embeddings": False if dense_embeddings else "auto",
+        "onramp": onramp,
     }
     backend = "nccl" if gpu else "gloo"
     ranks = launch_ranks("step", nproc, cfg, quiet=quick, backend=backend)
-    slowest = {impl: [max(r["times_s"][impl][s] for r in ranks) for s in range(cfg["steps"])] for impl in IMPLS}
+    impls = (*IMPLS, *ONRAMP) if onramp else IMPLS
+    slowest = {impl: [max(r["times_s"][impl][s] for r in ranks) for s in range(cfg["steps"])] for impl in impls}
     rows = {
         impl: {
             "median_ms": 1e3 * statistics.median(ts),
@@ -123,7 +148,9 @@ def run(out_dir: Path, quick: bool = False, nproc: int = 2, gpu: bool = False, p
         "|---|---|---|---|---|---|---|",
     ]
     for impl, r in rows.items():
-        ex = "/".join(r["exchanges"]) or ("dense, alone" if impl == "scratch-naive" else "dense, in a bucket")
+        ex = "/".join(r["exchanges"]) or (
+            "dense, alone" if impl in ("scratch-naive", "step-overlap") else "dense, in a bucket"
+        )
         if r["sparse_rows"]:
             ex += f", median {statistics.median(r['sparse_rows']):.0f} rows"
         md.append(
@@ -148,6 +175,9 @@ def _arguments(p) -> None:
     p.add_argument("--nproc", type=int, default=2, help="ranks (default 2)")
     p.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp32", help="autocast of the forward")
     p.add_argument("--dense-embeddings", action="store_true", help="ours without the sparse embedding exchange")
+    p.add_argument(
+        "--onramp", action="store_true", help="also the on-ramp's steps 3 and 4 (overlap.py, minimal_buckets.py)"
+    )
 
 
 def main(argv=None) -> None:
