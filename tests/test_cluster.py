@@ -211,3 +211,15 @@ def test_after_a_launcher_killed_with_sigkill_the_next_start_leaves_nothing():
     assert not set(mine) & set(cluster.our_namespaces())
     time.sleep(0.5)
     assert not [p for p in pids if cluster._running(p)], pids
+
+
+def test_compare_runs_its_ddp_runs_through_the_launcher():
+    # experiments.compare --cluster 2x1 --link 1gbit: torchrun's command becomes the launcher's
+    from experiments import compare
+
+    args, train = compare.parse_args(["--cluster", "2x1", "--link", "500mbit", "--epochs", "1"])
+    assert args.nproc == 2 and train == ["--epochs", "1"]
+    cmd = cluster.wrap_torchrun(compare.command("scratch", args.nproc, 16, "out", train), args.cluster, args.link)
+    assert cmd[1:10] == ["-m", "experiments.cluster", "--nodes", "2", "--nproc-per-node", "1", "--link", "500mbit",
+                         "-m"]  # fmt: skip
+    assert cmd[10:13] == ["experiments.train", "--ddp", "scratch"] and "torch.distributed.run" not in cmd
