@@ -31,6 +31,7 @@ import math
 import os
 import sys
 import time
+import traceback
 
 import torch
 from torch.utils.data import DataLoader
@@ -38,7 +39,7 @@ from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from . import distributed as D
-from . import faults
+from . import faults, peers
 from . import snapshot as S
 from .checkpoint import save_checkpoint, unwrap
 from .data import DataError, load_ag_news, make_collator, tokenize
@@ -374,12 +375,22 @@ def train(args, env: D.DistEnv) -> dict:
 def main(argv=None) -> int:
     args = parse_args(argv)
     env = D.setup(args.ddp, args.backend, args.timeout)
+    addresses = peers.gather(env)  # to name an unreachable peer if a collective fails (experiments/peers.py)
     try:
         train(args, env)
     except (DataError, SnapshotError) as e:
         if env.is_main:
             print(f"error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:  # a collective failed on the network: say which peer is unreachable
+        note = peers.explain(e, env, addresses)
+        if note is None:
+            raise
+        traceback.print_exc()
+        print(f"error: rank {env.rank}: {note}", file=sys.stderr, flush=True)
+        # no teardown: destroying the group waits for sends to the unreachable peer (until the network
+        # is back); a failed rank must exit now, so that torchrun can stop or restart the others
+        os._exit(1)
     finally:
         D.teardown()  # always, also after an error: frees the port and the peers
     return 0
