@@ -16,6 +16,7 @@ The probe is one TCP SYN to port 9 (discard) of each peer's address, nothing els
 from __future__ import annotations
 
 import os
+import re
 import socket
 from concurrent.futures import ThreadPoolExecutor
 
@@ -63,7 +64,8 @@ def explain(error: BaseException, env: D.DistEnv, addresses: list[str]) -> str |
     with ThreadPoolExecutor(max(1, len(others))) as pool:
         answers = dict(zip(others, pool.map(probe, others)))
     down = [f"rank {r} at {a}" for r, a in enumerate(addresses) if a != mine and not answers[a]]
-    short = text.strip().splitlines()[0][-160:]
+    # gloo's message without its source location and advice: "Read error [10.231.0.2]:50850: Connection reset by peer"
+    short = re.sub(r"^\[[^\]]*:\d+\]\s*", "", text.strip().splitlines()[0]).split(". ")[0][:200]
     if not down:
         return f"the collective failed ({short}); every peer machine answers, so a peer process hangs or died"
     return (f"the collective failed ({short}); unreachable: {', '.join(down)} (no answer within {PROBE_S:g} s: "

@@ -228,3 +228,17 @@ def test_compare_runs_its_ddp_runs_through_the_launcher():
     assert cmd[1:10] == ["-m", "experiments.cluster", "--nodes", "2", "--nproc-per-node", "1", "--link", "500mbit",
                          "-m"]  # fmt: skip
     assert cmd[10:13] == ["experiments.train", "--ddp", "scratch"] and "torch.distributed.run" not in cmd
+
+
+def test_explain_names_only_peers_that_do_not_answer(monkeypatch):
+    # the probe itself is exercised by the partition test; here which peers a rank names, and the message
+    from experiments import distributed as D
+    from experiments import peers
+
+    monkeypatch.setattr(peers, "probe", lambda address, timeout_s=peers.PROBE_S: address != "10.231.0.2")
+    env = D.DistEnv(rank=0, world_size=3)
+    error = RuntimeError("[/x/gloo/unbound_buffer.cc:78] Timed out waiting 6000ms for recv operation to complete")
+    note = peers.explain(error, env, ["10.231.0.1", "10.231.0.2", "10.231.0.3"])
+    assert note.startswith("the collective failed (Timed out waiting 6000ms for recv operation to complete)")
+    assert "unreachable: rank 1 at 10.231.0.2 (" in note and "rank 2" not in note
+    assert peers.explain(ValueError("a bug"), env, ["10.231.0.1", "10.231.0.2"]) is None
