@@ -315,7 +315,11 @@ class Network:
 
     def kill_node(self, k: int) -> None:
         """SIGKILL every process of node k (a machine lost): its sockets close, its peers see resets."""
-        kill_namespace(self.node_ns(k), grace_s=0.0)
+        for pid in namespace_pids(self.node_ns(k)):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
     def down(self) -> None:
         """Stop every process in the nodes (SIGTERM, then SIGKILL), then delete the namespaces."""

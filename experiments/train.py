@@ -35,6 +35,7 @@ import math
 import os
 import sys
 import time
+import traceback
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -43,7 +44,7 @@ from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from . import distributed as D
-from . import faults
+from . import faults, peers
 from . import snapshot as S
 from .checkpoint import save_checkpoint, unwrap
 from .comm_timing import bytes_per_step, exposed_seconds, record_allreduces
@@ -433,12 +434,22 @@ def main(argv=None) -> int:
     except DistributedSetupError as e:  # before any process group: stop as argparse does for a bad option
         print(f"error: {e}", file=sys.stderr)
         raise system_exit(e) from None
+    addresses = peers.gather(env)  # to name an unreachable peer if a collective fails (experiments/peers.py)
     try:
         train(config, env)
     except DistriNewsError as e:
         if env.is_main:
             print(f"error: {e}", file=sys.stderr)
         return exit_code(e)
+    except Exception as e:  # a collective failed on the network: say which peer is unreachable
+        note = peers.explain(e, env, addresses)
+        if note is None:
+            raise
+        traceback.print_exc()
+        print(f"error: rank {env.rank}: {note}", file=sys.stderr, flush=True)
+        # no teardown: destroying the group waits for sends to the unreachable peer (until the network
+        # is back); a failed rank must exit now, so that torchrun can stop or restart the others
+        os._exit(1)
     finally:
         D.teardown()  # always, also after an error: frees the port and the peers
     return 0
