@@ -71,13 +71,16 @@ curl -sf "http://127.0.0.1:$PORT/ready" >/dev/null || { docker logs "$cid"; echo
 echo "ready $(echo "$(date +%s.%N) - $t0" | bc) s after docker run"
 echo "predict: $(curl -s -X POST "http://127.0.0.1:$PORT/predict" -H 'content-type: application/json' \
   -d '{"text": "Stocks fell sharply after the central bank raised interest rates."}')"
-rss() { docker exec "$cid" sh -c "grep $1 /proc/1/status" | awk '{printf "%.0f MiB", $2/1024}'; }  # PID 1: the server
-echo "memory after the first prediction: RSS $(rss VmRSS) (docker stats: $(docker stats --no-stream --format '{{.MemUsage}}' "$cid"))"
+# PID 1 is the server. RSS = anonymous memory (weights, activations, Python) + mapped files (libtorch):
+# the anonymous part is what a memory limit cannot reclaim.
+mem() { docker exec "$cid" cat /proc/1/status | awk '/^(VmRSS|RssAnon|RssFile|VmHWM)/ {m[$1] = $2 / 1024}
+  END {printf "RSS %.0f MiB (anonymous %.0f, files %.0f), peak RSS %.0f MiB", m["VmRSS:"], m["RssAnon:"], m["RssFile:"], m["VmHWM:"]}'; }
+echo "memory after the first prediction: $(mem); docker stats: $(docker stats --no-stream --format '{{.MemUsage}}' "$cid")"
 # A burst: 64 concurrent requests of 128 tokens each, so the batcher runs full batches (64 texts x 128 tokens)
 long=$("$PY" -c 'import json; print(json.dumps({"text": " ".join(["markets rallied as rates fell"] * 40)}))')
 seq 64 | xargs -P 64 -I{} curl -s -o /dev/null -X POST "http://127.0.0.1:$PORT/predict" \
   -H 'content-type: application/json' -d "$long"
-echo "memory after a burst of 64 concurrent 128-token requests: RSS $(rss VmRSS), peak RSS $(rss VmHWM)"
+echo "memory after a burst of 64 concurrent 128-token requests: $(mem); docker stats: $(docker stats --no-stream --format '{{.MemUsage}}' "$cid")"
 t_stop=$(date +%s.%N)
 docker stop "$cid" >/dev/null
 echo "docker stop (SIGTERM): exit code $(docker inspect -f '{{.State.ExitCode}}' "$cid") after $(echo "$(date +%s.%N) - $t_stop" | bc) s"
