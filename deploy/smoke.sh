@@ -7,6 +7,7 @@
 #   bash deploy/smoke.sh minilm-l6        # all-MiniLM-L6-v2 (needs the `offline` extra here)
 #   bash deploy/smoke.sh distilbert       # DistilBERT's size: a default DistilBertConfig, random weights
 #   bash deploy/smoke.sh runs/compare/scratch/checkpoint   # bake a trained checkpoint in
+#   SERVER_ARGS="--max-batch-tokens 2048 --max-batch-size 16" bash deploy/smoke.sh minilm-l6   # server options
 #   TORCH_WHEEL_FILE=/opt/wheels/torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl bash deploy/smoke.sh
 #       (a local torch wheel instead of PyTorch's CPU index, for machines that cannot reach it;
 #        it is linked into deploy/wheels/ for the build's first stage and removed afterwards)
@@ -60,7 +61,8 @@ docker build --network host -t "$IMAGE" -f deploy/Dockerfile "${build_args[@]}" 
 echo "built $IMAGE in $(( $(date +%s) - t_build )) s; image size $(docker image inspect -f '{{.Size}}' "$IMAGE" | awk '{printf "%.0f MB", $1/1e6}')"
 
 t0=$(date +%s.%N)
-cid=$(docker run -d --network host -e PORT="$PORT" "$IMAGE")
+cid=$(docker run -d --network host -e PORT="$PORT" "$IMAGE" \
+  sh -c "exec python -m server --checkpoint /checkpoint --host 0.0.0.0 --port $PORT ${SERVER_ARGS:-}")
 trap 'docker rm -f "$cid" >/dev/null 2>&1 || true; rm -f "${wheel:-}"' EXIT
 for _ in $(seq 1200); do
   if curl -sf "http://127.0.0.1:$PORT/ready" >/dev/null; then break; fi
