@@ -20,11 +20,11 @@ PORT=${PORT:-7860}
 PY=$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)
 WHAT=${1:-tiny}
 
-rm -rf deploy/checkpoint && mkdir -p deploy/checkpoint
+find deploy/checkpoint -mindepth 1 ! -name README -exec rm -rf {} +  # README: the placeholder git keeps
 if [ -d "$WHAT" ]; then
   cp -r "$WHAT"/. deploy/checkpoint/
-else  # tiny and distilbert: random weights, meaningless answers, the real sizes and code paths
-  "$PY" - "$WHAT" <<'PYEOF'
+else  # built here: tiny and distilbert with random weights (meaningless answers, the real sizes and code paths)
+  tmp=$(mktemp -d) && "$PY" - "$WHAT" "$tmp/checkpoint" <<'PYEOF'
 import sys
 import torch
 from transformers import AutoModelForSequenceClassification, DistilBertConfig
@@ -43,11 +43,11 @@ elif what == "distilbert":  # distilbert-base-uncased's shape (66M parameters); 
     model = AutoModelForSequenceClassification.from_config(config)
 else:
     sys.exit(f"error: {what!r} is neither a checkpoint directory nor one of tiny, minilm-l6, distilbert")
-save_checkpoint(model, tok, "deploy/checkpoint", {"model": what, "max_length": 128 if what != "tiny" else 64})
+save_checkpoint(model, tok, sys.argv[2], {"model": what, "max_length": 128 if what != "tiny" else 64})
 print(f"checkpoint: {what}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters")
 PYEOF
+  cp -r "$tmp/checkpoint"/. deploy/checkpoint/ && rm -rf "$tmp"
 fi
-git checkout -- deploy/checkpoint/README 2>/dev/null || true  # the placeholder git keeps
 build_args=()
 if [ -n "${TORCH_WHEEL_FILE:-}" ]; then
   wheel="deploy/wheels/$(basename "$TORCH_WHEEL_FILE")"
