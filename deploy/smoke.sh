@@ -7,6 +7,7 @@
 #   bash deploy/smoke.sh minilm-l6        # all-MiniLM-L6-v2 (needs the `offline` extra here)
 #   bash deploy/smoke.sh distilbert       # DistilBERT's size: a default DistilBertConfig, random weights
 #   bash deploy/smoke.sh runs/compare/scratch/checkpoint   # bake a trained checkpoint in
+#   SERVER_ARGS="--max-batch-tokens 2048 --max-batch-size 16" bash deploy/smoke.sh minilm-l6   # server options
 #   TORCH_WHEEL_FILE=/opt/wheels/torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl bash deploy/smoke.sh
 #       (a local torch wheel instead of PyTorch's CPU index, for machines that cannot reach it;
 #        it is linked into deploy/wheels/ for the build's first stage and removed afterwards)
@@ -19,11 +20,11 @@ PORT=${PORT:-7860}
 PY=$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)
 WHAT=${1:-tiny}
 
-rm -rf deploy/checkpoint && mkdir -p deploy/checkpoint
+find deploy/checkpoint -mindepth 1 ! -name README -exec rm -rf {} +  # README: the placeholder git keeps
 if [ -d "$WHAT" ]; then
   cp -r "$WHAT"/. deploy/checkpoint/
-else  # tiny and distilbert: random weights, meaningless answers, the real sizes and code paths
-  "$PY" - "$WHAT" <<'PYEOF'
+else  # built here: tiny and distilbert with random weights (meaningless answers, the real sizes and code paths)
+  tmp=$(mktemp -d) && "$PY" - "$WHAT" "$tmp/checkpoint" <<'PYEOF'
 import sys
 import torch
 from transformers import AutoModelForSequenceClassification, DistilBertConfig
@@ -42,11 +43,11 @@ elif what == "distilbert":  # distilbert-base-uncased's shape (66M parameters); 
     model = AutoModelForSequenceClassification.from_config(config)
 else:
     sys.exit(f"error: {what!r} is neither a checkpoint directory nor one of tiny, minilm-l6, distilbert")
-save_checkpoint(model, tok, "deploy/checkpoint", {"model": what, "max_length": 128 if what != "tiny" else 64})
+save_checkpoint(model, tok, sys.argv[2], {"model": what, "max_length": 128 if what != "tiny" else 64})
 print(f"checkpoint: {what}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters")
 PYEOF
+  cp -r "$tmp/checkpoint"/. deploy/checkpoint/ && rm -rf "$tmp"
 fi
-git checkout -- deploy/checkpoint/README 2>/dev/null || true  # the placeholder git keeps
 build_args=()
 if [ -n "${TORCH_WHEEL_FILE:-}" ]; then
   wheel="deploy/wheels/$(basename "$TORCH_WHEEL_FILE")"
@@ -60,7 +61,8 @@ docker build --network host -t "$IMAGE" -f deploy/Dockerfile "${build_args[@]}" 
 echo "built $IMAGE in $(( $(date +%s) - t_build )) s; image size $(docker image inspect -f '{{.Size}}' "$IMAGE" | awk '{printf "%.0f MB", $1/1e6}')"
 
 t0=$(date +%s.%N)
-cid=$(docker run -d --network host -e PORT="$PORT" "$IMAGE")
+cid=$(docker run -d --network host -e PORT="$PORT" "$IMAGE" \
+  sh -c "exec python -m server --checkpoint /checkpoint --host 0.0.0.0 --port $PORT ${SERVER_ARGS:-}")
 trap 'docker rm -f "$cid" >/dev/null 2>&1 || true; rm -f "${wheel:-}"' EXIT
 for _ in $(seq 1200); do
   if curl -sf "http://127.0.0.1:$PORT/ready" >/dev/null; then break; fi
@@ -71,13 +73,16 @@ curl -sf "http://127.0.0.1:$PORT/ready" >/dev/null || { docker logs "$cid"; echo
 echo "ready $(echo "$(date +%s.%N) - $t0" | bc) s after docker run"
 echo "predict: $(curl -s -X POST "http://127.0.0.1:$PORT/predict" -H 'content-type: application/json' \
   -d '{"text": "Stocks fell sharply after the central bank raised interest rates."}')"
-rss() { docker exec "$cid" sh -c "grep $1 /proc/1/status" | awk '{printf "%.0f MiB", $2/1024}'; }  # PID 1: the server
-echo "memory after the first prediction: RSS $(rss VmRSS) (docker stats: $(docker stats --no-stream --format '{{.MemUsage}}' "$cid"))"
+# PID 1 is the server. RSS = anonymous memory (weights, activations, Python) + mapped files (libtorch):
+# the anonymous part is what a memory limit cannot reclaim.
+mem() { docker exec "$cid" cat /proc/1/status | awk '/^(VmRSS|RssAnon|RssFile|VmHWM)/ {m[$1] = $2 / 1024}
+  END {printf "RSS %.0f MiB (anonymous %.0f, files %.0f), peak RSS %.0f MiB", m["VmRSS:"], m["RssAnon:"], m["RssFile:"], m["VmHWM:"]}'; }
+echo "memory after the first prediction: $(mem); docker stats: $(docker stats --no-stream --format '{{.MemUsage}}' "$cid")"
 # A burst: 64 concurrent requests of 128 tokens each, so the batcher runs full batches (64 texts x 128 tokens)
 long=$("$PY" -c 'import json; print(json.dumps({"text": " ".join(["markets rallied as rates fell"] * 40)}))')
 seq 64 | xargs -P 64 -I{} curl -s -o /dev/null -X POST "http://127.0.0.1:$PORT/predict" \
   -H 'content-type: application/json' -d "$long"
-echo "memory after a burst of 64 concurrent 128-token requests: RSS $(rss VmRSS), peak RSS $(rss VmHWM)"
+echo "memory after a burst of 64 concurrent 128-token requests: $(mem); docker stats: $(docker stats --no-stream --format '{{.MemUsage}}' "$cid")"
 t_stop=$(date +%s.%N)
 docker stop "$cid" >/dev/null
 echo "docker stop (SIGTERM): exit code $(docker inspect -f '{{.State.ExitCode}}' "$cid") after $(echo "$(date +%s.%N) - $t_stop" | bc) s"

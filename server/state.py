@@ -114,7 +114,7 @@ class ServingState:
     async def _start(self) -> None:
         try:
             tokenizer, predictor = await run_in_threadpool(self._load)
-        except Exception as e:  # noqa: BLE001 - reported by /ready and the log, then the server stops
+        except Exception as e:  # any failure: reported by /ready and the log, then the server stops
             why = f"could not load the checkpoint in {self.checkpoint.path}: {e}. {HOW_TO_TRAIN}"
             return self._fail(ModelLoadError(why))
         c = self.config
