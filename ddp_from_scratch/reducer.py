@@ -253,6 +253,8 @@ class Reducer:
     def _all_reduce_bucket(self, bucket: Bucket) -> None:
         """Start the bucket's asynchronous all-reduce (or the comm hook); its future lands in `bucket.future`."""
         start = debug.now()
+        # CUDA: an event before the launch, in stream order (the host clock only says when it was enqueued)
+        timer = debug.CollectiveTimer(bucket.buffer.device) if self.timeline is not None else None
         if self._comm_hook is None:
             future = self.comm_state.all_reduce(bucket.buffer)
         else:
@@ -263,11 +265,13 @@ class Reducer:
                 "bytes": bucket.nbytes,
                 "launch": time.perf_counter(),
                 "ready": self._ready_times.get(bucket.index, time.perf_counter()),
+                "timer": timer,
             }
             self.timeline.append(record)
 
             def stamp(fut, record=record):
                 record["done"] = time.perf_counter()  # on the thread that completed it, at completion
+                record["timer"].stop()  # CUDA: the callback's current stream waits for the collective
                 return fut.value()
 
             future = future.then(stamp)  # waiting for the bucket now waits for the stamp too

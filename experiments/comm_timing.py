@@ -1,17 +1,28 @@
 """When each gradient all-reduce of a step ran, and how much of it backward did not hide.
 
-Both DDPs record one dict per bucket all-reduce, {"bucket", "bytes", "launch", "done"}
+Both DDPs record one dict per bucket all-reduce, {"bucket", "bytes", "launch", "done", "timer"}
 (perf_counter seconds): ours through its own timeline (`Reducer.timeline`, stamped when each
 all-reduce completes); torch's DDP has none, so a comm hook that averages exactly like its
 default path (divide, then a SUM all-reduce, as torch's `allreduce_hook`) records them. The
 training loop (`--report-to tensorboard`) and the benchmarks (bench/wrappers.py) read them.
+
+On CUDA the host stamps say when a collective was *enqueued*, not when it ran: NCCL's futures
+complete at enqueue, ours after a stream event. So each record also carries a
+`ddp_from_scratch.debug.CollectiveTimer` (CUDA events on the collective's stream order), and
+`place_on_host_clock` replaces "launch"/"done" by the events' times on the host clock before
+anyone reads them: both DDPs are then timed the same way (issue: GPU comparisons between torch's
+collectives and ours must measure the same thing). On the CPU the stamps are already completion
+times and nothing changes.
 """
 
 from __future__ import annotations
 
 import time
 
+import torch
 import torch.distributed as dist
+
+from ddp_from_scratch.debug import CollectiveTimer, cuda_origin
 
 from .bench.common.intervals import hidden_length, union_length
 
@@ -23,11 +34,13 @@ def timed_allreduce_hook(records: list):
         buf = bucket.buffer()
         buf.div_(dist.get_world_size())  # torch's default path divides while copying in; ours too, untimed
         rec = {"bucket": bucket.index(), "bytes": buf.numel() * buf.element_size(), "launch": time.perf_counter()}
+        rec["timer"] = CollectiveTimer(buf.device)  # CUDA: an event in stream order, before the all-reduce
         records.append(rec)
         fut = dist.all_reduce(buf, async_op=True).get_future()
 
         def done(f):
-            rec["done"] = time.perf_counter()  # runs on the communication thread, at completion
+            rec["done"] = time.perf_counter()  # runs on the communication thread, at completion (CPU)
+            rec["timer"].stop()  # CUDA: in this callback a stream that waits for the all-reduce is current
             return f.value()[0]
 
         return fut.then(done)
@@ -47,6 +60,25 @@ def record_allreduces(model, native: bool) -> list:
         return records
     model.reducer.timeline = []
     return model.reducer.timeline
+
+
+def step_origin(device: torch.device):
+    """What `place_on_host_clock` needs, taken at the start of a step: a (CUDA event, perf_counter
+    seconds) pair on CUDA (blocks until the device is idle), None on the CPU."""
+    return cuda_origin(device) if device.type == "cuda" else None
+
+
+def place_on_host_clock(records: list[dict], origin) -> list[dict]:
+    """On CUDA, set each record's "launch"/"done" from its timer's events (`step_origin`'s origin),
+    so torch's and our collectives are both timed in stream order; a no-op on the CPU (origin None).
+    Blocks until each collective's end event has happened. Returns `records`."""
+    if origin is None:
+        return records
+    for r in records:
+        timer = r.get("timer")
+        if timer is not None and timer.cuda and "done" in r:
+            r["launch"], r["done"] = timer.start_end(origin)
+    return records
 
 
 def exposed_seconds(records: list[dict], backward: tuple[float, float]) -> float:

@@ -47,7 +47,7 @@ from . import distributed as D
 from . import faults, peers
 from . import snapshot as S
 from .checkpoint import save_checkpoint, unwrap
-from .comm_timing import bytes_per_step, exposed_seconds, record_allreduces
+from .comm_timing import bytes_per_step, exposed_seconds, place_on_host_clock, record_allreduces, step_origin
 from .data import load_ag_news, make_collator, tokenize
 from .errors import DistributedSetupError, DistriNewsError, exit_code, system_exit
 from .evaluate import evaluate
@@ -285,8 +285,10 @@ def train_epoch(run: Run, epoch: int) -> None:
         tokens = sum(int(b["attention_mask"].sum()) for b in group)
         padded = sum(b["input_ids"].numel() for b in group)
         group = [{k: v.to(env.device, non_blocking=True) for k, v in b.items()} for b in group]
+        origin = None
         if run.comm is not None:
             run.comm.clear()
+            origin = step_origin(env.device)  # CUDA: the collectives are timed by their events
         t0 = time.perf_counter()
         r = optimizer_step(run.model, run.opt, run.sched, run.scaler, group, config.precision, config.max_grad_norm)
         t3 = time.perf_counter()
@@ -317,7 +319,7 @@ def train_epoch(run: Run, epoch: int) -> None:
             }
             if run.scaler is not None:
                 row.update(skipped=r.skipped, loss_scale=r.scale)
-            run.log.write({**row, **_tensorboard_only(run, r, n, t3 - t_prev)} if run.log.writer else row)
+            run.log.write({**row, **_tensorboard_only(run, r, n, t3 - t_prev, origin)} if run.log.writer else row)
             bar.set_postfix(loss=f"{r.loss:.3f}")
         # mid-epoch snapshots only; the epoch's last step is covered by the epoch-end one
         if config.save_every and p.global_step % config.save_every == 0 and p.batches_done < len(run.loader):
@@ -329,14 +331,14 @@ def train_epoch(run: Run, epoch: int) -> None:
     p.epoch_elapsed_s = 0.0
 
 
-def _tensorboard_only(run: Run, r, samples: int, step_s: float) -> dict:
+def _tensorboard_only(run: Run, r, samples: int, step_s: float, origin=None) -> dict:
     """The scalars a step row gets for TensorBoard only (metrics.jsonl keeps its fields)."""
     extra = {"samples_per_s": samples / max(step_s, 1e-9)}
     if run.comm is not None:
         backward = next(iv for iv in reversed(r.intervals) if iv[0] == "backward")[1:]  # the synced micro-batch
         extra.update(
             comm_bytes=bytes_per_step(run.model, run.config.ddp == "native"),
-            comm_exposed_s=exposed_seconds(run.comm, backward),
+            comm_exposed_s=exposed_seconds(place_on_host_clock(run.comm, origin), backward),
         )
     return extra
 

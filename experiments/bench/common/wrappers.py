@@ -18,7 +18,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from experiments.comm_timing import record_allreduces
+from experiments.comm_timing import place_on_host_clock, record_allreduces, step_origin
 from experiments.step import optimizer_step
 from experiments.train_args import TrainConfig
 
@@ -135,17 +135,23 @@ def timed_step(
     `micro_batches`: (ids, labels) pairs as `model_and_batches` makes them.
     On CUDA the clocks are read after `torch.cuda.synchronize` (step.py's `wait_for_device`).
     Returns: {"start", "end"} and "intervals": [(kind, start, end)] with kind forward / backward /
-    optimizer, perf_counter seconds (one clock for every process on one machine).
+    optimizer, perf_counter seconds (one clock for every process on one machine); "origin" (CUDA:
+    comm_timing.step_origin's pair, so that `step_events` times the collectives by their events).
     """
     batches = [{"input_ids": ids, "labels": labels} for ids, labels in micro_batches]
     dist.barrier()  # all ranks start the step together, as in training
+    origin = step_origin(batches[0]["input_ids"].device)  # CUDA: to place the collectives' events (step_events)
     start = time.perf_counter()
     r = optimizer_step(model, opt, None, scaler, batches, precision, max_grad_norm, sync_gradients=sync)
-    return {"start": start, "end": time.perf_counter(), "intervals": r.intervals}
+    return {"start": start, "end": time.perf_counter(), "intervals": r.intervals, "origin": origin}
 
 
 def step_events(impl: str, rank: int, step: int, timed: dict, records: list | None) -> list[dict]:
-    """The events of one timed step (see `timed_step`) and its bucket all-reduces, as flat dicts."""
+    """The events of one timed step (see `timed_step`) and its bucket all-reduces, as flat dicts.
+
+    On CUDA the all-reduces' times come from their CUDA events (comm_timing.place_on_host_clock),
+    for torch's DDP and ours alike; on the CPU from the host clock at completion."""
+    place_on_host_clock(records or [], timed.get("origin"))
     events = [
         {"impl": impl, "rank": rank, "step": step, "kind": k, "start": a, "end": b} for k, a, b in timed["intervals"]
     ]
