@@ -31,7 +31,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from .distributed import choose_backend
+from .distributed import choose_backend, rank_device
 from .errors import DistributedSetupError, DistriNewsError, exit_code
 from .launch import free_port
 
@@ -74,7 +74,8 @@ def _worker(backend: str) -> None:
     from ddp_from_scratch import collectives, work
 
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    device = torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
+    # rank_device: cuda:RANK when every GPU is visible, cuda:0 when a scheduler gives each process its own
+    device = rank_device(int(os.environ.get("LOCAL_RANK", rank))) if backend == "nccl" else torch.device("cpu")
     if backend == "nccl":
         torch.cuda.set_device(device)
     dist.init_process_group(
