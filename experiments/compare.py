@@ -43,7 +43,7 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=16, help="micro-batch per rank")
     p.add_argument("--out", default=os.path.join("runs", "compare"), help="directory for the three runs and the table")
     p.add_argument("--runs", default="none,native,scratch", help="comma-separated subset of none,native,scratch")
-    p.add_argument("--cluster", metavar="NODESxRANKS", help="DDP runs on the emulated cluster (experiments/cluster.py)")
+    p.add_argument("--cluster", metavar="NODESxRANKS", help="DDP runs on the emulated cluster (experiments/cluster/)")
     p.add_argument("--link", default="1gbit", help="with --cluster: each node's link rate (tc units), or none")
     args, train_args = p.parse_known_args(argv)
     if args.cluster:  # the world size is the cluster's; `none` keeps the same global batch

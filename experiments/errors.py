@@ -71,7 +71,7 @@ def exit_code(error: BaseException) -> int:
 
 
 class ClusterSetupError(UsageError):
-    """The emulated cluster (experiments/cluster.py) cannot be built here: not Linux, no root or
+    """The emulated cluster (experiments/cluster/) cannot be built here: not Linux, no root or
     CAP_NET_ADMIN, no `ip`/`tc`; the message says what is missing (exit 2)."""
 
 

@@ -5,7 +5,7 @@ tests/test_fault_tolerance.py sets DISTRINEWS_FAULT, launches training under tor
 called by experiments/train.py (after an optimizer step) and experiments/snapshot.py (between a
 snapshot's temporary file and its rename). Unset, they cost one environment lookup.
 
-The emulated cluster (experiments/cluster.py) learns here when a step is reached: at the steps
+The emulated cluster (experiments/cluster/) learns here when a step is reached: at the steps
 of its `--fault`s, every rank reports the step in a file and waits until the launcher has applied
 the fault (`cluster_step_reached`), so a fault "at step K" always hits step K+1, on every rank.
 """
@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 FAULT_ENV = "DISTRINEWS_FAULT"
-CLUSTER_DIR_ENV = "DISTRINEWS_CLUSTER_DIR"  # set by experiments/cluster.py: where ranks report steps
+CLUSTER_DIR_ENV = "DISTRINEWS_CLUSTER_DIR"  # set by experiments/cluster/: where ranks report steps
 CLUSTER_STEPS_ENV = "DISTRINEWS_CLUSTER_STEPS"  # comma-separated steps at which the launcher acts
 CLUSTER_WAIT_S = 120.0  # a rank waits at most this long for the launcher, then goes on
 
@@ -50,7 +50,7 @@ def fault_point(where: str, step: int) -> None:
 
 
 def cluster_step_reached(step: int) -> None:
-    """Under experiments/cluster.py, after optimizer step `step`: if the launcher has a fault for it,
+    """Under experiments/cluster/, after optimizer step `step`: if the launcher has a fault for it,
     write `<dir>/step-<step>-rank-<rank>` and wait for `<dir>/go-<step>` (the fault applied).
 
     Every rank pauses between two steps, so nothing is in flight when a link goes down or a node
