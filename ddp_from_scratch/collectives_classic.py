@@ -87,7 +87,7 @@ def _halving_doubling(flat: torch.Tensor, group, tag: int, op) -> None:
     rank, n = dist.get_rank(group), dist.get_world_size(group)
     p = 1 << (n.bit_length() - 1)  # largest power of two <= n
     extra = n - p  # ranks 0..2*extra-1 pair up so that exactly p ranks remain
-    gr = lambda r: dist.get_global_rank(group, r)  # noqa: E731  rank in group -> global rank
+    gr = lambda r: dist.get_global_rank(group, r)  # rank in group -> global rank
     # 1. Fold (only if n is not a power of two): even rank 2i hands its whole tensor to 2i+1,
     #    which reduces it in, then waits for the final result.
     if rank < 2 * extra and rank % 2 == 0:
@@ -97,7 +97,7 @@ def _halving_doubling(flat: torch.Tensor, group, tag: int, op) -> None:
     if rank < 2 * extra:
         _exchange(None, 0, flat, gr(rank - 1), group, tag, op)
     vrank = rank // 2 if rank < 2 * extra else rank - extra  # 0..p-1 among the remaining ranks
-    real = lambda v: gr(2 * v + 1 if v < extra else v + extra)  # noqa: E731  vrank -> global rank
+    real = lambda v: gr(2 * v + 1 if v < extra else v + extra)  # vrank -> global rank
     # 2. Reduce-scatter by recursive halving: in each round, partners at distance `mask` split
     #    their current range in two, each keeps one half and sends the other, then reduces the
     #    partner's copy of its half in. Partners hold the same range (they agreed on every bigger

@@ -128,8 +128,9 @@ def cuda_origin(device: torch.device) -> tuple:
     return event, time.perf_counter()
 
 
-def log(rank: int, op: str, bucket, nbytes: int, peers, start: float, end: float | None = None,
-        ms: float | None = None) -> None:  # fmt: skip
+def log(
+    rank: int, op: str, bucket, nbytes: int, peers, start: float, end: float | None = None, ms: float | None = None
+) -> None:
     """Print one line for one finished collective (end defaults to now, ms to (end - start) in ms)."""
     end = now() if end is None else end
     ms = (end - start) * 1e3 if ms is None else ms

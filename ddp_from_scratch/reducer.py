@@ -339,8 +339,14 @@ class Reducer:
                 self.timeline.append({**rec, "ready": rec["launch"]})
             if self.debug:
                 op = f"sparse_exchange/{self.comm_state.algorithm}({rec['mode']}, {rec['rows']} rows)"
-                debug.log(self.rank, op, rec["bucket"], rec["bytes"], self.comm_state.peers, debug.now()
-                          - (rec["done"] - rec["launch"]))  # fmt: skip
+                debug.log(
+                    self.rank,
+                    op,
+                    rec["bucket"],
+                    rec["bytes"],
+                    self.comm_state.peers,
+                    debug.now() - (rec["done"] - rec["launch"]),
+                )
         counts_future = self._all_reduce_local_used_map(self._local_used_map)
         for b in self.buckets:
             result = b.future.wait()

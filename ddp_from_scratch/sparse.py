@@ -63,8 +63,9 @@ MIN_BYTES = 4 * MB  # "auto": smaller tables (positions, token types) are a buck
 BREAK_EVEN = 0.3
 
 
-def sparse_embedding_weights(module: nn.Module, params: list[torch.Tensor], mode="auto",
-                             min_bytes: int = MIN_BYTES) -> dict[int, nn.Embedding]:  # fmt: skip
+def sparse_embedding_weights(
+    module: nn.Module, params: list[torch.Tensor], mode="auto", min_bytes: int = MIN_BYTES
+) -> dict[int, nn.Embedding]:
     """Which of `params` get the sparse exchange: {index into params: the nn.Embedding owning it}.
 
     Args:
@@ -126,8 +127,9 @@ class EmbeddingRows:
         return rows, dirty
 
 
-def exchange(table: EmbeddingRows, comm: CommState, rank: int, name: str, contribute: bool = True,
-             break_even: float = BREAK_EVEN) -> dict:  # fmt: skip
+def exchange(
+    table: EmbeddingRows, comm: CommState, rank: int, name: str, contribute: bool = True, break_even: float = BREAK_EVEN
+) -> dict:
     """Average `table.weight.grad` over the ranks, sending only looked-up rows when that pays.
 
     Blocks until done; every rank must call it at the same point (the reducer does, after
@@ -166,8 +168,11 @@ def exchange(table: EmbeddingRows, comm: CommState, rank: int, name: str, contri
         outside = torch.ones(w.shape[0], dtype=torch.bool, device=w.device)
         outside[rows] = False
         if bool(grad[outside].any()):
-            warnings.warn(f"{name}: gradient in rows no forward looked up (used outside its nn.Embedding?); "
-                          "exchanged dense this step", stacklevel=2)  # fmt: skip
+            warnings.warn(
+                f"{name}: gradient in rows no forward looked up (used outside its nn.Embedding?); "
+                "exchanged dense this step",
+                stacklevel=2,
+            )
             dirty = True
     counts = torch.zeros(n, 2, dtype=torch.int64, device=w.device)
     counts[rank, 0], counts[rank, 1] = rows.numel(), int(dirty)

@@ -161,8 +161,14 @@ class ZeroRedundancyOptimizer(torch.optim.Optimizer):
     def _log(self, op: str, flat: torch.Tensor, start: float) -> None:
         if self.debug:
             nbytes = flat.numel() * flat.element_size()
-            debug.log(self.rank, f"{op}/{self.comm_state.algorithm}(zero-1 params)", None, nbytes,
-                      self.comm_state.peers, start)  # fmt: skip
+            debug.log(
+                self.rank,
+                f"{op}/{self.comm_state.algorithm}(zero-1 params)",
+                None,
+                nbytes,
+                self.comm_state.peers,
+                start,
+            )
 
     # ---- checkpoints ------------------------------------------------------------------
     def consolidate_state_dict(self, to: int = 0) -> None:

@@ -91,8 +91,15 @@ class Zero2Optimizer(torch.optim.Optimizer):
     Raises: RuntimeError (no process group); ValueError (unknown collectives).
     """
 
-    def __init__(self, params, optimizer_class, process_group=None, collectives: str = "torch",
-                 bucket_cap_mb: float = 25.0, **defaults):  # fmt: skip
+    def __init__(
+        self,
+        params,
+        optimizer_class,
+        process_group=None,
+        collectives: str = "torch",
+        bucket_cap_mb: float = 25.0,
+        **defaults,
+    ):
         if not dist.is_initialized():
             raise RuntimeError("Zero2Optimizer needs a process group: call init_process_group() first")
         super().__init__(params, defaults)
@@ -170,8 +177,14 @@ class Zero2Optimizer(torch.optim.Optimizer):
             chunk = b.future.wait()
             if self.debug:  # logged when waited for: gloo's reduce-scatter has no future to watch
                 nbytes = b.numel_padded * b.shard.element_size()
-                debug.log(self.rank, f"reduce_scatter/{self.comm.algorithm}(zero-2)", b.index, nbytes,
-                          self.comm.peers, b.start)  # fmt: skip
+                debug.log(
+                    self.rank,
+                    f"reduce_scatter/{self.comm.algorithm}(zero-2)",
+                    b.index,
+                    nbytes,
+                    self.comm.peers,
+                    b.start,
+                )
             b.shard.grad = chunk if b.shard.grad is None else b.shard.grad.add_(chunk)
             b.future, b.pending = None, len(b.params)
         self._next_bucket = 0
@@ -187,8 +200,14 @@ class Zero2Optimizer(torch.optim.Optimizer):
             start, flat = debug.now(), b.flat
             self.comm.all_gather(flat).wait()  # in place: the model's weights, views of `flat`, are now current
             if self.debug:
-                debug.log(self.rank, f"all_gather/{self.comm.algorithm}(zero-2 params)", b.index,
-                          flat.numel() * flat.element_size(), self.comm.peers, start)  # fmt: skip
+                debug.log(
+                    self.rank,
+                    f"all_gather/{self.comm.algorithm}(zero-2 params)",
+                    b.index,
+                    flat.numel() * flat.element_size(),
+                    self.comm.peers,
+                    start,
+                )
         return loss
 
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:

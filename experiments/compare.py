@@ -68,8 +68,16 @@ def command(kind: str, nproc: int, batch_size: int, out_dir: str, train_args: li
     # (a later --report-to in train_args wins)
     common = ["--output-dir", out_dir, "--no-snapshots", "--report-to", "tensorboard", *train_args]
     if kind == "none":  # one process trains on the whole global batch
-        return [sys.executable, "-m", "experiments.train", "--ddp", "none", "--batch-size", str(batch_size * nproc),
-                *common]  # fmt: skip
+        return [
+            sys.executable,
+            "-m",
+            "experiments.train",
+            "--ddp",
+            "none",
+            "--batch-size",
+            str(batch_size * nproc),
+            *common,
+        ]
     return torchrun_command(nproc, "experiments.train", ["--ddp", kind, "--batch-size", str(batch_size), *common])
 
 

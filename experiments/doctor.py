@@ -114,9 +114,17 @@ def run_ranks(nproc: int, backend: str, port: int, extra_env: dict | None = None
     """Start `nproc` ranks running `_worker`; (all passed, what they printed). A hang counts as a failure."""
     procs = []
     for rank in range(nproc):
-        env = {**os.environ, **(extra_env or {}), "RANK": str(rank), "LOCAL_RANK": str(rank),
-               "WORLD_SIZE": str(nproc), "LOCAL_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1",
-               "MASTER_PORT": str(port), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}  # fmt: skip
+        env = {
+            **os.environ,
+            **(extra_env or {}),
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": str(nproc),
+            "LOCAL_WORLD_SIZE": str(nproc),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+        }
         cmd = [sys.executable, "-m", "experiments.doctor", "--worker", backend]
         procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     deadline, out, ok = time.monotonic() + WORKER_TIMEOUT_S, [], True
@@ -168,12 +176,16 @@ def check(nproc: int | None, requested_backend: str, master_port: int | None, pa
         problems.append("torch was built without gloo: install a torch wheel from pytorch.org (they all have it)")
     cores, threads = os.cpu_count() or 1, int(os.environ.get("OMP_NUM_THREADS", "1"))
     if backend == "gloo" and nproc * threads > cores:
-        print(f"warning: {nproc} ranks x {threads} threads > {cores} cores: ranks will compete for cores "
-              f"(set OMP_NUM_THREADS={max(1, cores // nproc)} or run fewer ranks)")  # fmt: skip
+        print(
+            f"warning: {nproc} ranks x {threads} threads > {cores} cores: ranks will compete for cores "
+            f"(set OMP_NUM_THREADS={max(1, cores // nproc)} or run fewer ranks)"
+        )
     port = master_port or free_port()
     if port_taken(port):
-        print(f"FAIL: port {port} on 127.0.0.1 is in use, so ranks cannot meet there. Another run (an old torchrun?) "
-              f"may hold it: `ss -ltnp | grep {port}` shows which; stop it or pass another --master-port.")  # fmt: skip
+        print(
+            f"FAIL: port {port} on 127.0.0.1 is in use, so ranks cannot meet there. Another run (an old torchrun?) "
+            f"may hold it: `ss -ltnp | grep {port}` shows which; stop it or pass another --master-port."
+        )
         return 1
     print(f"checking {nproc} ranks with {backend} (timeout {WORKER_TIMEOUT_S} s) ...", flush=True)
     ok, out = run_ranks(nproc, backend, port)
@@ -183,8 +195,10 @@ def check(nproc: int | None, requested_backend: str, master_port: int | None, pa
         ok, out = run_ranks(nproc, backend, free_port(), {"NCCL_P2P_DISABLE": "1"})
         print(out)
         if ok:
-            print("NCCL works with peer-to-peer transfers disabled: `export NCCL_P2P_DISABLE=1` (in a notebook: "
-                  "os.environ['NCCL_P2P_DISABLE'] = '1') before torchrun.")  # fmt: skip
+            print(
+                "NCCL works with peer-to-peer transfers disabled: `export NCCL_P2P_DISABLE=1` (in a notebook: "
+                "os.environ['NCCL_P2P_DISABLE'] = '1') before torchrun."
+            )
     if not ok:
         problems.append(
             f"the {backend} check failed (output above). On GPUs: `nvidia-smi`, then rerun with NCCL_DEBUG=INFO; "

@@ -62,17 +62,48 @@ def plan(out: Path, gpus: int) -> list[Step]:
     """The steps, in order (what --dry-run prints). `gpus`: visible CUDA devices (the doctor uses all)."""
     py = sys.executable
     torchrun = [py, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1"]
-    steps = [Step("GPU tests (one-GPU tier; two-GPU tier on 2 GPUs)", [py, "-m", "pytest", "-q", "-m", "gpu",
-                  "tests/gpu"], 1800)]  # fmt: skip
+    steps = [
+        Step(
+            "GPU tests (one-GPU tier; two-GPU tier on 2 GPUs)",
+            [py, "-m", "pytest", "-q", "-m", "gpu", "tests/gpu"],
+            1800,
+        )
+    ]
     for precision in PRECISIONS:
         for ddp in DDPS:
-            train = ["-m", "experiments.gpu_check", "--train", ddp, "--precision", precision,
-                     "--out", str(out / f"{ddp}-{precision}.json")]  # fmt: skip
+            train = [
+                "-m",
+                "experiments.gpu_check",
+                "--train",
+                ddp,
+                "--precision",
+                precision,
+                "--out",
+                str(out / f"{ddp}-{precision}.json"),
+            ]
             steps.append(Step(f"train --ddp {ddp} {precision}", ([py] if ddp == "none" else torchrun) + train, 180))
-    steps.append(Step("doctor, nccl", [py, "-m", "experiments.doctor", "--backend", "nccl", "--nproc",
-                      str(max(1, gpus))], 300))  # fmt: skip
-    steps.append(Step("step-time benchmark, GPU, fp16", [py, "-m", "experiments.bench.step", "--gpu", "--quick",
-                      "--nproc", "1", "--precision", "fp16", "--out", str(out / "bench-step")], 300))  # fmt: skip
+    steps.append(
+        Step("doctor, nccl", [py, "-m", "experiments.doctor", "--backend", "nccl", "--nproc", str(max(1, gpus))], 300)
+    )
+    steps.append(
+        Step(
+            "step-time benchmark, GPU, fp16",
+            [
+                py,
+                "-m",
+                "experiments.bench.step",
+                "--gpu",
+                "--quick",
+                "--nproc",
+                "1",
+                "--precision",
+                "fp16",
+                "--out",
+                str(out / "bench-step"),
+            ],
+            300,
+        )
+    )
     return steps
 
 
@@ -112,8 +143,10 @@ def train(a: argparse.Namespace) -> dict:
         elif ddp == "scratch":
             model = ddp_from_scratch.wrap(model, env.device, all_reduce=a.train.split("-")[1])
         g = torch.Generator().manual_seed(1)
-        batches = [(torch.randint(5, vocab, (8, 32), generator=g), torch.randint(0, 4, (8,), generator=g))
-                   for _ in range(a.steps)]  # fmt: skip
+        batches = [
+            (torch.randint(5, vocab, (8, 32), generator=g), torch.randint(0, 4, (8,), generator=g))
+            for _ in range(a.steps)
+        ]
         opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
         scaler = make_scaler(a.precision, env.device)
         losses = []
@@ -197,8 +230,9 @@ def run_step(step: Step, gpus: int) -> None:
         return
     start = time.perf_counter()
     try:
-        r = subprocess.run(step.cmd, cwd=ROOT, capture_output=True, text=True, timeout=step.timeout_s,
-                           env={**os.environ, **step.env})  # fmt: skip
+        r = subprocess.run(
+            step.cmd, cwd=ROOT, capture_output=True, text=True, timeout=step.timeout_s, env={**os.environ, **step.env}
+        )
     except subprocess.TimeoutExpired:
         step.status, step.detail = "FAIL", f"no result after {step.timeout_s:.0f} s"
     else:
@@ -247,8 +281,10 @@ def main(argv=None) -> int:
             print(f"{'ok ' if not why else 'BAD'} {' '.join(s.cmd)}" + (f"  <- {why}" if why else ""))
         return 1 if bad else 0
     if gpus == 0:
-        print("FAIL: no CUDA GPU visible (a CPU build of torch, or no device): nothing to check. "
-              "On a GPU machine: make install TORCH=torch, then make gpu-check.")  # fmt: skip
+        print(
+            "FAIL: no CUDA GPU visible (a CPU build of torch, or no device): nothing to check. "
+            "On a GPU machine: make install TORCH=torch, then make gpu-check."
+        )
         return 1
     out.mkdir(parents=True, exist_ok=True)
     for s in steps:

@@ -49,8 +49,15 @@ class LengthGroupedBatchSampler:
     Raises: ValueError for a rank outside [0, world_size), a micro-batch < 1 or no examples.
     """
 
-    def __init__(self, lengths: Sequence[int], micro_batch: int, world_size: int = 1, rank: int = 0,
-                 seed: int = 0, mega: int = 50):  # fmt: skip
+    def __init__(
+        self,
+        lengths: Sequence[int],
+        micro_batch: int,
+        world_size: int = 1,
+        rank: int = 0,
+        seed: int = 0,
+        mega: int = 50,
+    ):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside [0, {world_size})")
         if micro_batch < 1 or mega < 1 or not len(lengths):

@@ -68,5 +68,7 @@ def explain(error: BaseException, env: D.DistEnv, addresses: list[str]) -> str |
     short = re.sub(r"^\[[^\]]*:\d+\]\s*", "", text.strip().splitlines()[0]).split(". ")[0][:200]
     if not down:
         return f"the collective failed ({short}); every peer machine answers, so a peer process hangs or died"
-    return (f"the collective failed ({short}); unreachable: {', '.join(down)} (no answer within {PROBE_S:g} s: "
-            "its machine or the network between is down)")  # fmt: skip
+    return (
+        f"the collective failed ({short}); unreachable: {', '.join(down)} (no answer within {PROBE_S:g} s: "
+        "its machine or the network between is down)"
+    )

@@ -391,8 +391,10 @@ def choose(resume: str | None, out_dir: str | os.PathLike, config: dict) -> Choi
         try:
             return Choice(load(manifest, config), str(manifest.with_suffix(".pt")), warnings)
         except SnapshotError as e:
-            warnings.append(f"warning: {e}; " + ("falling back to the previous snapshot" if k + 1 < len(found) else
-                                                 "no older snapshot"))  # fmt: skip
+            warnings.append(
+                f"warning: {e}; "
+                + ("falling back to the previous snapshot" if k + 1 < len(found) else "no older snapshot")
+            )
             if isinstance(e, SnapshotMismatch):  # another run's (WorldSizeMismatch included)
                 foreign.append(str(e))
     if foreign:

@@ -56,8 +56,16 @@ def _no_sync(model, sync_gradients: bool, last: bool):
     return model.no_sync()
 
 
-def optimizer_step(model, opt, sched, scaler, micro_batches: list[dict], precision: str, max_grad_norm: float,
-                   sync_gradients: bool = True) -> StepResult:  # fmt: skip
+def optimizer_step(
+    model,
+    opt,
+    sched,
+    scaler,
+    micro_batches: list[dict],
+    precision: str,
+    max_grad_norm: float,
+    sync_gradients: bool = True,
+) -> StepResult:
     """One optimizer step over `micro_batches` (gradient accumulation).
 
     Every micro-batch but the last runs forward and backward inside `model.no_sync()`, so gradients

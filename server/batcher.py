@@ -115,7 +115,7 @@ class Batcher:
             self._task.cancel()
             try:
                 await self._task
-            except (asyncio.CancelledError, Exception):  # noqa: BLE001 - an error was reported when it happened
+            except (asyncio.CancelledError, Exception):  # an error was reported when it happened
                 pass
         for item in [*self._held, *self._drain()]:
             if not item.future.done():
@@ -183,7 +183,7 @@ class Batcher:
                 seconds = time.perf_counter() - start
                 self._observe(batch, seconds)
                 self._deliver(batch, results, start, seconds)
-            except Exception as e:  # noqa: BLE001 - isolate the request that breaks the batch
+            except Exception as e:  # isolate the request that breaks the batch
                 if len(batch) == 1:  # nothing to isolate: the error is this request's
                     if not batch[0].future.done():
                         batch[0].future.set_exception(e)
@@ -194,7 +194,7 @@ class Batcher:
                     t0 = time.perf_counter()
                     try:
                         one = await loop.run_in_executor(self.executor, self.forward, b.ids)
-                    except Exception as e:  # noqa: BLE001 - it goes to this request's caller
+                    except Exception as e:  # it goes to this request's caller
                         if not b.future.done():
                             b.future.set_exception(e)
                         continue

@@ -84,8 +84,9 @@ def _free_port() -> int:
 def wrk(url: str, connections: int, seconds: float, script: Path | None = None) -> dict:
     """One wrk run: {"rps", "p50_ms", "p99_ms", "errors"} from its --latency report."""
     cmd = ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--latency", "--timeout", "10s"]
-    out = subprocess.run([*cmd, *(["-s", str(script)] if script else []), url], capture_output=True, text=True,
-                         timeout=seconds + 60).stdout  # fmt: skip
+    out = subprocess.run(
+        [*cmd, *(["-s", str(script)] if script else []), url], capture_output=True, text=True, timeout=seconds + 60
+    ).stdout
 
     def ms(label: str) -> float:
         m = re.search(rf"^\s+{label}%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
@@ -96,15 +97,24 @@ def wrk(url: str, connections: int, seconds: float, script: Path | None = None) 
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     socket_errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
     failed = (int(errors.group(1)) if errors else 0) + (sum(map(int, socket_errors.groups())) if socket_errors else 0)
-    return {"rps": float(rps.group(1)) if rps else 0.0, "p50_ms": ms("50"), "p99_ms": ms("99"), "errors": failed,
-            "raw": out}  # fmt: skip
+    return {
+        "rps": float(rps.group(1)) if rps else 0.0,
+        "p50_ms": ms("50"),
+        "p99_ms": ms("99"),
+        "errors": failed,
+        "raw": out,
+    }
 
 
 def serve(checkpoint: Path, *flags: str) -> tuple[subprocess.Popen, str]:
     """Start `python -m server` on a free loopback port; return (process, url) once /ready says 200."""
     port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "server", "--checkpoint", str(checkpoint), "--port", str(port),
-                             *flags], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "server", "--checkpoint", str(checkpoint), "--port", str(port), *flags],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 120
     while time.monotonic() < deadline:
         try:
@@ -130,11 +140,16 @@ def run(checkpoint: Path, out: Path, seconds: float, quick: bool) -> dict:
         raise SystemExit("wrk is not installed: `apt-get install wrk` (Debian), `brew install wrk` (macOS)")
     out.mkdir(parents=True, exist_ok=True)
     texts = articles(64 if quick else 512)
-    max_length = json.loads((checkpoint / "training_args.json").read_text()).get("max_length", 128) if (
-        checkpoint / "training_args.json").exists() else 128  # fmt: skip
+    max_length = (
+        json.loads((checkpoint / "training_args.json").read_text()).get("max_length", 128)
+        if (checkpoint / "training_args.json").exists()
+        else 128
+    )
     alone = 2 if quick else 10  # seconds of in-process classification per batch size
-    rows = {"model_batch32_texts_per_s": model_throughput(checkpoint, texts, 32, max_length, alone),
-            "model_batch1_texts_per_s": model_throughput(checkpoint, texts, 1, max_length, alone)}  # fmt: skip
+    rows = {
+        "model_batch32_texts_per_s": model_throughput(checkpoint, texts, 32, max_length, alone),
+        "model_batch1_texts_per_s": model_throughput(checkpoint, texts, 1, max_length, alone),
+    }
     with tempfile.TemporaryDirectory() as tmp:
         bodies = Path(tmp) / "bodies.txt"
         bodies.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
@@ -155,19 +170,27 @@ def run(checkpoint: Path, out: Path, seconds: float, quick: bool) -> dict:
             finally:
                 proc.terminate()
                 proc.wait(timeout=60)
-    md = [f"`POST /predict`, one AG News test article per request (max_length {max_length}), wrk -t1, "
-          f"{seconds:g} s per point, loopback, {torch.get_num_threads()} torch threads.", "",
-          "| batching | connections | requests/s | p50 ms | p99 ms | mean texts per forward pass | errors |",
-          "|---|---|---|---|---|---|---|"]  # fmt: skip
+    md = [
+        f"`POST /predict`, one AG News test article per request (max_length {max_length}), wrk -t1, "
+        f"{seconds:g} s per point, loopback, {torch.get_num_threads()} torch threads.",
+        "",
+        "| batching | connections | requests/s | p50 ms | p99 ms | mean texts per forward pass | errors |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for mode in ("batching", "no batching"):
         for c in CONNECTIONS:
             r = rows[f"{mode}|{c}"]
-            md.append(f"| {'on' if mode == 'batching' else 'off'} | {c} | {r['rps']:.1f} | {r['p50_ms']:.1f} | "
-                      f"{r['p99_ms']:.1f} | {r['mean_batch_texts']:.1f} | {r['errors']} |")  # fmt: skip
+            md.append(
+                f"| {'on' if mode == 'batching' else 'off'} | {c} | {r['rps']:.1f} | {r['p50_ms']:.1f} | "
+                f"{r['p99_ms']:.1f} | {r['mean_batch_texts']:.1f} | {r['errors']} |"
+            )
     ceiling = rows["wrk_ceiling_health"]
-    md += ["", f"Model alone, same articles: {rows['model_batch32_texts_per_s']:.0f} texts/s in batches of 32, "
-           f"{rows['model_batch1_texts_per_s']:.0f} texts/s one at a time. Load generator's ceiling (wrk, 64 "
-           f"connections, GET /health): {ceiling['rps']:.0f} requests/s."]  # fmt: skip
+    md += [
+        "",
+        f"Model alone, same articles: {rows['model_batch32_texts_per_s']:.0f} texts/s in batches of 32, "
+        f"{rows['model_batch1_texts_per_s']:.0f} texts/s one at a time. Load generator's ceiling (wrk, 64 "
+        f"connections, GET /health): {ceiling['rps']:.0f} requests/s.",
+    ]
     md = "\n".join(md)
     for r in rows.values():
         if isinstance(r, dict):

@@ -103,11 +103,12 @@ def test_accumulated_steps_equal_one_process_and_sync_once(tmp_path):
 def _cli(args: list[str], tmp_path: Path, nproc: int | None = None) -> subprocess.CompletedProcess:
     common = ["--data-dir", str(AG_NEWS), "--model", "tiny", "--max-train-samples", "128", "--max-eval-samples", "32",
               "--max-length", "32", "--epochs", "1", "--no-test", "--no-snapshots",
-              "--cache-dir", str(tmp_path / "cache")]  # fmt: skip
+              "--cache-dir", str(tmp_path / "cache")]  # argv: each flag beside its value  # fmt: skip
     one = [sys.executable, "-m", "experiments.train", *common, *args]
     cmd = torchrun_command(nproc, "experiments.train", [*common, *args]) if nproc else one
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=180,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    r = subprocess.run(
+        cmd, cwd=ROOT, capture_output=True, text=True, timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     return r
 
@@ -120,8 +121,22 @@ def _weights(run_dir: Path) -> dict:
 
 @pytest.mark.skipif(not AG_NEWS.exists(), reason="needs ../shared/ag_news")
 def test_grad_accum_steps_on_the_command_line(tmp_path):
-    out = _cli(["--ddp", "scratch", "--batch-size", "4", "--grad-accum-steps", "4", "--dropout", "0",
-                "--output-dir", str(tmp_path / "accum")], tmp_path, nproc=2).stdout  # fmt: skip
+    out = _cli(
+        [
+            "--ddp",
+            "scratch",
+            "--batch-size",
+            "4",
+            "--grad-accum-steps",
+            "4",
+            "--dropout",
+            "0",
+            "--output-dir",
+            str(tmp_path / "accum"),
+        ],
+        tmp_path,
+        nproc=2,
+    ).stdout
     assert "global batch 32 (micro-batch 4 x 4 accumulated x 2 ranks)" in out and "4 optimizer steps" in out
     _cli(["--ddp", "none", "--batch-size", "32", "--dropout", "0", "--output-dir", str(tmp_path / "one")], tmp_path)
     a, b = _weights(tmp_path / "accum"), _weights(tmp_path / "one")
@@ -146,8 +161,11 @@ def fp32_weights(tmp_path_factory):
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_mixed_precision_native_equals_scratch(tmp_path, precision, fp32_weights):
     for ddp in ("native", "scratch"):
-        _cli(["--ddp", ddp, "--batch-size", "4", "--precision", precision, "--output-dir", str(tmp_path / ddp)],
-             tmp_path, nproc=2)  # fmt: skip
+        _cli(
+            ["--ddp", ddp, "--batch-size", "4", "--precision", precision, "--output-dir", str(tmp_path / ddp)],
+            tmp_path,
+            nproc=2,
+        )
     a, b = _weights(tmp_path / "native"), _weights(tmp_path / "scratch")
     assert all(torch.equal(a[k], b[k]) for k in a), "2 ranks: the same fp32 sums, bit for bit"
     assert any(not torch.equal(a[k], fp32_weights[k]) for k in a), f"{precision} autocast changed nothing"

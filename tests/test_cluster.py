@@ -54,7 +54,7 @@ def train_args(out: Path, cache: Path, extra=()) -> list[str]:
         "--max-train-samples", "96", "--max-eval-samples", "16", "--max-length", "32", "--epochs", "1",
         "--batch-size", "4", "--no-test", "--no-save", "--save-every", "3", "--keep-snapshots", "2",
         "--timeout", "30", "--cache-dir", str(cache), "--output-dir", str(out), *extra,
-    ]  # fmt: skip
+    ]  # argv: each flag beside its value  # fmt: skip
 
 
 def launch(options: list[str], command: list[str], **kw) -> subprocess.CompletedProcess:
@@ -99,10 +99,17 @@ def reference(tmp_path_factory):
     if not AG_NEWS.exists():
         pytest.skip("needs ../shared/ag_news")
     base = tmp_path_factory.mktemp("cluster")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           *train_args(base / "one-node", base / "cache")]  # fmt: skip
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT_S,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        *train_args(base / "one-node", base / "cache"),
+    ]
+    r = subprocess.run(
+        cmd, cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT_S, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     ok(r)
     return base, final(base / "one-node")
 
@@ -110,8 +117,20 @@ def reference(tmp_path_factory):
 def test_without_root_it_stops_at_once_and_says_what_is_missing():
     if shutil.which("setpriv") is None:
         pytest.skip("needs setpriv (util-linux) to drop root")
-    cmd = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all", sys.executable,
-           "-m", "experiments.cluster", "--nodes", "2", "--", "tests/cluster_allreduce.py"]  # fmt: skip
+    cmd = [
+        "setpriv",
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+        "--inh-caps=-all",
+        sys.executable,
+        "-m",
+        "experiments.cluster",
+        "--nodes",
+        "2",
+        "--",
+        "tests/cluster_allreduce.py",
+    ]
     t0 = time.monotonic()
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert r.returncode == 2, (r.stdout, r.stderr)
@@ -189,8 +208,18 @@ def test_a_killed_node_stops_every_rank_fast(reference):
 
 
 def test_after_a_launcher_killed_with_sigkill_the_next_start_leaves_nothing():
-    cmd = [sys.executable, "-m", "experiments.cluster", "--nodes", "2", "--link", "none", "--",
-           "tests/cluster_allreduce.py", "sleep"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "experiments.cluster",
+        "--nodes",
+        "2",
+        "--link",
+        "none",
+        "--",
+        "tests/cluster_allreduce.py",
+        "sleep",
+    ]
     first = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     mine = [f"{cluster.PREFIX}{first.pid}-{n}" for n in ("sw", "n0", "n1")]
     try:
@@ -227,8 +256,17 @@ def test_compare_runs_its_ddp_runs_through_the_launcher():
     args, train = compare.parse_args(["--cluster", "2x1", "--link", "500mbit", "--epochs", "1"])
     assert args.nproc == 2 and train == ["--epochs", "1"]
     cmd = cluster.wrap_torchrun(compare.command("scratch", args.nproc, 16, "out", train), args.cluster, args.link)
-    assert cmd[1:10] == ["-m", "experiments.cluster", "--nodes", "2", "--nproc-per-node", "1", "--link", "500mbit",
-                         "-m"]  # fmt: skip
+    assert cmd[1:10] == [
+        "-m",
+        "experiments.cluster",
+        "--nodes",
+        "2",
+        "--nproc-per-node",
+        "1",
+        "--link",
+        "500mbit",
+        "-m",
+    ]
     assert cmd[10:13] == ["experiments.train", "--ddp", "scratch"] and "torch.distributed.run" not in cmd
 
 

@@ -15,16 +15,24 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def doctor(*args: str) -> tuple[subprocess.CompletedProcess, float]:
     t0 = time.monotonic()
-    r = subprocess.run([sys.executable, "-m", "experiments.doctor", *args], cwd=ROOT, capture_output=True, text=True,
-                       timeout=120)  # fmt: skip
+    r = subprocess.run(
+        [sys.executable, "-m", "experiments.doctor", *args], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
     return r, time.monotonic() - t0
 
 
 def test_doctor_passes_on_cpu_in_seconds():
     r, seconds = doctor("--nproc", "2")
     assert r.returncode == 0, r.stdout + r.stderr
-    expected = ["torch ", "gloo available", "ok: dist.all_reduce (gloo), 2 ranks", "ok: our ring all-reduce, 2 ranks",
-                "ok: our ring all-reduce, asynchronous", "ok: our broadcast", "OK: data-parallel training"]  # fmt: skip
+    expected = [
+        "torch ",
+        "gloo available",
+        "ok: dist.all_reduce (gloo), 2 ranks",
+        "ok: our ring all-reduce, 2 ranks",
+        "ok: our ring all-reduce, asynchronous",
+        "ok: our broadcast",
+        "OK: data-parallel training",
+    ]
     for line in expected:
         assert line in r.stdout, (line, r.stdout)
     assert seconds < 30

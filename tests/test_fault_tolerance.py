@@ -42,21 +42,33 @@ def train_args(out: Path, cache: Path, world: int, ddp: str, extra=()) -> list[s
         "--batch-size", str(batch), "--no-test", "--no-save", "--save-every", "3", "--keep-snapshots", "3",
         "--timeout", "60",
         "--cache-dir", str(cache), "--output-dir", str(out), *extra,
-    ]  # fmt: skip
+    ]  # argv: each flag beside its value  # fmt: skip
 
 
 def torchrun(nproc: int, args: list[str], restarts: int = 0, env=None, rdzv=()) -> subprocess.CompletedProcess:
     launcher = ["--standalone"] if not rdzv else list(rdzv)
     module, rest = args[1], args[2:]  # args: -m experiments.train ...
     cmd = torchrun_command(nproc, module, rest, launcher=[*launcher, f"--max-restarts={restarts}"])
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT_S,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})  # fmt: skip
+    return subprocess.run(
+        cmd,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+        env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+    )
 
 
 def python(args: list[str]) -> subprocess.CompletedProcess:
     """One process without torchrun, with the thread count torchrun would give it (1: same kernels, same sums)."""
-    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT_S,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    return subprocess.run(
+        [sys.executable, *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
 
 
 def final(out: Path) -> dict:
@@ -127,8 +139,14 @@ def test_resume_with_length_grouped_batches_is_bit_identical(refs):
     flags = ["--group-by-length", "--max-length", "256", "--all-reduce", "torch"]  # tiny tokenizer: 90-310 tokens
     ok(torchrun(2, train_args(base / "grouped", cache, 2, "scratch", flags)))
     out = base / "crash-grouped"
-    log = ok(torchrun(2, train_args(out, cache, 2, "scratch", [*flags, "--resume", "auto"]), restarts=2,
-                      env={faults.FAULT_ENV: "after-step:8:1"}))  # fmt: skip
+    log = ok(
+        torchrun(
+            2,
+            train_args(out, cache, 2, "scratch", [*flags, "--resume", "auto"]),
+            restarts=2,
+            env={faults.FAULT_ENV: "after-step:8:1"},
+        )
+    )
     assert "[fault injection]" in log and "resumed from" in log, log[-3000:]
     assert_same_training(final(out), final(base / "grouped"), "grouped")
 
@@ -241,11 +259,24 @@ def test_two_agents_as_two_nodes_equal_one_agent(refs, ddp, per_node):
     port = free_port()
     procs = []
     for node in (0, 1):
-        rdzv = ["--nnodes=2", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=ft-test",
-                f"--node-rank={node}"]  # fmt: skip
+        rdzv = [
+            "--nnodes=2",
+            "--rdzv-backend=c10d",
+            f"--rdzv-endpoint=127.0.0.1:{port}",
+            "--rdzv-id=ft-test",
+            f"--node-rank={node}",
+        ]
         cmd = torchrun_command(per_node, "experiments.train", train_args(out, cache, world, ddp)[2:], launcher=rdzv)
-        procs.append(subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                      env={**os.environ, "OMP_NUM_THREADS": "1"}))  # fmt: skip
+        procs.append(
+            subprocess.Popen(
+                cmd,
+                cwd=ROOT,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                env={**os.environ, "OMP_NUM_THREADS": "1"},
+            )
+        )
     logs = [p.communicate(timeout=TIMEOUT_S)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), [log[-2000:] for log in logs]
     assert f"world size {world}" in "".join(logs)

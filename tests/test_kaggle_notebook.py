@@ -17,8 +17,10 @@ ROOT = Path(__file__).resolve().parents[1]
 AG_NEWS = ROOT.parent / "shared" / "ag_news"
 NOTEBOOK = ROOT / "kaggle" / "distrinews_2xT4.ipynb"
 # what the CPU run puts in place of the GPU configuration (argparse: the later flag wins)
-TINY = (f"--model tiny --data-dir {AG_NEWS} --max-train-samples 32 --max-eval-samples 16 --max-length 32 "
-        "--epochs 1 --batch-size 4")  # fmt: skip
+TINY = (
+    f"--model tiny --data-dir {AG_NEWS} --max-train-samples 32 --max-eval-samples 16 --max-length 32 "
+    "--epochs 1 --batch-size 4"
+)
 
 
 def cells(tag: str) -> list[str]:
@@ -34,7 +36,7 @@ def config(monkeypatch, repo: str | None, src: Path) -> dict:
         monkeypatch.setenv("DISTRINEWS_REPO", repo)
     monkeypatch.setenv("DISTRINEWS_SRC", str(src))
     namespace = {}
-    exec(cells("config")[0], namespace)  # noqa: S102 - the notebook's own configuration cell
+    exec(cells("config")[0], namespace)  # the notebook's own configuration cell
     return namespace
 
 
@@ -63,16 +65,16 @@ def test_clone_outside_working_then_reused(monkeypatch, tmp_path):
     monkeypatch.delenv("DISTRINEWS_SRC", raising=False)
     monkeypatch.setenv("DISTRINEWS_REPO", "https://example.org/distrinews")
     namespace = {}
-    exec(cells("config")[0], namespace)  # noqa: S102
+    exec(cells("config")[0], namespace)
     assert not namespace["SRC"].startswith(namespace["WORK"])  # the saved output holds only results
     src = tmp_path / "src"
     ns = config(monkeypatch, f"file://{ROOT}", src)
     for _ in range(2):  # the second run of the cell reuses the clone
-        exec(cells("clone")[0], ns)  # noqa: S102
+        exec(cells("clone")[0], ns)
         assert (src / "experiments" / "gpu_check.py").exists()
     ns = config(monkeypatch, f"file://{tmp_path / 'nothing-here'}", tmp_path / "other")
     with pytest.raises(subprocess.CalledProcessError):  # a failed clone stops Run all
-        exec(cells("clone")[0], ns)  # noqa: S102
+        exec(cells("clone")[0], ns)
 
 
 def test_a_failing_shell_step_raises(monkeypatch, tmp_path):
@@ -105,7 +107,7 @@ def test_recipe_cells_run_on_cpu_with_the_tiny_model(monkeypatch, tmp_path):
 
     ns["run"] = run
     for source in cells("gpu-tests") + cells("recipe"):
-        exec(source, ns)  # noqa: S102 - the notebook's cells, with the tiny configuration
+        exec(source, ns)  # the notebook's cells, with the tiny configuration
     assert len(ran) == 5 and "--dry-run" in ran[0]
     assert (tmp_path / "gpu-check.log").read_text().count("ok ") >= 10
     assert "| scratch | 2 |" in (tmp_path / "compare" / "comparison.md").read_text()

@@ -22,8 +22,14 @@ def torch_lines(tmp_path: Path, gpu: bool, *overrides: str) -> list[str]:
     env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}"}
     env.pop("TORCH_INDEX", None)
     # -W: as if pyproject.toml had changed, so the install recipe is printed; -n: nothing is run
-    r = subprocess.run(["make", "-n", "-W", "pyproject.toml", "install", *overrides], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=60)  # fmt: skip
+    r = subprocess.run(
+        ["make", "-n", "-W", "pyproject.toml", "install", *overrides],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 0, r.stderr
     return [line for line in r.stdout.splitlines() if ' "torch' in line]
 

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_docs_links import anchors, prose, slug  # noqa: E402
+from test_docs_links import anchors, prose, slug
 
 ROOT = Path(__file__).resolve().parents[1]
 FIGURE = re.compile(r"(?<![\w.§/])(\d[\d,]*(?:\.\d+)?)(?:\s?-\s?(\d[\d,]*(?:\.\d+)?))?\s?(ms|%|GB/s|MiB|MB|x)(?!\w)")

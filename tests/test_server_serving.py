@@ -33,8 +33,10 @@ from server.batcher import Batcher
 from server.predictor import load_model_predictor
 
 REPO = Path(__file__).resolve().parents[1]
-TEXTS = [f"story {i}: " + " ".join(["markets", "match", "rockets", "elections"][i % 4] for _ in range(i % 7 + 1))
-         for i in range(32)]  # fmt: skip
+TEXTS = [
+    f"story {i}: " + " ".join(["markets", "match", "rockets", "elections"][i % 4] for _ in range(i % 7 + 1))
+    for i in range(32)
+]
 
 
 @pytest.fixture(scope="module")
@@ -368,8 +370,9 @@ def test_a_batcher_that_dies_fails_its_callers_at_once():
     died = []
 
     async def scenario():
-        b = Batcher(lambda ids: [0] * len(ids), max_batch_texts=8, max_batch_tokens=100, max_wait_ms=50,
-                    metrics=BrokenMetrics())  # fmt: skip
+        b = Batcher(
+            lambda ids: [0] * len(ids), max_batch_texts=8, max_batch_tokens=100, max_wait_ms=50, metrics=BrokenMetrics()
+        )
         b.start(on_failure=died.append)
         # two requests in one batch: the batch "fails", and the one-by-one retry dies of the bug too
         first = await asyncio.wait_for(asyncio.gather(b.submit([[1]]), b.submit([[2]]), return_exceptions=True), 5)
@@ -434,7 +437,7 @@ def test_batcher_caps_texts_and_tokens_and_isolates_failures():
             "/nope",
             "/docs/static/x.js",
         ]
-    ),  # fmt: skip
+    ),
     body=st.one_of(
         st.binary(max_size=300),
         st.recursive(
@@ -470,9 +473,17 @@ def test_page_in_a_real_browser(checkpoint, tmp_path):
 
     opts = webdriver.ChromeOptions()
     opts.binary_location = shutil.which("chromium")
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 f"--user-data-dir={tmp_path / 'chrome'}"):  # fmt: skip
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path / 'chrome'}",
+    ):
         opts.add_argument(flag)
     with Server(checkpoint, tmp_path) as srv:
         driver = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=opts)

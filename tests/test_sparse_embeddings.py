@@ -167,8 +167,11 @@ def _join(rank, n):
     base = Classifier()
     results = {}
     for name in ("native", "ours"):
-        model = (ddp_native.wrap(copy.deepcopy(base), torch.device("cpu")) if name == "native"
-                 else DistributedDataParallel(copy.deepcopy(base), sparse_embeddings=True))  # fmt: skip
+        model = (
+            ddp_native.wrap(copy.deepcopy(base), torch.device("cpu"))
+            if name == "native"
+            else DistributedDataParallel(copy.deepcopy(base), sparse_embeddings=True)
+        )
         opt = torch.optim.SGD(model.parameters(), lr=0.5)
         with model.join():
             for step in range(3 if rank == 0 else 2):  # rank 1 runs out of data one step early
@@ -189,8 +192,11 @@ def _train(rank, n, algorithm):
     base = Classifier()
     weights, modes = {}, set()
     for name in ("native", "ours"):
-        model = (ddp_native.wrap(copy.deepcopy(base), torch.device("cpu")) if name == "native"
-                 else DistributedDataParallel(copy.deepcopy(base), all_reduce=algorithm))  # fmt: skip
+        model = (
+            ddp_native.wrap(copy.deepcopy(base), torch.device("cpu"))
+            if name == "native"
+            else DistributedDataParallel(copy.deepcopy(base), all_reduce=algorithm)
+        )
         opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01)
         for step in range(6):
             model(*batch(20 + step, rank)).backward()

@@ -34,7 +34,7 @@ def test_compare_tiny_end_to_end(tmp_path):
     args = ["-m", "experiments.compare", "--nproc", "2", "--batch-size", "8", "--out", str(out), "--model", "tiny",
             "--dropout", "0.1", "--data-dir", str(AG_NEWS), "--max-train-samples", "128", "--max-eval-samples", "30",
             "--max-length", "512", "--group-by-length", "--sparse-embeddings", "on",
-            "--cache-dir", str(tmp_path / "cache")]  # fmt: skip
+            "--cache-dir", str(tmp_path / "cache")]  # argv: each flag beside its value  # fmt: skip
     r = _run(args, ROOT)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     result = json.loads((out / "comparison.json").read_text())

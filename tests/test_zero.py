@@ -154,8 +154,9 @@ def _worker(rank, world_size, out_path):
     ref = TorchZero(m.parameters(), optimizer_class=torch.optim.AdamW, lr=LR)
     res["torch-zero/ours-ddp"] = train(m, ref, world_size, rank)
     m = torch_ddp()
-    res["torch-zero/torch-ddp"] = train(m, TorchZero(m.parameters(), optimizer_class=torch.optim.AdamW, lr=LR),
-                                        world_size, rank)  # fmt: skip
+    res["torch-zero/torch-ddp"] = train(
+        m, TorchZero(m.parameters(), optimizer_class=torch.optim.AdamW, lr=LR), world_size, rank
+    )
 
     # ZeRO-2: the model is not wrapped (the optimizer's hooks reduce-scatter the gradients)
     for case, kw in {

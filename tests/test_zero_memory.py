@@ -49,8 +49,11 @@ def storage_bytes(tensors) -> int:
 def measure(params, optim_state: dict) -> dict:
     params = list(params)
     state = [v for s in optim_state.values() for v in s.values() if torch.is_tensor(v)]
-    return {"params": storage_bytes(params), "grads": storage_bytes(p.grad for p in params),
-            "optim": storage_bytes(state)}  # fmt: skip
+    return {
+        "params": storage_bytes(params),
+        "grads": storage_bytes(p.grad for p in params),
+        "optim": storage_bytes(state),
+    }
 
 
 def all_trainable():

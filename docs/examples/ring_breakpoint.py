@@ -43,9 +43,9 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from ddp_from_scratch import collectives as C  # noqa: E402
-from ddp_from_scratch.ddp import DistributedDataParallel  # noqa: E402
-from ddp_from_scratch.reducer import Reducer  # noqa: E402
+from ddp_from_scratch import collectives as C
+from ddp_from_scratch.ddp import DistributedDataParallel
+from ddp_from_scratch.reducer import Reducer
 
 # Where rank 0 stops in collectives.py: the entry of the ring kernel that `all_reduce` runs,
 # and each (function, text of a line in it, stop on the line after it?) found below. If

@@ -31,6 +31,7 @@ QUICK = dict(model="tiny", lengths=[256], rows=64, eval_rows=40)
 def measure(cfg: dict, length: int, grouped: bool, data_dir: Path, out: Path, quick: bool) -> dict:
     """One training run; its time, padding and accuracy from summary.json and metrics.jsonl."""
     run_dir = out / f"len{length}-{'grouped' if grouped else 'random'}"
+    # fmt: skip below: argv, each flag beside its value
     args = ["--ddp", "scratch", "--model", cfg["model"], "--data-dir", str(data_dir), "--output-dir", str(run_dir),
             "--max-train-samples", str(cfg["rows"]), "--max-length", str(length), "--batch-size", "16",
             "--epochs", "1", "--lr", "1e-4", "--no-save", *(["--group-by-length"] if grouped else []),

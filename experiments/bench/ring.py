@@ -125,10 +125,14 @@ def run(out_dir: Path, quick: bool = False, nprocs: str = "2,4") -> dict:
         md += [f"**{n} ranks**", "", "| operation | ms | vs gloo all-reduce |", "|---|---|---|"]
         base = t["ms"]["gloo all-reduce"]
         md += [f"| {k} | {v:.2f} | {v / base:.2f} |" for k, v in t["ms"].items()]
-        md += ["", f"- ideal ring from the loopback step: 2(n-1) x one step = {t['ideal_ring_ms']:.2f} ms "
-               f"({t['ideal_ring_ms'] / base:.2f} of gloo); one of our messages costs "
-               f"{1e3 * t['per_message_ms']:.0f} us; "
-               f"copy_ bandwidth {S / t['ms']['copy_ of S'] / 1e6:.1f} GB/s", ""]  # fmt: skip
+        md += [
+            "",
+            f"- ideal ring from the loopback step: 2(n-1) x one step = {t['ideal_ring_ms']:.2f} ms "
+            f"({t['ideal_ring_ms'] / base:.2f} of gloo); one of our messages costs "
+            f"{1e3 * t['per_message_ms']:.0f} us; "
+            f"copy_ bandwidth {S / t['ms']['copy_ of S'] / 1e6:.1f} GB/s",
+            "",
+        ]
     return write_result(out_dir, "ring", md, {"config": cfg, "tables": tables}, tables=tables)
 
 

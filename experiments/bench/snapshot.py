@@ -29,14 +29,24 @@ from .common.report import part_main, write_result
 FULL = {"minilm-l6": ["--max-train-samples", "4000"], "tiny": ["--max-train-samples", "4000"]}
 QUICK = {"tiny": ["--max-train-samples", "160"]}
 COMMON = ["--max-length", "64", "--batch-size", "16", "--epochs", "1", "--lr", "1e-4", "--no-test", "--no-save",
-          "--max-eval-samples", "64", "--save-every", "50"]  # fmt: skip
+          "--max-eval-samples", "64", "--save-every", "50"]  # argv: each flag beside its value  # fmt: skip
 
 
 def measure(model: str, extra: list[str], data_dir: Path, out: Path, quick: bool) -> dict:
     """One training run with snapshots; the figures from its metrics.jsonl and summary.json."""
     run_dir = out / f"run-{model}"
-    args = ["--ddp", "scratch", "--model", model, "--data-dir", str(data_dir), "--output-dir", str(run_dir),
-            *COMMON, *extra]  # fmt: skip
+    args = [
+        "--ddp",
+        "scratch",
+        "--model",
+        model,
+        "--data-dir",
+        str(data_dir),
+        "--output-dir",
+        str(run_dir),
+        *COMMON,
+        *extra,
+    ]
     if quick:
         args[args.index("--save-every") + 1] = "3"
     with tempfile.TemporaryDirectory() as cache:
@@ -79,8 +89,11 @@ def run(out_dir: Path, quick: bool = False, data_dir: Path = DATA_DIR) -> dict:
             f"| {r['model']} | {r['steps']} | {r['snapshots']} | {r['bytes'] / 2**20:.1f} | {r['median_s']:.2f} | "
             f"{r['share_of_training']:.1%} ({r['mid_epoch_snapshots']} in {r['train_time_s']:.0f} s) |"
         )
-    md += ["", "A snapshot holds the weights, AdamW's two moments and every rank's random-number states "
-           "(experiments/snapshot.py); seconds: gather, write, fsync, sha256, rename, on rank 0."]  # fmt: skip
+    md += [
+        "",
+        "A snapshot holds the weights, AdamW's two moments and every rank's random-number states "
+        "(experiments/snapshot.py); seconds: gather, write, fsync, sha256, rename, on rank 0.",
+    ]
     return write_result(out_dir, "snapshot", md, {"rows": rows}, rows=rows)
 
 

@@ -61,8 +61,9 @@ def worker(vocab: int, dim: int, fractions: list[float], runs: int, show_progres
                     times[mode].append(time.perf_counter() - t0)
                     assert rec["mode"] == mode, rec
                     sent[mode] = rec["sent_bytes"]
-            out.append({"algorithm": algorithm, "n": n, "k": k, "fraction": k / vocab, "times_s": times,
-                        "sent_bytes": sent})  # fmt: skip
+            out.append(
+                {"algorithm": algorithm, "n": n, "k": k, "fraction": k / vocab, "times_s": times, "sent_bytes": sent}
+            )
     return out
 
 
@@ -89,9 +90,15 @@ def run(out_dir: Path, quick: bool = False, nprocs: str = "2,4") -> dict:
         for i, r in enumerate(ranks[0]):
             t = {m: slowest_median([rk[i]["times_s"][m] for rk in ranks]) for m in ("sparse", "dense")}
             share = r["sent_bytes"]["sparse"] / r["sent_bytes"]["dense"]
-            rows.append({**{k: r[k] for k in ("algorithm", "n", "k", "fraction")}, "byte_share": share,
-                         "sparse_ms": 1e3 * t["sparse"], "dense_ms": 1e3 * t["dense"],
-                         "ratio": t["sparse"] / t["dense"]})  # fmt: skip
+            rows.append(
+                {
+                    **{k: r[k] for k in ("algorithm", "n", "k", "fraction")},
+                    "byte_share": share,
+                    "sparse_ms": 1e3 * t["sparse"],
+                    "dense_ms": 1e3 * t["dense"],
+                    "ratio": t["sparse"] / t["dense"],
+                }
+            )
         for algorithm in ALGORITHMS:
             pts = sorted((x["byte_share"], x["ratio"]) for x in rows if x["n"] == n and x["algorithm"] == algorithm)
             crossings[f"{algorithm}, {n} ranks"] = break_even(pts)
@@ -105,12 +112,18 @@ def run(out_dir: Path, quick: bool = False, nprocs: str = "2,4") -> dict:
         "|---|---|---|---|---|---|---|",
     ]
     for x in rows:
-        md.append(f"| {x['n']} | {x['algorithm']} | {x['k']} ({x['fraction']:.0%}) | {x['byte_share']:.2f} | "
-                  f"{x['sparse_ms']:.1f} | {x['dense_ms']:.1f} | {x['ratio']:.2f} |")  # fmt: skip
-    md += ["", "Break-even byte share (sparse as slow as dense): " + ", ".join(
-        f"{k} {'not reached' if v is None else f'{v:.2f}'}" for k, v in crossings.items())]  # fmt: skip
-    return write_result(out_dir, "sparse", md, {"config": cfg, "rows": rows, "break_even": crossings},
-                        rows=rows, break_even=crossings)  # fmt: skip
+        md.append(
+            f"| {x['n']} | {x['algorithm']} | {x['k']} ({x['fraction']:.0%}) | {x['byte_share']:.2f} | "
+            f"{x['sparse_ms']:.1f} | {x['dense_ms']:.1f} | {x['ratio']:.2f} |"
+        )
+    md += [
+        "",
+        "Break-even byte share (sparse as slow as dense): "
+        + ", ".join(f"{k} {'not reached' if v is None else f'{v:.2f}'}" for k, v in crossings.items()),
+    ]
+    return write_result(
+        out_dir, "sparse", md, {"config": cfg, "rows": rows, "break_even": crossings}, rows=rows, break_even=crossings
+    )
 
 
 def main(argv=None) -> None:

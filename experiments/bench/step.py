@@ -104,8 +104,15 @@ def worker(
     }
 
 
-def run(out_dir: Path, quick: bool = False, nproc: int = 2, gpu: bool = False, precision: str = "fp32",
-        dense_embeddings: bool = False, onramp: bool = False) -> dict:  # fmt: skip
+def run(
+    out_dir: Path,
+    quick: bool = False,
+    nproc: int = 2,
+    gpu: bool = False,
+    precision: str = "fp32",
+    dense_embeddings: bool = False,
+    onramp: bool = False,
+) -> dict:
     """Launch the ranks, then write step.json and step.md.
 
     `gpu`: NCCL, rank r on cuda:r (one GPU per rank); `precision`: autocast of the forward;

@@ -68,8 +68,9 @@ def worker(
         base.get_input_embeddings().weight.requires_grad_(False)
     events = []
     for impl in IMPLS:
-        ddp, records = wrap(impl, copy.deepcopy(base), bucket_cap_mb,
-                            sparse_embeddings=False if dense_embeddings else "auto")  # fmt: skip
+        ddp, records = wrap(
+            impl, copy.deepcopy(base), bucket_cap_mb, sparse_embeddings=False if dense_embeddings else "auto"
+        )
         opt = torch.optim.AdamW(ddp.parameters(), lr=1e-5)
         for step, batch in enumerate(tqdm(batches, desc=impl, unit="step", disable=not show_progress)):
             records.clear()
@@ -180,8 +181,12 @@ def run(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg = QUICK if quick else FULL
-    config = {**cfg, "bucket_cap_mb": bucket_cap_mb, "freeze_embeddings": freeze_embeddings,
-              "dense_embeddings": dense_embeddings}  # fmt: skip
+    config = {
+        **cfg,
+        "bucket_cap_mb": bucket_cap_mb,
+        "freeze_embeddings": freeze_embeddings,
+        "dense_embeddings": dense_embeddings,
+    }
     ranks = launch_ranks("timeline", nproc, config, quiet=quick)
     events = [e for r in ranks for e in r]
     (out_dir / "trace.json").write_text(json.dumps(chrome_trace(events)))

@@ -81,8 +81,9 @@ def parse_fault(text: str, nodes: int) -> Fault:
     if set(values) != need:
         raise UsageError(f"--fault {text!r}: {kind} takes exactly {', '.join(sorted(need))}")
     try:
-        fault = Fault(kind, int(values["node"]), int(values["step"]), float(values.get("seconds", 0)),
-                      values.get("rate", ""))  # fmt: skip
+        fault = Fault(
+            kind, int(values["node"]), int(values["step"]), float(values.get("seconds", 0)), values.get("rate", "")
+        )
     except ValueError:
         raise UsageError(f"--fault {text!r}: node and step are integers, seconds a number") from None
     if not 0 <= fault.node < nodes or fault.step < 1 or (kind == "partition" and fault.seconds <= 0):
@@ -121,13 +122,24 @@ def agent_command(args, net: Network, k: int, command: list[str]) -> list[str]:
     it from the hostname, which is the host's in every namespace), its own address as --local-addr
     (what the workers publish; the hostname would resolve to the host's address, unreachable here)."""
     return [
-        "ip", "netns", "exec", net.node_ns(k),
-        sys.executable, "-m", "torch.distributed.run",
-        f"--nnodes={args.nodes}", f"--node-rank={k}", f"--nproc-per-node={args.nproc_per_node}",
-        "--rdzv-backend=c10d", f"--rdzv-endpoint={net.address(0)}:{RDZV_PORT}", f"--rdzv-id={PREFIX}{net.run_id}",
-        f"--rdzv-conf=is_host={int(k == 0)}", f"--local-addr={net.address(k)}", f"--max-restarts={args.max_restarts}",
+        "ip",
+        "netns",
+        "exec",
+        net.node_ns(k),
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nnodes={args.nodes}",
+        f"--node-rank={k}",
+        f"--nproc-per-node={args.nproc_per_node}",
+        "--rdzv-backend=c10d",
+        f"--rdzv-endpoint={net.address(0)}:{RDZV_PORT}",
+        f"--rdzv-id={PREFIX}{net.run_id}",
+        f"--rdzv-conf=is_host={int(k == 0)}",
+        f"--local-addr={net.address(k)}",
+        f"--max-restarts={args.max_restarts}",
         *command,
-    ]  # fmt: skip
+    ]
 
 
 def run(args, command: list[str]) -> int:
@@ -153,25 +165,36 @@ def run(args, command: list[str]) -> int:
         cores, warning = node_cores(args.nodes, sorted(os.sched_getaffinity(0)))
         if warning:
             say(f"warning: {warning}")
-        say(f"{args.nodes} nodes x {args.nproc_per_node} ranks, link {args.link} (both directions), switch "
-            f"{net.switch_ns}; " + "; ".join(f"node {k}: {net.address(k)} cores {cores[k]}"
-                                              for k in range(args.nodes)))  # fmt: skip
+        say(
+            f"{args.nodes} nodes x {args.nproc_per_node} ranks, link {args.link} (both directions), switch "
+            f"{net.switch_ns}; " + "; ".join(f"node {k}: {net.address(k)} cores {cores[k]}" for k in range(args.nodes))
+        )
         out_lock = threading.Lock()
         for k in range(args.nodes):
             ifname = os.environ.get("GLOO_SOCKET_IFNAME", IFNAME)  # set it to see a wrong interface
-            env = {**os.environ, "GLOO_SOCKET_IFNAME": ifname, "PYTHONUNBUFFERED": "1",
-                   # a fresh store for every rendezvous round (on rank 0, at a new port): agents on
-                   # different nodes can count restarts differently (a node whose ranks outlived a
-                   # partition restarts them as a "membership change", uncounted), and keys in one
-                   # store shared across rounds, prefixed with that count, then disagree
-                   "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",
-                   TOPOLOGY_ENV: f"{args.nodes}x{args.nproc_per_node}@{args.link}",
-                   faults.CLUSTER_DIR_ENV: str(step_dir),
-                   faults.CLUSTER_STEPS_ENV: ",".join(str(f.step) for f in args.faults)}  # fmt: skip
+            env = {
+                **os.environ,
+                "GLOO_SOCKET_IFNAME": ifname,
+                "PYTHONUNBUFFERED": "1",
+                # a fresh store for every rendezvous round (on rank 0, at a new port): agents on
+                # different nodes can count restarts differently (a node whose ranks outlived a
+                # partition restarts them as a "membership change", uncounted), and keys in one
+                # store shared across rounds, prefixed with that count, then disagree
+                "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",
+                TOPOLOGY_ENV: f"{args.nodes}x{args.nproc_per_node}@{args.link}",
+                faults.CLUSTER_DIR_ENV: str(step_dir),
+                faults.CLUSTER_STEPS_ENV: ",".join(str(f.step) for f in args.faults),
+            }
             env.setdefault("OMP_NUM_THREADS", str(max(1, len(cores[k]) // args.nproc_per_node)))
-            proc = subprocess.Popen(agent_command(args, net, k, command), env=env, stdin=subprocess.DEVNULL,
-                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
-                                    preexec_fn=lambda c=cores[k]: os.sched_setaffinity(0, c))  # fmt: skip
+            proc = subprocess.Popen(
+                agent_command(args, net, k, command),
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=lambda c=cores[k]: os.sched_setaffinity(0, c),
+            )
             agents[k] = proc
             threading.Thread(target=_pump, args=(proc.stdout, f"[node {k}] ", out_lock), daemon=True).start()
         return supervise(args, net, agents, step_dir)
@@ -205,7 +228,8 @@ def supervise(args, net: Network, agents: dict[int, subprocess.Popen], step_dir:
             k_step = pending[0].step
             if len(list(step_dir.glob(f"step-{k_step}-rank-*"))) >= world:
                 workers = {p for k in range(args.nodes) for p in namespace_pids(net.node_ns(k))} - {
-                    a.pid for a in agents.values()}  # fmt: skip
+                    a.pid for a in agents.values()
+                }
                 while pending and pending[0].step == k_step:
                     f = pending.pop(0)
                     what = apply_fault(net, f, heal, now)
@@ -264,8 +288,18 @@ def wrap_torchrun(cmd: list[str], spec: str, link: str) -> list[str]:
     if not m or "-m" not in cmd[3:]:
         raise UsageError(f"--cluster {spec!r}: write NODESxRANKS, e.g. 2x1 (2 nodes, 1 rank each)")
     module = cmd.index("-m", 3)  # cmd[1:3] is `-m torch.distributed.run`
-    return [sys.executable, "-m", "experiments.cluster", "--nodes", m.group(1), "--nproc-per-node", m.group(2),
-            "--link", link, *cmd[module:]]  # fmt: skip
+    return [
+        sys.executable,
+        "-m",
+        "experiments.cluster",
+        "--nodes",
+        m.group(1),
+        "--nproc-per-node",
+        m.group(2),
+        "--link",
+        link,
+        *cmd[module:],
+    ]
 
 
 def topology() -> dict | None:

@@ -153,8 +153,10 @@ def node_cores(nodes: int, available: list[int]) -> tuple[list[list[int]], str |
     per = len(available) // nodes
     if per >= 1:
         return [available[k * per : (k + 1) * per] for k in range(nodes)], None
-    warning = (f"{nodes} nodes on {len(available)} cores: nodes share cores (node K on core K mod "
-               f"{len(available)}), so compute competes and step times are not those of {nodes} machines")  # fmt: skip
+    warning = (
+        f"{nodes} nodes on {len(available)} cores: nodes share cores (node K on core K mod "
+        f"{len(available)}), so compute competes and step times are not those of {nodes} machines"
+    )
     return [[available[k % len(available)]] for k in range(nodes)], warning
 
 
@@ -215,7 +217,7 @@ class Network:
         burst = max(16 * 1024, int(rate_bits_per_s(rate) / 8 / 1000))
         for ns, dev in ((self.node_ns(k), IFNAME), (self.switch_ns, f"n{k}")):
             sh("ip", "netns", "exec", ns, "tc", "qdisc", verb, "dev", dev, "root", "tbf", "rate", rate,
-               "burst", str(burst), "latency", "50ms")  # fmt: skip
+               "burst", str(burst), "latency", "50ms")  # the tc command's words as one types them  # fmt: skip
 
     def set_link(self, k: int, up: bool) -> None:
         """Node k's switch port up or down (a pulled cable: its packets are dropped at the switch)."""

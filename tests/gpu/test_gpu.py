@@ -35,8 +35,13 @@ def _collectives_worker(rank: int, world: int, port: int) -> None:
     from ddp_from_scratch import work as W
 
     torch.cuda.set_device(rank)
-    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=60))  # fmt: skip
+    dist.init_process_group(
+        "nccl",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=60),
+    )
     try:
         for n in (0, 1, 7, 1001, (1 << 20) + 3):
             for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.int64):
@@ -78,7 +83,7 @@ def _train(tmp: Path, ddp: str, extra: list[str], nproc: int = 2) -> dict:
     args = ["-m", "experiments.train", "--ddp", ddp, "--model", "tiny", "--dropout", "0", *DATA,
             "--max-train-samples", "256", "--max-eval-samples", "64", "--max-length", "64", "--epochs", "1",
             "--no-test", "--no-snapshots", "--cache-dir", str(tmp / "cache"),
-            "--output-dir", str(out), *extra]  # fmt: skip
+            "--output-dir", str(out), *extra]  # argv: each flag beside its value  # fmt: skip
     cmd = torchrun_command(nproc, "experiments.train", args[2:]) if ddp != "none" else [sys.executable, *args]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -130,6 +135,12 @@ def test_grad_accumulation_over_nccl(tmp_path):
 
 
 def test_doctor_over_nccl():
-    r = subprocess.run([sys.executable, "-m", "experiments.doctor", "--nproc", "2"], cwd=ROOT, capture_output=True,
-                       text=True, timeout=300, env={**os.environ})  # fmt: skip
+    r = subprocess.run(
+        [sys.executable, "-m", "experiments.doctor", "--nproc", "2"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ},
+    )
     assert r.returncode == 0 and "with nccl" in r.stdout, r.stdout + r.stderr

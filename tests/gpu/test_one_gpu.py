@@ -31,8 +31,14 @@ def nccl():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     torch.cuda.set_device(0)
-    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1,
-                            timeout=datetime.timedelta(seconds=60), device_id=torch.device("cuda", 0))  # fmt: skip
+    dist.init_process_group(
+        "nccl",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=0,
+        world_size=1,
+        timeout=datetime.timedelta(seconds=60),
+        device_id=torch.device("cuda", 0),
+    )
     yield dist.group.WORLD
     dist.destroy_process_group()
 
@@ -232,8 +238,9 @@ def test_reducer_on_a_side_stream_with_fp16_autocast_and_scaler(nccl, hook, all_
 
     torch.manual_seed(0)
     ref = Net(late=LATE).cuda()
-    ours = ddp_from_scratch.wrap(Net(late=LATE).cuda(), torch.device("cuda", 0), all_reduce=all_reduce,
-                                 bucket_cap_mb=0.25)  # fmt: skip
+    ours = ddp_from_scratch.wrap(
+        Net(late=LATE).cuda(), torch.device("cuda", 0), all_reduce=all_reduce, bucket_cap_mb=0.25
+    )
     ours.module.load_state_dict(ref.state_dict())
     if hook != "none":
         ours.register_comm_hook(
@@ -273,8 +280,9 @@ def test_collective_overlaps_backward(nccl):
     import ddp_from_scratch
 
     torch.manual_seed(0)
-    model = ddp_from_scratch.wrap(Net(late=LATE, where="input", layers=8).cuda(), torch.device("cuda", 0),
-                                  bucket_cap_mb=0.25)  # fmt: skip
+    model = ddp_from_scratch.wrap(
+        Net(late=LATE, where="input", layers=8).cuda(), torch.device("cuda", 0), bucket_cap_mb=0.25
+    )
     events: list = []
 
     def timed_hook(state, bucket):
