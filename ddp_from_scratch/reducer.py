@@ -254,7 +254,8 @@ class Reducer:
         """Start the bucket's asynchronous all-reduce (or the comm hook); its future lands in `bucket.future`."""
         start = debug.now()
         # CUDA: an event before the launch, in stream order (the host clock only says when it was enqueued)
-        timer = debug.CollectiveTimer(bucket.buffer.device) if self.timeline is not None else None
+        cuda = self.timeline is not None and bucket.buffer.is_cuda  # CPU records stay plain (picklable) dicts
+        timer = debug.CollectiveTimer(bucket.buffer.device) if cuda else None
         if self._comm_hook is None:
             future = self.comm_state.all_reduce(bucket.buffer)
         else:
@@ -265,13 +266,15 @@ class Reducer:
                 "bytes": bucket.nbytes,
                 "launch": time.perf_counter(),
                 "ready": self._ready_times.get(bucket.index, time.perf_counter()),
-                "timer": timer,
             }
+            if timer is not None:
+                record["timer"] = timer
             self.timeline.append(record)
 
             def stamp(fut, record=record):
                 record["done"] = time.perf_counter()  # on the thread that completed it, at completion
-                record["timer"].stop()  # CUDA: the callback's current stream waits for the collective
+                if "timer" in record:
+                    record["timer"].stop()  # CUDA: the callback's current stream waits for the collective
                 return fut.value()
 
             future = future.then(stamp)  # waiting for the bucket now waits for the stamp too

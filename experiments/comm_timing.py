@@ -1,13 +1,13 @@
 """When each gradient all-reduce of a step ran, and how much of it backward did not hide.
 
-Both DDPs record one dict per bucket all-reduce, {"bucket", "bytes", "launch", "done", "timer"}
+Both DDPs record one dict per bucket all-reduce, {"bucket", "bytes", "launch", "done"}
 (perf_counter seconds): ours through its own timeline (`Reducer.timeline`, stamped when each
 all-reduce completes); torch's DDP has none, so a comm hook that averages exactly like its
 default path (divide, then a SUM all-reduce, as torch's `allreduce_hook`) records them. The
 training loop (`--report-to tensorboard`) and the benchmarks (bench/wrappers.py) read them.
 
 On CUDA the host stamps say when a collective was *enqueued*, not when it ran: NCCL's futures
-complete at enqueue, ours after a stream event. So each record also carries a
+complete at enqueue, ours after a stream event. So on CUDA each record also carries a
 `ddp_from_scratch.debug.CollectiveTimer` (CUDA events on the collective's stream order), and
 `place_on_host_clock` replaces "launch"/"done" by the events' times on the host clock before
 anyone reads them: both DDPs are then timed the same way (issue: GPU comparisons between torch's
@@ -34,13 +34,15 @@ def timed_allreduce_hook(records: list):
         buf = bucket.buffer()
         buf.div_(dist.get_world_size())  # torch's default path divides while copying in; ours too, untimed
         rec = {"bucket": bucket.index(), "bytes": buf.numel() * buf.element_size(), "launch": time.perf_counter()}
-        rec["timer"] = CollectiveTimer(buf.device)  # CUDA: an event in stream order, before the all-reduce
+        if buf.is_cuda:  # an event in stream order, before the all-reduce (CPU records stay plain dicts)
+            rec["timer"] = CollectiveTimer(buf.device)
         records.append(rec)
         fut = dist.all_reduce(buf, async_op=True).get_future()
 
         def done(f):
             rec["done"] = time.perf_counter()  # runs on the communication thread, at completion (CPU)
-            rec["timer"].stop()  # CUDA: in this callback a stream that waits for the all-reduce is current
+            if "timer" in rec:
+                rec["timer"].stop()  # CUDA: in this callback a stream that waits for the all-reduce is current
             return f.value()[0]
 
         return fut.then(done)
