@@ -54,6 +54,32 @@ def partition_parameters(param_groups: list[dict], world_size: int) -> list[list
     return result
 
 
+def indexed_groups(param_groups: list[dict]) -> list[dict]:
+    """The parameter groups in torch.optim's state-dict format: hyperparameters, and each parameter
+    as its global index (0, 1, ... over all groups in order), as one process would save them."""
+    groups, start = [], 0
+    for g in param_groups:
+        groups.append(
+            {**{k: v for k, v in g.items() if k != "params"}, "params": list(range(start, start + len(g["params"])))}
+        )
+        start += len(g["params"])
+    return groups
+
+
+def load_hyperparameters(param_groups: list[dict], saved: list[dict]) -> None:
+    """Copy a saved state dict's hyperparameters (lr, betas, ...) into `param_groups`, in place.
+
+    Raises: ValueError if the parameter groups do not match in number or size.
+    """
+    if [len(g["params"]) for g in saved] != [len(g["params"]) for g in param_groups]:
+        raise ValueError(
+            "state dict has parameter groups of sizes "
+            f"{[len(g['params']) for g in saved]}, this optimizer {[len(g['params']) for g in param_groups]}"
+        )
+    for full, g in zip(param_groups, saved):
+        full.update({k: v for k, v in g.items() if k != "params"})
+
+
 class ZeroRedundancyOptimizer(torch.optim.Optimizer):
     """ZeRO-1: `optimizer_class(**defaults)` on this rank's shard of the parameters only.
 
@@ -196,11 +222,7 @@ class ZeroRedundancyOptimizer(torch.optim.Optimizer):
             raise RuntimeError(
                 f"rank {self.rank} holds only its shard: call consolidate_state_dict(to={self.rank}) on every rank"
             )
-        groups, start = [], 0
-        for g in self.param_groups:
-            groups.append({**self._hyper(g), "params": list(range(start, start + len(g["params"])))})
-            start += len(g["params"])
-        return {"state": dict(sorted(self._consolidated.items())), "param_groups": groups}
+        return {"state": dict(sorted(self._consolidated.items())), "param_groups": indexed_groups(self.param_groups)}
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a full state dict (from `state_dict()`, or from a plain optimizer over the same
@@ -208,14 +230,7 @@ class ZeroRedundancyOptimizer(torch.optim.Optimizer):
 
         Raises: ValueError if the parameter groups do not match in number or size.
         """
-        saved = state_dict["param_groups"]
-        if [len(g["params"]) for g in saved] != [len(g["params"]) for g in self.param_groups]:
-            raise ValueError(
-                "state dict has parameter groups of sizes "
-                f"{[len(g['params']) for g in saved]}, this optimizer {[len(g['params']) for g in self.param_groups]}"
-            )
-        for full, g in zip(self.param_groups, saved):
-            full.update({k: v for k, v in g.items() if k != "params"})
+        load_hyperparameters(self.param_groups, state_dict["param_groups"])
         local_groups, local_state, k = [], {}, 0
         for full, mine in zip(self.param_groups, self.optim.param_groups):
             ids = []

@@ -33,6 +33,7 @@ from . import collectives, debug
 from .bucket import MB, assign_buckets
 from .flat_param import ShardComm, clip_grad_norm_
 from .replicas import broadcast_from
+from .zero import indexed_groups, load_hyperparameters
 
 
 @dataclass
@@ -251,16 +252,7 @@ class Zero2Optimizer(torch.optim.Optimizer):
             raise RuntimeError(
                 f"rank {self.rank} holds only its chunks: call consolidate_state_dict(to={self.rank}) on every rank"
             )
-        groups, start = [], 0
-        for g in self.param_groups:
-            groups.append(
-                {
-                    **{k: v for k, v in g.items() if k != "params"},
-                    "params": list(range(start, start + len(g["params"]))),
-                }
-            )
-            start += len(g["params"])
-        return {"state": dict(sorted(self._consolidated.items())), "param_groups": groups}
+        return {"state": dict(sorted(self._consolidated.items())), "param_groups": indexed_groups(self.param_groups)}
 
     @torch.no_grad()
     def load_state_dict(self, state_dict: dict) -> None:
@@ -269,14 +261,7 @@ class Zero2Optimizer(torch.optim.Optimizer):
 
         Raises: ValueError if the parameter groups do not match in number or size.
         """
-        saved = state_dict["param_groups"]
-        if [len(g["params"]) for g in saved] != [len(g["params"]) for g in self.param_groups]:
-            raise ValueError(
-                "state dict has parameter groups of sizes "
-                f"{[len(g['params']) for g in saved]}, this optimizer {[len(g['params']) for g in self.param_groups]}"
-            )
-        for full, g in zip(self.param_groups, saved):
-            full.update({k: v for k, v in g.items() if k != "params"})
+        load_hyperparameters(self.param_groups, state_dict["param_groups"])
         index = {id(p): i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
         shard_index = {id(b.shard): k for k, b in enumerate(self.buckets)}
         local_state = {}
