@@ -211,17 +211,28 @@ class FlatParameter:
         return self._log("reduce_scatter", self.comm.reduce_scatter(flat), flat, start)
 
     @torch.no_grad()
-    def full_tensors(self) -> list[torch.Tensor]:
-        """All parameters at full size in their own dtype (master weights), gathered now; collective."""
-        buf = torch.empty(self.numel_padded, dtype=self.dtype, device=self.device)
-        self.chunk(buf).copy_(self.shard.detach())
+    def full_tensors(self, shard: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """All parameters at full size in their own dtype (master weights), gathered now; collective.
+
+        `shard`: another tensor of the shard's shape to gather the same way (an optimizer's
+        moment of this shard); default the shard itself. Returns one tensor per parameter, in its shape.
+        """
+        shard = self.shard if shard is None else shard
+        buf = torch.zeros(self.numel_padded, dtype=shard.dtype, device=self.device)
+        self.chunk(buf).copy_(shard.detach())
         self.comm.all_gather(buf).wait()
         return [v.clone() for v in self.views(buf)]
 
     @torch.no_grad()
-    def load_full(self, tensors: list[torch.Tensor]) -> None:
-        """Set the shard from full-size parameters (every rank passes the same); no communication."""
-        flat = torch.zeros(self.numel_padded, dtype=self.dtype, device=self.device)
+    def shard_of(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        """This rank's chunk of full-size per-parameter tensors (every rank passes the same; the
+        inverse of `full_tensors`): a new 1-D tensor of the shard's shape. No communication."""
+        flat = torch.zeros(self.numel_padded, dtype=tensors[0].dtype, device=self.device)
         for t, o, k in zip(tensors, self.offsets, self.numels):
             flat[o : o + k].copy_(t.reshape(-1))
-        self.shard.copy_(self.chunk(flat))
+        return self.chunk(flat).clone()
+
+    @torch.no_grad()
+    def load_full(self, tensors: list[torch.Tensor]) -> None:
+        """Set the shard from full-size parameters (every rank passes the same); no communication."""
+        self.shard.copy_(self.shard_of([t.to(self.dtype) for t in tensors]))

@@ -360,6 +360,63 @@ class FullyShardedDataParallel(nn.Module):
             if u.flat is not None:
                 u.flat.load_full(per_unit[id(u)])
 
+    # ---- optimizer state (checkpoints) ---------------------------------------------------
+    def parameter_names(self) -> dict[int, str]:
+        """id(trainable parameter) -> its first name in the unwrapped model's state dict."""
+        names: dict[int, str] = {}
+        for key, t in self._keys:
+            if id(t) in self._param_of:
+                names.setdefault(id(t), key)
+        return names
+
+    def full_optim_state(self, optim: torch.optim.Optimizer) -> dict[str, dict]:
+        """The state `optim` holds for the shards, per parameter at full size: {parameter name:
+        {"step": ..., "exp_avg": tensor shaped like the parameter, ...}} (CPU tensors), the state
+        a plain optimizer of the unwrapped model would hold. Collective (one all-gather per unit
+        and state tensor): call on every rank; every rank gets the whole dict. Elementwise
+        optimizers only (their state tensors have the shard's shape; others are copied as they are).
+        """
+        names, out = self.parameter_names(), {}
+        for u in self.units:
+            if u.flat is None:
+                continue
+            state = optim.state.get(u.flat.shard, {})
+            members = [names[id(p)] for p in self.unit_parameters(u)]
+            for key, value in sorted(state.items()):
+                if torch.is_tensor(value) and value.shape == u.flat.shard.shape:
+                    full = [t.cpu() for t in u.flat.full_tensors(value)]
+                else:
+                    full = [value.detach().cpu().clone() if torch.is_tensor(value) else value] * len(members)
+                for name, v in zip(members, full):
+                    out.setdefault(name, {})[key] = v
+        return out
+
+    def shard_optim_state(self, per_name: dict[str, dict]) -> dict[nn.Parameter, dict]:
+        """The inverse of `full_optim_state`: {shard: its state} cut from full-size per-parameter
+        states (every rank passes the same); for `optim.load_state_dict`. A unit none of whose
+        parameters has a state is left out (never stepped). No communication."""
+        names, out = self.parameter_names(), {}
+        for u in self.units:
+            if u.flat is None:
+                continue
+            states = [per_name.get(names[id(p)]) for p in self.unit_parameters(u)]
+            if any(s is None for s in states):
+                continue
+            entry = {}
+            for key, value in states[0].items():
+                if torch.is_tensor(value) and value.dim() > 0:
+                    entry[key] = u.flat.shard_of([s[key].to(u.flat.device) for s in states])
+                else:
+                    entry[key] = value
+            out[u.flat.shard] = entry
+        return out
+
+    def unit_parameters(self, unit: Unit) -> list[torch.Tensor]:
+        """The unit's trainable parameters, in flat order (as they were at wrap time)."""
+        found = [(i, pid) for pid, (u, i) in self._param_of.items() if u is unit]
+        by_id = {id(t): t for _, t in self._keys}
+        return [by_id[pid] for _, pid in sorted(found)]
+
 
 def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()

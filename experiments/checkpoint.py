@@ -24,7 +24,11 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def save_checkpoint(
-    model: nn.Module, tokenizer: PreTrainedTokenizerBase, out_dir: str | os.PathLike, metadata: dict | None = None
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    out_dir: str | os.PathLike,
+    metadata: dict | None = None,
+    state_dict: dict | None = None,
 ) -> Path:
     """Save model (safetensors) and tokenizer to `out_dir`, atomically.
 
@@ -32,6 +36,10 @@ def save_checkpoint(
     place, so a crash mid-save never leaves a half-written checkpoint where a server
     or a later run would load it. An existing `out_dir` is replaced.
     Call on one rank only (rank 0).
+
+    Args:
+        state_dict: the full weights to write (a sharded run's, gathered by
+            experiments/parallel.py's `full_model_state`); default the model's own.
 
     Returns:
         The checkpoint directory.
@@ -43,7 +51,7 @@ def save_checkpoint(
         raise TypeError(f"save_checkpoint needs a transformers model, got {type(inner).__name__}")
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        inner.save_pretrained(tmp, safe_serialization=True)
+        inner.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
         tokenizer.save_pretrained(tmp)
         if metadata is not None:
             (tmp / "training_args.json").write_text(json.dumps(metadata, indent=2, default=str))

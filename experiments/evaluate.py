@@ -7,9 +7,16 @@ with one batch fewer never leave a peer waiting in a collective), and the per-ra
 confusion matrices and loss sums are added up with one all-reduce. With `by_length`, each rank
 runs its shard longest first (less padding, and an out-of-memory error shows at once), still
 every example exactly once.
+
+FSDP is the exception: there every forward all-gathers each unit's parameters, so every rank
+must run the same number of forwards or the one with more waits forever for the others. With
+`same_forwards`, a rank whose shard has one batch fewer runs one more forward on a batch of the
+split's first example and counts nothing of it (a few examples of extra compute, no hang).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch.utils.data import DataLoader
@@ -21,7 +28,6 @@ from .length_grouping import lengths_of
 from .precision import autocast
 
 
-@torch.inference_mode()
 def evaluate(
     model,
     dataset,
@@ -32,6 +38,7 @@ def evaluate(
     desc: str = "eval",
     precision: str = "fp32",
     by_length: bool = False,
+    same_forwards: bool = False,
 ) -> dict:
     """Accuracy, mean loss and confusion matrix of `model` on `dataset`, over all ranks.
 
@@ -40,6 +47,7 @@ def evaluate(
         batch_size: examples per forward pass on each rank.
         precision: "fp32", "fp16" or "bf16": the autocast of training (precision.py).
         by_length: run this rank's shard sorted by length, longest first (--group-by-length).
+        same_forwards: every rank runs the same number of forwards (FSDP: see the module docstring).
 
     Returns:
         {"accuracy": float in [0, 1], "loss": mean cross-entropy (nats), "n": examples
@@ -55,13 +63,20 @@ def evaluate(
     loader = DataLoader(dataset, batch_size=batch_size, sampler=shard, collate_fn=collate_fn)
     confusion = torch.zeros(num_labels, num_labels, dtype=torch.int64, device=env.device)
     loss_sum = torch.zeros(1, dtype=torch.float64, device=env.device)
-    for batch in tqdm(loader, desc=desc, disable=not env.is_main, leave=False):
-        batch = {k: v.to(env.device) for k, v in batch.items()}
-        with autocast(precision, env.device):
-            out = inner(**batch)
-        pred = out.logits.argmax(dim=-1)
-        confusion.index_put_((batch["labels"], pred), torch.ones_like(pred), accumulate=True)
-        loss_sum += out.loss.double() * len(pred)
+    # FSDP's hooks gather under no_grad; inference tensors would be refused by FSDP2's in-place copies
+    with torch.no_grad() if same_forwards else torch.inference_mode():
+        for batch in tqdm(loader, desc=desc, disable=not env.is_main, leave=False):
+            batch = {k: v.to(env.device) for k, v in batch.items()}
+            with autocast(precision, env.device):
+                out = inner(**batch)
+            pred = out.logits.argmax(dim=-1)
+            confusion.index_put_((batch["labels"], pred), torch.ones_like(pred), accumulate=True)
+            loss_sum += out.loss.double() * len(pred)
+        longest = math.ceil(math.ceil(len(dataset) / env.world_size) / batch_size)  # rank 0's batches
+        for _ in range(longest - len(loader) if same_forwards else 0):  # the peers' forwards: counted by nobody
+            batch = {k: v.to(env.device) for k, v in collate_fn([dataset[0]]).items()}
+            with autocast(precision, env.device):
+                inner(**batch)
     all_reduce_sum(confusion, env)
     all_reduce_sum(loss_sum, env)
     inner.train(was_training)

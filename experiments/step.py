@@ -56,6 +56,19 @@ def _no_sync(model, sync_gradients: bool, last: bool):
     return model.no_sync()
 
 
+def clip_grad_norm_(model, opt, max_norm: float) -> torch.Tensor:
+    """Clip the gradients' global 2-norm to `max_norm`; returns the norm before clipping.
+
+    Where the gradients are sharded, the object holding the shards clips them (our FSDP:
+    `model.clip_grad_norm_`, our ZeRO-2: `opt.clip_grad_norm_`: one all-reduce of the sum of squares,
+    ddp_from_scratch/flat_param.py); otherwise torch's, which also handles FSDP2's sharded DTensors.
+    """
+    for owner in (model, opt):
+        if hasattr(owner, "clip_grad_norm_"):
+            return owner.clip_grad_norm_(max_norm)
+    return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+
+
 def optimizer_step(
     model,
     opt,
@@ -71,6 +84,9 @@ def optimizer_step(
     Every micro-batch but the last runs forward and backward inside `model.no_sync()`, so gradients
     only accumulate locally; the last one's backward all-reduces their sum: one all-reduce per
     optimizer step, in torch's DDP and in ours (`no_sync` of both; `--ddp none`: no wrapper, no sync).
+    ZeRO-2 and FSDP (ours and torch's fully_shard) have no `no_sync` here: each micro-batch's backward
+    reduce-scatters its gradient and the averaged shards add up (the same sum, in another order of
+    rounding; k reduce-scatters per step instead of one: experiments/parallel.py).
     Each loss is divided by the number of micro-batches, so the step uses the mean over all of them.
     fp16: the loss is scaled before backward, the gradients unscaled before clipping, and a step with
     inf/NaN gradients is skipped by the scaler (then the schedule does not advance either).
@@ -106,7 +122,7 @@ def optimizer_step(
     if scaler:
         scaler.unscale_(opt)  # clip the true gradients, not the scaled ones
     if max_grad_norm > 0:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+        clip_grad_norm_(model, opt, max_grad_norm)
     lr = sched.get_last_lr()[0] if sched is not None else opt.param_groups[0]["lr"]  # the rate this step uses
     skipped, scale = False, None
     if scaler:

@@ -1,9 +1,11 @@
 """Train an AG News classifier with data parallelism: the one training loop of the project.
 
-The parallel wrapper and the sampler are the only things that change between runs:
+The parallel wrapper, its optimizer and the sampler are the only things that change between runs:
     --ddp none      one process, no wrapper (torch's DistributedSampler with 1 replica)
     --ddp native    torch.nn.parallel.DistributedDataParallel + torch's DistributedSampler
     --ddp scratch   ddp_from_scratch.DistributedDataParallel + our DistributedSampler
+    --parallel zero1|zero2|fsdp --impl scratch|native: the sharded stages (ZeRO-1, ZeRO-2, FSDP),
+                    ours or torch's; --parallel ddp --impl X is --ddp X (the table: experiments/parallel.py)
 With --group-by-length all three take their batches from experiments/length_grouping.py instead
 (the same batches for native and scratch), and evaluation runs longest texts first.
 
@@ -11,6 +13,7 @@ Launch (CPU: gloo; one GPU per rank: nccl):
     python -m experiments.train --ddp none --data-dir ../shared/ag_news --model minilm-l6
     torchrun --nproc_per_node=2 -m experiments.train --ddp scratch --data-dir ../shared/ag_news --model minilm-l6
     torchrun --nproc_per_node=2 -m experiments.train --ddp native  --data-dir ../shared/ag_news --model minilm-l6
+    torchrun --nproc_per_node=2 -m experiments.train --parallel fsdp --impl scratch --data-dir ../shared/ag_news
     # survive crashes: torchrun restarts every rank, which continue from the newest snapshot
     torchrun --nproc_per_node=2 --max-restarts=3 -m experiments.train ... --save-every 50 --resume auto
     # several machines (docs/fault-tolerance.md): on each, torchrun --nnodes=2 --node-rank=K
@@ -45,8 +48,9 @@ from transformers import get_linear_schedule_with_warmup
 
 from . import distributed as D
 from . import faults, peers
+from . import parallel as P
 from . import snapshot as S
-from .checkpoint import save_checkpoint, unwrap
+from .checkpoint import save_checkpoint
 from .comm_timing import bytes_per_step, exposed_seconds, place_on_host_clock, record_allreduces, step_origin
 from .data import load_ag_news, make_collator, tokenize
 from .errors import DistributedSetupError, DistriNewsError, exit_code, system_exit
@@ -58,28 +62,7 @@ from .precision import make_scaler
 from .step import optimizer_step
 from .train_args import TrainConfig, parse_args
 
-__all__ = ["Run", "main", "optimizer_step", "train", "wrap_model"]  # optimizer_step: from step.py, for callers
-
-
-def wrap_model(model, config: TrainConfig, env: D.DistEnv):
-    """The only place where the three runs differ: wrapper and sampler factory."""
-    if config.ddp == "none":
-        from torch.utils.data import DistributedSampler
-
-        return model, lambda ds: DistributedSampler(ds, num_replicas=1, rank=0, shuffle=True, seed=config.seed)
-    if config.ddp == "native":
-        import ddp_native as impl
-
-        kwargs = {}
-    else:
-        import ddp_from_scratch as impl
-
-        sparse = {"auto": "auto", "on": True, "off": False}[config.sparse_embeddings]
-        kwargs = {"all_reduce": config.all_reduce, "sparse_embeddings": sparse}
-    wrapped = impl.wrap(model, env.device, bucket_cap_mb=config.bucket_cap_mb, **kwargs)
-    return wrapped, lambda ds: impl.DistributedSampler(
-        ds, num_replicas=env.world_size, rank=env.rank, shuffle=True, seed=config.seed
-    )
+__all__ = ["Run", "main", "optimizer_step", "train"]  # optimizer_step: from step.py, for callers
 
 
 @dataclass
@@ -97,6 +80,7 @@ class Run:
     data: dict
     collate: object
     model: torch.nn.Module  # wrapped (--ddp native / scratch) or not (none)
+    parallel: P.Parallel  # the stage: wrapper, optimizer, whole-state readers (parallel.py)
     sampler: object
     loader: DataLoader
     opt: torch.optim.Optimizer
@@ -110,11 +94,17 @@ class Run:
     progress: S.Progress = field(default_factory=S.Progress)
     log: MetricsLog | None = None
     comm: list | None = None  # bucket all-reduce records of the step (--report-to tensorboard, the DDPs)
+    n_params: int = 0
 
     @property
     def eval_kw(self) -> dict:
         c = self.config
-        return {"batch_size": c.eval_batch_size, "precision": c.precision, "by_length": c.group_by_length}
+        return {
+            "batch_size": c.eval_batch_size,
+            "precision": c.precision,
+            "by_length": c.group_by_length,
+            "same_forwards": self.parallel.sharded_forward,
+        }
 
     @property
     def global_batch(self) -> int:
@@ -143,19 +133,16 @@ def make_loader(config: TrainConfig, env: D.DistEnv, dataset, make_sampler, coll
     return sampler, DataLoader(dataset, batch_size=config.batch_size, sampler=sampler, collate_fn=collate)
 
 
-def make_optimizer(model, config: TrainConfig, steps: int):
-    """AdamW (no weight decay on biases and LayerNorm) and its linear warm-up then decay over `steps`."""
-    decay = [p for n, p in unwrap(model).named_parameters() if p.ndim > 1]
-    rest = [p for n, p in unwrap(model).named_parameters() if p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": rest, "weight_decay": 0.0}]
-    opt = torch.optim.AdamW(groups, lr=config.lr)
-    return opt, get_linear_schedule_with_warmup(opt, int(config.warmup_ratio * steps), steps)
+def default_output_dir(config: TrainConfig, world_size: int) -> str:
+    """runs/<ddp>-np<N> for DDP and one process (as before the sharded stages), runs/<parallel>-<impl>-np<N> else."""
+    kind = config.ddp if config.ddp == "none" or config.parallel == "ddp" else f"{config.parallel}-{config.impl}"
+    return os.path.join("runs", f"{kind}-np{world_size}")
 
 
 def build(config: TrainConfig, env: D.DistEnv) -> Run:
     """Data, model, wrapper, loader, optimizer; the snapshot to resume from chosen (on rank 0) and
     its weights loaded before wrapping (DDP then broadcasts identical weights)."""
-    out_dir = config.output_dir or os.path.join("runs", f"{config.ddp}-np{env.world_size}")
+    out_dir = config.output_dir or default_output_dir(config, env.world_size)
     tokenizer = build_tokenizer(config.model)
     data = D.run_on_main_first(env, functools.partial(prepare_data, config, tokenizer))  # rank 0 tokenizes first
     torch.manual_seed(config.seed)  # identical initial weights (and classifier head) on every rank and run
@@ -169,12 +156,16 @@ def build(config: TrainConfig, env: D.DistEnv) -> Run:
     snapshot = S.broadcast_state(choice.state, env) if choice.path is not None else None
     if snapshot is not None:
         model.load_state_dict(snapshot.model)
-    model, make_sampler = wrap_model(model, config, env)
+    n_params = sum(p.numel() for p in model.parameters())
+    parallel = P.setup(model, config, env)  # wrapper and AdamW (or its sharded form): the stage's one difference
     torch.manual_seed(config.seed + env.rank)  # per-rank dropout masks, identical for native and scratch runs
     collate = make_collator(tokenizer)
-    sampler, loader = make_loader(config, env, data["train"], make_sampler, collate)
+    sampler, loader = make_loader(config, env, data["train"], parallel.make_sampler, collate)
     steps_per_epoch = math.ceil(len(loader) / config.grad_accum_steps)  # a last, shorter group steps too
-    opt, sched = make_optimizer(model, config, config.epochs * steps_per_epoch)
+    steps = config.epochs * steps_per_epoch
+    opt = parallel.opt
+    # linear warm-up then decay over the run's steps
+    sched = get_linear_schedule_with_warmup(opt, int(config.warmup_ratio * steps), steps)
     return Run(
         config=config,
         env=env,
@@ -182,14 +173,16 @@ def build(config: TrainConfig, env: D.DistEnv) -> Run:
         tokenizer=tokenizer,
         data=data,
         collate=collate,
-        model=model,
+        model=parallel.model,
+        parallel=parallel,
+        n_params=n_params,
         sampler=sampler,
         loader=loader,
         opt=opt,
         sched=sched,
         scaler=make_scaler(config.precision, env.device),
         steps_per_epoch=steps_per_epoch,
-        steps=config.epochs * steps_per_epoch,
+        steps=steps,
         snapshot=snapshot,
         snapshot_path=choice.path,
     )
@@ -200,7 +193,7 @@ def resume(run: Run) -> None:
     a fresh start); rank 0 opens metrics.jsonl (cut back to the snapshot) and says how the run is set up."""
     config, env, snap = run.config, run.env, run.snapshot
     if snap is not None:
-        snap.restore(run.opt, run.sched, run.scaler)
+        snap.restore(run.parallel, run.sched, run.scaler)
         run.resume_rng = snap.rng[env.rank]
         run.progress = replace(
             snap.position, epoch_times_s=list(snap.position.epoch_times_s), evals=list(snap.position.evals)
@@ -209,14 +202,14 @@ def resume(run: Run) -> None:
             run.progress = replace(run.progress, epoch=run.progress.epoch + 1, batches_done=0)
         if not run.progress.batches_done:
             run.progress.epoch_elapsed_s = 0.0
-    if config.report_to == "tensorboard" and config.ddp != "none":
+    if config.report_to == "tensorboard" and run.parallel.ddp_wrapped:
         run.comm = record_allreduces(run.model, native=config.ddp == "native")
     if not env.is_main:
         return
     os.makedirs(run.out_dir, exist_ok=True)
-    n_params = sum(p.numel() for p in unwrap(run.model).parameters())
+    n_params = run.n_params
     print(
-        f"[{config.ddp}] world size {env.world_size}, backend {env.backend or '-'}, device {env.device}, "
+        f"[{run.parallel.label}] world size {env.world_size}, backend {env.backend or '-'}, device {env.device}, "
         f"model {config.model} ({n_params:,} params), train/val/test {len(run.data['train'])}/"
         f"{len(run.data['validation'])}/{len(run.data['test'])}, global batch {run.global_batch} (micro-batch "
         f"{config.batch_size} x {config.grad_accum_steps} accumulated x {env.world_size} ranks), "
@@ -237,13 +230,16 @@ def take_snapshot(run: Run, epoch_elapsed: float) -> None:
         return
     t0 = time.perf_counter()
     rng = S.gather_rng(run.env)
+    parallel = run.parallel
+    # collectives when sharded (FSDP's weights; every sharded optimizer), so every rank calls them
+    model = parallel.full_model_state() if run.env.is_main or parallel.sharded_forward else None
+    optimizer = parallel.full_optimizer_state()
     if not run.env.is_main:
         return
     position = replace(run.progress, epoch_elapsed_s=epoch_elapsed, metrics_bytes=run.log.size())
     identity = run.config.identity(run.env.world_size)
-    state = S.TrainingState.capture(
-        identity, position, unwrap(run.model), run.opt, run.sched, run.scaler, run.config.seed, rng
-    )
+    scheduler = parallel.scheduler_state(run.sched)
+    state = S.TrainingState.capture(identity, position, model, optimizer, scheduler, run.scaler, run.config.seed, rng)
     path = S.save(run.out_dir, state, keep=run.config.keep_snapshots)
     event = {"type": "snapshot", "step": position.global_step, "epoch": position.epoch, "path": str(path)}
     run.log.write({**event, "bytes": path.stat().st_size, "seconds": time.perf_counter() - t0})
@@ -365,6 +361,8 @@ def summarize(run: Run, test: dict | None) -> dict:
     memory = D.all_gather_object(env, (D.peak_memory_bytes(env.device), D.device_name(env.device)))
     return {
         "ddp": config.ddp,
+        "parallel": config.parallel if config.ddp != "none" else "none",
+        "impl": config.impl,
         "world_size": env.world_size,
         "backend": env.backend,
         "model": config.model,
@@ -397,6 +395,8 @@ def finish(run: Run) -> dict:
         None if config.no_test else evaluate(run.model, run.data["test"], run.collate, env, desc="test", **run.eval_kw)
     )
     summary = summarize(run, test)
+    gather = not config.no_save and (env.is_main or run.parallel.sharded_forward)  # a collective for fsdp
+    weights = run.parallel.full_model_state() if gather else None
     if not env.is_main:
         return summary
     if test:
@@ -405,7 +405,8 @@ def finish(run: Run) -> dict:
     run.log.close()
     if not config.no_save:
         metadata = {**config.as_dict(), "world_size": env.world_size}
-        ckpt = save_checkpoint(run.model, run.tokenizer, os.path.join(run.out_dir, "checkpoint"), metadata)
+        ckpt_dir = os.path.join(run.out_dir, "checkpoint")
+        ckpt = save_checkpoint(run.parallel.inner, run.tokenizer, ckpt_dir, metadata, state_dict=weights)
         summary["checkpoint"] = str(ckpt)
         print(f"checkpoint: {ckpt}", flush=True)
     with open(os.path.join(run.out_dir, "summary.json"), "w") as f:

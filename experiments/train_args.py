@@ -4,7 +4,7 @@
 experiments.train is built from its fields (`parse_args`), so the two never drift apart. A field
 made with `option(..., defines_run=True)` changes what the run computes; `identity()` collects
 those (and the world size), and a snapshot continues only a run with the same identity
-(experiments/snapshot.py). How a run executes (ddp, all_reduce, bucket_cap_mb, backend, timeout,
+(experiments/snapshot.py). How a run executes (ddp, parallel, impl, all_reduce, bucket_cap_mb, backend, timeout,
 paths, reporting) is not part of it. experiments/compare.py passes any flag it does not know on.
 """
 
@@ -18,6 +18,10 @@ from dataclasses import dataclass
 from .errors import UsageError
 
 DESCRIPTION = "Train an AG News classifier with data parallelism: the one training loop of the project."
+COMBINATIONS = (
+    "--parallel ddp, zero1 or fsdp with --impl scratch or native; --parallel zero2 with --impl scratch;"
+    " --ddp none (one process)"
+)
 
 
 def option(default, help: str | None = None, *, defines_run: bool = False, choices=None, type=None, metavar=None):
@@ -35,10 +39,30 @@ def option(default, help: str | None = None, *, defines_run: bool = False, choic
 class TrainConfig:
     """Every option of `python -m experiments.train` (see each field's help)."""
 
-    ddp: str = option("scratch", "parallel wrapper", choices=["none", "native", "scratch"])
+    ddp: str | None = option(
+        None,
+        "none: one process, no wrapper; native / scratch: short for --parallel ddp --impl native / scratch"
+        " (default: scratch)",
+        choices=["none", "native", "scratch"],
+        type=str,
+    )
+    parallel: str = option(
+        "ddp",
+        "what is sharded: ddp (nothing, everything replicated), zero1 (optimizer state), zero2 (and gradients),"
+        " fsdp (and parameters: ZeRO-3); experiments/parallel.py",
+        choices=["ddp", "zero1", "zero2", "fsdp"],
+    )
+    impl: str | None = option(
+        None,
+        "whose implementation: scratch (ddp_from_scratch/) or native (torch's); default: --ddp's, else scratch",
+        choices=["scratch", "native"],
+        type=str,
+    )
     model: str = option("distilbert", "preset (distilbert, minilm-l6, tiny), hub id or path", defines_run=True)
     data_dir: str | None = option(None, "directory with train.csv/test.csv (ag_news_csv); default: the hub", type=str)
-    output_dir: str | None = option(None, "default: runs/<ddp>-np<world size>", type=str)
+    output_dir: str | None = option(
+        None, "default: runs/<ddp>-np<world size> (sharded stages: runs/<parallel>-<impl>-np<world size>)", type=str
+    )
     epochs: int = option(1, defines_run=True)
     batch_size: int = option(16, "micro-batch per rank; global batch = this x accumulation x ranks", defines_run=True)
     grad_accum_steps: int = option(
@@ -73,7 +97,12 @@ class TrainConfig:
         "batches of similar lengths (less padding): experiments/length_grouping.py; evaluation sorted too",
         defines_run=True,
     )
-    all_reduce: str = option("torch", "--ddp scratch: collective", choices=["torch", "ring"])
+    all_reduce: str = option(
+        "torch",
+        "--impl scratch: the collectives of every stage (DDP's all-reduce, ZeRO's and FSDP's all-gather and"
+        " reduce-scatter): torch.distributed's or our ring",
+        choices=["torch", "ring"],
+    )
     sparse_embeddings: str = option(
         "auto",
         "--ddp scratch: exchange the word embedding's gradient by the rows looked up (ddp_from_scratch/sparse.py;"
@@ -112,13 +141,43 @@ class TrainConfig:
             found.append("--bucket-cap-mb must be positive")
         if self.save_every < 0 or self.keep_snapshots < 1:
             found.append("--save-every must be >= 0 and --keep-snapshots >= 1")
-        return found
+        return found + self._parallel_problems()
+
+    def _parallel_problems(self) -> list[str]:
+        """The combinations of --ddp / --parallel / --impl / --precision that do not exist."""
+        if self.ddp == "none" and (self.parallel != "ddp" or self.impl is not None):
+            return [
+                "--ddp none is one process without a wrapper: drop --parallel/--impl, or use"
+                f" --parallel {self.parallel} --impl {self.impl or 'scratch'} under torchrun"
+            ]
+        if self.ddp in ("native", "scratch") and self.impl not in (None, self.ddp):
+            return [f"--ddp {self.ddp} and --impl {self.impl} disagree: give one of them"]
+        if self.parallel == "zero2" and self.resolved().impl == "native":
+            return [
+                "--parallel zero2 --impl native does not exist: torch has no separate ZeRO-2 (its FSDP2 shards the"
+                f" parameters too). The combinations that exist: {COMBINATIONS}"
+            ]
+        if self.precision == "fp16" and self.parallel in ("zero2", "fsdp"):
+            return [
+                f"--precision fp16 with --parallel {self.parallel}: each rank holds only its shard of the gradients,"
+                " so the loss scaler's inf/NaN check would differ between ranks (torch needs its ShardedGradScaler);"
+                " use --precision bf16 (no scaler) or --parallel ddp|zero1"
+            ]
+        return []
+
+    def resolved(self) -> TrainConfig:
+        """`--ddp` and `--impl` brought to one form: `ddp` is "none" or the implementation
+        (native / scratch), `impl` the same (None for none); `parallel` what is sharded."""
+        if self.ddp == "none":
+            return self
+        impl = self.impl or self.ddp or "scratch"
+        return dataclasses.replace(self, ddp=impl, impl=impl)
 
     def check(self) -> TrainConfig:
-        """`self`, or UsageError naming the first problem (for a config made in code, not parsed)."""
+        """`self` resolved, or UsageError naming the first problem (for a config made in code, not parsed)."""
         if self.problems():
             raise UsageError(self.problems()[0])
-        return self
+        return self.resolved()
 
     def identity(self, world_size: int) -> dict:
         """What defines the run: the fields made with `defines_run=True`, and the world size."""
@@ -151,4 +210,4 @@ def parse_args(argv=None) -> TrainConfig:
     config = TrainConfig(**vars(p.parse_args(argv)))
     for problem in config.problems()[:1]:
         p.error(problem)
-    return config
+    return config.resolved()
