@@ -38,8 +38,9 @@ def save_checkpoint(
     Call on one rank only (rank 0).
 
     Args:
-        state_dict: the full weights to write (a sharded run's, gathered by
-            experiments/parallel.py's `full_model_state`); default the model's own.
+        state_dict: the full weights to write, for a model whose own parameters are shards (FSDP:
+            gathered by experiments/parallel.py's `full_model_state`); they are loaded into a plain
+            model of the same config, which is what is saved. Default: the model's own weights.
 
     Returns:
         The checkpoint directory.
@@ -51,7 +52,7 @@ def save_checkpoint(
         raise TypeError(f"save_checkpoint needs a transformers model, got {type(inner).__name__}")
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        inner.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
+        (inner if state_dict is None else _plain_copy(inner, state_dict)).save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         if metadata is not None:
             (tmp / "training_args.json").write_text(json.dumps(metadata, indent=2, default=str))
@@ -70,3 +71,13 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _plain_copy(model: PreTrainedModel, state_dict: dict) -> PreTrainedModel:
+    """A model of `model`'s config holding `state_dict`: what a sharded model (whose parameters are
+    shards or DTensors) saves as. Raises RuntimeError if the keys or shapes differ."""
+    from transformers import AutoModelForSequenceClassification
+
+    plain = AutoModelForSequenceClassification.from_config(model.config)
+    plain.load_state_dict(state_dict, strict=True)
+    return plain

@@ -395,8 +395,8 @@ def finish(run: Run) -> dict:
         None if config.no_test else evaluate(run.model, run.data["test"], run.collate, env, desc="test", **run.eval_kw)
     )
     summary = summarize(run, test)
-    gather = not config.no_save and (env.is_main or run.parallel.sharded_forward)  # a collective for fsdp
-    weights = run.parallel.full_model_state() if gather else None
+    # FSDP: only shards on each rank; the checkpoint gets the gathered full weights (a collective)
+    weights = run.parallel.full_model_state() if not config.no_save and run.parallel.sharded_forward else None
     if not env.is_main:
         return summary
     if test:

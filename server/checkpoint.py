@@ -18,8 +18,20 @@ HOW_TO_TRAIN = (
     "Produce a checkpoint with: torchrun --nproc-per-node N -m experiments.train ... "
     "--output-dir DIR, then pass DIR/checkpoint."
 )
-SUMMARY_KEYS = ("ddp", "world_size", "backend", "precision", "global_batch", "steps", "samples_per_s", "test_accuracy")
+SUMMARY_KEYS = (
+    "ddp",
+    "parallel",
+    "impl",
+    "world_size",
+    "backend",
+    "precision",
+    "global_batch",
+    "steps",
+    "samples_per_s",
+    "test_accuracy",
+)
 TRAINING_KEYS = ("ddp", "world_size", "epochs", "lr", "batch_size")
+SHARDING_KEYS = ("parallel", "impl")  # --parallel/--impl (experiments/parallel.py): only in runs that had them
 
 
 class CheckpointNotFound(UsageError, FileNotFoundError):
@@ -72,7 +84,8 @@ class Checkpoint:
 
     def training(self) -> dict:
         """The training options that made the model (a few of training_args.json)."""
-        return {k: self.training_args.get(k) for k in TRAINING_KEYS}
+        known = {k: self.training_args[k] for k in SHARDING_KEYS if k in self.training_args}
+        return {**{k: self.training_args.get(k) for k in TRAINING_KEYS}, **known}
 
     def run_summary(self) -> dict | None:
         """The training run's summary.json next to the checkpoint (a few fields), or None."""
