@@ -2,11 +2,15 @@
 
     python -m experiments.compare --nproc 2 --data-dir ../shared/ag_news --model minilm-l6 \
         --max-train-samples 4000 --max-length 64
+    # a sharded stage instead of DDP: ours against torch's (and one process), the same way
+    python -m experiments.compare --parallel fsdp --nproc 2 --data-dir ../shared/ag_news --model tiny
 
 runs, one after the other (so they never compete for the cores):
     python -m experiments.train --ddp none    --batch-size B*N ...        (the same global batch)
     torchrun --nproc_per_node=N -m experiments.train --ddp native  --batch-size B ...
     torchrun --nproc_per_node=N -m experiments.train --ddp scratch --batch-size B ...
+(with --parallel zero1|zero2|fsdp: `--parallel P --impl native|scratch` instead of `--ddp`, in
+<out>/<P>-native and <out>/<P>-scratch; zero2 has no native run: torch has no separate ZeRO-2)
 with the same seed, data order, initial weights and bucket cap, then prints and
 writes (`<out>/comparison.md`, `<out>/comparison.json`) one table: samples/s, time
 per epoch, speedup over 1 process, parallel efficiency (speedup / N), validation
@@ -31,6 +35,7 @@ from safetensors.torch import load_file
 
 from .errors import DistriNewsError, UsageError, exit_code
 from .launch import torchrun_command
+from .train_args import COMBINATIONS
 
 
 def parse_args(argv=None):
@@ -42,7 +47,17 @@ def parse_args(argv=None):
     p.add_argument("--nproc", type=int, default=2, help="processes for the DDP runs")
     p.add_argument("--batch-size", type=int, default=16, help="micro-batch per rank")
     p.add_argument("--out", default=os.path.join("runs", "compare"), help="directory for the three runs and the table")
-    p.add_argument("--runs", default="none,native,scratch", help="comma-separated subset of none,native,scratch")
+    p.add_argument(
+        "--runs",
+        default=None,
+        help="comma-separated subset of none,native,scratch (default: all three; zero2: none,scratch)",
+    )
+    p.add_argument(
+        "--parallel",
+        default="ddp",
+        choices=["ddp", "zero1", "zero2", "fsdp"],
+        help="the stage the native and scratch runs use (experiments/parallel.py); none is one process either way",
+    )
     p.add_argument("--cluster", metavar="NODESxRANKS", help="DDP runs on the emulated cluster (experiments/cluster/)")
     p.add_argument("--link", default="1gbit", help="with --cluster: each node's link rate (tc units), or none")
     args, train_args = p.parse_known_args(argv)
@@ -53,14 +68,24 @@ def parse_args(argv=None):
         args.nproc = int(nodes) * int(ranks)
     if args.nproc < 1:
         p.error("--nproc must be at least 1")
-    args.runs = [r.strip() for r in args.runs.split(",") if r.strip()]
+    default = "none,scratch" if args.parallel == "zero2" else "none,native,scratch"
+    args.runs = [r.strip() for r in (args.runs or default).split(",") if r.strip()]
     bad = set(args.runs) - {"none", "native", "scratch"}
     if bad:
         p.error(f"--runs: unknown {sorted(bad)}; choose from none, native, scratch")
+    if args.parallel == "zero2" and "native" in args.runs:
+        p.error(f"--parallel zero2 has no native run: torch has no separate ZeRO-2. {COMBINATIONS}")
     return args, train_args
 
 
-def command(kind: str, nproc: int, batch_size: int, out_dir: str, train_args: list[str]) -> list[str]:
+def run_dir(out: str, kind: str, parallel: str = "ddp") -> str:
+    """Where one run writes: <out>/<kind> for DDP and one process, <out>/<parallel>-<kind> for a sharded stage."""
+    return os.path.join(out, kind if kind == "none" or parallel == "ddp" else f"{parallel}-{kind}")
+
+
+def command(
+    kind: str, nproc: int, batch_size: int, out_dir: str, train_args: list[str], parallel: str = "ddp"
+) -> list[str]:
     """The exact command line of one run (printed, so a learner can rerun it alone)."""
     # no snapshots: a comparison always starts afresh, and three runs' snapshots of minilm-l6
     # (about 270 MB each) would only fill the disk
@@ -78,7 +103,8 @@ def command(kind: str, nproc: int, batch_size: int, out_dir: str, train_args: li
             str(batch_size * nproc),
             *common,
         ]
-    return torchrun_command(nproc, "experiments.train", ["--ddp", kind, "--batch-size", str(batch_size), *common])
+    which = ["--ddp", kind] if parallel == "ddp" else ["--parallel", parallel, "--impl", kind]
+    return torchrun_command(nproc, "experiments.train", [*which, "--batch-size", str(batch_size), *common])
 
 
 def max_weight_difference(dir_a: str, dir_b: str) -> float:
@@ -102,6 +128,8 @@ def table(summaries: dict, weight_diff: float | None) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for kind, s in summaries.items():
+        if s.get("parallel") not in (None, "none", "ddp"):  # a sharded stage: "fsdp scratch"
+            kind = f"{s['parallel']} {kind}"
         speedup = s["samples_per_s"] / base if base else None
         fmt = lambda x, f: "-" if x is None else format(x, f)
         rows.append(
@@ -126,10 +154,10 @@ def main(argv=None) -> int:
     os.makedirs(args.out, exist_ok=True)
     summaries = {}
     for kind in args.runs:
-        out_dir = os.path.join(args.out, kind)
+        out_dir = run_dir(args.out, kind, args.parallel)
         # a comparison always trains from scratch: drop the snapshots an earlier comparison left here
         shutil.rmtree(os.path.join(out_dir, "snapshots"), ignore_errors=True)
-        cmd = command(kind, args.nproc, args.batch_size, out_dir, train_args)
+        cmd = command(kind, args.nproc, args.batch_size, out_dir, train_args, args.parallel)
         if args.cluster and kind != "none":
             from experiments.cluster import wrap_torchrun
 
@@ -165,7 +193,8 @@ def main(argv=None) -> int:
         f.write(header + md + "\n")
     with open(os.path.join(args.out, "comparison.json"), "w") as f:
         topology = {"cluster": args.cluster, "link": args.link if args.cluster else None}
-        json.dump({"runs": summaries, "max_weight_diff_native_vs_scratch": diff, **topology}, f, indent=2)
+        record = {"parallel": args.parallel, "runs": summaries, "max_weight_diff_native_vs_scratch": diff}
+        json.dump({**record, **topology}, f, indent=2)
     print("\n" + header + md)
     print(f"\nwritten: {os.path.join(args.out, 'comparison.md')}")
     return 0

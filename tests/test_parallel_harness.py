@@ -170,3 +170,24 @@ def test_zero1_killed_by_sigkill_resumes_bit_identical(runs):
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if r["type"] == "step"] == list(range(1, STEPS + 1))  # one curve
     assert os.path.exists(out / "checkpoint" / "model.safetensors")
+
+
+def test_compare_runs_a_stage_side_by_side():
+    from experiments.compare import command, parse_args, run_dir
+
+    args, rest = parse_args(["--parallel", "fsdp", "--nproc", "2", "--epochs", "1"])
+    assert args.runs == ["none", "native", "scratch"] and rest == ["--epochs", "1"]
+    cmd = command("native", 2, 4, run_dir("out", "native", "fsdp"), rest, "fsdp")
+    assert cmd[cmd.index("--parallel") + 1] == "fsdp" and cmd[cmd.index("--impl") + 1] == "native"
+    assert cmd[cmd.index("--output-dir") + 1] == os.path.join("out", "fsdp-native") and "--ddp" not in cmd
+    none = command("none", 2, 4, run_dir("out", "none", "fsdp"), rest, "fsdp")
+    assert none[none.index("--ddp") + 1] == "none" and none[none.index("--batch-size") + 1] == "8"
+    assert parse_args(["--parallel", "zero2"])[0].runs == ["none", "scratch"]  # torch has no ZeRO-2 to run
+
+
+def test_compare_refuses_a_native_zero2(capsys):
+    from experiments.compare import parse_args
+
+    with pytest.raises(SystemExit) as stop:
+        parse_args(["--parallel", "zero2", "--runs", "native,scratch"])
+    assert stop.value.code == 2 and "torch has no separate ZeRO-2" in capsys.readouterr().err
