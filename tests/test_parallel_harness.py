@@ -10,6 +10,7 @@ every 3 steps, validation and test each shared unevenly: 6 batches on rank 0, 5 
 - gradient accumulation (2 micro-batches per step) with zero2 and fsdp equals DDP's within TOL;
 - the checkpoint of an FSDP run (gathered by its full_state_dict) loads into the server's loader;
 - the combinations that do not exist are usage errors (exit 2) that list the ones that do;
+- zero1 (torch's), zero2 and fsdp (ours and torch's) resumed from a mid-run snapshot end bit-identical;
 - a ZeRO-1 run on 2 ranks under torchrun, one rank killed by SIGKILL, restarted by
   `--max-restarts` and resumed with `--resume auto`, ends bit-identical to the uninterrupted run.
 
@@ -52,6 +53,7 @@ RUNS = {  # name: (--parallel, --impl, --grad-accum-steps)
     "fsdp-accum": ("fsdp", "scratch", 2),
 }
 EXACT = {"zero1", "zero1-native", "fsdp", "fsdp-native"}
+RESUMED = ("zero1-native", "zero2", "fsdp", "fsdp-native")  # zero1 (ours): the SIGKILL test below
 
 
 def flags(out: Path, cache: Path, accum: int = 1) -> list[str]:
@@ -65,12 +67,25 @@ def flags(out: Path, cache: Path, accum: int = 1) -> list[str]:
 
 
 def _worker(rank, world_size, base: str):
+    import shutil
+
     from experiments import distributed as D
     from experiments.train import train
 
     env = D.DistEnv(rank, rank, world_size, "gloo", torch.device("cpu"))
     for name, (parallel, impl, accum) in RUNS.items():
         argv = [*flags(Path(base) / name, Path(base) / "cache", accum), "--parallel", parallel, "--impl", impl]
+        train(parse_args(argv), env)
+    for name in RESUMED:  # each sharded stage continues its own run from the step-6 snapshot
+        parallel, impl, accum = RUNS[name]
+        out = Path(base) / f"{name}-resumed"
+        if rank == 0:  # rank 0 alone chooses the snapshot and broadcasts it
+            shutil.copytree(Path(base) / name, out)
+            newest = S.list_snapshots(out)[0]  # as if the run had died after step 6's snapshot
+            newest.with_suffix(".pt").unlink()
+            newest.unlink()
+        torch.distributed.barrier()
+        argv = [*flags(out, Path(base) / "cache", accum), "--parallel", parallel, "--impl", impl, "--resume", "auto"]
         train(parse_args(argv), env)
 
 
@@ -109,6 +124,15 @@ def test_every_stage_ends_with_ddps_parameters(runs, name):
     parallel, impl, _ = RUNS[name]
     assert (summary["parallel"], summary["impl"]) == (parallel, impl)
     assert summary["test"]["n"] == 21 and summary["val_accuracy"] is not None  # uneven eval shards, no hang
+
+
+@pytest.mark.parametrize("name", RESUMED)
+def test_sharded_runs_resume_bit_identical(runs, name):
+    # the consolidated snapshot of step 6, resharded on every rank, continues to the same end
+    out = runs / f"{name}-resumed"
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert next(r for r in rows if r["type"] == "resumed")["step"] == 6
+    assert max_difference(final(out), final(runs / name)) == 0.0
 
 
 def test_accumulation_changes_the_run(runs):
