@@ -147,11 +147,11 @@ class Parallel:
         """Set the optimizer from `full_optimizer_state()`'s format, on every rank (each keeps its shard)."""
         if self.stage == "fsdp" and self.impl == "scratch":
             per_name = {self.names[i]: s for i, s in state["state"].items()}
-            shards = list(self.opt.param_groups[0]["params"])
+            index = {id(s): k for k, s in enumerate(self.opt.param_groups[0]["params"])}  # by identity
             cut = self.model.shard_optim_state(per_name)
             hyper = {k: v for k, v in state["param_groups"][0].items() if k not in ("params", "weight_decay")}
-            group = {**self.opt.param_groups[0], **hyper, "params": list(range(len(shards)))}
-            self.opt.load_state_dict({"state": {shards.index(s): v for s, v in cut.items()}, "param_groups": [group]})
+            group = {**self.opt.param_groups[0], **hyper, "params": list(range(len(index)))}
+            self.opt.load_state_dict({"state": {index[id(s)]: v for s, v in cut.items()}, "param_groups": [group]})
             return
         if self.stage == "fsdp":  # FSDP2: each rank keeps its slice of every moment (no communication)
             from torch.distributed.tensor import distribute_tensor
