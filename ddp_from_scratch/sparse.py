@@ -127,6 +127,32 @@ class EmbeddingRows:
         return rows, dirty
 
 
+def _rows_to_send(table: EmbeddingRows, grad: torch.Tensor | None, contribute: bool, name: str):
+    """The rows this rank sends (int64, shape (K,)) and whether its gradient is "dirty" (must go dense).
+
+    Dirty: a gradient with no lookup seen (its rows are unknown) or, checked under the debug log, a
+    gradient in rows no forward looked up (the table used outside its nn.Embedding).
+    """
+    rows, dirty = table.take()
+    if not contribute:
+        return rows[:0], False
+    if grad is None:
+        return rows[:0], dirty  # looked up, but no gradient came (the lookup was not in the loss): nothing to send
+    if rows.numel() == 0:
+        return rows, True  # a gradient, but no lookup seen: we cannot know its rows
+    if not dirty and debug.enabled():
+        outside = torch.ones(table.weight.shape[0], dtype=torch.bool, device=grad.device)
+        outside[rows] = False
+        if bool(grad[outside].any()):
+            warnings.warn(
+                f"{name}: gradient in rows no forward looked up (used outside its nn.Embedding?); "
+                "exchanged dense this step",
+                stacklevel=3,
+            )
+            dirty = True
+    return rows, dirty
+
+
 def exchange(
     table: EmbeddingRows, comm: CommState, rank: int, name: str, contribute: bool = True, break_even: float = BREAK_EVEN
 ) -> dict:
@@ -156,24 +182,8 @@ def exchange(
     """
     w, n = table.weight, comm.world_size
     launch = time.perf_counter()
-    rows, dirty = table.take()
     grad = w.grad if contribute else None
-    if not contribute:
-        rows, dirty = rows[:0], False
-    elif grad is None:
-        rows = rows[:0]  # looked up, but no gradient came (the lookup was not in the loss): nothing to send
-    elif rows.numel() == 0:
-        dirty = True  # a gradient, but no lookup seen: we cannot know its rows
-    if grad is not None and not dirty and debug.enabled():
-        outside = torch.ones(w.shape[0], dtype=torch.bool, device=w.device)
-        outside[rows] = False
-        if bool(grad[outside].any()):
-            warnings.warn(
-                f"{name}: gradient in rows no forward looked up (used outside its nn.Embedding?); "
-                "exchanged dense this step",
-                stacklevel=2,
-            )
-            dirty = True
+    rows, dirty = _rows_to_send(table, grad, contribute, name)
     counts = torch.zeros(n, 2, dtype=torch.int64, device=w.device)
     counts[rank, 0], counts[rank, 1] = rows.numel(), int(dirty)
     comm.all_gather(counts).wait()
