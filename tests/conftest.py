@@ -13,13 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from paths import AG_NEWS, NEEDS_AG_NEWS
 
 from experiments.launch import free_port as _free_port
-
-ROOT = Path(__file__).resolve().parents[1]
-AG_NEWS = ROOT.parent / "shared" / "ag_news"  # real AG News CSVs beside the clone (never copied into it)
-NEEDS_AG_NEWS = "needs ../shared/ag_news"
-needs_ag_news = pytest.mark.skipif(not AG_NEWS.exists(), reason=NEEDS_AG_NEWS)
 
 
 @pytest.fixture(scope="session")
@@ -69,6 +65,7 @@ class BenchRun:
 
     out: Path
     exit_code: int
+    parts: tuple[str, ...]
     results: dict[str, dict] = field(default_factory=dict)  # part -> what its run(quick=True) returned
 
 
@@ -91,4 +88,4 @@ def bench_quick(tmp_path_factory) -> BenchRun:
 
             mp.setattr(module, "run", recording)
         code = main(["--quick", "--only", ",".join(BENCH_CLI_PARTS), "--out", str(out)])
-    return BenchRun(out, code, results)
+    return BenchRun(out, code, BENCH_CLI_PARTS, results)

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import BENCH_CLI_PARTS
 
 from experiments.bench.__main__ import PARTS, main
 
@@ -17,7 +16,7 @@ def test_quick_run_writes_one_readme_with_the_parts_it_ran(bench_quick):
     # The run is `main(["--quick", "--only", "allreduce,sparse", "--out", ...])`, made once per session
     # (tests/conftest.py): the allreduce and sparse tests check what those parts returned in it.
     parts = ["allreduce", "sparse"]  # files as a dict, files as a list
-    assert set(parts) <= set(PARTS) and tuple(parts) == BENCH_CLI_PARTS
+    assert set(parts) <= set(PARTS) and tuple(parts) == bench_quick.parts
     tmp_path = bench_quick.out
     assert bench_quick.exit_code == 0
     readme = (tmp_path / "README.md").read_text()
