@@ -22,7 +22,6 @@ import argparse
 import json
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -31,6 +30,8 @@ from pathlib import Path
 
 import httpx
 import torch
+
+from experiments.launch import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 AG_NEWS_TEST = REPO.parent / "shared" / "ag_news" / "test.csv"
@@ -75,12 +76,6 @@ def model_throughput(checkpoint: Path, texts: list[str], batch: int, max_length:
     return done / (time.perf_counter() - t0)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def wrk(url: str, connections: int, seconds: float, script: Path | None = None) -> dict:
     """One wrk run: {"rps", "p50_ms", "p99_ms", "errors"} from its --latency report."""
     cmd = ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--latency", "--timeout", "10s"]
@@ -108,7 +103,7 @@ def wrk(url: str, connections: int, seconds: float, script: Path | None = None) 
 
 def serve(checkpoint: Path, *flags: str) -> tuple[subprocess.Popen, str]:
     """Start `python -m server` on a free loopback port; return (process, url) once /ready says 200."""
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "server", "--checkpoint", str(checkpoint), "--port", str(port), *flags],
         cwd=REPO,

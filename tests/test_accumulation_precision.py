@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from paths import AG_NEWS, needs_ag_news
 from spawn_utils import run
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
@@ -30,7 +31,6 @@ from experiments.launch import torchrun_command
 from experiments.train import optimizer_step
 
 ROOT = Path(__file__).resolve().parents[1]
-AG_NEWS = ROOT.parent / "shared" / "ag_news"
 K, MICRO, STEPS = 4, 4, 3
 
 
@@ -119,7 +119,8 @@ def _weights(run_dir: Path) -> dict:
     return load_file(str(run_dir / "checkpoint" / "model.safetensors"))
 
 
-@pytest.mark.skipif(not AG_NEWS.exists(), reason="needs ../shared/ag_news")
+@pytest.mark.slow
+@needs_ag_news
 def test_grad_accum_steps_on_the_command_line(tmp_path):
     out = _cli(
         [
@@ -157,7 +158,8 @@ def fp32_weights(tmp_path_factory):
     return _weights(tmp / "fp32")
 
 
-@pytest.mark.skipif(not AG_NEWS.exists(), reason="needs ../shared/ag_news")
+@pytest.mark.slow
+@needs_ag_news
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_mixed_precision_native_equals_scratch(tmp_path, precision, fp32_weights):
     for ddp in ("native", "scratch"):

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import json
 
-from experiments.bench.allreduce import ALGORITHMS, run
+from experiments.bench.allreduce import ALGORITHMS
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"  # first 8 bytes of every PNG file (PNG spec, section 5.2)
 
 
-def test_quick_run_writes_consistent_files(tmp_path):
-    out = run(tmp_path, quick=True)
+def test_quick_run_writes_consistent_files(bench_quick):
+    # run(quick=True) as the bench command's quick run called it, once per session (tests/conftest.py)
+    tmp_path, out = bench_quick.out / "allreduce", bench_quick.results["allreduce"]
 
     files = out["files"]
     assert set(files) == {"json", "md", "png"}

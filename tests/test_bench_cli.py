@@ -9,13 +9,16 @@ import pytest
 from experiments.bench.__main__ import PARTS, main
 
 
-def test_quick_run_writes_one_readme_with_the_parts_it_ran(tmp_path):
+def test_quick_run_writes_one_readme_with_the_parts_it_ran(bench_quick):
     # Every part's quick mode has its own test (tests/test_bench_<part>.py, through the same
     # `run(quick=True)`); here the dispatcher: --only, one README gathering the parts' tables with
     # the command and the machine, files listed whether a part returns them as a list or a dict.
+    # The run is `main(["--quick", "--only", "allreduce,sparse", "--out", ...])`, made once per session
+    # (tests/conftest.py): the allreduce and sparse tests check what those parts returned in it.
     parts = ["allreduce", "sparse"]  # files as a dict, files as a list
-    assert set(parts) <= set(PARTS)
-    assert main(["--quick", "--only", ",".join(parts), "--out", str(tmp_path)]) == 0
+    assert set(parts) <= set(PARTS) and tuple(parts) == bench_quick.parts
+    tmp_path = bench_quick.out
+    assert bench_quick.exit_code == 0
     readme = (tmp_path / "README.md").read_text()
     assert "Machine:" in readme and "Command: `python -m experiments.bench --quick --only" in readme
     assert "| ring |" in readme and "| gloo |" in readme

@@ -6,6 +6,8 @@ import json
 import math
 import os
 
+import pytest
+
 from experiments.bench.scaling import IMPLS, QUICK, derive, run
 
 
@@ -40,6 +42,7 @@ def test_derived_figures_decompose_efficiency():
     )
 
 
+@pytest.mark.slow
 def test_quick_scaling_runs_one_and_two_processes(tmp_path):
     result = run(tmp_path, quick=True)
     rows, worlds = result["rows"], QUICK["world_sizes"]

@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
+from paths import AG_NEWS, needs_ag_news
 
 from experiments.bench.snapshot import run
 
-AG_NEWS = Path(__file__).resolve().parents[2] / "shared" / "ag_news"
 
-
-@pytest.mark.skipif(not AG_NEWS.exists(), reason="needs ../shared/ag_news")
+@pytest.mark.slow
+@needs_ag_news
 def test_quick_snapshot_costs(tmp_path):
     result = run(tmp_path, quick=True, data_dir=AG_NEWS)
     (row,) = result["rows"]

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from experiments.bench.sparse import QUICK, break_even, run
+from experiments.bench.sparse import QUICK, break_even
 
 
 def test_break_even_interpolates_where_the_time_ratio_crosses_one():
@@ -15,8 +15,9 @@ def test_break_even_interpolates_where_the_time_ratio_crosses_one():
     assert break_even([(0.1, 1.2), (0.5, 2.0)]) == 0.1  # never faster: the first point
 
 
-def test_quick_sparse_part_times_both_exchanges_with_both_collectives(tmp_path):
-    result = run(tmp_path, quick=True)
+def test_quick_sparse_part_times_both_exchanges_with_both_collectives(bench_quick):
+    # run(quick=True) as the bench command's quick run called it, once per session (tests/conftest.py)
+    tmp_path, result = bench_quick.out / "sparse", bench_quick.results["sparse"]
     rows = result["rows"]
     assert {(r["algorithm"], r["fraction"]) for r in rows} == {
         (a, int(f * QUICK["vocab"]) / QUICK["vocab"]) for a in ("torch", "ring") for f in QUICK["fractions"]

@@ -24,12 +24,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from paths import AG_NEWS, NEEDS_AG_NEWS
 
 from experiments import cluster
 from experiments import snapshot as S
 
 ROOT = Path(__file__).resolve().parents[1]
-AG_NEWS = ROOT.parent / "shared" / "ag_news"
 
 
 def _namespaces_work() -> str | None:
@@ -43,7 +43,7 @@ def _namespaces_work() -> str | None:
 
 
 _WHY = _namespaces_work()
-pytestmark = pytest.mark.skipif(_WHY is not None, reason=_WHY or "")
+pytestmark = [pytest.mark.skipif(_WHY is not None, reason=_WHY or ""), pytest.mark.slow]  # namespaces, trainings
 TIMEOUT_S = 240
 STEPS = 12  # 96 rows / global batch 8, 1 epoch
 
@@ -97,7 +97,7 @@ def nothing_left_behind():
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     if not AG_NEWS.exists():
-        pytest.skip("needs ../shared/ag_news")
+        pytest.skip(NEEDS_AG_NEWS)
     base = tmp_path_factory.mktemp("cluster")
     cmd = [
         sys.executable,

@@ -14,7 +14,6 @@ from experiments.errors import ModelLoadError
 from experiments.model import LABELS, build_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
-REAL_DATA = (REPO / ".." / "shared" / "ag_news").resolve()
 
 
 def write_csv(path, rows):
@@ -228,9 +227,8 @@ def test_collator_pads_to_longest(tmp_path, tok):
     assert make_collator(tok, pad_to_multiple_of=8)(rows)["input_ids"].shape[1] % 8 == 0
 
 
-@pytest.mark.skipif(not REAL_DATA.is_dir(), reason=f"{REAL_DATA} not present")
-def test_real_ag_news():
-    dsd = load_ag_news(str(REAL_DATA))
+def test_real_ag_news(ag_news):
+    dsd = load_ag_news(str(ag_news))
     assert len(dsd["test"]) == 7600
     assert sorted(dsd["test"].to_pandas()["label"].value_counts().tolist()) == [1900] * 4
     assert len(dsd["train"]) + len(dsd["validation"]) in (10_429, 120_000)

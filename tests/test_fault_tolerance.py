@@ -22,14 +22,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from paths import AG_NEWS, needs_ag_news
 
 from experiments import faults
 from experiments import snapshot as S
 from experiments.launch import free_port, torchrun_command
 
 ROOT = Path(__file__).resolve().parents[1]
-AG_NEWS = ROOT.parent / "shared" / "ag_news"
-pytestmark = pytest.mark.skipif(not AG_NEWS.exists(), reason="needs ../shared/ag_news")
+pytestmark = [needs_ag_news, pytest.mark.slow]  # torchrun trainings and restarts
 TIMEOUT_S = 180
 STEPS = 24  # 96 rows / global batch 8, 2 epochs
 

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import nbformat
 import pytest
+from paths import AG_NEWS, needs_ag_news
 
 ROOT = Path(__file__).resolve().parents[1]
-AG_NEWS = ROOT.parent / "shared" / "ag_news"
 NOTEBOOK = ROOT / "kaggle" / "distrinews_2xT4.ipynb"
 # what the CPU run puts in place of the GPU configuration (argparse: the later flag wins)
 TINY = (
@@ -92,7 +92,8 @@ def test_kernel_metadata_for_kaggle_kernels_push():
     assert meta["machine_shape"] == "NvidiaTeslaT4Highmem"  # "GPU T4 x2" (Kaggle/kaggle-cli docs/kernels_metadata.md)
 
 
-@pytest.mark.skipif(not AG_NEWS.exists(), reason="needs ../shared/ag_news")
+@pytest.mark.slow
+@needs_ag_news
 def test_recipe_cells_run_on_cpu_with_the_tiny_model(monkeypatch, tmp_path):
     ns = config(monkeypatch, "https://example.org/distrinews", ROOT)  # the clone: this checkout
     ns.update(WORK=str(tmp_path), MODEL_ARGS=ns["MODEL_ARGS"] + " " + TINY)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import socket
 import subprocess
 import sys
 import time
@@ -35,21 +34,7 @@ LIMITS = dict(max_text_chars=1000, max_batch_size=4, max_body_bytes=20_000)
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    return tiny_checkpoint(tmp_path_factory.mktemp("server") / "tiny")
-
-
-def wait_ready(c, seconds: float = 60) -> None:
-    """The model loads in the background after startup: poll /ready (503 until then)."""
-    deadline = time.monotonic() + seconds
-    while (r := c.get("/ready")).status_code != 200:
-        assert r.status_code == 503 and r.json()["status"] == "loading", r.text
-        assert time.monotonic() < deadline, "not ready in time"
-        time.sleep(0.05)
-
-
-@pytest.fixture(scope="module")
-def client(checkpoint):
+def client(checkpoint, wait_ready):
     with TestClient(
         create_app(checkpoint, ServerConfig(**LIMITS))
     ) as c:  # `with` runs the lifespan (starts the model load)
@@ -192,7 +177,7 @@ class BreakingPredictor:
         return self.real(ids)
 
 
-def test_unexpected_error_is_a_json_500(checkpoint):
+def test_unexpected_error_is_a_json_500(checkpoint, wait_ready):
     made: list[BreakingPredictor] = []
 
     def load(ckpt, pad):
@@ -228,13 +213,7 @@ def test_cli_bad_checkpoint_exits_with_a_clear_message():
     assert "Traceback" not in r.stderr
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_real_uvicorn_server(checkpoint, tmp_path):
+def test_real_uvicorn_server(checkpoint, tmp_path, free_port):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     log = open(tmp_path / "server.log", "w+")

@@ -24,9 +24,10 @@ import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from served_model import assert_told_apart, tiny_checkpoint
+from served_model import assert_told_apart
 from starlette.testclient import TestClient
 
+from experiments.launch import free_port
 from experiments.model import LABELS
 from server import ServerConfig, create_app
 from server.batcher import Batcher
@@ -37,24 +38,6 @@ TEXTS = [
     f"story {i}: " + " ".join(["markets", "match", "rockets", "elections"][i % 4] for _ in range(i % 7 + 1))
     for i in range(32)
 ]
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    return tiny_checkpoint(tmp_path_factory.mktemp("serving") / "run" / "checkpoint")
-
-
-def wait_ready(c, seconds: float = 60) -> None:
-    deadline = time.monotonic() + seconds
-    while c.get("/ready").status_code != 200:
-        assert time.monotonic() < deadline, "not ready in time"
-        time.sleep(0.05)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Server:
@@ -165,7 +148,7 @@ def test_sigterm_during_load_answers_every_accepted_request(checkpoint, tmp_path
     assert not others, f"requests that failed in another way: {others[:3]}"
 
 
-def test_overload_is_an_immediate_503_with_retry_after(checkpoint):
+def test_overload_is_an_immediate_503_with_retry_after(checkpoint, wait_ready):
     def slow_model(ckpt, pad):
         real = load_model_predictor(ckpt, pad)
 
@@ -274,7 +257,7 @@ def open_connections_are_bounded(srv: Server, limit: int) -> None:
         time.sleep(0.05)
 
 
-def test_a_model_that_cannot_load_exits_3_with_the_reason(checkpoint, tmp_path):
+def test_a_model_that_cannot_load_exits_3_with_the_reason(checkpoint, tmp_path, free_port):
     # a real process: the load fails in the background, /ready said why, and the server stops
     # with status 3 (not 0, not serving 503s forever), as docs/architecture.md promises
     broken = tmp_path / "broken"
@@ -288,7 +271,7 @@ def test_a_model_that_cannot_load_exits_3_with_the_reason(checkpoint, tmp_path):
     assert f"could not load the checkpoint in {broken}: " in text and "experiments.train" in text, text[-2000:]
 
 
-def test_not_ready_while_loading_and_failed_load_says_why(checkpoint):
+def test_not_ready_while_loading_and_failed_load_says_why(checkpoint, wait_ready):
     slow_load = lambda ckpt, pad: (time.sleep(0.5), load_model_predictor(ckpt, pad))[1]
     with TestClient(create_app(checkpoint, load_predictor=slow_load)) as c:
         r = c.get("/ready")
@@ -455,7 +438,7 @@ def test_fuzzed_requests_never_get_a_5xx_and_errors_are_json(fuzz_client, method
 
 
 @pytest.fixture(scope="module")
-def fuzz_client(checkpoint):
+def fuzz_client(checkpoint, wait_ready):
     with TestClient(create_app(checkpoint, ServerConfig(max_text_chars=200, max_batch_size=4))) as c:
         wait_ready(c)
         yield c

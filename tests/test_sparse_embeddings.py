@@ -219,6 +219,7 @@ def _train(rank, n, algorithm):
         assert torch.equal(weights["ours"][k], v), k
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("algorithm", ["torch", "ring"])
 def test_training_with_sparse_embeddings_equals_torch_ddp(tmp_path, algorithm):
     run(_train, 2, tmp_path, algorithm)

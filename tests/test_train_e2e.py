@@ -10,9 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from paths import AG_NEWS, needs_ag_news
 
 ROOT = Path(__file__).resolve().parents[1]
-AG_NEWS = ROOT.parent / "shared" / "ag_news"
 
 
 def _run(args, cwd, env=None, timeout=240):
@@ -26,7 +26,8 @@ def _run(args, cwd, env=None, timeout=240):
     )
 
 
-@pytest.mark.skipif(not AG_NEWS.exists(), reason="needs ../shared/ag_news")
+@pytest.mark.slow
+@needs_ag_news
 def test_compare_tiny_end_to_end(tmp_path):
     # length-grouped batches for all three runs; ours also sends every embedding's gradient by rows
     # (--ddp native ignores --sparse-embeddings). The plain path runs in tests/test_kaggle_notebook.py.

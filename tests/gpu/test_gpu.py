@@ -21,12 +21,12 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from paths import AG_NEWS
 
 from experiments.launch import free_port, torchrun_command
 
 pytestmark = [pytest.mark.gpu, pytest.mark.two_gpus]
 ROOT = Path(__file__).resolve().parents[2]
-AG_NEWS = ROOT.parent / "shared" / "ag_news"
 DATA = ["--data-dir", str(AG_NEWS)] if AG_NEWS.exists() else []  # else the hub
 
 

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import datetime
 import gc
-import socket
 import time
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+
+from experiments.launch import free_port
 
 pytestmark = pytest.mark.gpu
 N = (1 << 20) + 3  # elements: several MiB, an odd count
@@ -27,9 +28,7 @@ LATE = 500_000_000  # GPU cycles of torch.cuda._sleep: about 0.25-0.5 s on curre
 @pytest.fixture(scope="module")
 def nccl():
     """A process group of one over NCCL in this process (the rank's GPU is cuda:0)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     torch.cuda.set_device(0)
     dist.init_process_group(
         "nccl",

@@ -1,0 +1,91 @@
+"""Fixtures the test files share: the AG News rows, the tiny served checkpoint, a free port, the
+server-ready wait, and the bench command's quick run (made once per session, read by several files).
+
+`slow` (pyproject.toml) marks the long tests: `pytest -m "not slow"` is the quick loop while
+developing; `make test` (CI) runs everything.
+"""
+
+from __future__ import annotations
+
+import importlib
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from paths import AG_NEWS, NEEDS_AG_NEWS
+
+from experiments.launch import free_port as _free_port
+
+
+@pytest.fixture(scope="session")
+def ag_news() -> Path:
+    """The AG News directory (train.csv, test.csv); the test is skipped, saying why, when it is missing."""
+    if not AG_NEWS.exists():
+        pytest.skip(NEEDS_AG_NEWS)
+    return AG_NEWS
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory) -> Path:
+    """The seeded random tiny checkpoint the server tests serve (tests/served_model.py), saved once
+    per session as `<tmp>/run/checkpoint`: tests only read it (one that breaks it copies it first)."""
+    from served_model import tiny_checkpoint
+
+    return tiny_checkpoint(tmp_path_factory.mktemp("served") / "run" / "checkpoint")
+
+
+@pytest.fixture
+def free_port():
+    """`experiments.launch.free_port`, the project's one implementation: call it for a loopback port."""
+    return _free_port
+
+
+def wait_ready(c, seconds: float = 60) -> None:
+    """The model loads in the background after startup: poll /ready (503 until then)."""
+    deadline = time.monotonic() + seconds
+    while (r := c.get("/ready")).status_code != 200:
+        assert r.status_code == 503 and r.json()["status"] == "loading", r.text
+        assert time.monotonic() < deadline, "not ready in time"
+        time.sleep(0.05)
+
+
+@pytest.fixture(name="wait_ready", scope="session")
+def wait_ready_fixture():
+    """`wait_ready(client, seconds=60)`: returns once the client's server answers /ready with 200."""
+    return wait_ready
+
+
+BENCH_CLI_PARTS = ("allreduce", "sparse")  # files as a dict, files as a list (tests/test_bench_cli.py)
+
+
+@dataclass
+class BenchRun:
+    """One `python -m experiments.bench --quick --only allreduce,sparse --out <out>` (through `main`)."""
+
+    out: Path
+    exit_code: int
+    parts: tuple[str, ...]
+    results: dict[str, dict] = field(default_factory=dict)  # part -> what its run(quick=True) returned
+
+
+@pytest.fixture(scope="session")
+def bench_quick(tmp_path_factory) -> BenchRun:
+    """The bench command's quick run of the parts in BENCH_CLI_PARTS, once per session: the dispatcher's
+    test reads its README, each part's test (tests/test_bench_<part>.py) reads what that part's
+    `run(quick=True)` returned in it, instead of running the part a second time."""
+    from experiments.bench.__main__ import main
+
+    out = tmp_path_factory.mktemp("bench")
+    results: dict[str, dict] = {}
+    with pytest.MonkeyPatch.context() as mp:
+        for name in BENCH_CLI_PARTS:
+            module = importlib.import_module(f"experiments.bench.{name}")
+
+            def recording(part_out, *args, _run=module.run, _name=name, **kwargs):
+                results[_name] = _run(part_out, *args, **kwargs)
+                return results[_name]
+
+            mp.setattr(module, "run", recording)
+        code = main(["--quick", "--only", ",".join(BENCH_CLI_PARTS), "--out", str(out)])
+    return BenchRun(out, code, BENCH_CLI_PARTS, results)
