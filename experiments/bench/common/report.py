@@ -15,7 +15,8 @@ import torch
 
 from experiments.errors import DistriNewsError, system_exit
 
-from .launch import on_cluster, topology
+from .launch import on_cluster
+from .launch import topology as current_topology
 
 
 def machine() -> str:
@@ -41,17 +42,20 @@ def print_result(result: dict) -> None:
 
 def network() -> str:
     """What the ranks' messages cross, for a part's first line: "loopback" on one node, else the links."""
-    t = topology()
+    t = current_topology()
     return f"the emulated cluster's {t['link']} links" if t["emulated"] else "loopback"
 
 
-def write_result(out_dir: Path, part: str, md_lines: list[str], data: dict, plots=(), **returned) -> dict:
+def write_result(
+    out_dir: Path, part: str, md_lines: list[str], data: dict, plots=(), topology: dict | None = None, **returned
+) -> dict:
     """Write `<part>.md` (the lines of its table) and `<part>.json` (`data`) into `out_dir`; return
     what a part's `run` returns: {"markdown", "files": [json, md, *plots], **returned}.
 
     Both say where the ranks ran (launch.py's `topology()`: "1 node, unshaped", or the emulated
-    cluster's nodes, ranks per node and link rate): the table's first line, the JSON's "topology"."""
-    where = topology()
+    cluster's nodes, ranks per node and link rate): the table's first line, the JSON's "topology".
+    A part that sets the cluster itself (link.py, one launch per rate) passes its own `topology`."""
+    where = topology or current_topology()
     md = "\n".join([f"Topology: {where['description']}.", "", *md_lines])
     (out_dir / f"{part}.md").write_text(md + "\n")
     (out_dir / f"{part}.json").write_text(json.dumps({"topology": where, **data}, indent=2, default=str))
