@@ -96,19 +96,11 @@ def build(name: str, base, cap_mb: float | None):
     return model
 
 
-def worker(
-    model: str,
-    steps: int,
-    warmup: int,
-    batch_size: int,
-    seq_len: int,
-    configs: list,
-    show_progress: bool = False,
-) -> dict:
+def worker(configs: list, model: str, steps: int, warmup: int, batch_size: int, seq_len: int, **kw) -> dict:
     """One rank: every configuration one step per round, the order rotated; seconds per step.
 
     `configs`: [name, cap MiB or None] pairs, name in CONFIGS or "compute-only" (native DDP's
-    wrapper, every micro-batch under no_sync). Returns {"times_s": {key: [s]}, "backward_s",
+    wrapper, every micro-batch under no_sync); `kw`: show_progress (rank 0's bar). Returns {"times_s": {key: [s]}, "backward_s",
     "sent_bytes": {key: bytes one rank sends per synced step}}, key = "name" or "name@cap".
     """
     import torch.distributed as dist
@@ -118,7 +110,7 @@ def worker(
     models = {k: build("native" if name == COMPUTE_ONLY else name, base, cap) for k, (name, cap) in zip(keys, configs)}
     opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-5) for k, m in models.items()}
     times, backward = {k: [] for k in keys}, {k: [] for k in keys}
-    for i, batch in enumerate(tqdm(batches, desc="link", unit="round", disable=not show_progress)):
+    for i, batch in enumerate(tqdm(batches, desc="link", unit="round", disable=not kw.get("show_progress"))):
         for k in rotated(keys, i):
             t = timed_step(models[k], opts[k], [batch], sync=not k.startswith(COMPUTE_ONLY))
             if i >= warmup:
