@@ -100,7 +100,8 @@ def worker(configs: list, model: str, steps: int, warmup: int, batch_size: int, 
     """One rank: every configuration one step per round, the order rotated; seconds per step.
 
     `configs`: [name, cap MiB or None] pairs, name in CONFIGS or "compute-only" (native DDP's
-    wrapper, every micro-batch under no_sync); `kw`: show_progress (rank 0's bar). Returns {"times_s": {key: [s]}, "backward_s",
+    wrapper, every micro-batch under no_sync); `kw`: show_progress (rank 0's bar).
+    Returns {"times_s": {key: [s]}, "backward_s",
     "sent_bytes": {key: bytes one rank sends per synced step}}, key = "name" or "name@cap".
     """
     import torch.distributed as dist
