@@ -51,6 +51,7 @@ from . import faults, peers
 from . import parallel as P
 from . import snapshot as S
 from .checkpoint import save_checkpoint
+from .cluster import topology_record
 from .comm_timing import bytes_per_step, exposed_seconds, place_on_host_clock, record_allreduces, step_origin
 from .data import load_ag_news, make_collator, tokenize
 from .errors import DistributedSetupError, DistriNewsError, exit_code, system_exit
@@ -364,6 +365,8 @@ def summarize(run: Run, test: dict | None) -> dict:
         "parallel": config.parallel if config.ddp != "none" else "none",
         "impl": config.impl,
         "world_size": env.world_size,
+        # where it ran: the emulated cluster's nodes and link rate, else "1 node, unshaped"
+        "topology": topology_record(env.world_size, int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size))),
         "backend": env.backend,
         "model": config.model,
         "precision": config.precision,

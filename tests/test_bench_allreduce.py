@@ -20,7 +20,8 @@ def test_quick_run_writes_consistent_files(bench_quick):
         assert path.exists() and path.parent == tmp_path and path.stat().st_size > 0
 
     # Markdown: the returned text is the file's, with a row per algorithm
-    assert out["markdown"] == files["md"].read_text()
+    assert out["markdown"] + "\n" == files["md"].read_text()
+    assert out["markdown"].startswith("Topology: 1 node, unshaped.")
     table = out["markdown"].split("Overlap check")[0]  # the algorithms' table comes first
     rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line][1:]
     assert {line.split("|")[1].strip() for line in rows} == set(ALGORITHMS)

@@ -28,7 +28,9 @@ def test_union_and_overlap_arithmetic():
 
 def test_quick_timeline_writes_trace_plot_and_table(tmp_path):
     result = run(tmp_path, quick=True)
-    events = json.loads((tmp_path / "timeline.json").read_text())
+    saved = json.loads((tmp_path / "timeline.json").read_text())
+    assert saved["topology"]["description"] == "1 node, unshaped"
+    events = saved["events"]
     for impl in IMPLS:
         for rank in (0, 1):
             mine = [e for e in events if e["impl"] == impl and e["rank"] == rank]
@@ -56,7 +58,7 @@ def test_bucket_cap_and_frozen_embeddings_reach_every_implementation(tmp_path):
         1 for p in build_model("tiny", vocab_size=len(build_tokenizer("tiny"))).parameters() if p.requires_grad
     )
     result = run(tmp_path, quick=True, bucket_cap_mb=1e-6, freeze_embeddings=True)
-    events = json.loads((tmp_path / "timeline.json").read_text())
+    events = json.loads((tmp_path / "timeline.json").read_text())["events"]
     for impl in IMPLS:
         per_step = {}
         for e in events:

@@ -159,6 +159,8 @@ def test_two_nodes_through_a_short_partition_and_a_slow_link_equal_one_node(refe
     log = ok(launch(["--nodes", "2", "--link", "1gbit", *faults], train_args(out, base / "cache")))
     assert "[node 0]" in log and "[node 1]" in log and "world size 2" in log
     assert_same_weights(final(out), ref)
+    topology = json.loads((out / "summary.json").read_text())["topology"]  # the run says where it ran
+    assert topology == {**topology, "nodes": 2, "nproc_per_node": 1, "link": "1gbit", "emulated": True}
     t = steps(out)
     assert t[4] >= 2.0 > max(t[k] for k in (2, 3, 5, 6)), t  # the partition shows in step 4 alone
     gradient_bytes = 39_236 * 4

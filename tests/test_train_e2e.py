@@ -42,6 +42,7 @@ def test_compare_tiny_end_to_end(tmp_path):
     runs = result["runs"]
     assert set(runs) == {"none", "native", "scratch"}
     assert runs["native"]["world_size"] == runs["scratch"]["world_size"] == 2
+    assert {s["topology"]["description"] for s in runs.values()} == {"1 node, unshaped"}
     for s in runs.values():
         assert s["args"]["group_by_length"]
         assert s["test"]["n"] == 30, "every test example counted exactly once across ranks, sorted by length"

@@ -20,8 +20,8 @@ from pathlib import Path
 
 from experiments.model import LABELS
 
-from .common.launch import run_command
-from .common.report import part_main, pyplot
+from .common.launch import compare_flags, run_command
+from .common.report import part_main, pyplot, write_result
 
 DATA_DIR = Path(__file__).resolve().parents[2].parent / "shared" / "ag_news"
 FULL = ["--model", "minilm-l6", "--epochs", "3", "--max-length", "128", "--lr", "1e-4", "--batch-size", "16"]
@@ -104,6 +104,7 @@ def run(out_dir: Path, quick: bool = False, data_dir: Path = DATA_DIR, overrides
         str(data_dir),
         *(QUICK if quick else FULL),
         *overrides,
+        *compare_flags(),  # on the emulated cluster: compare's --cluster/--link (launch.py)
     ]
     run_command(cmd, quiet=quick)
     result = json.loads((out_dir / "comparison.json").read_text())
@@ -123,15 +124,8 @@ def run(out_dir: Path, quick: bool = False, data_dir: Path = DATA_DIR, overrides
         f"\nLargest absolute difference between native and hand-written final weights: "
         f"{result['max_weight_diff_native_vs_scratch']:.3g}. Command: `{' '.join(cmd[1:])}`"
     )
-    md = "\n".join(md)
-    (out_dir / "accuracy.md").write_text(md + "\n")
-    (out_dir / "accuracy.json").write_text(json.dumps({"best": best, **result}, indent=2))
-    return {
-        "markdown": md,
-        "best": best,
-        "test_accuracy": runs[best]["test_accuracy"],
-        "files": [str(f) for f in files] + [str(out_dir / "accuracy.md")],
-    }
+    data = {"best": best, **result}
+    return write_result(out_dir, "accuracy", md, data, files, best=best, test_accuracy=runs[best]["test_accuracy"])
 
 
 def main(argv=None) -> None:

@@ -34,7 +34,6 @@ Metrics (nccl-tests, doc/PERFORMANCE.md, https://github.com/NVIDIA/nccl-tests):
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import pathlib
 import platform
@@ -47,7 +46,7 @@ import torch.distributed as dist
 from ddp_from_scratch import collectives, collectives_classic, work
 
 from .common.launch import launch_ranks
-from .common.report import part_main, pyplot
+from .common.report import network, part_main, pyplot, write_result
 from .common.wrappers import device
 
 # name -> function(tensor) reducing it in place (SUM) across the default group; order = table order
@@ -215,7 +214,7 @@ def _markdown(rows: list[dict], quick: bool, gpu: bool = False) -> str:
     where = (
         f"NCCL on {torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
         if gpu
-        else f"gloo over loopback, {cores} CPU cores"
+        else f"gloo over {network()}, {cores} CPU cores"
     )
     lines = [
         f"All-reduce, float32 SUM, {where}, torch {torch.__version__}"
@@ -343,11 +342,11 @@ def run(out_dir: pathlib.Path, quick: bool = False, gpu: bool = False) -> dict:
         "seconds": time.time() - started,
     }
     markdown = _markdown(rows, quick, gpu) + (_overlap_markdown(checks) if checks else "")
-    files = {"json": out_dir / "allreduce.json", "md": out_dir / "allreduce.md", "png": out_dir / "allreduce.png"}
-    files["json"].write_text(json.dumps({"meta": meta, "results": rows, "overlap": checks}, indent=1))
-    files["md"].write_text(markdown)
-    _plot(rows, files["png"])
-    return {"results": rows, "overlap": checks, "markdown": markdown, "files": files, "meta": meta}
+    _plot(rows, out_dir / "allreduce.png")
+    data = {"meta": meta, "results": rows, "overlap": checks}
+    written = write_result(out_dir, "allreduce", markdown.splitlines(), data, [out_dir / "allreduce.png"])
+    files = dict(zip(("json", "md", "png"), map(pathlib.Path, written["files"])))
+    return {"results": rows, "overlap": checks, "markdown": written["markdown"], "files": files, "meta": meta}
 
 
 def main(argv=None) -> None:

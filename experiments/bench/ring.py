@@ -36,7 +36,7 @@ from ddp_from_scratch import collectives
 
 from .common.intervals import slowest_median
 from .common.launch import launch_ranks
-from .common.report import part_main, write_result
+from .common.report import network, part_main, write_result
 
 FULL = dict(nbytes=25 * 2**20, runs=40)
 QUICK = dict(nbytes=2**20, runs=2)
@@ -120,7 +120,7 @@ def run(out_dir: Path, quick: bool = False, nprocs: str = "2,4") -> dict:
         ideal = 2 * (n - 1) * ms["one ring step, one message"]
         tables[n] = {"ms": ms, "per_message_ms": per_message_ms, "ideal_ring_ms": ideal}
     S = cfg["nbytes"]
-    md = [f"float32, S = {S / 2**20:.0f} MiB, gloo over loopback; median of {cfg['runs']} runs, slowest rank.", ""]
+    md = [f"float32, S = {S / 2**20:.0f} MiB, gloo over {network()}; median of {cfg['runs']} runs, slowest rank.", ""]
     for n, t in tables.items():
         md += [f"**{n} ranks**", "", "| operation | ms | vs gloo all-reduce |", "|---|---|---|"]
         base = t["ms"]["gloo all-reduce"]

@@ -25,7 +25,7 @@ import torch.nn as nn
 
 from .common.intervals import slowest_median
 from .common.launch import launch_ranks
-from .common.report import part_main, write_result
+from .common.report import network, part_main, write_result
 
 FULL = dict(vocab=30522, dim=384, fractions=[0.01, 0.03, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6], runs=5)
 QUICK = dict(vocab=4000, dim=32, fractions=[0.02, 0.5], runs=2)
@@ -103,8 +103,8 @@ def run(out_dir: Path, quick: bool = False, nprocs: str = "2,4") -> dict:
             pts = sorted((x["byte_share"], x["ratio"]) for x in rows if x["n"] == n and x["algorithm"] == algorithm)
             crossings[f"{algorithm}, {n} ranks"] = break_even(pts)
     md = [
-        f"Word embedding {cfg['vocab']} x {cfg['dim']} fp32 ({cfg['vocab'] * cfg['dim'] * 4 / 1e6:.1f} MB), gloo on "
-        f"this machine's loopback, k distinct rows with a gradient on each rank (another set per rank), median of "
+        f"Word embedding {cfg['vocab']} x {cfg['dim']} fp32 ({cfg['vocab'] * cfg['dim'] * 4 / 1e6:.1f} MB), gloo over "
+        f"{network()}, k distinct rows with a gradient on each rank (another set per rank), median of "
         f"{cfg['runs']} runs of the slowest rank.",
         "",
         "| ranks | algorithm | rows k (share of table) | sparse bytes / dense bytes | sparse ms | dense ms "

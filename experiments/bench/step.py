@@ -36,7 +36,16 @@ from experiments.precision import make_scaler
 from .common.intervals import paired_ratios
 from .common.launch import launch_ranks
 from .common.report import part_main, write_result
-from .common.wrappers import IMPLS, allreduces_per_step, bytes_per_step, device, model_and_batches, timed_step, wrap
+from .common.wrappers import (
+    IMPLS,
+    allreduces_per_step,
+    bytes_per_step,
+    device,
+    model_and_batches,
+    rotated,
+    timed_step,
+    wrap,
+)
 
 # --onramp: the on-ramp's steps 3 and 4 too (ddp_from_scratch/overlap.py, minimal_buckets.py, 25 MiB
 # buckets); step 1 (explicit.py) sends what step 2 (scratch-naive) sends, at the same moment.
@@ -83,7 +92,7 @@ def worker(
     times = {impl: [] for impl in impls}
     rows = {impl: [] for impl in impls}  # sparse exchange: rows sent (K) per step
     for i, batch in enumerate(tqdm(batches, desc="step time", unit="round", disable=not show_progress)):
-        for impl in impls[i % len(impls) :] + impls[: i % len(impls)]:  # rotate the order
+        for impl in rotated(list(impls), i):  # rotate the order
             t = timed_step(models[impl], opts[impl], [batch], precision=precision, scaler=scalers[impl])
             if i >= warmup:
                 times[impl].append(t["end"] - t["start"])

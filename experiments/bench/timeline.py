@@ -17,8 +17,8 @@ the completion, not the moment someone waited for it. All ranks use the same mon
 (one machine). The implementations run one after the other (steps of one are not interleaved
 with the others'), so compare step times in the step part, which interleaves.
 
-Written to --out: `timeline.json` (every interval), `trace.json` (Chrome trace: open it
-in https://ui.perfetto.dev or chrome://tracing), `timeline.png` and `timeline.md` with
+Written to --out: `timeline.json` ({"topology", "config", "events": every interval}), `trace.json`
+(Chrome trace: open it in https://ui.perfetto.dev or chrome://tracing), `timeline.png` and `timeline.md` with
 the *overlap*: the share of all-reduce time hidden behind backward, i.e. the part of the
 union of [launch, finish] intervals that falls before the last gradient was computed
 (Li et al., VLDB 2020, §3.2: overlapping communication with backward is DDP's main speed trick).
@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from .common.intervals import overlap
 from .common.launch import launch_ranks
-from .common.report import part_main, pyplot, write_result
+from .common.report import network, part_main, pyplot, write_result
 from .common.wrappers import BUCKETED, model_and_batches, step_events, timed_step, wrap
 
 IMPLS = BUCKETED
@@ -193,7 +193,8 @@ def run(
     plot(events, out_dir / "timeline.png", step=cfg["steps"] - 1)
     stats = {impl: overlap(events, impl) for impl in IMPLS}
     md = [
-        f"{nproc} ranks, gloo, {cfg['model']}, micro-batch {cfg['batch_size']} x {cfg['seq_len']} tokens, "
+        f"{nproc} ranks, gloo over {network()}, {cfg['model']}, micro-batch {cfg['batch_size']} x "
+        f"{cfg['seq_len']} tokens, "
         + (f"bucket cap {bucket_cap_mb:g} MiB" if bucket_cap_mb is not None else "torch's default buckets")
         + (", word embeddings frozen (not all-reduced)" if freeze_embeddings else "")
         + (
@@ -221,7 +222,8 @@ def run(
         "get its gradient).",
     ]
     plots = [out_dir / "trace.json", out_dir / "timeline.png"]
-    return write_result(out_dir, "timeline", md, events, plots, stats=stats, config=config)
+    data = {"config": config, "events": events}
+    return write_result(out_dir, "timeline", md, data, plots, stats=stats, config=config)
 
 
 def _arguments(p) -> None:

@@ -20,7 +20,16 @@ with ClusterSetupError (exit 2) saying what is missing. Exit status: 0 when ever
 succeeded, 1 when one failed (or was killed), 2 for a usage error, 130/143 after Ctrl-C/SIGTERM.
 """
 
-from .launcher import TOPOLOGY_ENV, Fault, parse_fault, run, topology, wrap_torchrun
+from .launcher import (
+    TOPOLOGY_ENV,
+    Fault,
+    describe_topology,
+    parse_fault,
+    run,
+    topology,
+    topology_record,
+    wrap_torchrun,
+)
 from .network import (
     IFNAME,
     PREFIX,
@@ -41,6 +50,7 @@ __all__ = [
     "Network",
     "_running",
     "check_environment",
+    "describe_topology",
     "namespace_pids",
     "our_namespaces",
     "parse_fault",
@@ -48,5 +58,6 @@ __all__ = [
     "remove_stale",
     "run",
     "topology",
+    "topology_record",
     "wrap_torchrun",
 ]

@@ -309,3 +309,29 @@ def topology() -> dict | None:
     if not m:
         return None
     return {"nodes": int(m.group(1)), "nproc_per_node": int(m.group(2)), "link": m.group(3)}
+
+
+def describe_topology(nodes: int, nproc_per_node: int | None, link: str, emulated: bool = True) -> str:
+    """One line for tables: "2 nodes x 1 rank, links 1gbit (emulated cluster)", "1 node, unshaped"."""
+    if nodes == 1 and not emulated:
+        return "1 node, unshaped"
+    ranks = "" if nproc_per_node is None else f" x {nproc_per_node} rank{'s' if nproc_per_node != 1 else ''}"
+    where = f"links {link} (emulated cluster)" if emulated else "a real network (not emulated)"
+    return f"{nodes} node{'s' if nodes != 1 else ''}{ranks}, {where}"
+
+
+def topology_record(world_size: int, local_world_size: int) -> dict:
+    """What a run's summary.json records of where it ran: {"nodes", "nproc_per_node", "link",
+    "emulated", "description"}: the emulated cluster's from TOPOLOGY_ENV (`topology()`), else
+    torchrun's own counts (WORLD_SIZE / LOCAL_WORLD_SIZE nodes, link "none": unshaped)."""
+    t = topology()
+    if t is not None:
+        return {**t, "emulated": True, "description": describe_topology(t["nodes"], t["nproc_per_node"], t["link"])}
+    nodes = max(1, world_size // max(1, local_world_size))
+    return {
+        "nodes": nodes,
+        "nproc_per_node": local_world_size,
+        "link": "none",
+        "emulated": False,
+        "description": describe_topology(nodes, local_world_size, "none", emulated=False),
+    }

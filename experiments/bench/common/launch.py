@@ -5,15 +5,22 @@ made by experiments/launch.py) starts `nproc` ranks running `python -m experimen
 which joins the process group and calls the part's `worker(**config)`; each rank's return value
 comes back as JSON. A process-group timeout bounds any hang, and a failed rank's output is in
 the exception.
+
+On the emulated cluster (`on_cluster("2x1", "1gbit")`, which `--cluster NODESxRANKS --link RATE`
+of `python -m experiments.bench` and of every part sets), the same torchrun command runs through
+experiments/cluster/ (`wrap_torchrun`, as experiments.compare does): every launch here then
+crosses the links, and `topology()` says so in every result file (report.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import importlib
 import json
 import os
+import re
 import subprocess
 import tempfile
 from pathlib import Path
@@ -21,8 +28,95 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from experiments.errors import LaunchError
+from experiments.errors import LaunchError, UsageError
 from experiments.launch import torchrun_command
+
+CLUSTER_ENV = "DISTRINEWS_BENCH_CLUSTER"  # NODESxRANKS@RATE while `on_cluster` is active (the driver's setting)
+
+
+@contextlib.contextmanager
+def on_cluster(spec: str | None, link: str = "1gbit"):
+    """Within this block every launch of this module runs on the emulated cluster (experiments/cluster/).
+
+    Args:
+        spec: NODESxRANKS, e.g. "2x1" (2 nodes, 1 rank each); None: one node, nothing changes.
+        link: each node's link rate, tc units ("1gbit", "500mbit") or "none" (namespaces, unshaped).
+    Raises:
+        UsageError: `spec` is not NODESxRANKS or `link` is not a rate.
+    The setting lives in the environment variable CLUSTER_ENV for the block (restored after it),
+    so that nothing here holds state of its own.
+    """
+    if spec is None:
+        yield
+        return
+    from experiments.cluster import rate_bits_per_s
+
+    m = re.fullmatch(r"(\d+)x(\d+)", spec)
+    if not m or int(m.group(1)) < 1 or int(m.group(2)) < 1:
+        raise UsageError(f"--cluster {spec!r}: write NODESxRANKS, e.g. 2x1 (2 nodes, 1 rank each)")
+    rate_bits_per_s(link)  # a clear error now, not from inside a launch
+    old = os.environ.get(CLUSTER_ENV)
+    os.environ[CLUSTER_ENV] = f"{spec}@{link}"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(CLUSTER_ENV, None)
+        else:
+            os.environ[CLUSTER_ENV] = old
+
+
+def cluster() -> dict | None:
+    """The cluster `on_cluster` set: {"nodes", "nproc_per_node", "link"}; None on one node."""
+    m = re.fullmatch(r"(\d+)x(\d+)@(\S+)", os.environ.get(CLUSTER_ENV, ""))
+    return {"nodes": int(m.group(1)), "nproc_per_node": int(m.group(2)), "link": m.group(3)} if m else None
+
+
+def topology() -> dict:
+    """What every result file records of where its ranks ran: {"nodes", "nproc_per_node", "link",
+    "emulated", "description"}, e.g. "2 nodes x 1 rank, links 1gbit (emulated cluster)"; off the
+    cluster {"nodes": 1, "nproc_per_node": None (the part's own world size), "link": "none",
+    "emulated": False, "description": "1 node, unshaped"}. A part launching another world size W
+    spreads it over the nodes (`layout`)."""
+    from experiments.cluster import describe_topology
+
+    c = cluster()
+    if c is None:
+        return {
+            "nodes": 1,
+            "nproc_per_node": None,
+            "link": "none",
+            "emulated": False,
+            "description": "1 node, unshaped",
+        }
+    return {**c, "emulated": True, "description": describe_topology(c["nodes"], c["nproc_per_node"], c["link"])}
+
+
+def layout(nproc: int) -> tuple[int, int]:
+    """(nodes, ranks per node) for a launch of `nproc` ranks on the cluster: the most nodes, at most
+    the cluster's, that divide `nproc` evenly (2x1 runs 4 ranks as 2 x 2, 1 rank on 1 node)."""
+    c = cluster()
+    nodes = max(d for d in range(1, min(nproc, c["nodes"]) + 1) if nproc % d == 0)
+    return nodes, nproc // nodes
+
+
+def launch_command(nproc: int, module: str, args: list[str]) -> list[str]:
+    """torchrun's command for `nproc` ranks of `module` (experiments/launch.py), run on the emulated
+    cluster (`wrap_torchrun`, one agent per node) inside `on_cluster`."""
+    cmd = torchrun_command(nproc, module, args)
+    c = cluster()
+    if c is None:
+        return cmd
+    from experiments.cluster import wrap_torchrun
+
+    nodes, per_node = layout(nproc)
+    return wrap_torchrun(cmd, f"{nodes}x{per_node}", c["link"])
+
+
+def compare_flags() -> list[str]:
+    """experiments.compare's own flags for the same cluster (`--cluster NxP --link RATE`), or []."""
+    c = cluster()
+    return [] if c is None else ["--cluster", f"{c['nodes']}x{c['nproc_per_node']}", "--link", c["link"]]
 
 
 def run_command(cmd: list[str], quiet: bool, env: dict | None = None) -> None:
@@ -55,18 +149,19 @@ def launch_ranks(
     with tempfile.TemporaryDirectory() as tmp:
         args = ["--part", part, "--backend", backend, "--dir", tmp, "--timeout", str(timeout_s)]
         args += ["--config", json.dumps(config), *(["--quiet"] if quiet else [])]
-        cmd = torchrun_command(nproc, "experiments.bench.common", args)
+        cmd = launch_command(nproc, "experiments.bench.common", args)
         run_command(cmd, quiet=quiet, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
         return [json.loads(Path(tmp, f"rank{r}.json").read_text()) for r in range(nproc)]
 
 
 def run_training(nproc: int, train_args: list[str], quiet: bool) -> None:
     """`torchrun --standalone --nproc_per_node=nproc -m experiments.train ...`: a whole training run,
-    for parts that measure what the real training loop does (the snapshot part).
+    for parts that measure what the real training loop does (the snapshot part); on the cluster
+    inside `on_cluster`.
 
     Raises: LaunchError if the run fails (see `run_command`).
     """
-    run_command(torchrun_command(nproc, "experiments.train", train_args), quiet=quiet)
+    run_command(launch_command(nproc, "experiments.train", train_args), quiet=quiet)
 
 
 def rank_main(argv=None) -> None:

@@ -1,5 +1,6 @@
 """What a benchmark part writes and prints: its table and JSON, its command line when run alone,
-the machine line, and matplotlib without a display."""
+the machine line, where the ranks ran (one node, or the emulated cluster and its link rate), and
+matplotlib without a display."""
 
 from __future__ import annotations
 
@@ -13,6 +14,9 @@ from pathlib import Path
 import torch
 
 from experiments.errors import DistriNewsError, system_exit
+
+from .launch import on_cluster
+from .launch import topology as current_topology
 
 
 def machine() -> str:
@@ -36,33 +40,60 @@ def print_result(result: dict) -> None:
     print("\nwritten:\n  " + "\n  ".join(result_files(result)))
 
 
-def write_result(out_dir: Path, part: str, md_lines: list[str], data, plots=(), **returned) -> dict:
+def network() -> str:
+    """What the ranks' messages cross, for a part's first line: "loopback" on one node, else the links."""
+    t = current_topology()
+    return f"the emulated cluster's {t['link']} links" if t["emulated"] else "loopback"
+
+
+def write_result(
+    out_dir: Path, part: str, md_lines: list[str], data: dict, plots=(), topology: dict | None = None, **returned
+) -> dict:
     """Write `<part>.md` (the lines of its table) and `<part>.json` (`data`) into `out_dir`; return
-    what a part's `run` returns: {"markdown", "files": [json, md, *plots], **returned}."""
-    md = "\n".join(md_lines)
+    what a part's `run` returns: {"markdown", "files": [json, md, *plots], **returned}.
+
+    Both say where the ranks ran (launch.py's `topology()`: "1 node, unshaped", or the emulated
+    cluster's nodes, ranks per node and link rate): the table's first line, the JSON's "topology".
+    A part that sets the cluster itself (link.py, one launch per rate) passes its own `topology`."""
+    where = topology or current_topology()
+    md = "\n".join([f"Topology: {where['description']}.", "", *md_lines])
     (out_dir / f"{part}.md").write_text(md + "\n")
-    (out_dir / f"{part}.json").write_text(json.dumps(data, indent=2, default=str))
+    (out_dir / f"{part}.json").write_text(json.dumps({"topology": where, **data}, indent=2, default=str))
     files = [out_dir / f"{part}.json", out_dir / f"{part}.md", *plots]
     return {"markdown": md, "files": [str(f) for f in files], **returned}
 
 
 def part_main(part: str, doc: str, run, argv=None, add_arguments=None, pass_unknown: bool = False) -> None:
-    """The command line of a part run alone (`python -m experiments.bench.<part>`): --out, --quick
-    and the part's own options (added by `add_arguments(parser)`, passed to `run` by name). With
-    `pass_unknown`, flags the parser does not know go to `run(overrides=...)`; otherwise they are an error.
+    """The command line of a part run alone (`python -m experiments.bench.<part>`): --out, --quick,
+    --cluster/--link (`add_cluster_arguments`) and the part's own options (added by
+    `add_arguments(parser)`, passed to `run` by name). With `pass_unknown`, flags the parser does
+    not know go to `run(overrides=...)`; otherwise they are an error.
     A failed rank or run exits with errors.py's status for it, after printing what failed."""
     p = argparse.ArgumentParser(prog=f"python -m experiments.bench.{part}", description=doc.split("\n")[0])
     p.add_argument("--out", default=f"runs/bench/{part}", help="directory for the files (default: %(default)s)")
     p.add_argument("--quick", action="store_true", help="tiny sizes: checks that it runs, measures little")
+    add_cluster_arguments(p)
     if add_arguments:
         add_arguments(p)
     a, unknown = p.parse_known_args(argv) if pass_unknown else (p.parse_args(argv), None)
-    opts = {k: v for k, v in vars(a).items() if k not in ("out", "quick")}
+    opts = {k: v for k, v in vars(a).items() if k not in ("out", "quick", "cluster", "link")}
     try:
-        print_result(run(Path(a.out), quick=a.quick, **opts, **({"overrides": unknown} if pass_unknown else {})))
+        with on_cluster(a.cluster, a.link):
+            result = run(Path(a.out), quick=a.quick, **opts, **({"overrides": unknown} if pass_unknown else {}))
+        print_result(result)
     except DistriNewsError as e:  # a rank or a training run failed: its output is in the message
         print(f"error: {e}", file=sys.stderr)
         raise system_exit(e) from None
+
+
+def add_cluster_arguments(p: argparse.ArgumentParser) -> None:
+    """--cluster NODESxRANKS and --link RATE: every launch of the run on the emulated cluster (launch.py)."""
+    p.add_argument(
+        "--cluster",
+        metavar="NODESxRANKS",
+        help="run the ranks on the emulated cluster (experiments/cluster/), e.g. 2x1",
+    )
+    p.add_argument("--link", default="1gbit", help="with --cluster: each node's link rate (tc units), or none")
 
 
 def pyplot():

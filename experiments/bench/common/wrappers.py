@@ -90,6 +90,13 @@ def wrap(
     return model, record_allreduces(model, native=impl == "native") if record else None
 
 
+def rotated(items: list, i: int) -> list:
+    """`items` starting at position i mod len: round i's order, so that every configuration goes
+    first in turn and slow drifts of the machine hit all of them alike (the step part's interleaving)."""
+    k = i % len(items)
+    return items[k:] + items[:k]
+
+
 def allreduces_per_step(impl: str, model) -> int:
     """All-reduce calls one synced step makes: one per bucket, per parameter for naive, and for ours
     one more (the "got a gradient" counts, unused.py)."""
