@@ -43,7 +43,19 @@ from experiments.errors import DistriNewsError, exit_code
 
 from .common.report import machine, result_files
 
-PARTS = ("step", "timeline", "allreduce", "ring", "sparse", "buckets", "scaling", "snapshot", "grouping", "accuracy")
+PARTS = (
+    "step",
+    "timeline",
+    "allreduce",
+    "ring",
+    "sparse",
+    "buckets",
+    "scaling",
+    "snapshot",
+    "grouping",
+    "accuracy",
+    "memory",
+)
 
 
 def main(argv=None) -> int:
