@@ -62,7 +62,7 @@ NO_COUNTERPART = {
     "zero2": "torch has no ZeRO-2 (its nearest, fully_shard(reshard_after_forward=False), shards parameters too)"
 }
 FULL = dict(models=["minilm-l6", "distilbert"], micro_batch=8, seq=128, steps=3)
-QUICK = dict(models=["quick"], micro_batch=4, seq=16, steps=2)
+QUICK = dict(models=["quick"], micro_batch=4, seq=16, steps=1)
 LABELS = 4
 
 
