@@ -21,6 +21,8 @@ Parts, one module each in experiments/bench/ (each also runs alone: python -m ex
     grouping   epoch time, padding and accuracy with and without --group-by-length (64 and 128 tokens)
     accuracy   minilm-l6 on the AG News rows in ../shared/ag_news with native and hand-written DDP:
                loss curves, accuracy, confusion matrix
+    memory     DDP, ZeRO-1, ZeRO-2 and FSDP, ours and torch's: bytes held per rank against the ZeRO
+               formula, peak RSS, bytes sent per step (counted from the collectives), step time
 
 What they share is in common/, one module per job: launch.py (starting ranks), wrappers.py (the
 wrappers with their bucket all-reduces timed, the training step with clocks around it),
