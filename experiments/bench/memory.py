@@ -244,7 +244,12 @@ def build(name: str) -> nn.Module:
     torch.manual_seed(0)
     if name == "minilm-l6":
         cfg = BertConfig(
-            vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536
+            vocab_size=30522,
+            hidden_size=384,
+            num_hidden_layers=6,
+            num_attention_heads=12,
+            intermediate_size=1536,
+            num_labels=LABELS,
         )
         return BertForSequenceClassification(
             cfg.__class__(**cfg.to_dict() | dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)),
