@@ -280,3 +280,48 @@ def test_partition_is_torchs():
         theirs = [[[id(p) for p in g["params"]] for g in rank] for rank in opt._partition_parameters()]
         ours = [[[id(p) for p in g] for g in rank] for rank in partition_parameters(groups, n)]
         assert ours == theirs
+
+
+def _debug_worker(rank, world_size, out_path):
+    import io
+    import os
+    import re
+    import sys
+
+    from ddp_from_scratch import debug
+
+    os.environ[debug.ENV] = "1"  # read when each wrapper is built
+    try:
+        m1 = DistributedDataParallel(make_model())
+        o1 = zero1(m1.parameters())
+        m2 = make_model()
+        o2 = Zero2Optimizer(m2.parameters(), torch.optim.AdamW, lr=LR, bucket_cap_mb=0.004)  # several buckets
+    finally:
+        os.environ[debug.ENV] = "0"
+    lines = {}
+    for name, m, o in (("zero1", m1, o1), ("zero2", m2, o2)):
+        captured, sys.stderr = sys.stderr, io.StringIO()
+        try:
+            train(m, o, world_size, rank, steps=1)
+        finally:
+            captured, sys.stderr = sys.stderr.getvalue(), captured
+        fields = r"rank=(?P<rank>\d+) op=(?P<op>.+?) bucket=(?P<bucket>\S+) bytes=(?P<bytes>\d+)"
+        lines[name] = [m.groupdict() for m in re.finditer(fields, captured)]
+    lines["buckets"] = [(b.index, b.numel_padded * 4) for b in o2.buckets]
+    torch.save(lines, f"{out_path}.rank{rank}")
+
+
+def test_debug_log_names_each_all_gather_and_reduce_scatter_with_its_bucket(tmp_path):
+    # DDP_FROM_SCRATCH_DEBUG=1: ZeRO-1's parameter all-gather, ZeRO-2's reduce-scatter and all-gather
+    # of each bucket, one line each with the bytes it carried (fsdp: test_fsdp.py names its units)
+    run(_debug_worker, 2, tmp_path, str(tmp_path / "log"))
+    for r in range(2):
+        got = torch.load(f"{tmp_path / 'log'}.rank{r}")
+        zero1_ops = [x["op"] for x in got["zero1"] if "zero-1" in x["op"]]
+        assert zero1_ops == ["all_gather/torch(zero-1 params)"], got["zero1"]
+        buckets = got["buckets"]
+        assert len(buckets) > 1
+        for op in ("reduce_scatter/torch(zero-2)", "all_gather/torch(zero-2 params)"):
+            mine = [(int(x["bucket"]), int(x["bytes"])) for x in got["zero2"] if x["op"] == op]
+            assert sorted(mine) == buckets, (op, mine, buckets)
+            assert all(x["rank"] == str(r) for x in got["zero2"])

@@ -17,6 +17,8 @@ paper assumes one gradient copy). Each category must be within 10% of the formul
 and the total lower than DDP's by the predicted factor within 10%. What makes up the difference:
 AdamW's `step` counters (4 bytes per tensor), padding of flat tensors to a multiple of n, and
 ZeRO-1's whole-parameter partition, which cannot split the state exactly in n.
+The byte counter and the formula are the memory bench part's (experiments/bench/memory.py), which
+measures the same for minilm-l6 and distilbert, with torch's implementations beside ours.
 The model is test_zero.py's tiny transformer, with every parameter trainable (the formula has
 no frozen ones); the tied weight is one parameter.
 """
@@ -34,26 +36,8 @@ from ddp_from_scratch import DistributedDataParallel
 from ddp_from_scratch.fsdp import FullyShardedDataParallel
 from ddp_from_scratch.zero import ZeroRedundancyOptimizer
 from ddp_from_scratch.zero2 import Zero2Optimizer
-
-
-def storage_bytes(tensors) -> int:
-    """Bytes of the distinct storages behind `tensors` (None skipped)."""
-    seen = {}
-    for t in tensors:
-        if t is not None and t.numel():
-            s = t.untyped_storage()
-            seen[s.data_ptr()] = s.nbytes()
-    return sum(seen.values())
-
-
-def measure(params, optim_state: dict) -> dict:
-    params = list(params)
-    state = [v for s in optim_state.values() for v in s.values() if torch.is_tensor(v)]
-    return {
-        "params": storage_bytes(params),
-        "grads": storage_bytes(p.grad for p in params),
-        "optim": storage_bytes(state),
-    }
+from experiments.bench.memory import held_bytes as measure
+from experiments.bench.memory import predicted, storage_bytes
 
 
 def all_trainable():
@@ -85,15 +69,6 @@ def _worker(rank, world_size, out_path):
     held = [*m.parameters(), *(t for mod in m.module.modules() for t in vars(mod).values() if torch.is_tensor(t))]
     res["fsdp"] = measure(held, opt.state)
     torch.save(res, f"{out_path}.rank{rank}")
-
-
-def predicted(stage: str, psi: int, n: int) -> dict:
-    return {
-        "ddp": {"params": 4 * psi, "grads": 4 * psi, "optim": 8 * psi},
-        "zero1": {"params": 4 * psi, "grads": 4 * psi, "optim": 8 * psi / n},
-        "zero2": {"params": 4 * psi, "grads": 4 * psi / n, "optim": 8 * psi / n},
-        "fsdp": {"params": 4 * psi / n, "grads": 4 * psi / n, "optim": 8 * psi / n},
-    }[stage]
 
 
 @pytest.mark.parametrize("world_size", [2, 3])

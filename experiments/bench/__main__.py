@@ -24,6 +24,8 @@ Parts, one module each in experiments/bench/ (each also runs alone: python -m ex
                loss curves, accuracy, confusion matrix
     link       on 2 emulated nodes (root): step time against link rate, compute vs exposed
                communication, bucket caps and all-reduce algorithms at 1 Gbit/s, the main job there
+    memory     DDP, ZeRO-1, ZeRO-2 and FSDP, ours and torch's: bytes held per rank against the ZeRO
+               formula, peak RSS, bytes sent per step (counted from the collectives), step time
 
 What they share is in common/, one module per job: launch.py (starting ranks), wrappers.py (the
 wrappers with their bucket all-reduces timed, the training step with clocks around it),
@@ -59,6 +61,7 @@ PARTS = (
     "grouping",
     "accuracy",
     "link",
+    "memory",
 )
 
 
