@@ -41,6 +41,7 @@ def test_bad_cluster_option_is_a_usage_error(tmp_path, capsys):
     assert "link rate 'fast'" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(_WHY is not None, reason=_WHY or "")
 def test_a_part_runs_on_two_nodes_and_its_result_says_so(tmp_path):
     assert main(["--quick", "--only", "ring", "--cluster", "2x1", "--link", "1gbit", "--out", str(tmp_path)]) == 0

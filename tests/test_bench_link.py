@@ -23,6 +23,7 @@ def test_unknown_measure_is_a_usage_error(tmp_path):
         run(tmp_path, quick=True, measure="speed")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(_WHY is not None, reason=_WHY or "")
 def test_quick_link_splits_every_configuration_into_compute_and_exposed_communication(tmp_path):
     result = run(tmp_path, quick=True)

@@ -22,6 +22,7 @@ def test_ring_bytes_sent_per_collective():
     assert c.sent() == pytest.approx(2 * 0.75 * 1000 + 0.75 * 1000 + 0.75 * 1000)
 
 
+@pytest.mark.slow
 def test_quick_memory_part_matches_the_zero_formula(tmp_path):
     rows = run(tmp_path, quick=True)["rows"]
     assert {(r["stage"], r["whose"]) for r in rows} == {

@@ -38,7 +38,7 @@ from experiments import faults
 from experiments import snapshot as S
 from experiments.train_args import TrainConfig, parse_args
 
-pytestmark = pytest.mark.skipif(not AG_NEWS.exists(), reason="needs ../shared/ag_news")
+pytestmark = [pytest.mark.skipif(not AG_NEWS.exists(), reason="needs ../shared/ag_news"), pytest.mark.slow]
 TOL = 1e-5
 STEPS = 8  # 64 rows / global batch 8
 RUNS = {  # name: (--parallel, --impl, --grad-accum-steps)
