@@ -35,12 +35,9 @@ $(VENV)/.installed: pyproject.toml Makefile
 main: install
 	$(BIN)/python -m experiments.compare --nproc $(NPROC) $(if $(DATA),--data-dir $(DATA),) --model $(MODEL) $(MAIN_ARGS)
 
-# The fast checks first (lint and format, seconds), then the test suite (minutes), on TEST_WORKERS
-# pytest-xdist workers: most of the suite is process start-up and waits (timeouts, restarts, links),
-# which a second worker fills; tests/conftest.py keeps each file, and the namespace tests, on one worker.
-TEST_WORKERS ?= 2
+# The fast checks first (lint and format, seconds), then the test suite (minutes).
 test: install lint
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
+	$(BIN)/python -m pytest -q
 
 # On a machine with CUDA GPUs (a CUDA build of torch: make install TORCH=torch): every tier it can run,
 # the one-GPU tier on one GPU, both on two (tests/gpu/conftest.py skips the rest, saying why)

@@ -17,7 +17,7 @@ from paths import AG_NEWS, NEEDS_AG_NEWS
 
 from experiments.launch import free_port as _free_port
 
-# pytest-xdist (`make test` runs `-n 2 --dist loadgroup`): each file goes to one worker, so its module
+# pytest-xdist (`pytest -n 2 --dist loadgroup`, not yet the default): each file goes to one worker, so its module
 # fixtures (the spawned ranks of a file's cases) are made once; files that share a session fixture go
 # together so it is made once too; and the files that build network namespaces share one worker, since the
 # cluster's launcher removes an earlier run's namespaces when it starts (experiments/cluster/network.py).
