@@ -33,4 +33,29 @@ def wrap(
     )
 
 
-__all__ = ["DistributedDataParallel", "DistributedSampler", "wrap"]
+def compress_hook(kind: str):
+    """torch's compression hook for `register_comm_hook(None, hook)`: "fp16" or "bf16".
+
+    Each bucket is cast to 16 bits, divided by the world size, SUM all-reduced and copied back
+    into the float32 bucket (torch/distributed/algorithms/ddp_comm_hooks/default_hooks.py):
+    half the bytes on the wire. torch's `bf16_compress_hook` refuses to run without CUDA and
+    NCCL (a check of its own; gloo adds bfloat16 on the CPU too), so bf16 gets that hook's body,
+    `default_hooks._compress_hook` with the dtype bound: the same code, the check skipped.
+
+    Raises:
+        ValueError: `kind` is neither "fp16" nor "bf16".
+    """
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+    if kind == "fp16":
+        return default_hooks.fp16_compress_hook
+    if kind != "bf16":
+        raise ValueError(f"compress_hook: kind must be 'fp16' or 'bf16', got {kind!r}")
+
+    def torch_bf16_compress_hook(process_group, bucket):  # a function: torch's DDP checks hooks by __name__
+        return default_hooks._compress_hook(torch.bfloat16, process_group, bucket)
+
+    return torch_bf16_compress_hook
+
+
+__all__ = ["DistributedDataParallel", "DistributedSampler", "compress_hook", "wrap"]

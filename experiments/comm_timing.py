@@ -96,11 +96,15 @@ def exposed_seconds(records: list[dict], backward: tuple[float, float]) -> float
     return union_length(comm) - hidden_length(comm, backward[0], comm[-1][0])
 
 
-def bytes_per_step(model, native: bool) -> int:
+def bytes_per_step(model, native: bool, comm_hook: str = "none") -> int:
     """Gradient bytes one rank hands to collectives in a synced step: the buckets (ours: plus its
     sparse embedding exchanges, in place of that embedding's dense gradient); torch's DDP: every
-    gradient's bytes (its buckets hold each exactly once)."""
+    gradient's bytes (its buckets hold each exactly once). `comm_hook` "fp16"/"bf16" (--comm-hook):
+    the buckets go out in 2 bytes per float32 element (half)."""
     if native:
-        return sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-    dense = sum(bk.buffer.numel() * bk.buffer.element_size() for bk in model.reducer.buckets)
-    return dense + sum(r["bytes"] for r in model.reducer.exchanges)
+        dense = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+        sparse = 0
+    else:
+        dense = sum(bk.buffer.numel() * bk.buffer.element_size() for bk in model.reducer.buckets)
+        sparse = sum(r["bytes"] for r in model.reducer.exchanges)
+    return (dense // 2 if comm_hook in ("fp16", "bf16") else dense) + sparse

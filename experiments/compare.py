@@ -92,7 +92,8 @@ def command(
     # TensorBoard events in each run's folder: `tensorboard --logdir <out>` shows the three runs together
     # (a later --report-to in train_args wins)
     common = ["--output-dir", out_dir, "--no-snapshots", "--report-to", "tensorboard", *train_args]
-    if kind == "none":  # one process trains on the whole global batch
+    if kind == "none":  # one process trains on the whole global batch; it has no all-reduce to compress
+        common = _without_option(common, "--comm-hook")
         return [
             sys.executable,
             "-m",
@@ -105,6 +106,19 @@ def command(
         ]
     which = ["--ddp", kind] if parallel == "ddp" else ["--parallel", parallel, "--impl", kind]
     return torchrun_command(nproc, "experiments.train", [*which, "--batch-size", str(batch_size), *common])
+
+
+def _without_option(args: list[str], flag: str) -> list[str]:
+    """`args` without `flag VALUE` / `flag=VALUE` (the exact run of a comparison keeps its defaults)."""
+    out, skip = [], False
+    for a in args:
+        if skip:
+            skip = False
+        elif a == flag:
+            skip = True
+        elif not a.startswith(flag + "="):
+            out.append(a)
+    return out
 
 
 def max_weight_difference(dir_a: str, dir_b: str) -> float:
@@ -130,6 +144,8 @@ def table(summaries: dict, weight_diff: float | None) -> str:
     for kind, s in summaries.items():
         if s.get("parallel") not in (None, "none", "ddp"):  # a sharded stage: "fsdp scratch"
             kind = f"{s['parallel']} {kind}"
+        if s.get("args", {}).get("comm_hook", "none") != "none":  # --comm-hook: the buckets in 16 bits
+            kind = f"{kind} + {s['args']['comm_hook']} hook"
         speedup = s["samples_per_s"] / base if base else None
         fmt = lambda x, f: "-" if x is None else format(x, f)
         rows.append(

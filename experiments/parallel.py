@@ -245,7 +245,21 @@ def setup(model: nn.Module, config: TrainConfig, env: DistEnv) -> Parallel:
         wrapped = FullyShardedDataParallel(model, collectives=config.all_reduce)
         opt = torch.optim.AdamW(wrapped.parameters(), lr=lr, weight_decay=0.0)
         hooks.append(opt.register_step_pre_hook(ShardDecay(_decayed_ranges(wrapped, decayed), wd)))
+    if config.comm_hook != "none":  # ddp or zero1 (train_args refuses the rest): every bucket in 16 bits
+        wrapped.register_comm_hook(None, compress_hook(impl, config.comm_hook))
     return Parallel(stage, impl, wrapped, model, opt, sampler, names, n_decay, wd, hooks)
+
+
+def compress_hook(impl: str, kind: str):
+    """The fp16 / bf16 compression hook for `impl`'s DDP: torch's (ddp_native.compress_hook) or ours
+    (ddp_from_scratch/comm_hooks.py), the same arithmetic, so the two stay bit-identical on 2 ranks."""
+    if impl == "native":
+        from ddp_native import compress_hook as torch_hook
+
+        return torch_hook(kind)
+    from ddp_from_scratch import comm_hooks
+
+    return getattr(comm_hooks, f"{kind}_compress_hook")
 
 
 def _decayed_ranges(fsdp, decayed: set[int]) -> list[tuple[nn.Parameter, int, int]]:

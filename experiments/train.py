@@ -203,7 +203,9 @@ def resume(run: Run) -> None:
             run.progress = replace(run.progress, epoch=run.progress.epoch + 1, batches_done=0)
         if not run.progress.batches_done:
             run.progress.epoch_elapsed_s = 0.0
-    if config.report_to == "tensorboard" and run.parallel.ddp_wrapped:
+    # torch's DDP is timed through a comm hook (comm_timing.py), and --comm-hook holds its one hook slot
+    hook_taken = config.ddp == "native" and config.comm_hook != "none"
+    if config.report_to == "tensorboard" and run.parallel.ddp_wrapped and not hook_taken:
         run.comm = record_allreduces(run.model, native=config.ddp == "native")
     if not env.is_main:
         return
@@ -334,7 +336,7 @@ def _tensorboard_only(run: Run, r, samples: int, step_s: float, origin=None) -> 
     if run.comm is not None:
         backward = next(iv for iv in reversed(r.intervals) if iv[0] == "backward")[1:]  # the synced micro-batch
         extra.update(
-            comm_bytes=bytes_per_step(run.model, run.config.ddp == "native"),
+            comm_bytes=bytes_per_step(run.model, run.config.ddp == "native", run.config.comm_hook),
             comm_exposed_s=exposed_seconds(place_on_host_clock(run.comm, origin), backward),
         )
     return extra

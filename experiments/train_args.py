@@ -109,6 +109,14 @@ class TrainConfig:
         " auto: embeddings of 4 MiB and more); exact either way",
         choices=["auto", "on", "off"],
     )
+    comm_hook: str = option(
+        "none",
+        "--parallel ddp|zero1: what each bucket's all-reduce sends: none (float32, exact), fp16 or bf16 (half the"
+        " bytes, every gradient rounded to 16 bits: torch's fp16/bf16_compress_hook, ours"
+        " ddp_from_scratch/comm_hooks.py); under a hook ours sends the word embedding dense, as torch does",
+        defines_run=True,
+        choices=["none", "fp16", "bf16"],
+    )
     backend: str = option("auto", choices=["auto", "gloo", "nccl"])
     timeout: float = option(300.0, "process-group timeout, seconds")
     cache_dir: str = option(os.path.join(".cache", "tokenized"), "tokenized-data cache")
@@ -156,6 +164,12 @@ class TrainConfig:
             return [
                 "--parallel zero2 --impl native does not exist: torch has no separate ZeRO-2 (its FSDP2 shards the"
                 f" parameters too). The combinations that exist: {COMBINATIONS}"
+            ]
+        if self.comm_hook != "none" and (self.ddp == "none" or self.parallel not in ("ddp", "zero1")):
+            where = "one process has none" if self.ddp == "none" else f"--parallel {self.parallel} reduce-scatters"
+            return [
+                f"--comm-hook {self.comm_hook} compresses a DDP bucket's all-reduce, and {where}:"
+                " use it with --parallel ddp or zero1 under torchrun, or drop it"
             ]
         if self.precision == "fp16" and self.parallel in ("zero2", "fsdp"):
             return [

@@ -17,6 +17,27 @@ from paths import AG_NEWS, NEEDS_AG_NEWS
 
 from experiments.launch import free_port as _free_port
 
+# pytest-xdist (`pytest -n 2 --dist loadgroup`, not yet the default): each file goes to one worker, so its module
+# fixtures (the spawned ranks of a file's cases) are made once; files that share a session fixture go
+# together so it is made once too; and the files that build network namespaces share one worker, since the
+# cluster's launcher removes an earlier run's namespaces when it starts (experiments/cluster/network.py).
+XDIST_GROUPS = {
+    "test_cluster": "namespaces",
+    "test_bench_cluster": "namespaces",
+    "test_bench_link": "namespaces",
+    "test_bench_cli": "bench_quick",
+    "test_bench_allreduce": "bench_quick",
+    "test_bench_sparse": "bench_quick",
+    "test_server": "checkpoint",
+    "test_server_serving": "checkpoint",
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Put every test in its xdist group (see XDIST_GROUPS); without xdist the marker does nothing."""
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(XDIST_GROUPS.get(item.path.stem, item.path.stem)))
+
 
 @pytest.fixture(scope="session")
 def ag_news() -> Path:

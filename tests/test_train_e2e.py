@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -119,3 +120,33 @@ def test_bad_inputs_fail_with_clear_messages(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit) as e:
         main(["--batch-size", "0"])
     assert e.value.code == 2 and "--batch-size must be at least 1" in capsys.readouterr().err
+    for wrong in (["--ddp", "none"], ["--parallel", "fsdp"], ["--parallel", "zero2"]):
+        with pytest.raises(SystemExit) as e:
+            main([*wrong, "--comm-hook", "bf16"])
+        assert e.value.code == 2 and "--comm-hook bf16 compresses a DDP bucket" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@needs_ag_news
+def test_compare_with_bf16_comm_hook(tmp_path):
+    """--comm-hook bf16: torch's hook and ours, 2 real ranks, give the same weights bit for bit (the
+    same casts, divisions and 2-term sums), the hook really ran (ours' debug log names it for every
+    bucket), and the comparison's exact run stays one process without a hook."""
+    out = tmp_path / "cmp"
+    args = ["-m", "experiments.compare", "--nproc", "2", "--batch-size", "8", "--out", str(out), "--model", "tiny",
+            "--dropout", "0.1", "--data-dir", str(AG_NEWS), "--max-train-samples", "64", "--max-eval-samples", "16",
+            "--max-length", "64", "--comm-hook", "bf16", "--cache-dir", str(tmp_path / "cache")]  # argv  # fmt: skip
+    r = _run(args, ROOT, env={"DDP_FROM_SCRATCH_DEBUG": "1"})
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    result = json.loads((out / "comparison.json").read_text())
+    runs = result["runs"]
+    assert {k: s["args"]["comm_hook"] for k, s in runs.items()} == {"none": "none", "native": "bf16", "scratch": "bf16"}
+    assert result["max_weight_diff_native_vs_scratch"] == 0.0
+    log = r.stdout + r.stderr
+    # every gradient bucket of every step went through the hook (the other all-reduce is the used-counts map)
+    bucket_ops = {m for m in re.findall(r"op=(\S+) bucket=\d", log) if not m.startswith("broadcast")}
+    assert bucket_ops == {"bfloat16_compress_hook/torch"}, log[-3000:]
+    assert "| scratch + bf16 hook | 2 |" in (out / "comparison.md").read_text()
+    rows = [json.loads(x) for x in (out / "scratch" / "metrics.jsonl").read_text().splitlines()]
+    step_rows = [s for s in rows if s["type"] == "step"]
+    assert len(step_rows) == 4

@@ -40,6 +40,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ..parallel import compress_hook
 from .accuracy import DATA_DIR
 from .common.intervals import paired_ratios, slowest_median
 from .common.launch import launch_ranks, on_cluster, run_command
@@ -67,32 +68,12 @@ COLLECTIVE_PLAN = [(2**20, 10), (25 * 2**20, 6)]  # (bytes, runs) for the allred
 MAIN_JOB = ["--model", "minilm-l6", "--max-train-samples", "4000", "--max-length", "64"]  # the README's defaults
 
 
-def _hook(impl: str, kind: str):
-    """The fp16 / bf16 compression hook of torch's DDP or of ours (the same arithmetic).
-
-    torch's `bf16_compress_hook` refuses to run without CUDA 11 + NCCL 2.10 (a check of its own;
-    gloo reduces bfloat16 on the CPU); torch's hook body, `default_hooks._compress_hook`, has no
-    such check, so native DDP gets that with the dtype bound: the same code, the check skipped."""
-    if impl != "native":
-        from ddp_from_scratch import comm_hooks
-
-        return getattr(comm_hooks, f"{kind}_compress_hook")
-    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
-
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[kind]
-
-    def torch_compress_hook(process_group, bucket):  # a function: DDP checks hooks by __name__
-        return default_hooks._compress_hook(dtype, process_group, bucket)
-
-    return torch_compress_hook
-
-
 def build(name: str, base, cap_mb: float | None):
     """One configuration's model: a deep copy of `base` wrapped as CONFIGS[name] says."""
     impl, sparse, hook = CONFIGS[name]
     model = wrap(impl, copy.deepcopy(base), cap_mb, record=False, sparse_embeddings=sparse)[0]
     if hook:
-        model.register_comm_hook(None, _hook(impl, hook))
+        model.register_comm_hook(None, compress_hook(impl, hook))  # impl: native or one of ours
     return model
 
 

@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .common.launch import launch_ranks
+from .common.launch import launch_ranks, topology
 from .common.report import part_main, write_result
 from .common.wrappers import timed_step
 
@@ -455,9 +455,10 @@ def run(
         for name in cfg["models"]:
             ranks = launch_ranks("memory", n, {**cfg, "models": [name]}, quiet=quick, timeout_s=600)
             rows += summarize(ranks)
+    where = "over the emulated cluster's links" if topology()["emulated"] else "on this machine's loopback"
     md = [
         f"AdamW fp32, every parameter trainable, micro-batch {cfg['micro_batch']} x {cfg['seq']} tokens per rank, "
-        f"gloo on this machine's loopback, {cfg['steps']} timed steps after one warm-up.",
+        f"gloo {where}, {cfg['steps']} timed steps after one warm-up.",
         "",
         *table(rows, os.cpu_count() or 1),
     ]
