@@ -307,7 +307,7 @@ def list_snapshots(out_dir: str | os.PathLike) -> list[Path]:
 
 
 # Options added after snapshots already existed, with the value every older run had.
-ADDED_LATER = {"group_by_length": False}
+ADDED_LATER = {"group_by_length": False, "comm_hook": "none"}
 
 
 def _mismatch(saved: dict, config: dict) -> list[str]:

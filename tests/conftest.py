@@ -17,10 +17,12 @@ from paths import AG_NEWS, NEEDS_AG_NEWS
 
 from experiments.launch import free_port as _free_port
 
-# pytest-xdist (`pytest -n 2 --dist loadgroup`, not yet the default): each file goes to one worker, so its module
-# fixtures (the spawned ranks of a file's cases) are made once; files that share a session fixture go
-# together so it is made once too; and the files that build network namespaces share one worker, since the
-# cluster's launcher removes an earlier run's namespaces when it starts (experiments/cluster/network.py).
+# pytest-xdist, optional (`pip install pytest-xdist`, then `pytest -n 2 --dist loadgroup`): each file goes to
+# one worker, so its module fixtures (the spawned ranks of a file's cases) are made once; files that share a
+# session fixture go together so it is made once too; and the files that build network namespaces share one
+# worker, since the cluster's launcher removes an earlier run's namespaces when it starts
+# (experiments/cluster/network.py). Not the default: on 2 cores it saved 6% (801 s against 856 s serial,
+# docs/benchmarks.md §11) and pushed a latency bound in test_server_serving past its margin.
 XDIST_GROUPS = {
     "test_cluster": "namespaces",
     "test_bench_cluster": "namespaces",
@@ -34,7 +36,9 @@ XDIST_GROUPS = {
 
 
 def pytest_collection_modifyitems(config, items):
-    """Put every test in its xdist group (see XDIST_GROUPS); without xdist the marker does nothing."""
+    """Put every test in its xdist group (see XDIST_GROUPS) when pytest-xdist is installed."""
+    if not config.pluginmanager.hasplugin("xdist"):
+        return  # the marker is xdist's: without it pytest would warn that it is unknown
     for item in items:
         item.add_marker(pytest.mark.xdist_group(XDIST_GROUPS.get(item.path.stem, item.path.stem)))
 

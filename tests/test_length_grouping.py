@@ -114,3 +114,12 @@ def test_snapshots_from_before_the_option_resume_as_random_batches():
     assert _mismatch(old, {"seed": 0, "world_size": 2, "group_by_length": True}) == [
         "group_by_length is False there, True here"
     ]
+
+
+def test_snapshots_from_before_comm_hooks_resume_as_exact_all_reduce():
+    from experiments.snapshot import _mismatch
+
+    old = {"seed": 0, "world_size": 2, "group_by_length": False}  # written before --comm-hook existed
+    assert _mismatch(old, {"seed": 0, "world_size": 2, "comm_hook": "none"}) == []
+    new = {"seed": 0, "world_size": 2, "comm_hook": "bf16"}
+    assert _mismatch(old, new) == ["comm_hook is 'none' there, 'bf16' here"]
