@@ -27,23 +27,32 @@ from ddp_from_scratch.debug import CollectiveTimer, cuda_origin
 from .bench.common.intervals import hidden_length, union_length
 
 
-def timed_allreduce_hook(records: list):
-    """A comm hook for torch's DDP: averages a bucket (divide, SUM all-reduce), appends its times to `records`."""
+def timed_allreduce_hook(records: list, inner=None):
+    """A comm hook for torch's DDP: averages a bucket (divide, SUM all-reduce), appends its times to `records`.
+
+    `inner`: a hook to time instead of that average (`parallel.compress_hook`'s fp16 / bf16 one, for
+    `--comm-hook`): torch's DDP has one hook slot, so with a compression hook the timer wraps it. Its
+    record then spans cast, all-reduce and copy back, and "bytes" counts 2 per element (16 bits sent).
+    """
 
     def hook(state, bucket):
         buf = bucket.buffer()
-        buf.div_(dist.get_world_size())  # torch's default path divides while copying in; ours too, untimed
-        rec = {"bucket": bucket.index(), "bytes": buf.numel() * buf.element_size(), "launch": time.perf_counter()}
+        wire = buf.element_size() if inner is None else 2
+        rec = {"bucket": bucket.index(), "bytes": buf.numel() * wire, "launch": time.perf_counter()}
         if buf.is_cuda:  # an event in stream order, before the all-reduce (CPU records stay plain dicts)
             rec["timer"] = CollectiveTimer(buf.device)
         records.append(rec)
-        fut = dist.all_reduce(buf, async_op=True).get_future()
+        if inner is None:
+            buf.div_(dist.get_world_size())  # torch's default path divides while copying in; ours too, untimed
+            fut = dist.all_reduce(buf, async_op=True).get_future()
+        else:
+            fut = inner(state, bucket)
 
         def done(f):
             rec["done"] = time.perf_counter()  # runs on the communication thread, at completion (CPU)
             if "timer" in rec:
                 rec["timer"].stop()  # CUDA: in this callback a stream that waits for the all-reduce is current
-            return f.value()[0]
+            return f.value()[0] if inner is None else f.value()  # all_reduce's future holds a list
 
         return fut.then(done)
 

@@ -78,6 +78,8 @@ class Parallel:
         names: the parameters' names in the plain AdamW's index order (decay group, then the rest).
         n_decay: how many of `names` are in the decay group.
         weight_decay: the decay group's coefficient.
+        comm_records: torch's DDP with --comm-hook and --report-to tensorboard: its compression hook's
+            per-bucket times (comm_timing.timed_allreduce_hook), since that hook holds the one slot.
     """
 
     stage: str
@@ -90,6 +92,7 @@ class Parallel:
     n_decay: int
     weight_decay: float
     hooks: list = field(default_factory=list)
+    comm_records: list | None = None
 
     @property
     def label(self) -> str:
@@ -245,9 +248,16 @@ def setup(model: nn.Module, config: TrainConfig, env: DistEnv) -> Parallel:
         wrapped = FullyShardedDataParallel(model, collectives=config.all_reduce)
         opt = torch.optim.AdamW(wrapped.parameters(), lr=lr, weight_decay=0.0)
         hooks.append(opt.register_step_pre_hook(ShardDecay(_decayed_ranges(wrapped, decayed), wd)))
+    comm_records = None
     if config.comm_hook != "none":  # ddp or zero1 (train_args refuses the rest): every bucket in 16 bits
-        wrapped.register_comm_hook(None, compress_hook(impl, config.comm_hook))
-    return Parallel(stage, impl, wrapped, model, opt, sampler, names, n_decay, wd, hooks)
+        hook = compress_hook(impl, config.comm_hook)
+        if impl == "native" and config.report_to == "tensorboard":  # torch's one hook slot: time inside it
+            from .comm_timing import timed_allreduce_hook
+
+            comm_records = []
+            hook = timed_allreduce_hook(comm_records, inner=hook)
+        wrapped.register_comm_hook(None, hook)
+    return Parallel(stage, impl, wrapped, model, opt, sampler, names, n_decay, wd, hooks, comm_records)
 
 
 def compress_hook(impl: str, kind: str):

@@ -203,10 +203,11 @@ def resume(run: Run) -> None:
             run.progress = replace(run.progress, epoch=run.progress.epoch + 1, batches_done=0)
         if not run.progress.batches_done:
             run.progress.epoch_elapsed_s = 0.0
-    # torch's DDP is timed through a comm hook (comm_timing.py), and --comm-hook holds its one hook slot
-    hook_taken = config.ddp == "native" and config.comm_hook != "none"
-    if config.report_to == "tensorboard" and run.parallel.ddp_wrapped and not hook_taken:
-        run.comm = record_allreduces(run.model, native=config.ddp == "native")
+    if config.report_to == "tensorboard" and run.parallel.ddp_wrapped:
+        # torch's DDP is timed through a comm hook (comm_timing.py); with --comm-hook, setup put the timer there
+        run.comm = run.parallel.comm_records
+        if run.comm is None:
+            run.comm = record_allreduces(run.model, native=config.ddp == "native")
     if not env.is_main:
         return
     os.makedirs(run.out_dir, exist_ok=True)

@@ -150,3 +150,13 @@ def test_compare_with_bf16_comm_hook(tmp_path):
     rows = [json.loads(x) for x in (out / "scratch" / "metrics.jsonl").read_text().splitlines()]
     step_rows = [s for s in rows if s["type"] == "step"]
     assert len(step_rows) == 4
+    # TensorBoard: both DDPs report their communication under the hook too (torch's: a timer around
+    # its compression hook, which holds its one hook slot)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    for kind in ("native", "scratch"):
+        acc = EventAccumulator(str(out / kind))
+        acc.Reload()
+        assert {"comm/bytes_per_step", "comm/exposed_s"} <= set(acc.Tags()["scalars"]), kind
+        assert all(e.value > 0 for e in acc.Scalars("comm/bytes_per_step"))
+        assert all(e.value >= 0 for e in acc.Scalars("comm/exposed_s"))
