@@ -413,7 +413,7 @@ def table(rows: list[dict], oversubscribed: int) -> list[str]:
     md = [
         "Per rank, the largest rank's: MiB held after the step (measured / formula), peak RSS growth over the variant,",
         "MiB each rank sends per step (counted from the collectives called / formula), median step time of the",
-        "slowest rank. Each \"vs DDP\" is against our DDP of the same model and ranks (docs/benchmarks.md §13's",
+        'slowest rank. Each "vs DDP" is against our DDP of the same model and ranks (docs/benchmarks.md §13\'s',
         "step-time table is against torch's).",
         "",
         "| model (Psi) | ranks | stage | whose | params | grads | optimizer | total | vs DDP | peak RSS +MiB "
