@@ -1,0 +1,106 @@
+"""How far apart two correct computations of the same average may be: the bounds the equivalence tests use.
+
+Reordering (the DDPs against each other). Every rank computes its own gradient g_r bit for bit
+the same way whichever wrapper it runs under (same parameters, same micro-batch, same kernels);
+the wrappers differ only in how the n values are averaged: which buffer a gradient sits in, so
+which order gloo or our ring adds the n terms, and whether each term is divided by n before the
+sum or the sum after. Let S = sum_r |g_r| / n. Dividing each term first, the n divisions round by
+at most u = eps/2 of each term (u*S in all) and the n-1 additions by u of a partial sum of at most S;
+summing first, the additions round by u of at most n*S, and the one division by n scales that back
+and adds u of the result. Either way the average lies within n*u*S of the exact one, and two orders
+within n*eps*S
+(Higham, Accuracy and Stability of Numerical Algorithms, 2nd ed., §4.2, to first order in u;
+eps is the dtype's machine epsilon, 2^-23 for float32). With n = 2 there is one addition, and
+a + b == b + a: the results must be identical, bit for bit (division by 2 is exact).
+
+The bound is elementwise and uses the magnitudes of the terms, not of the result: where the
+ranks' gradients cancel, the average is small but its rounding is not. It holds on any CPU,
+whatever the kernels, because it depends only on the gradients each rank contributed.
+
+What it cannot see: an optimizer step that amplifies a difference (AdamW divides by sqrt(v) + eps,
+so a gradient near zero turns a rounding difference of 1e-13 into an update difference of up to
+lr * 1e-13 / 1e-8). So the tests compare gradients at the same parameters, before any step.
+
+A planted bug (a missing division by the world size, a bucket never reduced, one rank's gradient
+dropped) moves an element by a sizable fraction of S, far above n*eps*S: `assert_can_fail`
+checks that each comparison has that room.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+# float64's unit roundoff is 2^-53. A gradient of the small test models passes through fewer
+# than 2^6 operations on any path, each a sum of at most 2^9 terms (batch 12, width 64, 190-token
+# vocabulary), so the first-order bound (Higham §3.1: gamma_k = k*u per sum) is at most 2^15 * 2^-53
+# = 2^-38 relative to the terms' magnitudes. We allow 2^-30 (256x that margin), still 10^8 below
+# the effect of any bug we plant.
+FLOAT64_RTOL = 2.0**-30
+
+
+def reordering_bound(terms: torch.Tensor, n: int, dtype: torch.dtype) -> torch.Tensor:
+    """n * eps * S elementwise (module docstring), plus n smallest normals for gradients near underflow.
+
+    Args:
+        terms: S, sum over ranks of |g_r| / n, any float dtype (float64 keeps its own sum exact enough).
+        n: the world size.
+        dtype: the dtype the averages were computed in (its eps).
+    """
+    info = torch.finfo(dtype)
+    return n * info.eps * terms.double() + n * info.tiny
+
+
+def gradient_terms(module: nn.Module, loss_fn, n: int) -> dict[str, torch.Tensor]:
+    """S per parameter: sum over ranks of |g_r| / n, from a plain copy of `module` (float64, all-reduced).
+
+    `loss_fn(module)` returns this rank's loss on its own micro-batch. Called on every rank (an all-reduce
+    per parameter); parameters without a gradient are left out.
+    """
+    import copy
+
+    local = copy.deepcopy(module)
+    local.zero_grad(set_to_none=True)
+    loss_fn(local).backward()
+    out = {}
+    for name, p in local.named_parameters():
+        if p.grad is None:
+            continue
+        t = p.grad.double().abs() / n
+        dist.all_reduce(t)
+        out[name] = t
+    return out
+
+
+def assert_reordered(got: dict, want: dict, terms: dict, n: int, where) -> None:
+    """`got` and `want` (name -> averaged gradient) are the same average in two summation orders.
+
+    Identical for n = 2; within `reordering_bound` otherwise. Raises AssertionError naming the
+    parameter, its largest difference and the bound there.
+    """
+    assert got.keys() == want.keys(), (where, sorted(got.keys() ^ want.keys()))
+    for k, ref in want.items():
+        if n == 2:
+            assert torch.equal(got[k], ref), (where, k, "2 ranks: one addition, bit for bit", (got[k] - ref).abs().max())
+            continue
+        diff = (got[k].double() - ref.double()).abs()
+        bound = reordering_bound(terms[k], n, ref.dtype)
+        worst = int((diff - bound).argmax())
+        assert bool((diff <= bound).all()), (where, k, float(diff.flatten()[worst]), float(bound.flatten()[worst]))
+
+
+def assert_within(got: dict, want: dict, bounds: dict, where) -> None:
+    """Every element of got[k] within bounds[k] of want[k] (tensors of the same shape)."""
+    assert got.keys() == want.keys(), (where, sorted(got.keys() ^ want.keys()))
+    for k, ref in want.items():
+        diff = (got[k].double() - ref.double()).abs()
+        worst = int((diff - bounds[k]).argmax())
+        assert bool((diff <= bounds[k]).all()), (where, k, float(diff.flatten()[worst]), float(bounds[k].flatten()[worst]))
+
+
+def assert_can_fail(grads: dict, bounds: dict, where, room: float = 1e3) -> None:
+    """The comparison can fail: some gradient element is `room` times its bound, so a bug that changes
+    gradients by a fraction of themselves (a missing 1/n, a dropped rank) lands outside it."""
+    best = max(float((g.double().abs() / bounds[k]).max()) for k, g in grads.items())
+    assert best > room, (where, "the bound is as large as the gradients: the test could not fail", best)
