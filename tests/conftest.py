@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from paths import AG_NEWS, NEEDS_AG_NEWS
+from support.paths import AG_NEWS, NEEDS_AG_NEWS
 
 from experiments.launch import free_port as _free_port
 
@@ -55,7 +55,7 @@ def ag_news() -> Path:
 def checkpoint(tmp_path_factory) -> Path:
     """The seeded random tiny checkpoint the server tests serve (tests/served_model.py), saved once
     per session as `<tmp>/run/checkpoint`: tests only read it (one that breaks it copies it first)."""
-    from served_model import tiny_checkpoint
+    from support.served_model import tiny_checkpoint
 
     return tiny_checkpoint(tmp_path_factory.mktemp("served") / "run" / "checkpoint")
 

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from paths import AG_NEWS, needs_ag_news
-from spawn_utils import run
+from support.paths import AG_NEWS, ROOT, needs_ag_news
+from support.spawn import run
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
 import ddp_from_scratch
@@ -30,7 +30,6 @@ import ddp_native
 from experiments.launch import torchrun_command
 from experiments.train import optimizer_step
 
-ROOT = Path(__file__).resolve().parents[1]
 K, MICRO, STEPS = 4, 4, 3
 
 

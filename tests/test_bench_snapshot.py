@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from paths import AG_NEWS, needs_ag_news
+from support.paths import AG_NEWS, needs_ag_news
 
 from experiments.bench.snapshot import run
 

@@ -11,7 +11,9 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-BENCH = Path(__file__).resolve().parents[1] / "experiments" / "bench"
+from support.paths import ROOT
+
+BENCH = ROOT / "experiments" / "bench"
 WINDOW = 6
 
 

@@ -24,12 +24,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from paths import AG_NEWS, NEEDS_AG_NEWS
+from support.paths import AG_NEWS, NEEDS_AG_NEWS, ROOT
 
 from experiments import cluster
 from experiments import snapshot as S
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _namespaces_work() -> str | None:

@@ -21,7 +21,7 @@ import time
 import pytest
 import torch
 import torch.distributed as dist
-from spawn_utils import run
+from support.spawn import run
 
 from ddp_from_scratch import collectives as C
 from ddp_from_scratch import work as W

@@ -13,8 +13,6 @@ from experiments.data import DataError, load_ag_news, make_collator, tokenize
 from experiments.errors import ModelLoadError
 from experiments.model import LABELS, build_tokenizer
 
-REPO = Path(__file__).resolve().parents[1]
-
 
 def write_csv(path, rows):
     with open(path, "w", newline="", encoding="utf-8") as f:
@@ -254,7 +252,7 @@ def _data_fails_on(rank, world, out):
 
 def test_a_data_error_on_any_rank_stops_every_rank_with_its_message(tmp_path):
     # rank 0 is the one that prints: a failure on another machine's rank must reach it
-    from spawn_utils import run
+    from support.spawn import run
 
     run(_data_fails_on, 2, tmp_path, str(tmp_path))
     for failing_rank in (0, 1):

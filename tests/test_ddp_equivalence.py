@@ -23,7 +23,7 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
-from spawn_utils import run
+from support.spawn import run
 
 import ddp_native
 from ddp_from_scratch import (

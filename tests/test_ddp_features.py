@@ -39,7 +39,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from spawn_utils import run
+from support.spawn import run
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
 import ddp_native

@@ -16,8 +16,8 @@ import re
 from pathlib import Path
 
 import pytest
+from support.paths import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 GUIDES = [  # the pages whose backticked code references are checked
     "docs/interview.md",
     "docs/checklist.md",

@@ -6,11 +6,9 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
+from support.paths import ROOT
 
 
 def doctor(*args: str) -> tuple[subprocess.CompletedProcess, float]:

@@ -17,15 +17,14 @@ import os
 import subprocess
 import sys
 import traceback
-from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from spawn_utils import run
+from support.paths import ROOT
+from support.spawn import run
 
-ROOT = Path(__file__).resolve().parents[1]
 AGAINST = os.environ.get("EXERCISES_AGAINST", "solutions")
 # exercise -> (attribute, solution module, attribute there); the stub is exercises/<exercise>.py
 EXERCISES = {

@@ -22,13 +22,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from paths import AG_NEWS, needs_ag_news
+from support.paths import AG_NEWS, ROOT, needs_ag_news
 
 from experiments import faults
 from experiments import snapshot as S
 from experiments.launch import free_port, torchrun_command
 
-ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [needs_ag_news, pytest.mark.slow]  # torchrun trainings and restarts
 TIMEOUT_S = 180
 STEPS = 24  # 96 rows / global batch 8, 2 epochs

@@ -29,7 +29,7 @@ import sys
 
 import pytest
 import torch
-from spawn_utils import run
+from support.spawn import run
 from test_zero import adamw, make_model, train
 
 import ddp_native.sharded

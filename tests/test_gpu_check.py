@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from support.paths import ROOT
 
 from ddp_from_scratch.debug import CollectiveTimer
 from experiments import gpu_check
 
-ROOT = Path(__file__).resolve().parents[1]
 NO_GPU = not torch.cuda.is_available()
 
 

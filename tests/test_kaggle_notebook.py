@@ -12,9 +12,8 @@ from pathlib import Path
 
 import nbformat
 import pytest
-from paths import AG_NEWS, needs_ag_news
+from support.paths import AG_NEWS, ROOT, needs_ag_news
 
-ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "kaggle" / "distrinews_2xT4.ipynb"
 # what the CPU run puts in place of the GPU configuration (argparse: the later flag wins)
 TINY = (

@@ -8,8 +8,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
+from support.paths import ROOT
 
 
 def torch_lines(tmp_path: Path, gpu: bool, *overrides: str) -> list[str]:

@@ -13,7 +13,8 @@ import io
 import tokenize
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from support.paths import ROOT
+
 PKG = ROOT / "ddp_from_scratch"
 STEPS = ["explicit.py", "naive.py", "overlap.py", "minimal_buckets.py"]
 

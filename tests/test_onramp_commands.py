@@ -11,9 +11,9 @@ a block (a line starting with `error:`) is no command.
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from support.paths import ROOT
+
 # Pages outside this check, and why. fault-tolerance.md: owned by the fault-tolerance work (its
 # torchrun command at "Try it" still names ../shared/ag_news; to be labelled or moved to the hub
 # route there). deploy.md names ../shared/tools (this machine's docker script), in prose.

@@ -17,9 +17,9 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
+from support.paths import ROOT
 from test_docs_links import anchors, prose, slug
 
-ROOT = Path(__file__).resolve().parents[1]
 FIGURE = re.compile(r"(?<![\w.§/])(\d[\d,]*(?:\.\d+)?)(?:\s?-\s?(\d[\d,]*(?:\.\d+)?))?\s?(ms|%|GB/s|MiB|MB|x)(?!\w)")
 LINK = re.compile(r"\]\(((?:benchmarks\.md|\.\./README\.md))(?:#([^)\s]*))?\)")
 # numbers that are settings or definitions, not results: caps, sizes, micro-batches

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import re
 import subprocess
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from support.paths import ROOT
+
 PACKAGES = ("ddp_from_scratch", "ddp_native", "experiments", "server", "exercises")
 
 

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from spawn_utils import run
+from support.spawn import run
 from test_fault_tolerance import AG_NEWS, ok, torchrun
 
 from experiments import faults

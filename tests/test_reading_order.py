@@ -15,8 +15,8 @@ import re
 from pathlib import Path
 
 import pytest
+from support.paths import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 PKG = ROOT / "ddp_from_scratch"
 LINE = re.compile(r"^\s*(\d+)\.\s+(\w+\.py)\s+- ")
 

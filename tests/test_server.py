@@ -12,19 +12,18 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx
 import pytest
 import torch
-from served_model import assert_told_apart, tiny_checkpoint
 from starlette.testclient import TestClient
+from support.paths import ROOT
+from support.served_model import assert_told_apart, tiny_checkpoint
 
 from experiments.model import LABELS
 from server import ServerConfig, create_app
 from server.predictor import load_model_predictor
 
-REPO = Path(__file__).resolve().parents[1]
 TEXTS = [
     "Oil prices fell as stocks rallied on Wall Street",
     "The Lakers beat the Celtics 102-99",
@@ -203,7 +202,7 @@ def test_bad_checkpoint_dir_fails_at_create_app(tmp_path, make):
 def test_cli_bad_checkpoint_exits_with_a_clear_message():
     r = subprocess.run(
         [sys.executable, "-m", "server", "--checkpoint", "/nonexistent"],
-        cwd=REPO,
+        cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=60,
@@ -219,7 +218,7 @@ def test_real_uvicorn_server(checkpoint, tmp_path, free_port):
     log = open(tmp_path / "server.log", "w+")
     proc = subprocess.Popen(
         [sys.executable, "-m", "server", "--checkpoint", str(checkpoint), "--port", str(port)],
-        cwd=REPO,
+        cwd=ROOT,
         stdout=log,
         stderr=subprocess.STDOUT,
     )
@@ -288,7 +287,7 @@ with TestClient(create_app({str(checkpoint)!r})) as c:
     assert c.post("/predict", json={{"text": "Oil prices fell"}}).status_code == 200
 print(" ".join(sorted(sys.modules)))
 """
-    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     modules = set(r.stdout.split())
     assert {m for m in modules if m.split(".")[0] == "experiments"} == {"experiments", "experiments.errors"}
@@ -297,7 +296,7 @@ print(" ".join(sorted(sys.modules)))
 
 def test_the_image_requirements_are_the_package_ranges():
     tomllib = pytest.importorskip("tomllib")  # Python 3.11+
-    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
-    lines = (REPO / "deploy" / "requirements-server.txt").read_text().splitlines()
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    lines = (ROOT / "deploy" / "requirements-server.txt").read_text().splitlines()
     reqs = [line for line in lines if line.strip() and not line.startswith("#")]
     assert reqs and set(reqs) <= set(deps), set(reqs) - set(deps)  # same ranges as pyproject.toml

@@ -24,8 +24,9 @@ import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from served_model import assert_told_apart
 from starlette.testclient import TestClient
+from support.paths import ROOT
+from support.served_model import assert_told_apart
 
 from experiments.launch import free_port
 from experiments.model import LABELS
@@ -33,7 +34,6 @@ from server import ServerConfig, create_app
 from server.batcher import Batcher
 from server.predictor import load_model_predictor
 
-REPO = Path(__file__).resolve().parents[1]
 TEXTS = [
     f"story {i}: " + " ".join(["markets", "match", "rockets", "elections"][i % 4] for _ in range(i % 7 + 1))
     for i in range(32)
@@ -48,7 +48,7 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = tmp / f"server-{self.port}.log"
         cmd = [sys.executable, "-m", "server", "--checkpoint", str(checkpoint), "--port", str(self.port), *args]
-        self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=open(self.log, "w"), stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=open(self.log, "w"), stderr=subprocess.STDOUT)
 
     def __enter__(self):
         deadline = time.monotonic() + 60
@@ -265,7 +265,7 @@ def test_a_model_that_cannot_load_exits_3_with_the_reason(checkpoint, tmp_path, 
     (broken / "model.safetensors").write_bytes(b"\x00" * 64)
     log = tmp_path / "server.log"
     cmd = [sys.executable, "-m", "server", "--checkpoint", str(broken), "--port", str(free_port())]
-    r = subprocess.run(cmd, cwd=REPO, stdout=open(log, "w"), stderr=subprocess.STDOUT, timeout=90)
+    r = subprocess.run(cmd, cwd=ROOT, stdout=open(log, "w"), stderr=subprocess.STDOUT, timeout=90)
     assert r.returncode == 3, log.read_text()[-2000:]
     text = log.read_text()
     assert f"could not load the checkpoint in {broken}: " in text and "experiments.train" in text, text[-2000:]

@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from spawn_utils import run
+from support.spawn import run
 
 import ddp_native
 from ddp_from_scratch import DistributedDataParallel

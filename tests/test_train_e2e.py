@@ -11,9 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from paths import AG_NEWS, needs_ag_news
-
-ROOT = Path(__file__).resolve().parents[1]
+from support.paths import AG_NEWS, ROOT, needs_ag_news
 
 
 def _run(args, cwd, env=None, timeout=240):

@@ -31,7 +31,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from spawn_utils import run
+from support.spawn import run
 from torch.distributed.optim import ZeroRedundancyOptimizer as TorchZero
 
 import ddp_native

@@ -29,7 +29,7 @@ import copy
 
 import pytest
 import torch
-from spawn_utils import run
+from support.spawn import run
 from test_zero import LR, adamw, make_model, train
 
 from ddp_from_scratch import DistributedDataParallel

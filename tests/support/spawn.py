@@ -1,6 +1,6 @@
 """Run a function on N real processes joined in a gloo process group (CPU).
 
-Used by the distributed tests: `run(fn, world_size, tmp_path, *args)` calls
+Used by the distributed tests (`from support.spawn import run`): `run(fn, world_size, tmp_path, *args)` calls
 `fn(rank, world_size, *args)` in each process after `init_process_group("gloo")`
 through a FileStore in `tmp_path`, so parallel test runs never fight over a port.
 A worker's exception fails the test with that worker's traceback; the process
