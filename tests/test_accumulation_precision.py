@@ -21,8 +21,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from support.paths import AG_NEWS, ROOT, needs_ag_news
+from support.paths import ROOT, needs_ag_news
 from support.spawn import run
+from support.training import tiny_train_args
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
 import ddp_from_scratch
@@ -100,9 +101,9 @@ def test_accumulated_steps_equal_one_process_and_sync_once(tmp_path):
 
 
 def _cli(args: list[str], tmp_path: Path, nproc: int | None = None) -> subprocess.CompletedProcess:
-    common = ["--data-dir", str(AG_NEWS), "--model", "tiny", "--max-train-samples", "128", "--max-eval-samples", "32",
-              "--max-length", "32", "--epochs", "1", "--no-test", "--no-snapshots",
-              "--cache-dir", str(tmp_path / "cache")]  # argv: each flag beside its value  # fmt: skip
+    common = tiny_train_args(
+        None, cache_dir=tmp_path / "cache", max_train_samples=128, max_eval_samples=32, no_test=True, no_snapshots=True
+    )
     one = [sys.executable, "-m", "experiments.train", *common, *args]
     cmd = torchrun_command(nproc, "experiments.train", [*common, *args]) if nproc else one
     r = subprocess.run(

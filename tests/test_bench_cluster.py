@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from test_cluster import _WHY  # the same probe: root and network namespaces
+from support.namespaces import needs_namespaces
 
 from experiments import cluster
 from experiments.bench.__main__ import main
@@ -42,7 +42,7 @@ def test_bad_cluster_option_is_a_usage_error(tmp_path, capsys):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(_WHY is not None, reason=_WHY or "")
+@needs_namespaces
 def test_a_part_runs_on_two_nodes_and_its_result_says_so(tmp_path):
     assert main(["--quick", "--only", "ring", "--cluster", "2x1", "--link", "1gbit", "--out", str(tmp_path)]) == 0
     want = "2 nodes x 1 rank, links 1gbit (emulated cluster)"

@@ -10,21 +10,21 @@ from __future__ import annotations
 import json
 
 import pytest
-from test_cluster import _WHY  # the same probe: root and network namespaces
+from support.namespaces import WHY_NO_NAMESPACES, needs_namespaces
 
 from experiments.bench.link import COMPUTE_ONLY, CONFIGS, QUICK, run
 from experiments.errors import UsageError
 
 
 def test_unknown_measure_is_a_usage_error(tmp_path):
-    if _WHY is not None:
-        pytest.skip(_WHY)
+    if WHY_NO_NAMESPACES is not None:
+        pytest.skip(WHY_NO_NAMESPACES)
     with pytest.raises(UsageError, match="--measure 'speed'"):
         run(tmp_path, quick=True, measure="speed")
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(_WHY is not None, reason=_WHY or "")
+@needs_namespaces
 def test_quick_link_splits_every_configuration_into_compute_and_exposed_communication(tmp_path):
     result = run(tmp_path, quick=True)
     rows = result["rates"]["1gbit"]

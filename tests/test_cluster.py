@@ -24,45 +24,39 @@ from pathlib import Path
 
 import pytest
 import torch
+from support.namespaces import needs_namespaces
 from support.paths import AG_NEWS, NEEDS_AG_NEWS, ROOT
+from support.torchrun import ok
+from support.training import tiny_train_args
 
 from experiments import cluster
 from experiments import snapshot as S
 
-
-def _namespaces_work() -> str | None:
-    if not sys.platform.startswith("linux") or os.geteuid() != 0 or shutil.which("ip") is None:
-        return "needs Linux, root and iproute2 (network namespaces)"
-    probe = f"{cluster.PREFIX}probe-{os.getpid()}"
-    if subprocess.run(["ip", "netns", "add", probe], capture_output=True).returncode != 0:
-        return "ip netns add is refused here (no network namespaces)"
-    subprocess.run(["ip", "netns", "del", probe], capture_output=True)
-    return None
-
-
-_WHY = _namespaces_work()
-pytestmark = [pytest.mark.skipif(_WHY is not None, reason=_WHY or ""), pytest.mark.slow]  # namespaces, trainings
+pytestmark = [needs_namespaces, pytest.mark.slow]  # namespaces, trainings
 TIMEOUT_S = 240
 STEPS = 12  # 96 rows / global batch 8, 1 epoch
 
 
 def train_args(out: Path, cache: Path, extra=()) -> list[str]:
-    return [
-        "-m", "experiments.train", "--ddp", "scratch", "--data-dir", str(AG_NEWS), "--model", "tiny",
-        "--max-train-samples", "96", "--max-eval-samples", "16", "--max-length", "32", "--epochs", "1",
-        "--batch-size", "4", "--no-test", "--no-save", "--save-every", "3", "--keep-snapshots", "2",
-        "--timeout", "30", "--cache-dir", str(cache), "--output-dir", str(out), *extra,
-    ]  # argv: each flag beside its value  # fmt: skip
+    args = tiny_train_args(
+        out,
+        cache_dir=cache,
+        max_train_samples=96,
+        max_eval_samples=16,
+        ddp="scratch",
+        batch_size=4,
+        no_test=True,
+        no_save=True,
+        save_every=3,
+        keep_snapshots=2,
+        timeout=30,
+    )
+    return ["-m", "experiments.train", *args, *extra]
 
 
 def launch(options: list[str], command: list[str], **kw) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "experiments.cluster", *options, *command]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT_S, **kw)
-
-
-def ok(r: subprocess.CompletedProcess) -> str:
-    assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
-    return r.stdout + r.stderr
 
 
 def final(out: Path) -> dict:

@@ -22,40 +22,35 @@ from pathlib import Path
 
 import pytest
 import torch
-from support.paths import AG_NEWS, ROOT, needs_ag_news
+from support.paths import ROOT, needs_ag_news
+from support.torchrun import TIMEOUT_S, ok, torchrun
+from support.training import tiny_train_args
 
 from experiments import faults
 from experiments import snapshot as S
 from experiments.launch import free_port, torchrun_command
 
 pytestmark = [needs_ag_news, pytest.mark.slow]  # torchrun trainings and restarts
-TIMEOUT_S = 180
 STEPS = 24  # 96 rows / global batch 8, 2 epochs
 
 
 def train_args(out: Path, cache: Path, world: int, ddp: str, extra=()) -> list[str]:
     batch = 8 // world if ddp != "none" else 8  # global batch 8 for every world size
-    return [
-        "-m", "experiments.train", "--ddp", ddp, "--data-dir", str(AG_NEWS), "--model", "tiny",
-        "--max-train-samples", "96", "--max-eval-samples", "32", "--max-length", "32", "--epochs", "2",
-        "--batch-size", str(batch), "--no-test", "--no-save", "--save-every", "3", "--keep-snapshots", "3",
-        "--timeout", "60",
-        "--cache-dir", str(cache), "--output-dir", str(out), *extra,
-    ]  # argv: each flag beside its value  # fmt: skip
-
-
-def torchrun(nproc: int, args: list[str], restarts: int = 0, env=None, rdzv=()) -> subprocess.CompletedProcess:
-    launcher = ["--standalone"] if not rdzv else list(rdzv)
-    module, rest = args[1], args[2:]  # args: -m experiments.train ...
-    cmd = torchrun_command(nproc, module, rest, launcher=[*launcher, f"--max-restarts={restarts}"])
-    return subprocess.run(
-        cmd,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT_S,
-        env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+    args = tiny_train_args(
+        out,
+        cache_dir=cache,
+        max_train_samples=96,
+        max_eval_samples=32,
+        epochs=2,
+        ddp=ddp,
+        batch_size=batch,
+        no_test=True,
+        no_save=True,
+        save_every=3,
+        keep_snapshots=3,
+        timeout=60,
     )
+    return ["-m", "experiments.train", *args, *extra]
 
 
 def python(args: list[str]) -> subprocess.CompletedProcess:
@@ -84,11 +79,6 @@ def assert_same_training(got: dict, want: dict, where: str) -> None:
     for i in b:
         for k in b[i]:
             assert torch.equal(a[i][k], b[i][k]), (where, i, k)
-
-
-def ok(r: subprocess.CompletedProcess) -> str:
-    assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-4000:])
-    return r.stdout + r.stderr
 
 
 @pytest.fixture(scope="module")

@@ -29,8 +29,8 @@ import sys
 
 import pytest
 import torch
+from support.sharded import adamw, make_model, train
 from support.spawn import run
-from test_zero import adamw, make_model, train
 
 import ddp_native.sharded
 from ddp_from_scratch import debug

@@ -12,14 +12,12 @@ from pathlib import Path
 
 import nbformat
 import pytest
-from support.paths import AG_NEWS, ROOT, needs_ag_news
+from support.paths import ROOT, needs_ag_news
+from support.training import tiny_train_args
 
 NOTEBOOK = ROOT / "kaggle" / "distrinews_2xT4.ipynb"
 # what the CPU run puts in place of the GPU configuration (argparse: the later flag wins)
-TINY = (
-    f"--model tiny --data-dir {AG_NEWS} --max-train-samples 32 --max-eval-samples 16 --max-length 32 "
-    "--epochs 1 --batch-size 4"
-)
+TINY = " ".join(tiny_train_args(None, max_train_samples=32, max_eval_samples=16, batch_size=4))
 
 
 def cells(tag: str) -> list[str]:

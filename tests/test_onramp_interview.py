@@ -13,12 +13,10 @@ double quotes (claims we quote, such as a tutorial's "1.8x").
 from __future__ import annotations
 
 import re
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
+from support.markdown import anchors, prose, slug
 from support.paths import ROOT
-from test_docs_links import anchors, prose, slug
 
 FIGURE = re.compile(r"(?<![\w.§/])(\d[\d,]*(?:\.\d+)?)(?:\s?-\s?(\d[\d,]*(?:\.\d+)?))?\s?(ms|%|GB/s|MiB|MB|x)(?!\w)")
 LINK = re.compile(r"\]\(((?:benchmarks\.md|\.\./README\.md))(?:#([^)\s]*))?\)")

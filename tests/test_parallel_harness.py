@@ -31,8 +31,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from support.paths import AG_NEWS
 from support.spawn import run
-from test_fault_tolerance import AG_NEWS, ok, torchrun
+from support.torchrun import ok, torchrun
+from support.training import tiny_train_args
 
 from experiments import faults
 from experiments import snapshot as S
@@ -58,12 +60,18 @@ RESUMED = ("zero1-native", "zero2", "fsdp", "fsdp-native")  # zero1 (ours): the 
 
 def flags(out: Path, cache: Path, accum: int = 1) -> list[str]:
     """experiments.train's options of every run here (the CLI and TrainConfig alike)."""
-    return [
-        "--data-dir", str(AG_NEWS), "--model", "tiny", "--max-train-samples", "64", "--max-eval-samples", "21",
-        "--max-length", "32", "--batch-size", str(4 // accum), "--grad-accum-steps", str(accum),
-        "--eval-batch-size", "2", "--save-every", "3", "--timeout", "60",
-        "--cache-dir", str(cache), "--output-dir", str(out),
-    ]  # argv: each flag beside its value  # fmt: skip
+    return tiny_train_args(
+        out,
+        cache_dir=cache,
+        max_train_samples=64,
+        max_eval_samples=21,
+        epochs=None,
+        batch_size=4 // accum,
+        grad_accum_steps=accum,
+        eval_batch_size=2,
+        save_every=3,
+        timeout=60,
+    )
 
 
 def _worker(rank, world_size, base: str):

@@ -11,7 +11,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from support.paths import AG_NEWS, ROOT, needs_ag_news
+from support.paths import ROOT, needs_ag_news
+from support.training import tiny_train_args
 
 
 def _run(args, cwd, env=None, timeout=240):
@@ -31,10 +32,18 @@ def test_compare_tiny_end_to_end(tmp_path):
     # length-grouped batches for all three runs; ours also sends every embedding's gradient by rows
     # (--ddp native ignores --sparse-embeddings). The plain path runs in tests/test_kaggle_notebook.py.
     out = tmp_path / "cmp"
-    args = ["-m", "experiments.compare", "--nproc", "2", "--batch-size", "8", "--out", str(out), "--model", "tiny",
-            "--dropout", "0.1", "--data-dir", str(AG_NEWS), "--max-train-samples", "128", "--max-eval-samples", "30",
-            "--max-length", "512", "--group-by-length", "--sparse-embeddings", "on",
-            "--cache-dir", str(tmp_path / "cache")]  # argv: each flag beside its value  # fmt: skip
+    train = tiny_train_args(
+        None,
+        cache_dir=tmp_path / "cache",
+        max_train_samples=128,
+        max_eval_samples=30,
+        max_length=512,
+        epochs=None,
+        dropout=0.1,
+        group_by_length=True,
+        sparse_embeddings="on",
+    )
+    args = ["-m", "experiments.compare", "--nproc", "2", "--batch-size", "8", "--out", str(out), *train]
     r = _run(args, ROOT)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     result = json.loads((out / "comparison.json").read_text())
@@ -131,9 +140,17 @@ def test_compare_with_bf16_comm_hook(tmp_path):
     same casts, divisions and 2-term sums), the hook really ran (ours' debug log names it for every
     bucket), and the comparison's exact run stays one process without a hook."""
     out = tmp_path / "cmp"
-    args = ["-m", "experiments.compare", "--nproc", "2", "--batch-size", "8", "--out", str(out), "--model", "tiny",
-            "--dropout", "0.1", "--data-dir", str(AG_NEWS), "--max-train-samples", "64", "--max-eval-samples", "16",
-            "--max-length", "64", "--comm-hook", "bf16", "--cache-dir", str(tmp_path / "cache")]  # argv  # fmt: skip
+    train = tiny_train_args(
+        None,
+        cache_dir=tmp_path / "cache",
+        max_train_samples=64,
+        max_eval_samples=16,
+        max_length=64,
+        epochs=None,
+        dropout=0.1,
+        comm_hook="bf16",
+    )
+    args = ["-m", "experiments.compare", "--nproc", "2", "--batch-size", "8", "--out", str(out), *train]
     r = _run(args, ROOT, env={"DDP_FROM_SCRATCH_DEBUG": "1"})
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     result = json.loads((out / "comparison.json").read_text())

@@ -29,8 +29,8 @@ import copy
 
 import pytest
 import torch
+from support.sharded import LR, adamw, make_model, train
 from support.spawn import run
-from test_zero import LR, adamw, make_model, train
 
 from ddp_from_scratch import DistributedDataParallel
 from ddp_from_scratch.fsdp import FullyShardedDataParallel
