@@ -30,7 +30,7 @@ def _run(args, cwd, env=None, timeout=240):
 @needs_ag_news
 def test_compare_tiny_end_to_end(tmp_path):
     # length-grouped batches for all three runs; ours also sends every embedding's gradient by rows
-    # (--ddp native ignores --sparse-embeddings). The plain path runs in tests/test_kaggle_notebook.py.
+    # (--ddp native ignores --sparse-embeddings). The plain path runs in tests/docs/test_kaggle_notebook.py.
     out = tmp_path / "cmp"
     train = tiny_train_args(
         None,

@@ -19,7 +19,7 @@ AdamW's `step` counters (4 bytes per tensor), padding of flat tensors to a multi
 ZeRO-1's whole-parameter partition, which cannot split the state exactly in n.
 The byte counter and the formula are the memory bench part's (experiments/bench/memory.py), which
 measures the same for minilm-l6 and distilbert, with torch's implementations beside ours.
-The model is test_zero.py's tiny transformer, with every parameter trainable (the formula has
+The model is support/sharded.py's tiny transformer, with every parameter trainable (the formula has
 no frozen ones); the tied weight is one parameter.
 """
 

@@ -1,4 +1,4 @@
-"""Run under experiments/cluster.py by tests/test_cluster.py: time a 25 MiB gloo all-reduce
+"""Run under experiments/cluster.py by tests/cluster/test_cluster.py: time a 25 MiB gloo all-reduce
 (with the argument `sleep`: only sleep, for the cleanup test).
 
 Each rank joins the gloo group torchrun set up, all-reduces a 25 MiB float32 tensor three times

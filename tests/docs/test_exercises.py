@@ -287,5 +287,5 @@ def test_untouched_stubs_fail():
     )
     assert proc.returncode == 1, proc.stdout[-3000:]
     for n in untouched:
-        assert f"FAILED tests/test_exercises.py::test_{n}" in proc.stdout, (n, proc.stdout[-3000:])
+        assert f"FAILED tests/docs/test_exercises.py::test_{n}" in proc.stdout, (n, proc.stdout[-3000:])
     assert " passed" not in proc.stdout.splitlines()[-1], proc.stdout[-3000:]

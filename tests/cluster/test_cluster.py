@@ -5,7 +5,7 @@ only there, no route out), sends at most a few MiB between them for a few second
 nothing behind (checked after each test). Skipped without root or without network namespaces.
 
 The reference is one uninterrupted run of ours on 2 ranks on one node (torchrun --standalone);
-with 2 ranks every DDP of the project is bit-identical to it (tests/test_fault_tolerance.py), so
+with 2 ranks every DDP of the project is bit-identical to it (tests/harness/test_fault_tolerance.py), so
 a run on 2 emulated nodes must be too: through a short partition and a slow link (delays only),
 and after a partition longer than --timeout, restarted by torchrun and resumed from a snapshot.
 """
@@ -121,7 +121,7 @@ def test_without_root_it_stops_at_once_and_says_what_is_missing():
         "--nodes",
         "2",
         "--",
-        "tests/cluster_allreduce.py",
+        "tests/cluster/cluster_allreduce.py",
     ]
     t0 = time.monotonic()
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60)
@@ -131,13 +131,13 @@ def test_without_root_it_stops_at_once_and_says_what_is_missing():
 
 def test_bad_options_are_usage_errors():
     for options in (["--link", "fast"], ["--fault", "partition,node=5,step=1,seconds=2"], ["--fault", "melt,node=1"]):
-        r = launch(options, ["--", "tests/cluster_allreduce.py"])
+        r = launch(options, ["--", "tests/cluster/cluster_allreduce.py"])
         assert r.returncode == 2 and r.stderr.startswith("error: "), r.stderr
 
 
 def test_allreduce_over_a_shaped_link_takes_what_the_rate_implies():
     # 2 ranks: each sends (and receives) the whole 25 MiB once, at 1 Gbit/s at least 0.21 s
-    log = ok(launch(["--nodes", "2", "--link", "1gbit"], ["--", "tests/cluster_allreduce.py"]))
+    log = ok(launch(["--nodes", "2", "--link", "1gbit"], ["--", "tests/cluster/cluster_allreduce.py"]))
     seconds = float(re.search(r"allreduce (\d+) bytes ([\d.]+) s", log).group(2))
     assert seconds >= 0.8 * (25 << 20) * 8 / 1e9, log[-2000:]
 
@@ -211,7 +211,7 @@ def test_after_a_launcher_killed_with_sigkill_the_next_start_leaves_nothing():
         "--link",
         "none",
         "--",
-        "tests/cluster_allreduce.py",
+        "tests/cluster/cluster_allreduce.py",
         "sleep",
     ]
     first = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -236,7 +236,7 @@ def test_after_a_launcher_killed_with_sigkill_the_next_start_leaves_nothing():
             first.kill()
         first.stdout.close()
     assert set(mine) <= set(cluster.our_namespaces())  # left behind, as a crash leaves them
-    log = ok(launch(["--nodes", "1", "--link", "none"], ["--", "tests/cluster_allreduce.py"]))
+    log = ok(launch(["--nodes", "1", "--link", "none"], ["--", "tests/cluster/cluster_allreduce.py"]))
     assert "removed what an earlier launcher left" in log and all(ns in log for ns in mine), log[-2000:]
     assert not set(mine) & set(cluster.our_namespaces())
     time.sleep(0.5)

@@ -2,7 +2,7 @@
 configuration and the compute-only step interleaved in one launch, ratios paired within it.
 
 Builds its own namespaces through experiments/cluster/ (a few MB between them, removed after);
-skipped without root or network namespaces, as tests/test_cluster.py. About 25 s on 2 cores.
+skipped without root or network namespaces, as tests/cluster/test_cluster.py. About 25 s on 2 cores.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Our FSDP (fsdp.py) trains like one process and like torch's FSDP2 (`fully_shard`), fp32 and bf16.
 
-Real processes (gloo, CPU), world sizes 2 and 3, the tiny 2-layer transformer of test_zero.py
+Real processes (gloo, CPU), world sizes 2 and 3, the tiny 2-layer transformer of support/sharded.py
 (head tied to the embedding, a frozen parameter in the root unit and one in a layer), AdamW,
 STEPS = 10 steps, units = the two layers + the root, as `fully_shard` is applied to torch's copy.
 

@@ -3,7 +3,7 @@
 One part (ring, quick: 1 MiB all-reduces and their pieces, no model) runs on 2 nodes joined by 1 Gbit/s
 links (experiments/cluster/: namespaces this test's launcher creates and removes, a few hundred
 KB between them); its table, JSON and the run's README say the topology. Skipped without root or
-network namespaces, as tests/test_cluster.py. About 20 s on 2 cores.
+network namespaces, as tests/cluster/test_cluster.py. About 20 s on 2 cores.
 """
 
 from __future__ import annotations

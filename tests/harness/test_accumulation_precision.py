@@ -49,7 +49,7 @@ def global_batch(step: int) -> dict:
 
 def opt_and_sched(model):
     # SGD: the comparison stays tight (AdamW divides by sqrt(v) and can magnify the float32 rounding
-    # of a near-zero gradient by orders of magnitude; tests/test_ddp_equivalence.py covers AdamW)
+    # of a near-zero gradient by orders of magnitude; tests/ddp/test_ddp_equivalence.py covers AdamW)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 - 0.1 * s)
 

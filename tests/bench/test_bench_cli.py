@@ -10,7 +10,7 @@ from experiments.bench.__main__ import PARTS, main
 
 
 def test_quick_run_writes_one_readme_with_the_parts_it_ran(bench_quick):
-    # Every part's quick mode has its own test (tests/test_bench_<part>.py, through the same
+    # Every part's quick mode has its own test (tests/bench/test_bench_<part>.py, through the same
     # `run(quick=True)`); here the dispatcher: --only, one README gathering the parts' tables with
     # the command and the machine, files listed whether a part returns them as a list or a dict.
     # The run is `main(["--quick", "--only", "allreduce,sparse", "--out", ...])`, made once per session

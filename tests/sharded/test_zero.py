@@ -20,7 +20,7 @@ Tolerances, and why:
 - Against one process on the global batch: atol 1e-4 after STEPS AdamW steps. DDP averages
   per-rank mean gradients, one process takes one mean over the global batch: the same number up
   to float32 rounding (~1e-7 relative), which AdamW's division by sqrt(v) amplifies where a
-  gradient is near zero (test_ddp_equivalence.py allows 2e-5 after 3 steps).
+  gradient is near zero (tests/ddp/test_ddp_equivalence.py allows 2e-5 after 3 steps).
 """
 
 from __future__ import annotations

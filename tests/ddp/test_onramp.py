@@ -1,6 +1,6 @@
 """The on-ramp of ddp_from_scratch/ is a progression: four steps, each adding one idea, each longer than the last.
 
-The steps' equality with torch's DDP and one process is in tests/test_ddp_equivalence.py; here,
+The steps' equality with torch's DDP and one process is in tests/ddp/test_ddp_equivalence.py; here,
 their shape: code lines (no docstrings, comments or blank lines) grow from step to step, step 4
 stays about 80 code lines (picotron's naive + bucketed is ~330 lines), each step's docstring
 says what it costs against the previous one, and the reading order lists them in step order.

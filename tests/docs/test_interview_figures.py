@@ -5,8 +5,8 @@ range "77-80%" is two figures. Each paragraph (or list item) that quotes one mus
 benchmarks.md section (or README.md) it comes from, and every figure must appear, as a number,
 in the text of the linked sections. The back-of-envelope section at the end (vendor
 bandwidths, cited, labelled "not measured here") is arithmetic, not a result, and is skipped;
-so are paragraphs whose source is a test they name (`tests/test_*.py`: the figure is what that
-test measures and bounds, e.g. tests/test_zero_memory.py), fenced code blocks and figures in
+so are paragraphs whose source is a test they name (`tests/<subject>/test_*.py`: the figure is what that
+test measures and bounds, e.g. tests/sharded/test_zero_memory.py), fenced code blocks and figures in
 double quotes (claims we quote, such as a tutorial's "1.8x").
 """
 
@@ -54,7 +54,7 @@ def unsourced_figures(text: str) -> list[str]:
         if not figures:
             continue
         links = LINK.findall(para)
-        if not links and re.search(r"tests/test_\w+\.py", para):
+        if not links and re.search(r"tests/(?:\w+/)*test_\w+\.py", para):
             continue  # measured by the test it names
         if not links:
             bad.append(f"no source linked for {[m.group(0) for m in figures]} in: {para.strip()[:100]}...")
