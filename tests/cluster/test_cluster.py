@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 import torch
 from support.namespaces import needs_namespaces
-from support.paths import AG_NEWS, NEEDS_AG_NEWS, ROOT
+from support.paths import ROOT
 from support.torchrun import ok
 from support.training import tiny_train_args
 
@@ -87,9 +87,7 @@ def nothing_left_behind():
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    if not AG_NEWS.exists():
-        pytest.skip(NEEDS_AG_NEWS)
+def reference(tmp_path_factory, ag_news):
     base = tmp_path_factory.mktemp("cluster")
     cmd = [
         sys.executable,

@@ -28,7 +28,7 @@ from support.training import tiny_train_args
 
 from experiments import faults
 from experiments import snapshot as S
-from experiments.launch import free_port, torchrun_command
+from experiments.launch import torchrun_command
 
 pytestmark = [needs_ag_news, pytest.mark.slow]  # torchrun trainings and restarts
 STEPS = 24  # 96 rows / global batch 8, 2 epochs
@@ -239,7 +239,7 @@ def test_no_room_for_a_snapshot_fails_before_any_step(tmp_path, monkeypatch, cap
 
 
 @pytest.mark.parametrize(("ddp", "per_node"), [("native", 1), ("scratch", 2)])
-def test_two_agents_as_two_nodes_equal_one_agent(refs, ddp, per_node):
+def test_two_agents_as_two_nodes_equal_one_agent(refs, ddp, per_node, free_port):
     """torchrun's c10d rendezvous, two agents on localhost acting as two machines (native with one
     rank per node, ours with two: ranks 0-1 on one agent, 2-3 on the other)."""
     base, cache, ref = refs

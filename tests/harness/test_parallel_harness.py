@@ -31,7 +31,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from support.paths import AG_NEWS
+from support.paths import needs_ag_news
 from support.spawn import run
 from support.torchrun import ok, torchrun
 from support.training import tiny_train_args
@@ -40,7 +40,7 @@ from experiments import faults
 from experiments import snapshot as S
 from experiments.train_args import TrainConfig, parse_args
 
-pytestmark = [pytest.mark.skipif(not AG_NEWS.exists(), reason="needs ../shared/ag_news"), pytest.mark.slow]
+pytestmark = [needs_ag_news, pytest.mark.slow]
 TOL = 1e-5
 STEPS = 8  # 64 rows / global batch 8
 RUNS = {  # name: (--parallel, --impl, --grad-accum-steps)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 import time
@@ -18,7 +19,7 @@ import pytest
 import torch
 from starlette.testclient import TestClient
 from support.paths import ROOT
-from support.served_model import assert_told_apart, tiny_checkpoint
+from support.served_model import assert_told_apart
 
 from experiments.model import LABELS
 from server import ServerConfig, create_app
@@ -247,8 +248,8 @@ def test_real_uvicorn_server(checkpoint, tmp_path, free_port):
         log.close()
 
 
-def test_info_describes_the_model_and_the_training_run(tmp_path):
-    ckpt = tiny_checkpoint(tmp_path / "run" / "checkpoint")
+def test_info_describes_the_model_and_the_training_run(checkpoint, tmp_path):
+    ckpt = shutil.copytree(checkpoint, tmp_path / "run" / "checkpoint")  # changed below: a copy
     args = json.loads((ckpt / "training_args.json").read_text())
     training = {"ddp": "scratch", "world_size": 2, "epochs": 1, "lr": 1e-4, "batch_size": 16}
     (ckpt / "training_args.json").write_text(json.dumps({**args, **training, "seed": 42}))
