@@ -1,6 +1,6 @@
 """Data parallelism written by hand over torch.distributed.
 
-Read in this order (each file imports only files above it; tests/test_reading_order.py checks).
+Read in this order (each file imports only files above it; tests/docs/test_reading_order.py checks).
 The on-ramp (3-6) is four small steps, each equal to torch's DDP; lines marked "skip" are
 optimisations or corner cases a first pass may leave for later, with the reason each exists:
  1. sampler.py             - which samples each rank sees: disjoint, equal shards, reshuffled per epoch

@@ -23,7 +23,7 @@ Two forms of the same ring, read them in this order:
    to the backend together (`dist.batch_isend_irecv`). It works on every backend (gloo and NCCL);
    it is the form to learn, and the one NCCL always takes (NCCL cuts and pipelines a chunk
    itself, and an NCCL send must be grouped with the receive it waits for). Set
-   `GROUPED_STEPS = True` to use it on the CPU too (tests/test_ddp_equivalence.py does).
+   `GROUPED_STEPS = True` to use it on the CPU too (tests/ddp/test_ddp_equivalence.py does).
 2. the streamed ring, `_ring` (the CPU default, gloo): the optimisation. Chunks travel as pieces
    of SEGMENT_BYTES, each passed on as soon as it is final, with WINDOW receives in flight, so
    the pieces stream round the ring without a pause between steps, and a rank adds piece k
@@ -32,7 +32,7 @@ Two forms of the same ring, read them in this order:
    (plain / streamed 1.45; a 10-round run: 61 against 99 ms), measured on 2 CPU cores shared
    with other jobs (load average ~8), so a rough figure; rerun on an idle machine with
    `python docs/examples/ring_forms.py --nproc 2 --mib 25 --reps 20`. Both forms give the same
-   sums (tests/test_ddp_equivalence.py runs the DDP with each).
+   sums (tests/ddp/test_ddp_equivalence.py runs the DDP with each).
 NCCL ignores message tags, so on GPUs our collectives of one group run from one thread in order: a
 blocking call while work.py's worker still issues launched ones on the group is refused (`check`),
 and work.py runs them on its own CUDA stream (its stream rules).

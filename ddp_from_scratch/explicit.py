@@ -9,7 +9,7 @@
 This is all of data parallelism's correctness: same start, different data (sampler.py), same
 gradients. For each parameter, divide the gradient by the world size, then SUM all-reduce it
 (torch's DDP divides first too), one blocking call per parameter. The result equals torch's DDP
-and one process on the global batch (tests/test_ddp_equivalence.py).
+and one process on the global batch (tests/ddp/test_ddp_equivalence.py).
 
 What it costs: one all-reduce per parameter tensor (~100 for minilm-l6), all after backward,
 nothing overlapped. It sends exactly what naive.py (step 2) sends at the same moment, so the

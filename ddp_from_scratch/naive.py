@@ -11,8 +11,8 @@ all-reduce, one blocking call per parameter). The one idea this step adds: the t
 no longer calls anything. A hook on every parameter tells us backward is running, and the
 first one asks autograd's engine to call `_average_gradients` once the whole pass is over.
 
-Its results equal torch's DDP and one process on the global batch (tests/test_ddp_equivalence.py,
-tests/test_ddp_features.py). What it costs against step 1: nothing on the wire (the same
+Its results equal torch's DDP and one process on the global batch (tests/ddp/test_ddp_equivalence.py,
+tests/ddp/test_ddp_features.py). What it costs against step 1: nothing on the wire (the same
 all-reduces at the same moment), one hook call per parameter. Against torch's DDP
 (`python -m experiments.bench.step`, row "scratch-naive"): 105 all-reduces a step instead of 3,
 a step 1.138 times as long (docs/benchmarks.md §2, idle machine; 1.079 in a busy-machine run

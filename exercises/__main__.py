@@ -39,7 +39,7 @@ def main(argv: list[str]) -> int:
         print("Run one: make exercise NAME=step1_explicit   (or: python -m exercises step1_explicit)")
         return 2 if argv else 0
     name = argv[0]
-    tests = str(ROOT / "tests" / "test_exercises.py")
+    tests = str(ROOT / "tests" / "docs" / "test_exercises.py")
     cmd = [
         sys.executable,
         "-m",

@@ -1,6 +1,6 @@
 """Fault injection for the fault-tolerance tests: a process that kills itself at a chosen point.
 
-tests/test_fault_tolerance.py sets DISTRINEWS_FAULT, launches training under torchrun
+tests/harness/test_fault_tolerance.py sets DISTRINEWS_FAULT, launches training under torchrun
 (`--max-restarts`), and checks that the restarted ranks resume bit-identical. The points are
 called by experiments/train.py (after an optimizer step) and experiments/snapshot.py (between a
 snapshot's temporary file and its rename). Unset, they cost one environment lookup.

@@ -116,7 +116,9 @@ def train_args(argv=None) -> argparse.Namespace:
     p.add_argument("--precision", choices=PRECISIONS + ("fp32",), required=True)
     p.add_argument("--out", required=True, help="JSON file for the losses and a digest of the weights")
     p.add_argument("--steps", type=int, default=6)
-    p.add_argument("--cpu", action="store_true", help="gloo on the CPU (tests/test_gpu_check.py runs the loop so)")
+    p.add_argument(
+        "--cpu", action="store_true", help="gloo on the CPU (tests/harness/test_gpu_check.py runs the loop so)"
+    )
     return p.parse_args(argv)
 
 

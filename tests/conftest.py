@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from paths import AG_NEWS, NEEDS_AG_NEWS
+from support.paths import AG_NEWS, NEEDS_AG_NEWS
 
 from experiments.launch import free_port as _free_port
 
@@ -53,9 +53,9 @@ def ag_news() -> Path:
 
 @pytest.fixture(scope="session")
 def checkpoint(tmp_path_factory) -> Path:
-    """The seeded random tiny checkpoint the server tests serve (tests/served_model.py), saved once
+    """The seeded random tiny checkpoint the server tests serve (tests/support/served_model.py), saved once
     per session as `<tmp>/run/checkpoint`: tests only read it (one that breaks it copies it first)."""
-    from served_model import tiny_checkpoint
+    from support.served_model import tiny_checkpoint
 
     return tiny_checkpoint(tmp_path_factory.mktemp("served") / "run" / "checkpoint")
 
@@ -81,7 +81,7 @@ def wait_ready_fixture():
     return wait_ready
 
 
-BENCH_CLI_PARTS = ("allreduce", "sparse")  # files as a dict, files as a list (tests/test_bench_cli.py)
+BENCH_CLI_PARTS = ("allreduce", "sparse")  # files as a dict, files as a list (tests/bench/test_bench_cli.py)
 
 
 @dataclass
@@ -97,7 +97,7 @@ class BenchRun:
 @pytest.fixture(scope="session")
 def bench_quick(tmp_path_factory) -> BenchRun:
     """The bench command's quick run of the parts in BENCH_CLI_PARTS, once per session: the dispatcher's
-    test reads its README, each part's test (tests/test_bench_<part>.py) reads what that part's
+    test reads its README, each part's test (tests/bench/test_bench_<part>.py) reads what that part's
     `run(quick=True)` returned in it, instead of running the part a second time."""
     from experiments.bench.__main__ import main
 

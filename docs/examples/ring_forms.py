@@ -6,7 +6,7 @@ Every rank all-reduces the same float32 tensor of --mib MiB with our ring, in tu
 alternate between the two forms: `GROUPED_STEPS = True` (the plain ring: one whole chunk per
 step, `_ring_grouped`) and False (the streamed ring: SEGMENT_BYTES pieces, WINDOW in flight,
 `_ring`). A barrier before each call; each time is the slowest rank's; prints the medians (ms)
-and their ratio. Both forms give the same sums (tests/test_collectives.py).
+and their ratio. Both forms give the same sums (tests/ddp/test_collectives.py).
 """
 
 from __future__ import annotations

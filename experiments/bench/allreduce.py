@@ -87,7 +87,7 @@ def _bench_size(nbytes: int, runs: int, bar) -> dict[str, list[float]]:
     x = torch.randn(nbytes // 4).to(device())
     buf = torch.empty_like(x)
     # Warm-up, and check each algorithm against gloo. Sums in another order differ by rounding:
-    # at most n * eps * sum|x| ~ 4 * 1.2e-7 * 4 * 6 ~ 1e-5 here (see tests/test_collectives.py);
+    # at most n * eps * sum|x| ~ 4 * 1.2e-7 * 4 * 6 ~ 1e-5 here (see tests/ddp/test_collectives.py);
     # a broken algorithm is off by O(1).
     expected = x.clone()
     dist.all_reduce(expected)

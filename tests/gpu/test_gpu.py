@@ -21,7 +21,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from paths import AG_NEWS
+from support.paths import AG_NEWS
 
 from experiments.launch import free_port, torchrun_command
 

@@ -1,0 +1,63 @@
+"""Every bench part on the emulated cluster: `python -m experiments.bench --cluster 2x1 --link RATE`.
+
+One part (ring, quick: 1 MiB all-reduces and their pieces, no model) runs on 2 nodes joined by 1 Gbit/s
+links (experiments/cluster/: namespaces this test's launcher creates and removes, a few hundred
+KB between them); its table, JSON and the run's README say the topology. Skipped without root or
+network namespaces, as tests/cluster/test_cluster.py. About 20 s on 2 cores.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from support.namespaces import needs_namespaces
+
+from experiments import cluster
+from experiments.bench.__main__ import main
+from experiments.bench.common import launch
+from experiments.errors import UsageError
+
+
+def test_outside_a_cluster_every_result_says_one_node(monkeypatch):
+    monkeypatch.delenv(launch.CLUSTER_ENV, raising=False)
+    assert launch.topology()["description"] == "1 node, unshaped"
+    assert launch.launch_command(2, "m", [])[1:3] == ["-m", "torch.distributed.run"]
+    with launch.on_cluster("2x1", "500mbit"):
+        cmd = launch.launch_command(4, "experiments.bench.common", ["--part", "step"])
+        # 4 ranks on a 2-node cluster: 2 per node; 1 rank: one node
+        assert cmd[1:9] == ["-m", "experiments.cluster", "--nodes", "2", "--nproc-per-node", "2", "--link", "500mbit"]
+        assert launch.layout(1) == (1, 1) and launch.layout(3) == (1, 3)
+        assert launch.compare_flags() == ["--cluster", "2x1", "--link", "500mbit"]
+        assert launch.topology()["description"] == "2 nodes x 1 rank, links 500mbit (emulated cluster)"
+    assert launch.cluster() is None  # restored after the block
+    with pytest.raises(UsageError, match="NODESxRANKS"):
+        with launch.on_cluster("2by1"):
+            pass
+
+
+def test_bad_cluster_option_is_a_usage_error(tmp_path, capsys):
+    assert main(["--quick", "--only", "step", "--cluster", "2x1", "--link", "fast", "--out", str(tmp_path)]) == 2
+    assert "link rate 'fast'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@needs_namespaces
+def test_a_part_runs_on_two_nodes_and_its_result_says_so(tmp_path):
+    assert main(["--quick", "--only", "ring", "--cluster", "2x1", "--link", "1gbit", "--out", str(tmp_path)]) == 0
+    want = "2 nodes x 1 rank, links 1gbit (emulated cluster)"
+    saved = json.loads((tmp_path / "ring" / "ring.json").read_text())
+    assert saved["topology"] == {
+        "nodes": 2,
+        "nproc_per_node": 1,
+        "link": "1gbit",
+        "emulated": True,
+        "description": want,
+    }
+    # the bytes crossed the 1 Gbit/s link: 2 steps of 1/2 MiB each way take at least 0.8 x 8.4 ms
+    assert saved["tables"]["2"]["ms"]["gloo all-reduce"] >= 0.8 * 2 * 2**19 * 8 / 1e9 * 1e3
+    assert f"Topology: {want}" in (tmp_path / "README.md").read_text()
+    assert (tmp_path / "ring" / "ring.md").read_text().startswith(f"Topology: {want}.")
+    assert json.loads((tmp_path / "summary.json").read_text())["topology"]["nodes"] == 2
+    owners = [ns[len(cluster.PREFIX) :].split("-")[0] for ns in cluster.our_namespaces()]
+    assert not [o for o in owners if o.isdigit() and not cluster._running(int(o))]  # nothing left behind

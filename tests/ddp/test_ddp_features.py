@@ -1,0 +1,767 @@
+"""Every feature of the hand-written DDP, held against torch's DDP and a single process.
+
+Real processes (gloo, CPU), world sizes 2 and 3, one spawn per world size: each rank
+runs every case below and saves what it saw; the test process then compares ranks,
+implementations and a single-process reference it computes itself.
+
+The model (`Net`) has every awkward parameter kind at once: odd sizes (5, 6, 7, 3, 11),
+a 1-element parameter, a frozen layer, a layer whose bias alone is frozen, a layer
+applied twice, an embedding tied to an output head, optionally BatchNorm (buffers) and
+an optional branch that the forward may skip (unused parameters).
+
+Tolerances (float32 weights of O(1), gradients below 0.6, 3 steps; measured worst cases in
+brackets, world size 3):
+- ours vs native DDP: atol 1e-6 [2.4e-7]. Both average the same per-rank gradients; they
+  differ only in how gradients are packed into buckets and, for 3 ranks, in the order the
+  values are added ((a+b)+c vs a+(b+c)): a few float32 ulps (6e-8 at 1.0) after 3 steps.
+  With 2 ranks a+b == b+a and the results are bit-identical.
+- vs one process: atol 1e-6 for SGD [1.2e-7], 5e-6 for AdamW [2.4e-7]. The single process
+  takes one mean over the global batch, DDP the mean of per-rank means: equal up to float32
+  summation order. AdamW divides by sqrt(v)+eps, which can magnify the rounding difference
+  of a near-zero gradient, hence the extra margin.
+- fp16 / bf16 hooks vs native's hooks: see the comment at that check.
+Every case also checks that training moved the weights by far more than its tolerance,
+so a wrapper that did nothing (or skipped the sync) would fail; the hook test checks that
+the hook changed the result.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import os
+import re
+import sys
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from support.spawn import run
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+import ddp_native
+from ddp_from_scratch import DistributedDataParallel as Ours
+from ddp_from_scratch import NaiveDistributedDataParallel as Naive
+from ddp_from_scratch import comm_hooks
+
+STEPS, MB = 3, 4  # optimizer steps per case; samples per rank per micro-batch
+CAPS = {"per-param": 1e-6, "default": 25.0, "one-bucket": 1e4}  # MiB
+PG_TIMEOUT_S = 20.0  # short, so that a hang fails the test quickly
+ATOL_NATIVE, ATOL_SGD, ATOL_ADAMW = 1e-6, 1e-6, 5e-6
+
+
+# ----------------------------------------------------------------------------- model and data
+class Net(nn.Module):
+    def __init__(self, bn: bool = False, branch: bool = False, out: int = 3):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(11, 6)
+        self.inp = nn.Linear(5, 6)
+        self.frozen = nn.Linear(6, 6).requires_grad_(False)
+        self.fb = nn.Linear(6, 7)
+        self.fb.bias.requires_grad_(False)  # frozen bias, trained weight
+        self.bn = nn.BatchNorm1d(7) if bn else None
+        self.shared = nn.Linear(7, 7)  # applied twice: one parameter, two uses
+        self.scale = nn.Parameter(torch.tensor([0.5]))  # 1 element
+        self.out = nn.Linear(7, out)
+        self.branch = nn.Linear(7, out) if branch else None
+        self.head = nn.Linear(6, 11, bias=False)
+        self.head.weight = self.emb.weight  # tied
+
+    def forward(self, x, tok, use_branch: bool = True):
+        h = torch.tanh(self.inp(x) + self.emb(tok))
+        h = torch.tanh(self.frozen(h))
+        z = torch.relu(self.fb(h))
+        if self.bn is not None:
+            z = self.bn(z)
+        z = torch.tanh(self.shared(torch.tanh(self.shared(z)))) * self.scale
+        logits = self.out(z)
+        if self.branch is not None and use_branch:
+            logits = logits + self.branch(z)
+        return logits, self.head(h)
+
+
+def loss_of(model, batch, use_branch=True, weight=1.0):
+    x, tok, y = batch
+    logits, tok_logits = model(x, tok, use_branch)
+    return weight * (nn.functional.cross_entropy(logits, y) + nn.functional.cross_entropy(tok_logits, tok))
+
+
+def global_batch(step: int, n: int, seed: int = 0):
+    g = torch.Generator().manual_seed(1000 * seed + step)
+    return (
+        torch.randn(n, 5, generator=g),
+        torch.randint(0, 11, (n,), generator=g),
+        torch.randint(0, 3, (n,), generator=g),
+    )
+
+
+def piece(batch, k: int, size: int = MB):
+    return tuple(t[k * size : (k + 1) * size] for t in batch)
+
+
+def make_opt(name, params):
+    return torch.optim.SGD(params, lr=0.1) if name == "sgd" else torch.optim.AdamW(params, lr=1e-2)
+
+
+def snapshot(model):
+    return {k: v.detach().clone() for k, v in getattr(model, "module", model).state_dict().items()}
+
+
+def grads(model):
+    m = getattr(model, "module", model)
+    return {n: None if p.grad is None else p.grad.detach().clone() for n, p in m.named_parameters()}
+
+
+def train(model, opt_name, world, rank, steps=STEPS, micro=1, use_branch=lambda r, s, k: True, seed=0):
+    """`steps` steps; rank r uses piece r of each global batch (`micro` pieces with no_sync)."""
+    opt = make_opt(opt_name, model.parameters())
+    first_grads = None
+    for s in range(steps):
+        batch = global_batch(s, world * MB * micro, seed)
+        for k in range(micro):  # the first micro-1 under no_sync, then one synced
+            ctx = model.no_sync() if k < micro - 1 else contextlib.nullcontext()
+            with ctx:
+                loss_of(model, piece(batch, rank * micro + k), use_branch(rank, s, k), 1.0 / micro).backward()
+        first_grads = first_grads or grads(model)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return {"params": snapshot(model), "grads": first_grads}
+
+
+def single(
+    opt_name,
+    world,
+    steps=STEPS,
+    micro=1,
+    bn=False,
+    branch=False,
+    use_branch=lambda r, s, k: True,
+    per_rank=False,
+    n_batches=None,
+    seed=0,
+):
+    """One process. Concatenated global batch, or (per_rank) the derived form: the mean over ranks
+    and micro-batches of each micro-batch's loss, which is what DDP's averaged gradient is the
+    gradient of (needed when micro-batches differ: BatchNorm statistics, unused branch, join)."""
+    model = Net(bn=bn, branch=branch)
+    opt = make_opt(opt_name, model.parameters())
+    n_steps = max(n_batches) if n_batches else steps
+    for s in range(n_steps):
+        batch = global_batch(s, world * MB * micro, seed)
+        if per_rank:
+            active = [r for r in range(world) if n_batches is None or s < n_batches[r]]
+            # DDP divides by the full world size even when ranks have joined (join.py)
+            loss = sum(
+                loss_of(model, piece(batch, r * micro + k), use_branch(r, s, k)) for r in active for k in range(micro)
+            ) / (world * micro)
+        else:
+            loss = loss_of(model, batch)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return snapshot(model)
+
+
+def ours(model, **kw):
+    return Ours(model, first_bucket_cap_mb=min(1.0, kw.get("bucket_cap_mb", 25.0)), **kw)
+
+
+def native(model, **kw):
+    return ddp_native.wrap(model, torch.device("cpu"), **kw)
+
+
+# ----------------------------------------------------------------------------- worker cases
+# Each returns {label: result}; the worker stores them under the case's key.
+
+
+def case_matrix(rank, world):
+    """Every option combination that must not change the numbers."""
+    out = {}
+    for bn in (False, True):
+        for opt in ("sgd", "adamw"):
+            for cap_name, cap in CAPS.items():
+                out[("native", bn, opt, cap_name, False)] = train(native(Net(bn), bucket_cap_mb=cap), opt, world, rank)
+                for coll in ("torch", "ring"):
+                    m = ours(Net(bn), bucket_cap_mb=cap, all_reduce=coll)
+                    out[(coll, bn, opt, cap_name, False)] = train(m, opt, world, rank)
+                    out[("n_buckets", bn, cap_name)] = len(m.reducer.buckets)
+            for cap_name in ("per-param", "default"):  # gradient_as_bucket_view
+                cap = CAPS[cap_name]
+                out[("native", bn, opt, cap_name, True)] = train(
+                    native(Net(bn), bucket_cap_mb=cap, gradient_as_bucket_view=True), opt, world, rank
+                )
+                for coll in ("torch", "ring"):
+                    m = ours(Net(bn), bucket_cap_mb=cap, all_reduce=coll, gradient_as_bucket_view=True)
+                    out[(coll, bn, opt, cap_name, True)] = train(m, opt, world, rank)
+    return out
+
+
+def case_no_sync(rank, world):
+    """3 micro-batches: 2 under no_sync, then 1 synced, per optimizer step."""
+    out = {}
+    for bn in (False, True):
+        out[("native", bn, False)] = train(native(Net(bn)), "sgd", world, rank, micro=3)
+        for coll in ("torch", "ring"):
+            for gav in (False, True):
+                out[(coll, bn, gav)] = train(
+                    ours(Net(bn), all_reduce=coll, gradient_as_bucket_view=gav), "sgd", world, rank, micro=3
+                )
+        out[("naive", bn)] = train(Naive(Net(bn)), "sgd", world, rank, micro=3)
+    return out
+
+
+def case_hooks(rank, world):
+    """fp16/bf16 compression hooks, ours vs torch's default_hooks on native DDP."""
+    # ours without a hook, per collective: a hook that did nothing would equal it bit for bit
+    out = {(coll, "fp32"): train(ours(Net(), all_reduce=coll), "sgd", world, rank) for coll in ("torch", "ring")}
+    for name in ("fp16_compress_hook", "bf16_compress_hook"):
+        n = native(Net())
+        # torch refuses a hook *named* bf16_compress_hook without CUDA/NCCL (a name check in
+        # _check_comm_hook); gloo adds bfloat16 fine, so we call torch's hook through a wrapper.
+        n.register_comm_hook(None, lambda state, bucket, hook=getattr(default_hooks, name): hook(state, bucket))
+        out[("native", name)] = train(n, "sgd", world, rank)
+        for coll in ("torch", "ring"):
+            m = ours(Net(), all_reduce=coll)
+            m.register_comm_hook(None, getattr(comm_hooks, name))
+            out[(coll, name)] = train(m, "sgd", world, rank)
+    return out
+
+
+UNUSED = {  # which ranks use the branch, per scenario
+    "unused-on-rank-0": lambda r, s, k: r != 0,
+    "used-on-rank-0-only": lambda r, s, k: r == 0,
+    "unused-everywhere": lambda r, s, k: False,
+    "varies-per-step": lambda r, s, k: (r + s) % 2 == 0,
+    "no_sync-early-use": lambda r, s, k: k < 2,  # used under no_sync only, not in the synced micro-batch
+}
+
+
+def case_unused(rank, world):
+    out = {}
+    for scen, fn in UNUSED.items():
+        # no_sync-early-use: 3 micro-batches, the branch used in the 2 under no_sync only, so its
+        # gradient was accumulated locally and must still be averaged at the synced step
+        micro = 3 if scen.startswith("no_sync") else 1
+        for opt in ("sgd", "adamw"):
+            out[("native", scen, opt)] = train(
+                native(Net(branch=True), find_unused_parameters=True), opt, world, rank, micro=micro, use_branch=fn
+            )
+            for coll in ("torch", "ring"):
+                for gav in (False, True):
+                    m = ours(
+                        Net(branch=True), find_unused_parameters=True, all_reduce=coll, gradient_as_bucket_view=gav
+                    )
+                    out[(coll, scen, opt, gav)] = train(m, opt, world, rank, micro=micro, use_branch=fn)
+    return out
+
+
+def join_batches(world):
+    return [3, 5, 4][:world]  # rank r trains on this many batches
+
+
+def train_join(model, opt_name, world, rank):
+    opt = make_opt(opt_name, model.parameters())
+    with model.join():
+        for s in range(join_batches(world)[rank]):
+            loss_of(model, piece(global_batch(s, world * MB), rank)).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    return {"params": snapshot(model)}
+
+
+def case_join(rank, world):
+    out = {}
+    for bn, opt in ((False, "sgd"), (False, "adamw"), (True, "sgd")):
+        start = time.monotonic()
+        out[("native", bn, opt)] = train_join(native(Net(bn)), opt, world, rank)
+        for coll in ("torch", "ring"):
+            out[(coll, bn, opt)] = train_join(ours(Net(bn), all_reduce=coll), opt, world, rank)
+        out[("seconds", bn, opt)] = time.monotonic() - start
+    m = ours(Net(True))  # BatchNorm: buffers, which a no_grad forward would broadcast
+    x, tok, _ = piece(global_batch(0, world * MB), rank)
+    with m.join():
+        loss_of(m, piece(global_batch(1, world * MB), rank)).backward()  # a synced step: buffers to sync next
+        with torch.no_grad():
+            out["no_grad-in-join"] = _error_of(lambda: m(x, tok))[0]
+        out["no_sync-in-join"] = _error_of(lambda: m.no_sync().__enter__())[0]
+    return out
+
+
+class Wide(nn.Module):
+    """~1.1 MB of gradients in 10 tensors; `b1` and `b2` run in an order that depends on the rank,
+    so the ranks see gradients become ready in different orders."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b1, self.b2 = nn.Linear(40, 300), nn.Linear(300, 300), nn.Linear(300, 300)
+        self.c, self.d = nn.Linear(300, 300), nn.Linear(300, 4)
+
+    def forward(self, x, swap: bool):
+        h = torch.tanh(self.a(x))
+        u, v = (self.b2(h), self.b1(h)) if swap else (self.b1(h), self.b2(h))  # creation order = backward order
+        return self.d(torch.tanh(self.c(torch.tanh(u) + torch.tanh(v))))
+
+
+def _wide_steps(model, rank, steps, on_step=None):
+    opt = make_opt("sgd", model.parameters())
+    for s in range(steps):
+        if on_step:
+            on_step(s)
+        model(global_batch(s, 2)[0].repeat(1, 8), swap=rank % 2 == 1).square().mean().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
+def case_buckets(rank, world):
+    out = {}
+    # (1) small caps, so that b2 and b1 land in different buckets: bucket 0 holds b2 on rank 0's order
+    m = Ours(Wide(), bucket_cap_mb=0.3, first_bucket_cap_mb=0.5)
+    order = []
+    hooks = [
+        p.register_post_accumulate_grad_hook(lambda p, i=i: order.append(i)) for i, p in enumerate(m.reducer.params)
+    ]
+
+    def step_hook(s):
+        if s == 1:
+            for h in hooks:
+                h.remove()
+            m.reducer.timeline = []  # record bucket times after the rebuild
+
+    _wide_steps(m, rank, 3, step_hook)
+    out["small"] = {
+        "ready_order": order,
+        "buckets": [b.param_indices for b in m.reducer.buckets],
+        "bytes": [b.nbytes for b in m.reducer.buckets],
+        "timeline": m.reducer.timeline,
+        "names": m.reducer.param_names,
+    }
+    # (2) default caps (1 MB first bucket, 25 MB others): ours vs torch's DDP built with its defaults
+    # (not ddp_native.wrap, which passes bucket_cap_mb explicitly and so turns torch's small first bucket off)
+    n = torch.nn.parallel.DistributedDataParallel(Wide())
+    _wide_steps(n, rank, 2)
+    names = {p.data_ptr(): name for name, p in n.module.named_parameters()}
+    native_buckets = [[names[p.data_ptr()] for p in b.parameters()] for b in n.reducer._get_zeros_like_grad_buckets()]
+    m = Ours(Wide())
+    _wide_steps(m, rank, 2)
+    out["default"] = {
+        "ours": [[m.reducer.param_names[i] for i in b.param_indices] for b in m.reducer.buckets],
+        "bytes": [b.nbytes for b in m.reducer.buckets],
+        "native": native_buckets,
+    }
+    return out
+
+
+def case_debug(rank, world):
+    out = {}
+    os.environ["DDP_FROM_SCRATCH_DEBUG"] = "1"
+    try:
+        for coll in ("torch", "ring"):
+            old, sys.stderr = sys.stderr, io.StringIO()
+            try:
+                m = ours(Net(), bucket_cap_mb=1e-6, all_reduce=coll)  # one bucket per parameter
+                m.reducer.timeline = []
+                train(m, "sgd", world, rank, steps=2)
+                # a line is printed by the future's done-callback, which may run just after wait() returned
+                deadline = time.monotonic() + 5
+                while (
+                    sys.stderr.getvalue().count(" bucket=") - sys.stderr.getvalue().count(" bucket=-")
+                    < len(m.reducer.timeline)
+                    and time.monotonic() < deadline
+                ):
+                    time.sleep(0.01)
+                time.sleep(0.05)  # and nothing more comes
+                log = sys.stderr.getvalue()
+            finally:
+                sys.stderr = old
+            out[coll] = {"log": log, "timeline": m.reducer.timeline, "n_params": len(m.reducer.params)}
+    finally:
+        del os.environ["DDP_FROM_SCRATCH_DEBUG"]
+    return out
+
+
+def _error_of(fn):
+    """(message of the RuntimeError fn raised or None, seconds it took)."""
+    start = time.monotonic()
+    try:
+        fn()
+    except RuntimeError as e:
+        return str(e), time.monotonic() - start
+    return None, time.monotonic() - start
+
+
+def case_errors(rank, world):
+    """Last: promised errors, on every rank, fast. The process group must still work afterwards."""
+    out = {
+        "mismatch-shape": _error_of(lambda: Ours(Net(out=4 if rank == 1 else 3))),
+        "mismatch-frozen": _error_of(lambda: Ours(_frozen_out_bias(rank))),
+    }
+    batch = piece(global_batch(0, world * MB), rank)
+    for scen, uses in (("missing-everywhere", lambda r: False), ("missing-on-rank-1", lambda r: r != 1)):
+        for coll in ("torch", "ring"):
+            m = ours(Net(branch=True), all_reduce=coll)
+            out[(scen, coll)] = _error_of(lambda m=m, uses=uses: loss_of(m, batch, uses(rank)).backward())
+    x = torch.ones(1)
+    dist.all_reduce(x)
+    out["pg-still-works"] = x.item()
+    return out
+
+
+def _frozen_out_bias(rank):
+    net = Net()
+    net.out.bias.requires_grad_(rank != 1)
+    return net
+
+
+class AuxNet(nn.Module):
+    """A loss head and an auxiliary output that a micro-batch may leave out of its loss."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin, self.aux = nn.Linear(3, 1), nn.Parameter(torch.zeros(2))
+
+    def forward(self, x):
+        return self.lin(x).sum(), (self.aux * x[:, :2]).sum()
+
+
+def case_recovery(rank, world):
+    """State that must not outlive one iteration: a backward that raised, and a parameter reached
+    by find_unused_parameters' graph walk whose gradient the synced backward never computed."""
+    out = {}
+    batch = piece(global_batch(0, world * MB), rank)
+    for name, make in (("ours", lambda: ours(Net())), ("naive", lambda: Naive(Net()))):
+        m = make()
+        hook = m.module.emb.weight.register_hook(lambda g: (_ for _ in ()).throw(RuntimeError("user hook")))
+        try:  # the embedding's gradient comes last: the buckets of later layers were launched
+            loss_of(m, batch).backward()
+        except RuntimeError as e:
+            out[(name, "raised")] = str(e)
+        hook.remove()
+        m.zero_grad(set_to_none=True)
+        loss_of(m, batch).backward()  # must sync as usual
+        out[(name, "grads")] = grads(m)
+    ref = native(Net())
+    loss_of(ref, batch).backward()
+    out[("native", "grads")] = grads(ref)
+    g = torch.Generator().manual_seed(7)
+    xs = [torch.randn(world * MB, 3, generator=g) for _ in range(2)]
+    for gav in (False, True):
+        m = ours(AuxNet(), find_unused_parameters=True, gradient_as_bucket_view=gav)
+        with m.no_sync():  # micro-batch 1: aux in the loss, accumulated locally
+            main, aux = m(piece((xs[0],), rank)[0])
+            (main + aux).backward()
+        main, aux = m(piece((xs[1],), rank)[0])  # micro-batch 2: aux returned, not in the loss
+        main.backward()
+        out[("aux", gav)] = grads(m)
+    out["xs"] = xs
+    return out
+
+
+CASES = ("matrix", "no_sync", "hooks", "unused", "buckets", "join", "debug", "recovery", "errors")
+
+
+def _worker(rank, world, out_path):
+    results = {}
+    for name in CASES:
+        start = time.monotonic()
+        results[name] = globals()[f"case_{name}"](rank, world)
+        results[("seconds", name)] = time.monotonic() - start
+    torch.save(results, f"{out_path}.rank{rank}")
+
+
+# ----------------------------------------------------------------------------- checks (test process)
+@pytest.fixture(scope="module", params=[2, 3], ids=lambda w: f"world{w}")
+def spawned(request, tmp_path_factory):
+    """Run every case on `world` real processes once; returns (world, [rank 0's results, ...])."""
+    world = request.param
+    tmp = tmp_path_factory.mktemp(f"features{world}")
+    run(_worker, world, tmp, str(tmp / "res"), timeout_s=PG_TIMEOUT_S)
+    return world, [torch.load(f"{tmp / 'res'}.rank{r}") for r in range(world)]
+
+
+def buffer_names(bn=False):
+    return {n for n, _ in Net(bn).named_buffers()}
+
+
+def assert_close(got, want, atol, where, skip=()):
+    """Every entry of state dict `got` within `atol` of `want` (entries in `skip` ignored)."""
+    for k, ref in want.items():
+        if k in skip:
+            continue
+        diff = (got[k].double() - ref.double()).abs().max().item()
+        assert diff <= atol, (where, k, diff, atol)
+
+
+def assert_moved(ref, bn=False, branch=False, tol=ATOL_ADAMW):
+    """The test can fail: training moved some weight by far (100x) more than the tolerance used."""
+    start = snapshot(Net(bn, branch))
+    moved = max((ref[k].double() - start[k].double()).abs().max().item() for k in ref if k not in buffer_names(bn))
+    assert moved > 100 * tol, moved
+
+
+FROZEN = ("frozen.weight", "frozen.bias", "fb.bias")
+START = {bn: snapshot(Net(bn)) for bn in (False, True)}
+
+
+def tol_single(opt):
+    return ATOL_SGD if opt == "sgd" else ATOL_ADAMW
+
+
+def test_options_do_not_change_the_numbers(spawned):
+    """Both collectives x bucket caps (per-parameter .. one bucket) x gradient_as_bucket_view x SGD/AdamW
+    x with/without BatchNorm: ours == native (same options) == one process."""
+    world, ranks = spawned
+    for bn in (False, True):
+        for opt in ("sgd", "adamw"):
+            # With BatchNorm in train mode each rank normalises its own micro-batch, so the reference
+            # is the mean of per-micro-batch losses; running stats are rank-local (compared with native).
+            ref = single(opt, world, bn=bn, per_rank=bn)
+            assert_moved(ref, bn)
+            configs = [(c, cap, False) for c in ("torch", "ring") for cap in CAPS] + [
+                (c, cap, True) for c in ("torch", "ring") for cap in ("per-param", "default")
+            ]
+            for coll, cap, gav in configs:
+                for r, res in enumerate(ranks):
+                    key = (coll, bn, opt, cap, gav)
+                    got = res["matrix"][key]["params"]
+                    nat = res["matrix"][("native", bn, opt, cap, gav)]["params"]
+                    where = (world, r, coll, bn, opt, cap, gav)
+                    assert_close(got, nat, ATOL_NATIVE, where)
+                    assert_close(got, ref, tol_single(opt), where, skip=buffer_names(bn))
+                    for k in ref.keys() - buffer_names(bn):  # replicas stay bit-identical
+                        assert torch.equal(got[k], ranks[0]["matrix"][(coll, bn, opt, cap, gav)]["params"][k]), where
+                    for k in FROZEN:  # no gradient, not even zeros (AdamW's weight decay would move it)
+                        assert torch.equal(got[k], START[bn][k]) and res["matrix"][key]["grads"][k] is None, where
+    for bn in (False, True):
+        n_trainable = sum(p.requires_grad for p in Net(bn).parameters())  # tied: once; frozen: not at all
+        assert ranks[0]["matrix"][("n_buckets", bn, "per-param")] == n_trainable
+        assert ranks[0]["matrix"][("n_buckets", bn, "one-bucket")] == 1
+
+
+def test_no_sync_accumulates_then_syncs_once(spawned):
+    """2 micro-batches under no_sync + 1 synced == one step on all 3 (== native's no_sync)."""
+    world, ranks = spawned
+    for bn in (False, True):
+        # without BN: one process on the whole global batch; with BN: the mean of per-micro-batch losses
+        ref = single("sgd", world, micro=3, bn=bn, per_rank=bn)
+        assert_moved(ref, bn)
+        for coll in ("torch", "ring"):
+            for gav in (False, True):
+                for r, res in enumerate(ranks):
+                    got, where = res["no_sync"][(coll, bn, gav)]["params"], (world, r, coll, bn, gav)
+                    # buffers too: BatchNorm stats follow torch's rule of when buffers are broadcast
+                    assert_close(got, res["no_sync"][("native", bn, False)]["params"], ATOL_NATIVE, where)
+                    assert_close(got, ref, ATOL_SGD, where, skip=buffer_names(bn))
+        if not bn:  # naive.py broadcasts buffers only at wrap time, so BatchNorm stats stay per rank
+            for r, res in enumerate(ranks):
+                got, where = res["no_sync"][("naive", bn)]["params"], (world, r, "naive", bn)
+                assert_close(got, res["no_sync"][("native", bn, False)]["params"], ATOL_NATIVE, where)
+                assert_close(got, ref, ATOL_SGD, where)
+
+
+def test_compression_hooks_match_torch_hooks(spawned):
+    """fp16/bf16 compress hooks == torch's default_hooks on native DDP, and really compress."""
+    world, ranks = spawned
+    # Both sides cast the same float32 gradients to 16 bits, divide by the world size and add.
+    # With 2 ranks a+b == b+a: bit-identical. With 3 they may add in another order (gloo's and our
+    # ring's chunking follow the bucket layout), changing the 16-bit sum by 1 ulp; sums are < 0.6
+    # here, so 1 ulp <= 2^-11 (fp16) or 2^-8 (bf16). 3 SGD steps at lr 0.1: <= 3 * 0.1 * ulp =
+    # 1.5e-4 (fp16) / 1.2e-3 (bf16) [measured: 2.4e-5 / 9.8e-5].
+    atol = {"fp16_compress_hook": 1.5e-4, "bf16_compress_hook": 1.2e-3}
+    for name, tol in atol.items():
+        for coll in ("torch", "ring"):
+            for r, res in enumerate(ranks):
+                got, nat = res["hooks"][(coll, name)]["params"], res["hooks"][("native", name)]["params"]
+                assert_close(got, nat, 0.0 if world == 2 else tol, (world, r, coll, name))
+                # the hook really ran: rounding to 16 bits changed the result of the same collective
+                # and buckets (float32 would be within tol of native, but equal to this bit for bit)
+                fp32 = res["hooks"][(coll, "fp32")]["params"]
+                assert any(not torch.equal(got[k], fp32[k]) for k in fp32), (world, r, coll, name)
+        assert_moved(ranks[0]["hooks"][("native", name)]["params"], tol=tol / 10)  # moved > 10x tol
+
+
+def test_find_unused_parameters(spawned):
+    """A branch unused on some ranks / all ranks / under no_sync only: grads (None vs averaged) and
+    weights match native DDP and the derived one-process reference."""
+    world, ranks = spawned
+    branch = ("branch.weight", "branch.bias")
+    for scen, uses in UNUSED.items():
+        micro = 3 if scen.startswith("no_sync") else 1
+        used_somewhere = any(uses(r, 0, k) for r in range(world) for k in range(micro))
+        for opt in ("sgd", "adamw"):
+            ref = single(opt, world, micro=micro, branch=True, use_branch=uses, per_rank=True)
+            assert_moved(ref, branch=True)
+            for coll in ("torch", "ring"):
+                for gav in (False, True):
+                    for r, res in enumerate(ranks):
+                        got, nat = res["unused"][(coll, scen, opt, gav)], res["unused"][("native", scen, opt)]
+                        where = (world, r, scen, opt, coll, gav)
+                        assert_close(got["params"], nat["params"], ATOL_NATIVE, where)
+                        assert_close(got["params"], ref, tol_single(opt), where)
+                        for name in branch:  # after the first backward
+                            g, ng = got["grads"][name], nat["grads"][name]
+                            assert (g is None) == (ng is None) == (not used_somewhere), (where, name, g, ng)
+                            if g is not None:
+                                assert torch.allclose(g, ng, rtol=0, atol=ATOL_NATIVE), (where, name)
+                                assert g.abs().max() > 1e-3, (where, name)  # averaged, not zeros
+    # a branch nobody used keeps .grad None and its weights
+    start = snapshot(Net(branch=True))
+    got = ranks[-1]["unused"][("ring", "unused-everywhere", "adamw", True)]["params"]
+    assert all(torch.equal(got[k], start[k]) for k in branch)
+
+
+def test_join_uneven_inputs(spawned):
+    """Ranks with 3/5/4 batches: no hang; == native DDP's join(); every replica ends identical."""
+    world, ranks = spawned
+    n_batches = join_batches(world)
+    for bn, opt in ((False, "sgd"), (False, "adamw"), (True, "sgd")):
+        # steps where some ranks have joined average over fewer samples but still divide by world size
+        ref = single(opt, world, bn=bn, per_rank=True, n_batches=n_batches)
+        assert_moved(ref, bn)
+        for coll in ("torch", "ring"):
+            for r, res in enumerate(ranks):
+                got, where = res["join"][(coll, bn, opt)]["params"], (world, r, coll, bn, opt)
+                assert_close(got, res["join"][("native", bn, opt)]["params"], ATOL_NATIVE, where)
+                assert_close(got, ref, tol_single(opt), where, skip=buffer_names(bn))
+                for k, v in got.items():  # the last joiner's model (buffers included) was broadcast
+                    assert torch.equal(v, ranks[0]["join"][(coll, bn, opt)]["params"][k]), (where, k)
+            assert max(res["join"][("seconds", bn, opt)] for res in ranks) < PG_TIMEOUT_S / 2
+    for res in ranks:  # refused at once on every rank, before any collective (they would not pair)
+        assert "every forward through the wrapper must be a training forward" in res["join"]["no_grad-in-join"]
+        assert "no_sync() inside join() is not supported" in res["join"]["no_sync-in-join"]
+
+
+def test_buckets_after_rebuild(spawned):
+    """Rebuilt once in rank 0's gradient-ready order, identical on every rank, caps respected,
+    launched strictly in index order; default caps give torch's buckets."""
+    world, ranks = spawned
+    small = [res["buckets"]["small"] for res in ranks]
+    assert small[0]["ready_order"] != small[1]["ready_order"], "ranks should see different ready orders"
+    for s in small:
+        assert s["buckets"] == small[0]["buckets"]  # identical membership on every rank
+        assert [i for b in s["buckets"] for i in b] == small[0]["ready_order"]  # rank 0's order
+    names = small[0]["names"]
+    assert_caps([[names[i] for i in b] for b in small[0]["buckets"]], 0.5, 0.3)
+    assert len(small[0]["buckets"]) == 3
+    for r, s in enumerate(small):
+        tl = s["timeline"]
+        assert len(tl) == 2 * len(s["buckets"])
+        for it in range(2):
+            rows = sorted(tl[it * 3 : (it + 1) * 3], key=lambda e: e["bucket"])
+            for prev, cur in zip(rows, rows[1:]):
+                assert cur["launch"] >= prev["launch"], (r, rows)  # strictly in index order
+            for e in rows:
+                assert e["ready"] <= e["launch"] <= e["done"], (r, e)
+        if r % 2 == 1:  # b1 (bucket 1) is ready before b2 (bucket 0) here, yet bucket 0 goes first
+            assert any(tl[i + 1]["ready"] < tl[i]["ready"] for i in (0, 3)), tl
+    default = [res["buckets"]["default"] for res in ranks]
+    for d in default:
+        assert d["ours"] == d["native"] == default[0]["ours"]
+    assert_caps(default[0]["ours"], 1.0, 25.0)  # 1 MiB first bucket, then 25 MiB
+    assert len(default[0]["ours"]) == 2  # 1.09 MB (8 tensors), then the rest (2 tensors)
+
+
+def assert_caps(buckets: list[list[str]], first_mb: float, cap_mb: float) -> None:
+    """Cap semantics (torch's and ours): a bucket is closed by the member that makes it reach its
+    cap, so every bucket minus its last member is below the cap, and every bucket but the last
+    reaches it."""
+    size = {n: p.numel() * 4 for n, p in Wide().named_parameters()}
+    for k, members in enumerate(buckets):
+        cap = int((first_mb if k == 0 else cap_mb) * 2**20)
+        sizes = [size[n] for n in members]
+        assert sum(sizes[:-1]) < cap, (k, members, sizes)
+        assert k == len(buckets) - 1 or sum(sizes) >= cap, (k, members, sizes)
+
+
+LINE = re.compile(
+    r"\[ddp_from_scratch\] rank=(\d+) op=(\S+) bucket=(\S+) bytes=(\d+) peers=(\S+) "
+    r"start=([\d.]+) end=([\d.]+) ms=([\d.]+)$"
+)
+
+
+def test_debug_logging(spawned):
+    """DDP_FROM_SCRATCH_DEBUG=1: one stderr line per collective; per bucket: rank, op, index, bytes,
+    peers, start/end, and exactly one line per bucket all-reduce."""
+    world, ranks = spawned
+    for r, res in enumerate(ranks):
+        for coll in ("torch", "ring"):
+            d = res["debug"][coll]
+            lines = d["log"].strip().splitlines()
+            parsed = [LINE.match(line) for line in lines]
+            assert all(parsed), [line for line, p in zip(lines, parsed) if not p]
+            rows = [p.groups() for p in parsed]
+            assert all(int(row[0]) == r and float(row[5]) <= float(row[6]) for row in rows)
+            buckets = sorted((int(b), int(n)) for _, op, b, n, *_ in rows if b != "-")
+            assert buckets == sorted((e["bucket"], e["bytes"]) for e in d["timeline"])
+            assert len(buckets) == 2 * d["n_params"]  # 2 steps, one bucket per parameter
+            ops = [op for _, op, b, *_ in rows]
+            assert ops.count(f"all_reduce/{coll}") == len(buckets)
+            assert ops.count(f"all_reduce/{coll}(used-counts)") == 2
+            assert "broadcast(parameters+buffers)" in ops and "broadcast(bucket-order)" in ops
+            peers = {row[4] for row in rows if row[1] == f"all_reduce/{coll}"}
+            want = sorted({(r - 1) % world, (r + 1) % world} if coll == "ring" else set(range(world)) - {r})
+            assert peers == {",".join(map(str, want))}
+
+
+def test_state_does_not_outlive_a_failed_backward_or_a_missing_gradient(spawned):
+    world, ranks = spawned
+    for r, res in enumerate(ranks):
+        for name in ("ours", "naive"):
+            assert "user hook" in res["recovery"].get((name, "raised"), ""), (r, name)  # the first backward raised
+            # the next backward synced: every rank holds native's averaged gradients
+            for k, want in res["recovery"][("native", "grads")].items():
+                got = res["recovery"][(name, "grads")][k]
+                assert (got is None) == (want is None), (name, k)
+                if want is not None:
+                    assert torch.allclose(got, want, rtol=0, atol=ATOL_NATIVE), (r, name, k)
+        xs = res["recovery"]["xs"]
+        # aux: only micro-batch 1 gave it a gradient (on every rank): the average of theirs, not zeros
+        want_aux = xs[0][:, :2].sum(0) / world
+        want_lin = sum(x.sum(0) for x in xs) / world  # d(lin(x).sum())/dW summed over both micro-batches
+        for gav in (False, True):
+            g = res["recovery"][("aux", gav)]
+            assert torch.allclose(g["aux"], want_aux, rtol=0, atol=1e-5), (r, gav, g["aux"], want_aux)
+            assert torch.allclose(g["lin.weight"][0], want_lin, rtol=0, atol=1e-5), (r, gav)
+            assert g["aux"].abs().max() > 0.1  # not the zeros the bug wrote
+
+
+def test_errors_are_raised_on_every_rank_quickly(spawned):
+    """Mismatched models and a missing gradient: the promised error on every rank, well before the
+    process-group timeout, and the group still works afterwards."""
+    world, ranks = spawned
+    for r, res in enumerate(ranks):
+        e = res["errors"]
+        msg, secs = e["mismatch-shape"]
+        assert msg and "ranks wrap different models" in msg and "out.weight" in msg and secs < 5, (r, e)
+        msg, secs = e["mismatch-frozen"]
+        assert msg and "out.bias" in msg and secs < 5, (r, e)
+        for scen in ("missing-everywhere", "missing-on-rank-1"):
+            for coll in ("torch", "ring"):
+                msg, secs = e[(scen, coll)]
+                assert msg and "got no gradient" in msg and "branch.weight" in msg and "branch.bias" in msg, (r, msg)
+                assert "find_unused_parameters=True" in msg
+                assert secs < 5, (r, scen, coll, secs)  # the timeout is PG_TIMEOUT_S = 20 s
+        assert e["pg-still-works"] == world
+
+
+@dataclasses.dataclass
+class _Output:
+    logits: torch.Tensor
+    extra: dict
+
+
+def test_the_graph_walk_finds_parameters_in_any_output_container():
+    """find_unused_parameters' walk (unused.py) sees tensors nested in dataclasses, dicts and lists;
+    a parameter it missed would count as unused and be reduced twice (an error on every rank)."""
+    from ddp_from_scratch.unused import params_reached_by
+
+    a, b, c = nn.Linear(2, 2), nn.Linear(2, 2), nn.Linear(2, 2)
+    x = torch.ones(1, 2)
+    out = _Output(a(x), {"more": [b(x), 3]})
+    assert params_reached_by(out) == {id(p) for p in (*a.parameters(), *b.parameters())}
+    assert params_reached_by((c(x).detach(), None)) == set()

@@ -1,0 +1,291 @@
+"""The exercises' tests: run against our solutions (the default, in `make test`) or a learner's stubs.
+
+`EXERCISES_AGAINST=stubs` (what `make exercise NAME=...` / `python -m exercises NAME` sets) loads
+each exercise from exercises/<name>.py, the learner's file; otherwise from ddp_from_scratch/,
+our solution, so the tests cannot rot. Each test is small and fast: world size 2, a 3-layer
+MLP or small tensors, one process spawn per exercise. `test_untouched_stubs_fail` proves the
+tests can fail: every stub still holding `raise NotImplementedError` fails its test.
+Tolerances: two ranks' mean gradients averaged against one process's mean over the global
+batch differ by float32 rounding (~1e-7); after two SGD steps atol 1e-5 holds them, while the
+weights move by more than 1e-2 (checked).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import subprocess
+import sys
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from support.paths import ROOT
+from support.spawn import run
+
+AGAINST = os.environ.get("EXERCISES_AGAINST", "solutions")
+# exercise -> (attribute, solution module, attribute there); the stub is exercises/<exercise>.py
+EXERCISES = {
+    "step1_explicit": ("sync_gradients", "ddp_from_scratch.explicit", "sync_gradients"),
+    "step2_hooks": ("NaiveDistributedDataParallel", "ddp_from_scratch.naive", "NaiveDistributedDataParallel"),
+    "step3_overlap": ("OverlapDistributedDataParallel", "ddp_from_scratch.overlap", "OverlapDistributedDataParallel"),
+    "step4_buckets": (
+        "BucketedDistributedDataParallel",
+        "ddp_from_scratch.minimal_buckets",
+        "BucketedDistributedDataParallel",
+    ),
+    "ring": ("ring_all_reduce", "ddp_from_scratch.collectives", "all_reduce"),
+    "bucket_plan": ("assign_buckets", "ddp_from_scratch.bucket", "assign_buckets"),
+    "sampler": ("DistributedSampler", "ddp_from_scratch.sampler", "DistributedSampler"),
+}
+STEPS, MICRO = 2, 4
+
+
+def implementation(name: str, against: str = AGAINST):
+    """The function or class the exercise `name` asks for: the learner's (stubs) or ours (solutions)."""
+    attr, module, solution_attr = EXERCISES[name]
+    if against == "stubs":
+        return getattr(importlib.import_module(f"exercises.{name}"), attr)
+    return getattr(importlib.import_module(module), solution_attr)
+
+
+def make_mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 3))
+
+
+def batches(world_size: int):
+    g = torch.Generator().manual_seed(1)
+    n = world_size * MICRO
+    return [(torch.randn(n, 6, generator=g), torch.randint(0, 3, (n,), generator=g)) for _ in range(STEPS)]
+
+
+def train(model, world_size, rank, after_backward=None):
+    """STEPS SGD steps on micro-batch `rank` of each global batch (all of it if rank is None); the weights."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    for x, y in batches(world_size):
+        if rank is not None:
+            x, y = x[rank * MICRO : (rank + 1) * MICRO], y[rank * MICRO : (rank + 1) * MICRO]
+        nn.functional.cross_entropy(model(x), y).backward()
+        if after_backward is not None:
+            after_backward(model)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def _train_one(rank, world_size, name, against) -> dict:
+    """Train with exercise `name` on this rank; per cap: {"weights", "events"}."""
+    impl = implementation(name, against)
+    events = []  # ("launch", async_op) per all-reduce, ("last-grad",) when the last gradient of a backward came
+    real_all_reduce = dist.all_reduce
+
+    def recording_all_reduce(tensor, *args, async_op=False, **kwargs):
+        events.append(("launch", async_op))
+        return real_all_reduce(tensor, *args, async_op=async_op, **kwargs)
+
+    dist.all_reduce = recording_all_reduce
+    try:
+        results = {}
+        caps = {"step4_buckets": {"per-parameter": 1e-6, "one-bucket": 1e4}}.get(name, {"": None})
+        for cap_name, cap in caps.items():
+            model = make_mlp()
+            if name == "step1_explicit":
+                from ddp_from_scratch.explicit import broadcast_parameters
+
+                broadcast_parameters(model)
+                weights = train(model, world_size, rank, after_backward=impl)
+            else:
+                wrapped = impl(model) if cap is None else impl(model, bucket_cap_mb=cap)
+                # the first layer's weight gets its gradient last in each backward
+                model[0].weight.register_post_accumulate_grad_hook(lambda p: events.append(("last-grad",)))
+                weights = train(wrapped, world_size, rank)
+            results[cap_name] = {"weights": weights, "events": list(events)}
+            events.clear()
+    finally:
+        dist.all_reduce = real_all_reduce
+    return results
+
+
+def _train_worker(rank, world_size, names, against, out):
+    """Every step exercise in one spawn (processes are the slow part); an exercise that raises is recorded."""
+    results = {}
+    for name in names:
+        try:
+            results[name] = _train_one(rank, world_size, name, against)
+        except Exception:  # the test of that exercise reports it; the next exercise still runs
+            results[name] = {"error": traceback.format_exc()}
+    torch.save(results, f"{out}.rank{rank}")
+
+
+WORLD = 2
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """{exercise: [rank 0's results, rank 1's]} for the four steps, trained in one spawn of 2 ranks."""
+    tmp = tmp_path_factory.mktemp("steps")
+    out = tmp / "weights"
+    names = [n for n in EXERCISES if n.startswith("step")]
+    run(_train_worker, WORLD, tmp, names, AGAINST, str(out), timeout_s=30.0)
+    per_rank = [torch.load(f"{out}.rank{r}") for r in range(WORLD)]
+    return {n: [per_rank[r][n] for r in range(WORLD)] for n in names}
+
+
+def check_training(name, trained, world_size=WORLD):
+    """The exercise's results on 2 ranks, checked against one process; returns rank 0's events per cap."""
+    per_rank = trained[name]
+    for r, res in enumerate(per_rank):
+        assert "error" not in res, f"rank {r} raised:\n{res['error']}"
+    single = train(make_mlp(), world_size, None)
+    start = [p.detach() for p in make_mlp().parameters()]
+    assert max((a - b).abs().max().item() for a, b in zip(single, start)) > 1e-2, "the test must move the weights"
+    for cap_name in per_rank[0]:
+        for r in range(world_size):
+            for k, (ours, ref) in enumerate(zip(per_rank[r][cap_name]["weights"], single)):
+                err = (ours - ref).abs().max().item()
+                assert err < 1e-5, (
+                    f"rank {r}, parameter {k} ({cap_name or 'default'}): differs from one process on the global batch "
+                    f"by {err:.2e}. Hint: divide each gradient by the world size and SUM all-reduce it, every step."
+                )
+    return {cap: res["events"] for cap, res in per_rank[0].items()}
+
+
+def test_step1_explicit(trained):
+    events = check_training("step1_explicit", trained)[""]
+    n_params = len(list(make_mlp().parameters()))
+    assert [e for e in events if e[0] == "launch"] == [("launch", False)] * n_params * STEPS, (
+        "expected one blocking dist.all_reduce per parameter per step"
+    )
+
+
+def test_step2_hooks(trained):
+    events = check_training("step2_hooks", trained)[""]
+    n_params = len(list(make_mlp().parameters()))
+    launches = [e for e in events if e[0] == "launch"]
+    assert len(launches) == n_params * STEPS, f"expected {n_params} all-reduces per step, got {len(launches) / STEPS}"
+    # queued at the end of backward: after each backward's last gradient, none before it
+    assert events[0] == ("last-grad",), "the all-reduces must run after the last gradient (queue_callback), not before"
+
+
+def test_step3_overlap(trained):
+    events = check_training("step3_overlap", trained)[""]
+    n_params = len(list(make_mlp().parameters()))
+    launches = [e for e in events if e[0] == "launch"]
+    assert launches == [("launch", True)] * n_params * STEPS, (
+        "expected one dist.all_reduce(..., async_op=True) per parameter per step"
+    )
+    assert events[0][0] == "launch", "the first all-reduce must start during backward, before the last gradient"
+
+
+def test_step4_buckets(trained):
+    events = check_training("step4_buckets", trained)
+    n_params = len(list(make_mlp().parameters()))
+    per_param, one = events["per-parameter"], events["one-bucket"]
+    assert [e for e in per_param if e[0] == "launch"] == [("launch", True)] * n_params * STEPS, (
+        "with a tiny cap every parameter is its own bucket: one async all-reduce each"
+    )
+    assert per_param[0][0] == "launch", "a full bucket must be launched at once, during backward"
+    assert [e for e in one if e[0] == "launch"] == [("launch", True)] * STEPS, (
+        "with a huge cap all gradients share one bucket: one all-reduce per step"
+    )
+
+
+def _ring_worker(rank, world_size, against):
+    impl = implementation("ring", against)
+    real = dist.all_reduce
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the ring must be built from isend/irecv, not dist.all_reduce")
+
+    for numel, dtype in ((1, torch.float32), (7, torch.float32), (1000, torch.float32), (33, torch.int64)):
+        g = torch.Generator().manual_seed(rank)
+        t = (torch.randn(numel, generator=g) * 10).to(dtype)
+        expected = t.clone()
+        real(expected)
+        dist.all_reduce = forbidden
+        try:
+            got = impl(t.clone().view(-1))
+        finally:
+            dist.all_reduce = real
+        assert torch.allclose(got, expected, rtol=0, atol=1e-5), (rank, numel, dtype, got, expected)
+
+
+def test_ring(tmp_path):
+    # 3 ranks, not 2: with two, "the next rank" and "the previous rank" are the same one, and
+    # wrong chunk indices can still add up right
+    run(_ring_worker, 3, tmp_path, AGAINST, timeout_s=30.0)
+
+
+def test_bucket_plan():
+    assign = implementation("bucket_plan")
+    mib = 2**20
+    cases = [
+        ([10, 300, 5, 1000, 7], [400 * 4, 1000 * 4]),
+        ([10, 300, 5, 1000, 7], [4]),
+        ([10, 300, 5, 1000, 7], [10**9]),
+        ([mib // 4] * 5 + [3 * mib // 4], [mib, 2 * mib]),
+        ([1, 2, 3, 4, 5, 6, 7, 8], [12]),
+    ]
+    for numels, caps in cases:
+        params = [torch.zeros(n) for n in numels]
+        order = list(reversed(range(len(params))))
+        ours = assign(params, order, caps)
+        # torch's own bucket assignment (reducer.cpp compute_bucket_assignment_by_size)
+        theirs, _ = dist._compute_bucket_assignment_by_size(
+            [params[i] for i in order], caps, [False] * len(params), order
+        )
+        assert sorted(map(sorted, ours)) == sorted(map(sorted, theirs)), (numels, caps, ours, theirs)
+        firsts = [order.index(b[0]) for b in ours]
+        assert firsts == sorted(firsts), "buckets must be ordered by the position of their first member in `order`"
+    mixed = [torch.zeros(4), torch.zeros(4, dtype=torch.float64), torch.zeros(4)]
+    assert assign(mixed, [2, 1, 0], [10**9]) == [[2, 0], [1]], "one bucket per dtype"
+
+
+SAMPLER_CASES = [  # (dataset size, world size, shuffle, drop_last, epoch)
+    (10, 3, True, False, 0),
+    (10, 3, True, True, 1),
+    (5, 4, False, False, 0),
+    (2, 3, True, False, 2),
+    (17, 2, True, False, 5),
+]
+
+
+def test_sampler():
+    ours = implementation("sampler")
+    for n, world, shuffle, drop_last, epoch in SAMPLER_CASES:
+        data = list(range(n))
+        for rank in range(world):
+            a = ours(data, num_replicas=world, rank=rank, shuffle=shuffle, seed=3, drop_last=drop_last)
+            b = torch.utils.data.DistributedSampler(
+                data, num_replicas=world, rank=rank, shuffle=shuffle, seed=3, drop_last=drop_last
+            )
+            a.set_epoch(epoch)
+            b.set_epoch(epoch)
+            assert list(a) == list(b), (n, world, rank, shuffle, drop_last, epoch)
+            assert len(a) == len(b)
+
+
+def test_untouched_stubs_fail():
+    """The tests can fail: against every stub that still raises NotImplementedError, its tests fail."""
+    if AGAINST == "stubs":
+        pytest.skip("runs against the solutions only")
+    untouched = [n for n in EXERCISES if "raise NotImplementedError" in (ROOT / "exercises" / f"{n}.py").read_text()]
+    if not untouched:
+        pytest.skip("every stub has been filled in")
+    env = {**os.environ, "EXERCISES_AGAINST": "stubs"}
+    names = " or ".join(f"test_{n}" for n in untouched)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rf", __file__, "-k", names],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 1, proc.stdout[-3000:]
+    for n in untouched:
+        assert f"FAILED tests/docs/test_exercises.py::test_{n}" in proc.stdout, (n, proc.stdout[-3000:])
+    assert " passed" not in proc.stdout.splitlines()[-1], proc.stdout[-3000:]

@@ -1,0 +1,153 @@
+"""The reading order of ddp_from_scratch/ is true, stated once, and quoted identically.
+
+- `ddp_from_scratch/__init__.py` states the order; every module of the package is in it once.
+- Each file imports only files earlier in that order (every import, also inside functions).
+- README.md and docs/architecture.md quote the order's lines exactly.
+- One owner for the state of a backward pass: no module assigns a private attribute of
+  another object (`other._x = ...`), and nothing outside reducer.py touches the reducer's
+  private attributes.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import pytest
+from support.paths import ROOT
+
+PKG = ROOT / "ddp_from_scratch"
+LINE = re.compile(r"^\s*(\d+)\.\s+(\w+\.py)\s+- ")
+
+
+def stated_order() -> tuple[list[str], list[str]]:
+    """(module file names in order, the docstring lines that state it)."""
+    doc = ast.get_docstring(ast.parse((PKG / "__init__.py").read_text()))
+    lines = [line for line in doc.splitlines() if LINE.match(line)]
+    return [LINE.match(line).group(2) for line in lines], lines
+
+
+def imported_siblings(path: Path, pkg: Path = PKG) -> set[str]:
+    """File names of ddp_from_scratch modules that `path` imports, wherever the import statement is."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            if node.level == 1 and node.module:  # from .x import y
+                names.add(node.module.split(".")[0])
+            elif node.level == 1:  # from . import x, y
+                names.update(a.name for a in node.names)
+            elif node.module and node.module.startswith("ddp_from_scratch."):
+                names.add(node.module.split(".")[1])
+            elif node.module == "ddp_from_scratch":
+                names.update(a.name for a in node.names)
+        elif isinstance(node, ast.Import):
+            names.update(a.name.split(".")[1] for a in node.names if a.name.startswith("ddp_from_scratch."))
+    return {f"{n}.py" for n in names if (pkg / f"{n}.py").exists()}
+
+
+def test_every_module_is_in_the_order_once():
+    order, _ = stated_order()
+    modules = sorted(p.name for p in PKG.glob("*.py") if p.name != "__init__.py")
+    assert sorted(order) == modules, (order, modules)
+    assert len(order) == len(set(order))
+
+
+def test_each_file_imports_only_earlier_files():
+    order, _ = stated_order()
+    for k, name in enumerate(order):
+        later = imported_siblings(PKG / name) - set(order[:k])
+        assert not later, f"{name} imports {sorted(later)}, which come later in the reading order (or itself)"
+
+
+def test_the_checker_sees_imports_inside_functions(tmp_path):
+    """The import check must be able to fail: a late import hidden in a function is found."""
+    fake = tmp_path / "ddp_from_scratch"
+    fake.mkdir()
+    (fake / "a.py").write_text("def f():\n    from .b import g\n    from . import c\n")
+    (fake / "b.py").write_text("")
+    (fake / "c.py").write_text("")
+    assert imported_siblings(fake / "a.py", fake) == {"b.py", "c.py"}
+
+
+@pytest.mark.parametrize("doc", ["README.md", "docs/architecture.md"])
+def test_docs_quote_the_order_exactly(doc):
+    _, lines = stated_order()
+    text = (ROOT / doc).read_text()
+    assert "\n".join(lines) in text, f"{doc} must quote the reading order of ddp_from_scratch/__init__.py verbatim"
+
+
+def private_assignments(path: Path) -> list[str]:
+    """`x._name = ...` (also augmented, annotated, in tuples) where x is not `self`: one string each."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        targets = (
+            node.targets
+            if isinstance(node, ast.Assign)
+            else [node.target]
+            if isinstance(node, (ast.AugAssign, ast.AnnAssign))
+            else []
+        )
+        flat = []
+        for t in targets:
+            flat.extend(t.elts if isinstance(t, (ast.Tuple, ast.List)) else [t])
+        for t in flat:
+            if isinstance(t, ast.Attribute) and t.attr.startswith("_") and not t.attr.startswith("__"):
+                if not (isinstance(t.value, ast.Name) and t.value.id == "self"):
+                    found.append(f"{path.name}:{t.lineno}: {ast.unparse(t)}")
+    return found
+
+
+def test_no_module_assigns_another_objects_private_attributes():
+    bad = [hit for p in sorted(PKG.glob("*.py")) for hit in private_assignments(p)]
+    assert not bad, bad
+
+
+def test_only_the_reducer_touches_its_private_state():
+    bad = []
+    for path in sorted(PKG.glob("*.py")):
+        if path.name == "reducer.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (
+                isinstance(node, ast.Attribute)
+                and node.attr.startswith("_")
+                and isinstance(node.value, ast.Attribute)
+                and node.value.attr == "reducer"
+            ):
+                bad.append(f"{path.name}:{node.lineno}: {ast.unparse(node)}")
+    assert not bad, bad
+
+
+def test_the_private_attribute_check_can_fail(tmp_path):
+    src = tmp_path / "m.py"
+    src.write_text("def f(ddp):\n    ddp._in_join = True\n    ddp.a, ddp._b = 1, 2\n    self_ok = 1\n")
+    assert [h.split(": ")[1] for h in private_assignments(src)] == ["ddp._in_join", "ddp._b"]
+
+
+TORCH_NAMES = (  # reducer.cpp's names, with our leading underscore for the private ones
+    "prepare_for_backward",
+    "_autograd_hook",
+    "_mark_variable_ready",
+    "_copy_grad_to_bucket",
+    "_mark_bucket_ready",
+    "_all_reduce_bucket",
+    "_all_reduce_local_used_map",
+    "_finalize_backward",
+    "_rebuild_buckets",
+)
+OLD_NAMES = ("_make_grad_hook", "_mark_ready", "_launch", "_exchange_used_counts", "_finish_backward", "_fill_slot")
+
+
+def test_the_reducers_methods_take_torchs_names():
+    """A learner puts reducer.py beside reducer.cpp: the methods are there by torch's names, the old ones gone."""
+    tree = ast.parse((PKG / "reducer.py").read_text())
+    reducer = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Reducer")
+    methods = {n.name for n in reducer.body if isinstance(n, ast.FunctionDef)}
+    assert set(TORCH_NAMES) <= methods, sorted(set(TORCH_NAMES) - methods)
+    stale = []
+    for path in [*PKG.glob("*.py"), ROOT / "README.md", *(ROOT / "docs").rglob("*.md"), *(ROOT / "docs").rglob("*.py")]:
+        for old in OLD_NAMES:
+            if re.search(rf"(?<![\w]){old}(?![\w])", path.read_text()):
+                stale.append(f"{path.relative_to(ROOT)}: {old}")
+    assert not stale, f"old reducer method names still mentioned: {stale}"

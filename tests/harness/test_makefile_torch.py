@@ -1,0 +1,53 @@
+"""Where `make install` takes torch from (docs/setup.md), read from `make -n` (prints the recipe, runs nothing)."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+from pathlib import Path
+
+import pytest
+from support.paths import ROOT
+
+
+def torch_lines(tmp_path: Path, gpu: bool, *overrides: str) -> list[str]:
+    fake = tmp_path / "bin"
+    fake.mkdir(exist_ok=True)
+    smi = fake / "nvidia-smi"
+    # no GPU: a driverless machine's nvidia-smi fails; with one it lists "GPU 0: ..."
+    smi.write_text("#!/bin/sh\necho 'GPU 0: Tesla T4 (UUID: GPU-0)'\n" if gpu else "#!/bin/sh\nexit 9\n")
+    smi.chmod(0o755)
+    env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}"}
+    env.pop("TORCH_INDEX", None)
+    # -W: as if pyproject.toml had changed, so the install recipe is printed; -n: nothing is run
+    r = subprocess.run(
+        ["make", "-n", "-W", "pyproject.toml", "install", *overrides],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 0, r.stderr
+    return [line for line in r.stdout.splitlines() if ' "torch' in line]
+
+
+@pytest.mark.skipif(platform.system() != "Linux", reason="the CPU index is chosen on Linux only")
+def test_no_nvidia_gpu_uses_the_cpu_index_then_falls_back_fast(tmp_path):
+    (line,) = torch_lines(tmp_path, gpu=False)
+    first, fallback = line.split(" || ")
+    assert "--index-url https://download.pytorch.org/whl/cpu" in first and "--timeout 5 --retries 0" in first
+    assert fallback.endswith('pip install --quiet "torch==2.13.0"')  # today's install, when that index is unreachable
+
+
+def test_an_nvidia_gpu_uses_the_default_index(tmp_path):
+    (line,) = torch_lines(tmp_path, gpu=True)
+    assert "--index-url" not in line and line.endswith('pip install --quiet "torch==2.13.0"')
+
+
+def test_overrides(tmp_path):
+    (line,) = torch_lines(tmp_path, False, "TORCH_INDEX=")
+    assert "--index-url" not in line
+    (line,) = torch_lines(tmp_path, True, "TORCH_INDEX=https://download.pytorch.org/whl/cu126", "TORCH=torch")
+    assert "--index-url https://download.pytorch.org/whl/cu126" in line and line.endswith('"torch"')

@@ -1,0 +1,39 @@
+"""Real trainings under torchrun, from a test: `torchrun(nproc, args, ...)` and `ok(result)`.
+
+`args` is a command line for `python` (`["-m", "experiments.train", ...]`); `torchrun` runs it on
+`nproc` local ranks (`experiments.launch.torchrun_command`, the project's one way to build that
+command), from the repository root, one thread per rank, within TIMEOUT_S. `ok` asserts that a
+finished process exited 0, with the tails of its output as the message, and returns that output.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+from experiments.launch import torchrun_command
+from support.paths import ROOT
+
+TIMEOUT_S = 180
+
+
+def torchrun(nproc: int, args: list[str], restarts: int = 0, env=None, rdzv=()) -> subprocess.CompletedProcess:
+    """`args` (`-m module ...`) on `nproc` ranks: torchrun --standalone, or the rendezvous options `rdzv`;
+    `restarts`: torchrun's --max-restarts; `env`: variables added to this process's environment."""
+    launcher = ["--standalone"] if not rdzv else list(rdzv)
+    module, rest = args[1], args[2:]  # args: -m experiments.train ...
+    cmd = torchrun_command(nproc, module, rest, launcher=[*launcher, f"--max-restarts={restarts}"])
+    return subprocess.run(
+        cmd,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+        env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+    )
+
+
+def ok(r: subprocess.CompletedProcess) -> str:
+    """The process's stdout + stderr, once it is known to have exited 0 (else the test fails, showing their ends)."""
+    assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-4000:])
+    return r.stdout + r.stderr
