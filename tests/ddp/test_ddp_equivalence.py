@@ -14,7 +14,7 @@ What is compared, and why it holds on any CPU (tests/support/numerics.py derives
   torch's (S = sum over ranks of |g_r| / n, elementwise), before torch's DDP takes its step.
 - Against one process on the concatenated global batch (both world sizes): in float64, torch's DDP's
   averaged gradient at each step against the single process's at the same parameters, within
-  2^-30 of the per-sample gradient magnitudes (float64 rounding is about 2^-38 of them here). The
+  2^-30 of the largest per-sample gradient element (float64 rounding is about 2^-38 of it here). The
   wrappers equal torch's DDP above, so they equal one process too.
 Each comparison also checks that it could fail: some gradient is 1000 times its bound.
 """
@@ -165,7 +165,7 @@ def lockstep(base, case, world_size, rank) -> list[dict]:
         xr, yr = micro_batch(x, y, rank)
         loss_of(native, kind, xr, yr).backward()
         record = {"native": grads(native)}
-        record["S"] = gradient_terms(native.module, lambda m: loss_of(m, kind, xr, yr), world_size)
+        record["S"] = gradient_terms(native.module, lambda m, xr=xr, yr=yr: loss_of(m, kind, xr, yr), world_size)
         for name, (model, after) in ours.items():
             with torch.no_grad():
                 for p, q in zip(inner(model).parameters(), native.module.parameters()):
@@ -237,13 +237,16 @@ def test_scratch_equals_native(spawned):
             assert ranks[0][("mlp", "sgd", "per-parameter")]["final"][name]["#buckets"] == n_params, name
             assert ranks[0][("mlp", "sgd", "one-bucket")]["final"][name]["#buckets"] == 1, name
     for case in CASES:
-        for r, res in enumerate(ranks):
+        for r, per_rank in enumerate(ranks):
+            res = per_rank[case]
             if world == 2:
                 nat = {k: v for k, v in res["final"]["native"].items() if k != "#buckets"}
                 for name in OURS:
                     got = {k: v for k, v in res["final"][name].items() if k != "#buckets"}
                     assert_reordered(got, nat, None, world, (case, name, r))
-                    assert all(torch.equal(v, ranks[0]["final"][name][k]) for k, v in got.items()), "replicas diverged"
+                    assert all(torch.equal(v, ranks[0][case]["final"][name][k]) for k, v in got.items()), (
+                        "replicas diverged"
+                    )
                 start = make_model(case[0]).state_dict()
                 moved = max((nat[k] - start[k]).abs().max().item() for k in nat)
                 assert moved > 1e-3, (case, "training must move the weights, else equality proves nothing")
@@ -253,7 +256,8 @@ def test_scratch_equals_native(spawned):
                 assert_can_fail(record["native"], bounds, (case, step))
                 for name in OURS:
                     assert_reordered(record[name], record["native"], record["S"], world, (case, name, r, step))
-                    assert all(torch.equal(v, ranks[0][case]["lockstep"][step][name][k]) for k, v in record[name].items())
+                    rank0 = ranks[0][case]["lockstep"][step][name]
+                    assert all(torch.equal(v, rank0[k]) for k, v in record[name].items()), "replicas diverged"
 
 
 def test_native_equals_one_process(spawned):
@@ -261,7 +265,9 @@ def test_native_equals_one_process(spawned):
     world, ranks = spawned
     for case in CASES:
         for step, (ddp, single, terms) in enumerate(ranks[0][case]["single"]):
-            bounds = {k: FLOAT64_RTOL * t + torch.finfo(torch.float64).tiny for k, t in terms.items()}
+            # normwise: a gradient that cancels to zero (a key bias under softmax) keeps the rounding
+            # of the terms it cancelled, which can be far above its own per-sample magnitudes
+            scale = max(float(t.max()) for t in terms.values())
+            bounds = {k: torch.full_like(t, FLOAT64_RTOL * scale) for k, t in terms.items()}
             assert_can_fail(single, bounds, (case, step))
             assert_within(ddp, single, bounds, (case, world, step))
-

@@ -14,16 +14,14 @@ gradients are pre-divided by 2, exactly), so every 2-rank variant must equal it,
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from support.paths import ROOT, needs_ag_news
-from support.torchrun import TIMEOUT_S, ok, torchrun
+from support import forkserver
+from support.paths import needs_ag_news
+from support.torchrun import TIMEOUT_S, ok, python, torchrun
 from support.training import tiny_train_args
 
 from experiments import faults
@@ -51,18 +49,6 @@ def train_args(out: Path, cache: Path, world: int, ddp: str, extra=()) -> list[s
         timeout=60,
     )
     return ["-m", "experiments.train", *args, *extra]
-
-
-def python(args: list[str]) -> subprocess.CompletedProcess:
-    """One process without torchrun, with the thread count torchrun would give it (1: same kernels, same sums)."""
-    return subprocess.run(
-        [sys.executable, *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT_S,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
 
 
 def final(out: Path) -> dict:
@@ -256,17 +242,9 @@ def test_two_agents_as_two_nodes_equal_one_agent(refs, ddp, per_node, free_port)
             f"--node-rank={node}",
         ]
         cmd = torchrun_command(per_node, "experiments.train", train_args(out, cache, world, ddp)[2:], launcher=rdzv)
-        procs.append(
-            subprocess.Popen(
-                cmd,
-                cwd=ROOT,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-                env={**os.environ, "OMP_NUM_THREADS": "1"},
-            )
-        )
-    logs = [p.communicate(timeout=TIMEOUT_S)[0] for p in procs]
+        procs.append(forkserver.start_torchrun(cmd[cmd.index("torch.distributed.run") + 1 :], {"OMP_NUM_THREADS": "1"}))
+    procs = [p.wait(TIMEOUT_S) for p in procs]
+    logs = [p.stdout + p.stderr for p in procs]
     assert all(p.returncode == 0 for p in procs), [log[-2000:] for log in logs]
     assert f"world size {world}" in "".join(logs)
     # the one-agent run with the same world size (with 2 ranks native and ours are bit-identical)

@@ -1,10 +1,14 @@
 """Run a function on N real processes joined in a gloo process group (CPU).
 
-Used by the distributed tests (`from support.spawn import run`): `run(fn, world_size, tmp_path, *args)` calls
-`fn(rank, world_size, *args)` in each process after `init_process_group("gloo")`
-through a FileStore in `tmp_path`, so parallel test runs never fight over a port.
-A worker's exception fails the test with that worker's traceback; the process
-group timeout bounds any hang.
+Used by the distributed tests (`from support.spawn import run`): `run(fn, world_size, tmp_path, *args)`
+calls `fn(rank, world_size, *args)` in each process after `init_process_group("gloo")` through a
+FileStore in `tmp_path`, so parallel test runs never fight over a port. A worker's exception fails
+the test with that worker's traceback; the process group timeout bounds a hang inside a collective,
+and `deadline_s` bounds everything else: past it every rank is killed and the test fails naming the
+ranks still running.
+
+The ranks are forked from the preloaded server of support/forkserver.py (its docstring says why):
+each starts in milliseconds, still a fresh process of its own.
 """
 
 from __future__ import annotations
@@ -12,10 +16,15 @@ from __future__ import annotations
 import datetime
 import os
 import sys
+import time
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from support import forkserver
+
+DEADLINE_S = 300.0  # a whole spawned test body, ranks together; a hang fails within this
 
 
 def _entry(rank: int, fn, world_size: int, store_path: str, timeout_s: float, args: tuple) -> None:
@@ -42,9 +51,40 @@ def _entry(rank: int, fn, world_size: int, store_path: str, timeout_s: float, ar
     os._exit(0)
 
 
-def run(fn, world_size: int, tmp_path, *args, timeout_s: float = 60.0) -> None:
-    """Spawn `world_size` processes running `fn(rank, world_size, *args)`; raise if any fails."""
+def run(fn, world_size: int, tmp_path, *args, timeout_s: float = 60.0, deadline_s: float = DEADLINE_S) -> None:
+    """Start `world_size` processes running `fn(rank, world_size, *args)`; raise if any fails.
+
+    Args:
+        fn: a module-level function (ranks receive it pickled, by its module and name).
+        timeout_s: the process group's timeout (seconds): a collective waiting longer raises in its rank.
+        deadline_s: the whole run's limit (seconds); past it every rank is killed.
+
+    Raises:
+        torch.multiprocessing.ProcessRaisedException: a rank raised (its traceback in the message).
+        torch.multiprocessing.ProcessExitedException: a rank died (a signal, os._exit with an error).
+        TimeoutError: `deadline_s` passed; the message names the ranks that were still running.
+    """
     store = os.path.join(str(tmp_path), f"store-{fn.__name__}-{world_size}-{os.getpid()}")
     if os.path.exists(store):
         os.remove(store)
-    mp.spawn(_entry, args=(fn, world_size, store, timeout_s, args), nprocs=world_size, join=True)
+    ctx = mp.start_processes(
+        _entry,
+        args=(fn, world_size, store, timeout_s, args),
+        nprocs=world_size,
+        join=False,
+        start_method=forkserver.context().get_start_method(),
+    )
+    deadline = time.monotonic() + deadline_s
+    try:
+        while not ctx.join(timeout=max(0.0, min(1.0, deadline - time.monotonic()))):
+            if time.monotonic() >= deadline:
+                running = [r for r, p in enumerate(ctx.processes) if p.is_alive()]
+                raise TimeoutError(
+                    f"{fn.__name__}: ranks {running} of {world_size} still running after {deadline_s:.0f} s"
+                )
+    finally:
+        for p in ctx.processes:  # a timeout, a failed rank or pytest's own timeout: no rank outlives the test
+            if p.is_alive():
+                p.kill()
+        for p in ctx.processes:
+            p.join(5)

@@ -1,20 +1,21 @@
 """Real trainings under torchrun, from a test: `torchrun(nproc, args, ...)` and `ok(result)`.
 
 `args` is a command line for `python` (`["-m", "experiments.train", ...]`); `torchrun` runs it on
-`nproc` local ranks (`experiments.launch.torchrun_command`, the project's one way to build that
-command), from the repository root, one thread per rank, within TIMEOUT_S. `ok` asserts that a
-finished process exited 0, with the tails of its output as the message, and returns that output.
+`nproc` local ranks under torch's torchrun (`experiments.launch.torchrun_command`'s options, the
+project's one way to build that command), from the repository root, one thread per rank, within
+TIMEOUT_S. The agent and its workers are forked from the preloaded server (support/forkserver.py).
+`python(args)` runs one process the same way, without torchrun. `ok` asserts that a finished process
+exited 0, with the tails of its output as the message, and returns that output.
 """
 
 from __future__ import annotations
 
-import os
 import subprocess
 
 from experiments.launch import torchrun_command
-from support.paths import ROOT
+from support import forkserver
 
-TIMEOUT_S = 180
+TIMEOUT_S = forkserver.TIMEOUT_S
 
 
 def torchrun(nproc: int, args: list[str], restarts: int = 0, env=None, rdzv=()) -> subprocess.CompletedProcess:
@@ -23,14 +24,14 @@ def torchrun(nproc: int, args: list[str], restarts: int = 0, env=None, rdzv=()) 
     launcher = ["--standalone"] if not rdzv else list(rdzv)
     module, rest = args[1], args[2:]  # args: -m experiments.train ...
     cmd = torchrun_command(nproc, module, rest, launcher=[*launcher, f"--max-restarts={restarts}"])
-    return subprocess.run(
-        cmd,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT_S,
-        env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
-    )
+    torchrun_args = cmd[cmd.index("torch.distributed.run") + 1 :]  # after `python -m torch.distributed.run`
+    return forkserver.torchrun(torchrun_args, env={"OMP_NUM_THREADS": "1", **(env or {})}, timeout=TIMEOUT_S)
+
+
+def python(args: list[str], env=None) -> subprocess.CompletedProcess:
+    """One process without torchrun (`-m module ...`), with the thread count torchrun would give it
+    (1: same kernels, same sums)."""
+    return forkserver.python(args, env={"OMP_NUM_THREADS": "1", **(env or {})}, timeout=TIMEOUT_S)
 
 
 def ok(r: subprocess.CompletedProcess) -> str:
