@@ -14,21 +14,19 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from support.paths import ROOT, needs_ag_news
+from support.paths import needs_ag_news
 from support.spawn import run
+from support.torchrun import python, torchrun
 from support.training import tiny_train_args
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
 import ddp_from_scratch
 import ddp_native
-from experiments.launch import torchrun_command
 from experiments.train import optimizer_step
 
 K, MICRO, STEPS = 4, 4, 3
@@ -104,11 +102,8 @@ def _cli(args: list[str], tmp_path: Path, nproc: int | None = None) -> subproces
     common = tiny_train_args(
         None, cache_dir=tmp_path / "cache", max_train_samples=128, max_eval_samples=32, no_test=True, no_snapshots=True
     )
-    one = [sys.executable, "-m", "experiments.train", *common, *args]
-    cmd = torchrun_command(nproc, "experiments.train", [*common, *args]) if nproc else one
-    r = subprocess.run(
-        cmd, cwd=ROOT, capture_output=True, text=True, timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1"}
-    )
+    argv = ["-m", "experiments.train", *common, *args]
+    r = torchrun(nproc, argv) if nproc else python(argv)
     assert r.returncode == 0, r.stderr[-3000:]
     return r
 

@@ -4,26 +4,19 @@ and hand-written DDP (2 real processes each, via torchrun), on real AG News rows
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from support import forkserver
 from support.paths import ROOT, needs_ag_news
 from support.training import tiny_train_args
 
 
 def _run(args, cwd, env=None, timeout=240):
-    return subprocess.run(
-        [sys.executable, *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
-    )
+    """`python <args>` from `cwd`, forked from the preloaded server (support/forkserver.py), as are the
+    torchrun agents and ranks it launches."""
+    return forkserver.python(args, env={"PYTHONPATH": str(ROOT), **(env or {})}, timeout=timeout, cwd=cwd)
 
 
 @pytest.mark.slow

@@ -101,15 +101,18 @@ def _forked_launch(config, entrypoint):
     return elastic_launch(config=config, entrypoint=_torchrun_worker)
 
 
-def _child(kind: str, args: list[str], env: dict, cwd: str, out: str, err: str) -> None:
-    """In the forked child: the environment, the directory and fds 1, 2 of a subprocess; then run."""
+def _child(kind: str, args: list[str], env: dict, cwd: str, out: str | None, err: str | None) -> None:
+    """In the forked child: the environment, the directory and fds 1, 2 of a subprocess; then run.
+    `out`/`err` None: keep the parent's (a subprocess that does not capture its output)."""
     for fd, path in ((1, out), (2, err)):
-        target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-        os.dup2(target, fd)
-        os.close(target)
+        if path is not None:
+            target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+            os.dup2(target, fd)
+            os.close(target)
     os.environ.clear()
     os.environ.update(env)
     os.chdir(cwd)
+    subprocess.run = _run_python_forked  # the command's own `python -m ...` children: forked too
     try:
         if kind == "python":
             code = _run_module(args)
@@ -129,27 +132,60 @@ def _child(kind: str, args: list[str], env: dict, cwd: str, out: str, err: str) 
     os._exit(code)  # no interpreter finalization: see support/spawn.py on gloo's threads at exit
 
 
+_real_run = subprocess.run
+
+
+def _run_python_forked(cmd, *popenargs, **kwargs):
+    """`subprocess.run` inside a forked child: a `python -m module ...` or `python -m torch.distributed.run
+    ...` command (what experiments.compare and the bench parts launch) runs in a child forked from this
+    already-loaded process; any other command, or one with options this does not model, as usual."""
+    modelled = {"capture_output", "text", "env", "cwd", "timeout", "check"}
+    if (
+        popenargs
+        or not kwargs.keys() <= modelled
+        or not isinstance(cmd, (list, tuple))
+        or len(cmd) < 3
+        or cmd[0] != sys.executable
+        or cmd[1:2] != ["-m"]
+    ):
+        return _real_run(cmd, *popenargs, **kwargs)
+    cmd = list(cmd)
+    kind, args = ("torchrun", cmd[3:]) if cmd[2] == "torch.distributed.run" else ("python", cmd[1:])
+    env = dict(os.environ) if kwargs.get("env") is None else kwargs["env"]
+    r = Forked(
+        kind, args, env, kwargs.get("cwd") or os.getcwd(), capture=kwargs.get("capture_output", False), fork=True
+    )
+    r = r.wait(kwargs.get("timeout"))
+    r.args = cmd
+    if not kwargs.get("text"):
+        r.stdout, r.stderr = (None if x is None else x.encode() for x in (r.stdout, r.stderr))
+    if kwargs.get("check"):
+        r.check_returncode()
+    return r
+
+
 class Forked:
     """One process started by `start` (forked from the server, or a plain subprocess where there is
     none), its stdout and stderr in files until `wait` reads them."""
 
-    def __init__(self, kind: str, args: list[str], env: dict | None, cwd):
+    def __init__(self, kind: str, args: list[str], env: dict | None, cwd, capture: bool = True, fork: bool = False):
+        """`capture`: stdout and stderr to files (else the parent's); `fork`: fork this process (a child
+        that is itself forked from the server, single-threaded) rather than ask the server."""
         self.args = [kind, *args]
         self._tmp = tempfile.TemporaryDirectory(prefix="forked-")
-        self._out, self._err = (os.path.join(self._tmp.name, n) for n in ("stdout", "stderr"))
+        self._out, self._err = (os.path.join(self._tmp.name, n) if capture else None for n in ("stdout", "stderr"))
         env = {**os.environ, **(env or {})}
         if available():
-            self._process = context().Process(
-                target=_child, args=(kind, list(args), env, str(cwd), self._out, self._err)
-            )
+            ctx = multiprocessing.get_context("fork") if fork else context()
+            self._process = ctx.Process(target=_child, args=(kind, list(args), env, str(cwd), self._out, self._err))
             self._process.start()
             self.pid = self._process.pid
         else:  # the interpreter itself, as the command line says
             cmd = (
                 [sys.executable, *args] if kind == "python" else [sys.executable, "-m", "torch.distributed.run", *args]
             )
-            with open(self._out, "w") as out, open(self._err, "w") as err:
-                self._process = subprocess.Popen(cmd, cwd=cwd, stdout=out, stderr=err, env=env)
+            out, err = (open(p, "w") if p else None for p in (self._out, self._err))
+            self._process = subprocess.Popen(cmd, cwd=cwd, stdout=out, stderr=err, env=env)
             self.pid = self._process.pid
 
     def _returncode(self, timeout: float):
@@ -161,7 +197,7 @@ class Forked:
         self._process.join(timeout)
         return self._process.exitcode
 
-    def wait(self, timeout: float = TIMEOUT_S) -> subprocess.CompletedProcess:
+    def wait(self, timeout: float | None = TIMEOUT_S) -> subprocess.CompletedProcess:
         """The finished process as a CompletedProcess (text output).
 
         Raises:
@@ -195,7 +231,9 @@ def _kill_tree(pid: int) -> None:
         pass
 
 
-def _read(path: str) -> str:
+def _read(path: str | None) -> str | None:
+    if path is None:
+        return None
     try:
         with open(path, errors="replace") as f:
             return f.read()
