@@ -22,7 +22,7 @@ DATA   ?= $(if $(wildcard ../shared/ag_news/train.csv),../shared/ag_news,)
 MODEL  ?= minilm-l6
 MAIN_ARGS ?= --max-train-samples 4000 --max-length 64 --batch-size 16 --epochs 1 --lr 1e-4
 
-.PHONY: install main test test-gpu gpu-check lint bench bench-gpu doctor exercise clean
+.PHONY: install main test test-fast test-gpu gpu-check lint bench bench-gpu doctor exercise clean
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml Makefile
@@ -35,9 +35,14 @@ $(VENV)/.installed: pyproject.toml Makefile
 main: install
 	$(BIN)/python -m experiments.compare --nproc $(NPROC) $(if $(DATA),--data-dir $(DATA),) --model $(MODEL) $(MAIN_ARGS)
 
-# The fast checks first (lint and format, seconds), then the test suite (minutes).
+# The fast checks first (lint and format, seconds), then the test suite (minutes); the 15 slowest
+# tests are listed at the end, so that drift shows.
 test: install lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
+
+# A learner's first check: everything but the tests marked slow (real trainings, restarts, namespaces)
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow" --durations=10
 
 # On a machine with CUDA GPUs (a CUDA build of torch: make install TORCH=torch): every tier it can run,
 # the one-GPU tier on one GPU, both on two (tests/gpu/conftest.py skips the rest, saying why)

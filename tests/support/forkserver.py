@@ -24,6 +24,7 @@ helpers to plain subprocesses.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import runpy
@@ -184,8 +185,9 @@ class Forked:
             cmd = (
                 [sys.executable, *args] if kind == "python" else [sys.executable, "-m", "torch.distributed.run", *args]
             )
-            out, err = (open(p, "w") if p else None for p in (self._out, self._err))
-            self._process = subprocess.Popen(cmd, cwd=cwd, stdout=out, stderr=err, env=env)
+            with contextlib.ExitStack() as files:
+                out, err = (files.enter_context(open(p, "w")) if p else None for p in (self._out, self._err))
+                self._process = subprocess.Popen(cmd, cwd=cwd, stdout=out, stderr=err, env=env)
             self.pid = self._process.pid
 
     def _returncode(self, timeout: float):
@@ -205,7 +207,11 @@ class Forked:
                 process below it (a torchrun agent's workers), before this is raised.
         """
         try:
-            code = self._returncode(timeout)
+            try:
+                code = self._returncode(timeout)
+            except BaseException:  # pytest-timeout's alarm, ^C: nothing outlives the test
+                _kill_tree(self.pid)
+                raise
             if code is None:
                 _kill_tree(self.pid)
                 self._returncode(5)
