@@ -44,9 +44,13 @@ test: install lint
 test-gpu: install
 	$(BIN)/python -m pytest -q -m gpu tests/gpu
 
-# The first GPU we get: GPU tests, short NCCL trainings (fp16, bf16), the doctor, the step benchmark; one summary
-gpu-check: install
-	$(BIN)/python -m experiments.gpu_check
+# The first GPU we get: GPU tests, short NCCL trainings of every stage, the doctor, the step benchmark; one summary.
+# With the interpreter you name and its own (CUDA) torch: no install step, no .venv, no pip (make gpu-check PY=python3;
+# GPU_CHECK_ARGS=--quick for the 5-minute form). PY defaults to the venv's python, for who ran make install.
+PY ?= $(BIN)/python
+gpu-check:
+	@command -v $(PY) >/dev/null || { echo "no $(PY): run make install, or name a python with its torch: make gpu-check PY=python3" >&2; exit 1; }
+	$(PY) -m experiments.gpu_check $(GPU_CHECK_ARGS)
 
 # One exercise's tests against your file: make exercise NAME=step1_explicit (no NAME: the list; docs/exercises.md)
 exercise: install
