@@ -29,7 +29,6 @@ since torchrun starts each rank in a session of its own. No rank outlives its st
 from __future__ import annotations
 
 import argparse
-import importlib
 import importlib.util
 import json
 import os
@@ -37,55 +36,14 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from experiments.features import missing
 
 ROOT = Path(__file__).resolve().parents[1]
 KILL_GRACE_S = 5.0  # after SIGTERM at a step's limit, before SIGKILL
 QUICK_BUDGET_S = 300  # --quick: limits plus grace of every step, at most this
-
-
-# ----------------------------------------------------------------------------- features: refused by feature
-
-
-@dataclass(frozen=True)
-class Feature:
-    """A piece of torch a step needs. `first`: the first torch release that has it (for the message only:
-    presence is tested on the installed torch, never inferred from its version number)."""
-
-    what: str
-    first: str
-    present: Callable[[], bool]
-
-
-def _has(module: str, *names: str) -> bool:
-    """True if `module` imports and has every attribute in `names`."""
-    try:
-        m = importlib.import_module(module)
-    except ImportError:
-        return False
-    return all(hasattr(m, n) for n in names)
-
-
-FEATURES = {
-    # Sources: PyTorch 2.6's release notes (FSDP2 public as torch.distributed.fsdp.fully_shard; before it
-    # torch.distributed._composable.fsdp), 2.3's (torch.amp.GradScaler, device-generic).
-    "fsdp2": Feature(
-        "torch.distributed.fsdp.fully_shard and MixedPrecisionPolicy (FSDP2)",
-        "2.6",
-        lambda: _has("torch.distributed.fsdp", "fully_shard", "MixedPrecisionPolicy"),
-    ),
-    "grad_scaler": Feature('torch.amp.GradScaler("cuda")', "2.3", lambda: _has("torch.amp", "GradScaler")),
-}
-
-
-def missing(needs) -> str:
-    """'' if the installed torch has every feature in `needs` (keys of FEATURES), else which it lacks."""
-    import torch
-
-    lacking = [FEATURES[n] for n in needs if not FEATURES[n].present()]
-    return "; ".join(f"needs {f.what}, first in torch {f.first} (this is torch {torch.__version__})" for f in lacking)
 
 
 # ----------------------------------------------------------------------------- the stage list (one place)

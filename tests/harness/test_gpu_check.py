@@ -19,6 +19,8 @@ from support.paths import ROOT
 
 from ddp_from_scratch.debug import CollectiveTimer
 from experiments import gpu_check
+from experiments.features import FEATURES, Feature
+from experiments.train_args import TrainConfig
 
 NO_GPU = not torch.cuda.is_available()
 
@@ -73,8 +75,8 @@ def test_every_training_is_planned_in_each_of_its_precisions(tmp_path):
 
 
 def test_a_missing_feature_is_skipped_with_its_name_and_first_version(tmp_path, monkeypatch):
-    fsdp2 = gpu_check.FEATURES["fsdp2"]
-    monkeypatch.setitem(gpu_check.FEATURES, "fsdp2", gpu_check.Feature(fsdp2.what, fsdp2.first, lambda: False))
+    fsdp2 = FEATURES["fsdp2"]
+    monkeypatch.setitem(FEATURES, "fsdp2", Feature(fsdp2.what, fsdp2.first, lambda: False))
     step = next(s for s in gpu_check.plan(tmp_path, 1) if s.name == "train fsdp-native fp32")
     why = gpu_check.skip_reason(step, gpus=1, capability=(7, 5))
     assert "fully_shard" in why and "MixedPrecisionPolicy" in why and "first in torch 2.6" in why
@@ -82,6 +84,9 @@ def test_a_missing_feature_is_skipped_with_its_name_and_first_version(tmp_path, 
     assert gpu_check.skip_reason(other, gpus=1, capability=(7, 5)) == ""  # ours needs no FSDP2
     with pytest.raises(RuntimeError, match="fully_shard"):  # the training itself refuses too, by feature
         gpu_check.train(gpu_check.train_args(["--train", "fsdp-native", "--precision", "fp32", "--out", "x"]))
+    (problem,) = TrainConfig(ddp="native", parallel="fsdp", precision="bf16").problems()  # and experiments.train
+    assert "fully_shard" in problem and "first in torch 2.6" in problem and "--impl scratch" in problem
+    assert TrainConfig(ddp="scratch", parallel="fsdp", precision="bf16").problems() == []
 
 
 def test_bf16_is_skipped_below_compute_capability_8(tmp_path):
