@@ -22,7 +22,7 @@ DATA   ?= $(if $(wildcard ../shared/ag_news/train.csv),../shared/ag_news,)
 MODEL  ?= minilm-l6
 MAIN_ARGS ?= --max-train-samples 4000 --max-length 64 --batch-size 16 --epochs 1 --lr 1e-4
 
-.PHONY: install main test test-gpu gpu-check lint bench bench-gpu doctor exercise clean
+.PHONY: install main test test-kaggle-versions test-gpu gpu-check lint bench bench-gpu doctor exercise clean
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml Makefile
@@ -38,6 +38,22 @@ main: install
 # The fast checks first (lint and format, seconds), then the test suite (minutes).
 test: install lint
 	$(BIN)/python -m pytest -q
+
+# The fast tests again, on Kaggle's versions (kaggle/constraints.txt: torch 2.10, transformers 5.0), in a second
+# venv; it prints the versions it tested. torch from the same index as `install` (PyPI's is the ~3.2 GB CUDA build,
+# which runs on the CPU too; pip's cache, ~/.cache/pip, keeps it between runs on one machine).
+KAGGLE_VENV ?= .venv-kaggle
+KAGGLE_PIP  := $(KAGGLE_VENV)/bin/python -m pip install --quiet
+test-kaggle-versions: $(KAGGLE_VENV)/.installed
+	$(KAGGLE_VENV)/bin/python -c "import sys, torch, transformers, datasets; print(f'Kaggle versions: python {sys.version.split()[0]}, torch {torch.__version__}, transformers {transformers.__version__}, datasets {datasets.__version__}')"
+	$(KAGGLE_VENV)/bin/python -m pytest -q -m "not slow"
+
+$(KAGGLE_VENV)/.installed: pyproject.toml kaggle/constraints.txt Makefile
+	$(PYTHON) -m venv $(KAGGLE_VENV)
+	$(KAGGLE_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(if $(TORCH_INDEX),$(KAGGLE_PIP) --timeout 5 --retries 0 --index-url $(TORCH_INDEX) torch -c kaggle/constraints.txt || ,)$(KAGGLE_PIP) torch -c kaggle/constraints.txt
+	$(KAGGLE_PIP) -e ".[offline,dev]" -c kaggle/constraints.txt
+	touch $@
 
 # On a machine with CUDA GPUs (a CUDA build of torch: make install TORCH=torch): every tier it can run,
 # the one-GPU tier on one GPU, both on two (tests/gpu/conftest.py skips the rest, saying why)
@@ -72,4 +88,4 @@ bench-gpu: install
 	$(BIN)/python -m experiments.bench.allreduce --gpu --out runs/bench/allreduce-gpu
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) $(KAGGLE_VENV) runs

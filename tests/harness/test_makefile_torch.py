@@ -90,3 +90,29 @@ def test_gpu_check_without_the_venv_says_what_to_do(tmp_path):
     )
     assert r.returncode != 0 and "make gpu-check PY=python3" in r.stderr
     assert not (tmp_path / "none").exists()
+
+
+def test_the_kaggle_versions_environment_uses_the_constraints_and_runs_the_fast_tests():
+    r = subprocess.run(
+        ["make", "-n", "-W", "pyproject.toml", "test-kaggle-versions", "KAGGLE_VENV=/tmp/kv", "TORCH_INDEX="],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    installs = [line for line in lines if "pip install" in line and "--upgrade pip" not in line]
+    assert installs and all(line.endswith("-c kaggle/constraints.txt") for line in installs), installs
+    assert any(" torch -c " in line for line in installs) and any('-e ".[offline,dev]"' in line for line in installs)
+    assert not any(".venv/" in line for line in lines)  # its own venv, not the first one
+    printed, tests = lines[-2:]
+    assert "torch.__version__" in printed and "transformers.__version__" in printed
+    assert tests == '/tmp/kv/bin/python -m pytest -q -m "not slow"'
+    pins = (ROOT / "kaggle" / "constraints.txt").read_text()
+    assert "torch==2.10.0" in pins and "transformers==5." in pins
+
+
+def test_ci_runs_the_kaggle_versions_after_the_suite():
+    commands = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines() if line.startswith("make")]
+    assert commands[-2:] == ["make test", "make test-kaggle-versions"]
