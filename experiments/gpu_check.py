@@ -119,7 +119,7 @@ def plan(out: Path, gpus: int, quick: bool = False) -> list[Step]:
     for training, precision in trainings:
         args = ["-m", "experiments.gpu_check", "--train", training, "--precision", precision]
         args += ["--out", str(out / f"{training}-{precision}.json")]
-        limit = 25 if training == "none" else 35 if quick else 90
+        limit = (25 if training == "none" else 35) if quick else (60 if training == "none" else 90)
         cmd = command(args, None if training == "none" else 1)
         steps.append(Step(f"train {training} {precision}", cmd, limit, needs=needs_of(training, precision)))
         steps[-1].precision = precision
