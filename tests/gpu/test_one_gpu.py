@@ -373,3 +373,32 @@ def test_collective_timer_times_completion_not_launch(nccl, implementation):
     assert timer.seconds() >= 0.9 * sleep_s, (timer.seconds(), sleep_s)
     start, end = timer.start_end(origin)
     assert origin[1] <= start and end - start == pytest.approx(timer.seconds())
+
+
+@pytest.mark.parametrize("algorithm", ["torch", "ring"])
+def test_sparse_exchange_is_timed_in_stream_order(nccl, algorithm):
+    """The sparse exchange's record carries a CUDA-event timer (sparse.py `exchange`), so it is timed in stream
+    order like the buckets: its one host sync (`counts.tolist()`) waits for every kernel queued before it (here a
+    late one, standing for backward's last kernels), which a host clock would count as the exchange's time.
+    Guards `record["timer"] = timer`: without it `place_on_host_clock` keeps the host times, late kernel included."""
+    from ddp_from_scratch.comm_hooks import make_comm_state
+    from ddp_from_scratch.sparse import EmbeddingRows, exchange
+    from experiments.comm_timing import place_on_host_clock, step_origin
+
+    emb = nn.Embedding(1000, 64).cuda()
+    table = EmbeddingRows(emb)
+    comm = make_comm_state(nccl, algorithm)
+    for late in (0, LATE):  # the first: a warm-up (communicators, kernels)
+        emb.zero_grad(set_to_none=True)
+        emb(torch.tensor([[1, 5, 7]], device="cuda")).sum().backward()
+        torch.cuda.synchronize()
+        origin = step_origin(emb.weight.device)
+        torch.cuda._sleep(late)  # queued before the exchange, on the stream it runs on
+        record = exchange(table, comm, 0, "emb")
+    assert record["mode"] == "sparse" and record["rows"] == 3 and "timer" in record
+    host_s = record["done"] - record["launch"]
+    (placed,) = place_on_host_clock([dict(record)], origin)
+    assert host_s > 0.1, "the host did not wait for the late kernel: raise LATE"
+    assert placed["done"] - placed["launch"] < 0.5 * host_s, (placed, record)
+    assert placed["launch"] > record["launch"]  # in stream order it starts once the late kernel is done
+    assert torch.equal(emb.weight.grad[[1, 5, 7]], torch.ones(3, 64, device="cuda"))  # averaged over one rank
