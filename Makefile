@@ -22,7 +22,7 @@ DATA   ?= $(if $(wildcard ../shared/ag_news/train.csv),../shared/ag_news,)
 MODEL  ?= minilm-l6
 MAIN_ARGS ?= --max-train-samples 4000 --max-length 64 --batch-size 16 --epochs 1 --lr 1e-4
 
-.PHONY: install main test test-fast test-gpu gpu-check lint bench bench-gpu doctor exercise clean
+.PHONY: install main test test-fast test-kaggle-versions test-gpu gpu-check lint bench bench-gpu doctor exercise clean
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml Makefile
@@ -44,14 +44,34 @@ test: install lint
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow" --durations=10
 
+# The fast tests again, on Kaggle's versions (kaggle/constraints.txt: torch 2.10, transformers 5.0), in a second
+# venv; it prints the versions it tested. torch from the same index as `install` (PyPI's is the ~3.2 GB CUDA build,
+# which runs on the CPU too; pip's cache, ~/.cache/pip, keeps it between runs on one machine).
+KAGGLE_VENV ?= .venv-kaggle
+KAGGLE_PIP  := $(KAGGLE_VENV)/bin/python -m pip install --quiet
+test-kaggle-versions: $(KAGGLE_VENV)/.installed
+	$(KAGGLE_VENV)/bin/python -c "import sys, torch, transformers, datasets; print(f'Kaggle versions: python {sys.version.split()[0]}, torch {torch.__version__}, transformers {transformers.__version__}, datasets {datasets.__version__}')"
+	$(KAGGLE_VENV)/bin/python -m pytest -q -m "not slow" --durations=10
+
+$(KAGGLE_VENV)/.installed: pyproject.toml kaggle/constraints.txt Makefile
+	$(PYTHON) -m venv $(KAGGLE_VENV)
+	$(KAGGLE_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(if $(TORCH_INDEX),$(KAGGLE_PIP) --timeout 5 --retries 0 --index-url $(TORCH_INDEX) torch -c kaggle/constraints.txt || ,)$(KAGGLE_PIP) torch -c kaggle/constraints.txt
+	$(KAGGLE_PIP) -e ".[offline,dev]" -c kaggle/constraints.txt
+	touch $@
+
 # On a machine with CUDA GPUs (a CUDA build of torch: make install TORCH=torch): every tier it can run,
 # the one-GPU tier on one GPU, both on two (tests/gpu/conftest.py skips the rest, saying why)
 test-gpu: install
 	$(BIN)/python -m pytest -q -m gpu tests/gpu
 
-# The first GPU we get: GPU tests, short NCCL trainings (fp16, bf16), the doctor, the step benchmark; one summary
-gpu-check: install
-	$(BIN)/python -m experiments.gpu_check
+# The first GPU we get: GPU tests, short NCCL trainings of every stage, the doctor, the step benchmark; one summary.
+# With the interpreter you name and its own (CUDA) torch: no install step, no .venv, no pip (make gpu-check PY=python3;
+# GPU_CHECK_ARGS=--quick for the 5-minute form). PY defaults to the venv's python, for who ran make install.
+PY ?= $(BIN)/python
+gpu-check:
+	@command -v $(PY) >/dev/null || { echo "no $(PY): run make install, or name a python with its torch: make gpu-check PY=python3" >&2; exit 1; }
+	$(PY) -m experiments.gpu_check $(GPU_CHECK_ARGS)
 
 # One exercise's tests against your file: make exercise NAME=step1_explicit (no NAME: the list; docs/exercises.md)
 exercise: install
@@ -73,4 +93,4 @@ bench-gpu: install
 	$(BIN)/python -m experiments.bench.allreduce --gpu --out runs/bench/allreduce-gpu
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) $(KAGGLE_VENV) runs

@@ -173,22 +173,27 @@ def exchange(
     Streams (CUDA): counts, indices and values are made on the caller's current stream and handed
     to `comm`'s collectives, which record them on the stream they run on (work.py's rule 3, or NCCL's
     own); every `.wait()` below is a future's wait, which makes the current stream wait for the
-    collective (no host sync). The one host sync is `counts.tolist()`: the sparse-or-dense decision
-    needs the numbers on the CPU, the same on every rank.
+    collective (no host sync). The one host sync is `counts.tolist()`, once: the sparse-or-dense
+    decision and the all-gather's size K need the numbers on the CPU, the same on every rank.
     Returns: one record {"bucket": "sparse:<name>", "mode": "sparse"|"dense"|"none", "rows" (K),
         "bytes" (put into the collectives by this rank), "sent_bytes" (sent per rank by the ring
         algorithms: (n-1) K (D b + 8), or 2 (n-1)/n V D b for dense), "launch", "done"
-        (perf_counter seconds)}.
+        (perf_counter seconds)}; on CUDA also "timer", a `debug.CollectiveTimer` of the exchange in
+        stream order (from before the counts to after the last index_add), which
+        `experiments.comm_timing.place_on_host_clock` turns into "launch"/"done", as for the buckets:
+        the host clock only says when the work was enqueued.
     """
     w, n = table.weight, comm.world_size
     launch = time.perf_counter()
+    timer = debug.CollectiveTimer(w.device) if w.is_cuda else None  # an event on the current stream, now
     grad = w.grad if contribute else None
     rows, dirty = _rows_to_send(table, grad, contribute, name)
     counts = torch.zeros(n, 2, dtype=torch.int64, device=w.device)
     counts[rank, 0], counts[rank, 1] = rows.numel(), int(dirty)
     comm.all_gather(counts).wait()
-    k = counts[:, 0].tolist()  # CUDA: copies on the current stream, which now waits for the all-gather
-    K, any_dirty = max(k), bool(counts[:, 1].any())
+    gathered = counts.tolist()  # the one host sync (CUDA: the current stream now waits for the all-gather)
+    k = [row[0] for row in gathered]
+    K, any_dirty = max(k), any(row[1] for row in gathered)
     V, D = w.shape
     row_bytes = D * w.element_size()
     dense_sent = 2 * (n - 1) * V * row_bytes // n
@@ -221,4 +226,7 @@ def exchange(
                 grad.index_add_(0, idx[r, : k[r]], vals[r, : k[r]])
         record.update(mode="sparse", bytes=idx.numel() * 8 + vals.numel() * w.element_size(), sent_bytes=sparse_sent)
     record["done"] = time.perf_counter()
+    if timer is not None:
+        timer.stop()  # after the waits and the index_adds on this stream: the exchange's end in stream order
+        record["timer"] = timer
     return record

@@ -1,22 +1,29 @@
-"""The first GPU we get: a few minutes of checks on one GPU (or two), one summary at the end.
+"""The first GPU we get: checks on one GPU (or two), each with a time limit, a budget up front, one summary.
 
-    make gpu-check                              # = python -m experiments.gpu_check
-    python -m experiments.gpu_check --dry-run   # print the commands, check that they parse; runs on a CPU
+    make gpu-check PY=python3                          # = python3 -m experiments.gpu_check, the machine's torch
+    python -m experiments.gpu_check --quick            # at most 5 minutes (what the Kaggle notebook runs)
+    python -m experiments.gpu_check --dry-run          # the budget and the commands; checks they parse; a CPU will do
 
-What it runs, each step a subprocess with a time limit, each reported as PASS, FAIL or SKIP:
+What it runs, each step reported as PASS, FAIL or SKIP (with the reason):
 1. the GPU test tiers (`pytest -m gpu tests/gpu`): the one-GPU tier always, the two-GPU tier on two;
-2. a short training at world size 1 over NCCL with `--ddp none`, `native` and `scratch` (ours with
-   torch's all-reduce and with our ring), in fp16 (autocast and GradScaler) and in bf16: the tiny
-   model on generated token ids, so neither `datasets` nor the hub nor `starlette` is needed; the
-   final weights of every DDP must match `none`'s within 16-bit rounding;
+2. short trainings at world size 1 over NCCL of every stage in `TRAININGS` (one process; torch's and our
+   DDP, ours with torch's all-reduce and with our ring, the sparse embedding exchange, ZeRO-1 both ways,
+   ZeRO-2, our FSDP and torch's FSDP2), through training's own `parallel.setup` and `optimizer_step`, in
+   fp16 (autocast and GradScaler; ZeRO-2 and FSDP, which refuse fp16, in fp32) and in bf16: the tiny model
+   on generated token ids, so neither `datasets` nor the hub nor `starlette` is needed. The final weights
+   of every stage must match `none`'s of the same precision within 16-bit rounding;
 3. the doctor with NCCL (`experiments.doctor --backend nccl`), on every visible GPU;
 4. the step-time benchmark's GPU form (`experiments.bench.step --gpu --quick`), fp16.
-It needs torch >= 2.11 and a CUDA build of it; without a GPU every step is a SKIP (exit 0 with
---dry-run, exit 1 otherwise, with a message).
+`--quick` runs the one-GPU tier and five trainings; its limits add up to under 5 minutes.
 
-The training of step 2 is this file's `--train` mode: `experiments.train` itself reads AG News
-through `datasets`, which a bare GPU image may lack; this one drives the same wrappers
-(`ddp_native.wrap`, `ddp_from_scratch.wrap`) and precision helpers (experiments/precision.py).
+Any torch with a CUDA build will do: a step whose feature this torch lacks (torch's FSDP2, `torch.amp.GradScaler`)
+is a SKIP that names the feature and the first torch that has it, never a FAIL; bf16 below compute capability 8.0
+(a T4: 7.5) is a SKIP too (emulated there, experiments/precision.py). Without a GPU nothing is run (exit 1, with a
+message; exit 0 with --dry-run when every command parses).
+
+Every step runs in a session (process group) of its own; at its time limit the whole tree is stopped (SIGTERM,
+then SIGKILL after `KILL_GRACE_S`): the step's group, and every descendant found under /proc with its own group,
+since torchrun starts each rank in a session of its own. No rank outlives its step holding the GPU.
 """
 
 from __future__ import annotations
@@ -25,86 +32,120 @@ import argparse
 import importlib.util
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from experiments.features import missing
+
 ROOT = Path(__file__).resolve().parents[1]
-MIN_TORCH = (2, 11)
-PRECISIONS = ("fp16", "bf16")
-DDPS = ("none", "native", "scratch-torch", "scratch-ring")
+KILL_GRACE_S = 5.0  # after SIGTERM at a step's limit, before SIGKILL
+QUICK_BUDGET_S = 300  # --quick: limits plus grace of every step, at most this
+
+
+# ----------------------------------------------------------------------------- the stage list (one place)
+
+
+@dataclass(frozen=True)
+class Training:
+    """One short training: the TrainConfig fields that pick its stage, the precisions it runs in, what it needs."""
+
+    config: dict
+    precisions: tuple[str, ...] = ("fp16", "bf16")
+    needs: tuple[str, ...] = ()
+
+
+SHARDED = ("fp32", "bf16")  # ZeRO-2 and FSDP refuse fp16 (train_args.py: no sharded loss scaler)
+TRAININGS = {
+    "none": Training({"ddp": "none"}, ("fp16", "fp32", "bf16")),  # the reference of every precision
+    "native": Training({"ddp": "native"}),
+    "scratch-torch": Training({"ddp": "scratch", "all_reduce": "torch", "sparse_embeddings": "off"}),
+    "scratch-ring": Training({"ddp": "scratch", "all_reduce": "ring", "sparse_embeddings": "off"}),
+    "sparse": Training({"ddp": "scratch", "sparse_embeddings": "on"}),
+    "zero1": Training({"ddp": "scratch", "parallel": "zero1"}),
+    "zero1-native": Training({"ddp": "native", "parallel": "zero1"}),
+    "zero2": Training({"ddp": "scratch", "parallel": "zero2"}, SHARDED),
+    "fsdp": Training({"ddp": "scratch", "parallel": "fsdp"}, SHARDED),
+    "fsdp-native": Training({"ddp": "native", "parallel": "fsdp"}, SHARDED, needs=("fsdp2",)),
+}
+QUICK_TRAININGS = (("none", "fp16"), ("native", "fp16"), ("scratch-ring", "fp16"), ("none", "fp32"))
+QUICK_TRAININGS += (("fsdp-native", "fp32"),)
+PRECISIONS = ("fp16", "fp32", "bf16")
+
+
+def needs_of(training: str, precision: str) -> tuple[str, ...]:
+    return TRAININGS[training].needs + (("grad_scaler",) if precision == "fp16" else ())
 
 
 @dataclass
 class Step:
-    """One check: a command, its time limit (seconds), and what happened."""
+    """One check: a command, its time limit (seconds), what it needs, and what happened."""
 
     name: str
     cmd: list[str]
     timeout_s: float
     needs_gpus: int = 1
+    needs: tuple[str, ...] = ()
+    precision: str | None = None
     status: str = "SKIP"
     seconds: float = 0.0
     detail: str = ""
     env: dict = field(default_factory=dict)
 
 
-def torch_version() -> tuple[int, int]:
-    import torch
-
-    major, minor = torch.__version__.split("+")[0].split(".")[:2]
-    return int(major), int(minor)
+ONE_GPU = "tests/gpu/test_one_gpu.py"
+PYTEST_ALL = ["-m", "pytest", "-q", "-m", "gpu", "tests/gpu"]
 
 
-def plan(out: Path, gpus: int) -> list[Step]:
-    """The steps, in order (what --dry-run prints). `gpus`: visible CUDA devices (the doctor uses all)."""
+def command(module_args: list[str], nproc: int | None = None) -> list[str]:
+    """How a step starts (one place): `python -m ...`, or under torchrun with `nproc` ranks on this machine."""
     py = sys.executable
-    torchrun = [py, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1"]
-    steps = [
-        Step(
-            "GPU tests (one-GPU tier; two-GPU tier on 2 GPUs)",
-            [py, "-m", "pytest", "-q", "-m", "gpu", "tests/gpu"],
-            1800,
-        )
-    ]
-    for precision in PRECISIONS:
-        for ddp in DDPS:
-            train = [
-                "-m",
-                "experiments.gpu_check",
-                "--train",
-                ddp,
-                "--precision",
-                precision,
-                "--out",
-                str(out / f"{ddp}-{precision}.json"),
-            ]
-            steps.append(Step(f"train --ddp {ddp} {precision}", ([py] if ddp == "none" else torchrun) + train, 180))
-    steps.append(
-        Step("doctor, nccl", [py, "-m", "experiments.doctor", "--backend", "nccl", "--nproc", str(max(1, gpus))], 300)
-    )
-    steps.append(
-        Step(
-            "step-time benchmark, GPU, fp16",
-            [
-                py,
-                "-m",
-                "experiments.bench.step",
-                "--gpu",
-                "--quick",
-                "--nproc",
-                "1",
-                "--precision",
-                "fp16",
-                "--out",
-                str(out / "bench-step"),
-            ],
-            300,
-        )
-    )
+    if nproc is None:
+        return [py, *module_args]
+    return [py, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *module_args]
+
+
+def plan(out: Path, gpus: int, quick: bool = False) -> list[Step]:
+    """The steps, in order (what --dry-run prints). `gpus`: visible CUDA devices (the doctor uses all)."""
+    if quick:
+        steps = [Step("GPU tests, one-GPU tier", command(["-m", "pytest", "-q", "-x", "-m", "gpu", ONE_GPU]), 100)]
+        trainings = list(QUICK_TRAININGS)
+    else:
+        steps = [Step("GPU tests (one-GPU tier; two-GPU tier on 2 GPUs)", command(PYTEST_ALL), 1800)]
+        trainings = [(t, p) for p in PRECISIONS for t, spec in TRAININGS.items() if p in spec.precisions]
+    for training, precision in trainings:
+        args = ["-m", "experiments.gpu_check", "--train", training, "--precision", precision]
+        args += ["--out", str(out / f"{training}-{precision}.json")]
+        limit = (25 if training == "none" else 35) if quick else (60 if training == "none" else 90)
+        cmd = command(args, None if training == "none" else 1)
+        steps.append(Step(f"train {training} {precision}", cmd, limit, needs=needs_of(training, precision)))
+        steps[-1].precision = precision
+    if quick:
+        return steps
+    doctor = ["-m", "experiments.doctor", "--backend", "nccl", "--nproc", str(max(1, gpus))]
+    steps.append(Step("doctor, nccl", command(doctor), 300))
+    bench = ["-m", "experiments.bench.step", "--gpu", "--quick", "--nproc", "1", "--precision", "fp16"]
+    steps.append(Step("step-time benchmark, GPU, fp16", command(bench + ["--out", str(out / "bench-step")]), 300))
+    steps[-1].needs = ("grad_scaler",)
     return steps
+
+
+def budget(steps: list[Step]) -> float:
+    """The most seconds the steps can take: each one's limit, plus the grace to stop it."""
+    return sum(s.timeout_s + KILL_GRACE_S for s in steps)
+
+
+def budget_text(steps: list[Step]) -> str:
+    rows = [f"  {s.timeout_s:5.0f} s  {s.name}" for s in steps]
+    total = budget(steps)
+    return "\n".join(
+        [f"time budget (each step is stopped at its limit, then within {KILL_GRACE_S:.0f} s):"]
+        + rows
+        + [f"  at most {total:.0f} s ({total / 60:.1f} min) for {len(steps)} steps, skipped ones take none"]
+    )
 
 
 # ----------------------------------------------------------------------------- step 2: one short training
@@ -112,9 +153,9 @@ def plan(out: Path, gpus: int) -> list[Step]:
 
 def train_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m experiments.gpu_check --train")
-    p.add_argument("--train", choices=DDPS, required=True)
-    p.add_argument("--precision", choices=PRECISIONS + ("fp32",), required=True)
-    p.add_argument("--out", required=True, help="JSON file for the losses and a digest of the weights")
+    p.add_argument("--train", choices=tuple(TRAININGS), required=True)
+    p.add_argument("--precision", choices=PRECISIONS, required=True)
+    p.add_argument("--out", required=True, help="JSON file for the losses; the full weights go to <out>.pt")
     p.add_argument("--steps", type=int, default=6)
     p.add_argument(
         "--cpu", action="store_true", help="gloo on the CPU (tests/harness/test_gpu_check.py runs the loop so)"
@@ -123,81 +164,86 @@ def train_args(argv=None) -> argparse.Namespace:
 
 
 def train(a: argparse.Namespace) -> dict:
-    """A few AdamW steps of the tiny model on generated ids; the weights go to `<out>.pt`, losses to `out`."""
+    """A few AdamW steps of the tiny model on generated ids, through training's own stage setup and step.
+
+    Raises: RuntimeError naming the torch feature the stage needs and this torch lacks (or a non-finite
+    loss); UsageError (train_args.py) for a stage that refuses the precision (fp16 with ZeRO-2 / FSDP).
+    """
+    why = missing(needs_of(a.train, a.precision))
+    if why:
+        raise RuntimeError(f"--train {a.train} --precision {a.precision}: {why}")
     import torch
 
-    import ddp_from_scratch
-    import ddp_native
     from experiments import distributed as D
+    from experiments import parallel
     from experiments.model import build_model, build_tokenizer
-    from experiments.precision import autocast, make_scaler
+    from experiments.precision import make_scaler
+    from experiments.step import optimizer_step
+    from experiments.train_args import TrainConfig
 
-    ddp = a.train.split("-")[0]
-    env = D.setup(ddp, "gloo" if a.cpu else "nccl" if ddp != "none" else None, timeout_s=120)
+    spec = TRAININGS[a.train].config
+    config = TrainConfig(model="tiny", precision=a.precision, lr=3e-3, seed=0, **spec).check()
+    backend = "gloo" if a.cpu else ("nccl" if config.ddp != "none" else None)
+    env = D.setup(config.ddp, backend, timeout_s=120)
     try:
         if env.device.type != "cuda" and not a.cpu:
             raise RuntimeError(f"expected a GPU, got {env.device}")
         vocab = len(build_tokenizer("tiny"))
         torch.manual_seed(0)
         model = build_model("tiny", vocab_size=vocab, dropout=0.0).to(env.device)
-        if ddp == "native":
-            model = ddp_native.wrap(model, env.device)
-        elif ddp == "scratch":
-            model = ddp_from_scratch.wrap(model, env.device, all_reduce=a.train.split("-")[1])
+        stage = parallel.setup(model, config, env)
         g = torch.Generator().manual_seed(1)
         batches = [
-            (torch.randint(5, vocab, (8, 32), generator=g), torch.randint(0, 4, (8,), generator=g))
+            {
+                "input_ids": torch.randint(5, vocab, (8, 32), generator=g),
+                "labels": torch.randint(0, 4, (8,), generator=g),
+            }
             for _ in range(a.steps)
         ]
-        opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
         scaler = make_scaler(a.precision, env.device)
         losses = []
-        for ids, labels in batches:
-            ids, labels = ids.to(env.device), labels.to(env.device)
-            with autocast(a.precision, env.device):
-                loss = model(input_ids=ids, labels=labels).loss
-            (scaler.scale(loss) if scaler else loss).backward()
-            if scaler:
-                scaler.step(opt)
-                scaler.update()
-            else:
-                opt.step()
-            opt.zero_grad(set_to_none=True)
-            losses.append(loss.item())
-        if not all(map(lambda x: x == x and abs(x) < 1e4, losses)):
+        for batch in batches:
+            batch = {k: v.to(env.device) for k, v in batch.items()}
+            result = optimizer_step(stage.model, stage.opt, None, scaler, [batch], a.precision, max_grad_norm=1.0)
+            losses.append(result.loss)
+        if not all(x == x and abs(x) < 1e4 for x in losses):
             raise RuntimeError(f"loss not finite: {losses}")
-        inner = getattr(model, "module", model)
-        torch.save({k: v.float().cpu() for k, v in inner.state_dict().items()}, f"{a.out}.pt")
-        result = {"losses": losses, "backend": env.backend or "none", "device": str(env.device)}
-        Path(a.out).write_text(json.dumps(result))
-        return result
+        weights = {k: v.float().cpu() for k, v in stage.full_model_state().items()}  # a collective for FSDP
+        out = {"losses": losses, "backend": env.backend or "none", "device": str(env.device), "stage": stage.label}
+        if env.is_main:
+            torch.save(weights, f"{a.out}.pt")
+            Path(a.out).write_text(json.dumps(out))
+        return out
     finally:
         D.teardown()
 
 
 def compare_weights(out: Path, precision: str) -> str:
-    """'' if every DDP's weights match --ddp none's within 16-bit rounding, else what differs (2e-3: the
-    tolerance of tests/gpu/test_gpu.py for fp16/bf16; GPU kernels are not bit-reproducible)."""
+    """'' if every training's weights in `precision` match --train none's within 16-bit rounding, else what
+    differs (2e-3: the tolerance of tests/gpu/test_gpu.py for fp16/bf16; GPU kernels are not bit-reproducible).
+    Trainings without weights (skipped, failed, not in this plan) are left out."""
     import torch
 
     ref_path = out / f"none-{precision}.json.pt"
     if not ref_path.exists():
-        return "no weights from --ddp none"
+        return "no weights from --train none"
     ref = torch.load(ref_path)
     problems = []
-    for ddp in DDPS[1:]:
-        path = out / f"{ddp}-{precision}.json.pt"
-        if not path.exists():
-            problems.append(f"{ddp}: no weights")
+    for name in TRAININGS:
+        path = out / f"{name}-{precision}.json.pt"
+        if name == "none" or not path.exists():
             continue
         theirs = torch.load(path)
+        if theirs.keys() != ref.keys():
+            problems.append(f"{name}: other parameter names")
+            continue
         worst = max((theirs[k] - v).abs().max().item() for k, v in ref.items())
         if worst > 2e-3:
-            problems.append(f"{ddp}: max |w - w_none| = {worst:.2e} > 2e-3")
+            problems.append(f"{name}: max |w - w_none| = {worst:.2e} > 2e-3")
     return "; ".join(problems)
 
 
-# ----------------------------------------------------------------------------- running and the summary
+# ----------------------------------------------------------------------------- running (one place) and the summary
 
 
 def parses(step: Step) -> str:
@@ -214,8 +260,8 @@ def parses(step: Step) -> str:
     if importlib.util.find_spec(module) is None:
         return f"no module {module}"
     if module == "pytest":
-        missing = [a for a in args[2:] if a.startswith("tests") and not (ROOT / a).exists()]
-        return f"missing {missing}" if missing else ""
+        missing_paths = [a for a in args[2:] if a.startswith("tests") and not (ROOT / a).exists()]
+        return f"missing {missing_paths}" if missing_paths else ""
     if module == "experiments.gpu_check":
         try:
             train_args(args[2:])
@@ -226,24 +272,114 @@ def parses(step: Step) -> str:
     return "" if r.returncode == 0 else f"arguments refused: {r.stderr.strip()[-300:]}"
 
 
-def run_step(step: Step, gpus: int) -> None:
+def skip_reason(step: Step, gpus: int, capability: tuple[int, int] | None) -> str:
+    """Why `step` cannot run here ('' if it can): too few GPUs, a torch feature missing, bf16 on a GPU
+    without bf16 arithmetic (`capability`: cuda:0's compute capability; None: not known, not checked)."""
     if gpus < step.needs_gpus:
-        step.status, step.detail = "SKIP", f"needs {step.needs_gpus} GPU(s), {gpus} visible"
-        return
-    start = time.perf_counter()
-    try:
-        r = subprocess.run(
-            step.cmd, cwd=ROOT, capture_output=True, text=True, timeout=step.timeout_s, env={**os.environ, **step.env}
+        return f"needs {step.needs_gpus} GPU(s), {gpus} visible"
+    why = missing(step.needs)
+    if why:
+        return why
+    if step.precision == "bf16" and capability is not None and capability < (8, 0):
+        return (
+            f"bf16 needs compute capability 8.0 (Ampere); cuda:0 is {capability[0]}.{capability[1]}, where torch "
+            "emulates it (experiments/precision.py)"
         )
-    except subprocess.TimeoutExpired:
-        step.status, step.detail = "FAIL", f"no result after {step.timeout_s:.0f} s"
-    else:
-        tail = (r.stdout + r.stderr).strip().splitlines()
-        step.status = "PASS" if r.returncode == 0 else "FAIL"
-        step.detail = tail[-1][:160] if tail else ""
-        if r.returncode != 0:
-            print("\n".join(tail[-30:]), file=sys.stderr)
+    return ""
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below `pid` (children, grandchildren, ...), read from /proc; [] where there is none."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue  # gone meanwhile
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])  # "pid (comm) state ppid ...": comm may hold spaces
+        children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _signal_all(pids: list[int], sig: int) -> None:
+    """`sig` to each of `pids` and to its process group, never to this process's own group."""
+    own = os.getpgrp()
+    for pid in pids:
+        try:
+            group = os.getpgid(pid)
+            if group != own:
+                os.killpg(group, sig)
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+def alive(pid: int) -> bool:
+    """True while `pid` runs (a zombie, dead but not yet reaped by its parent, counts as gone)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+    except OSError:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+
+
+def stop_tree(proc: subprocess.Popen, grace_s: float = KILL_GRACE_S) -> None:
+    """Stop `proc` (a session leader: `start_new_session=True`) and everything it started: SIGTERM to
+    every group in the tree (torchrun forwards it to its ranks, each in a session of its own), then
+    SIGKILL to what is left after `grace_s`. Reaps `proc`."""
+    tree = [proc.pid, *_descendants(proc.pid)]
+    _signal_all(tree, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline and any(alive(p) for p in tree):
+        time.sleep(0.05)
+    tree += [p for p in _descendants(proc.pid) if p not in tree]
+    _signal_all([p for p in tree if p == proc.pid or alive(p)], signal.SIGKILL)
+    proc.wait()
+
+
+def run_step(step: Step, log: Path | None = None, grace_s: float = KILL_GRACE_S) -> None:
+    """Run `step` in a session of its own, its output into `log` (or a temporary file); at its limit the
+    whole tree is stopped (`stop_tree`). Sets status, seconds and detail (the output's last line)."""
+    import tempfile
+
+    start = time.perf_counter()
+    with open(log, "w+") if log else tempfile.TemporaryFile("w+") as f:
+        proc = subprocess.Popen(
+            step.cmd,
+            cwd=ROOT,
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **step.env},
+            start_new_session=True,
+        )
+        try:
+            code = proc.wait(timeout=step.timeout_s)
+        except subprocess.TimeoutExpired:
+            stop_tree(proc, grace_s)
+            code = None
+        f.seek(0)
+        tail = f.read()[-20_000:].strip().splitlines()
     step.seconds = time.perf_counter() - start
+    if code is None:
+        step.status, step.detail = (
+            "FAIL",
+            f"no result after {step.timeout_s:.0f} s: stopped, with every process it started",
+        )
+    else:
+        step.status = "PASS" if code == 0 else "FAIL"
+        step.detail = tail[-1][:160] if tail else ""
+    if step.status == "FAIL":
+        print("\n".join(tail[-30:]), file=sys.stderr)
 
 
 def summary(steps: list[Step], extra: list[tuple[str, str, str]]) -> str:
@@ -259,44 +395,53 @@ def main(argv=None) -> int:
         train(train_args(argv))
         return 0
     p = argparse.ArgumentParser(prog="python -m experiments.gpu_check", description=__doc__.split("\n")[0])
-    p.add_argument("--out", default="runs/gpu-check", help="directory for weights and benchmark files")
-    p.add_argument("--dry-run", action="store_true", help="print the commands and check that they parse")
+    p.add_argument("--out", default="runs/gpu-check", help="directory for weights, logs and the summary")
+    p.add_argument(
+        "--quick", action="store_true", help=f"the one-GPU tier and five trainings: at most {QUICK_BUDGET_S} s"
+    )
+    p.add_argument("--dry-run", action="store_true", help="print the budget and the commands, check that they parse")
     a = p.parse_args(argv)
     import torch
 
     out = Path(a.out).resolve()
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    steps = plan(out, gpus)
+    capability = torch.cuda.get_device_capability(0) if gpus else None
+    steps = plan(out, gpus, a.quick)
     facts = f"torch {torch.__version__}, CUDA {torch.version.cuda}, {gpus} GPU(s)" + "".join(
         f"; cuda:{i} {torch.cuda.get_device_name(i)} (sm {'.'.join(map(str, torch.cuda.get_device_capability(i)))})"
         for i in range(gpus)
     )
     print(facts)
-    if torch_version() < MIN_TORCH:
-        print(f"FAIL: torch {torch.__version__} is older than {'.'.join(map(str, MIN_TORCH))}")
-        return 1
+    print(budget_text(steps), flush=True)
     if a.dry_run:
         bad = 0
         for s in steps:
             why = parses(s)
             bad += bool(why)
-            print(f"{'ok ' if not why else 'BAD'} {' '.join(s.cmd)}" + (f"  <- {why}" if why else ""))
+            skip = missing(s.needs)
+            mark = "BAD" if why else "SKIP" if skip else "ok "
+            print(f"{mark} {' '.join(s.cmd)}" + (f"  <- {why or skip}" if why or skip else ""))
         return 1 if bad else 0
     if gpus == 0:
         print(
-            "FAIL: no CUDA GPU visible (a CPU build of torch, or no device): nothing to check. "
-            "On a GPU machine: make install TORCH=torch, then make gpu-check."
+            "FAIL: no CUDA GPU visible (a CPU build of torch, or no device): nothing to check. On a GPU machine, "
+            "with its CUDA build of torch: make gpu-check PY=python3 (or python -m experiments.gpu_check)."
         )
         return 1
-    out.mkdir(parents=True, exist_ok=True)
+    (out / "logs").mkdir(parents=True, exist_ok=True)
     for s in steps:
-        print(f"... {s.name}", flush=True)
-        run_step(s, gpus)
+        s.detail = skip_reason(s, gpus, capability)
+        if s.detail:
+            print(f"SKIP {s.name}: {s.detail}", flush=True)
+            continue
+        print(f"... {s.name} (at most {s.timeout_s:.0f} s)", flush=True)
+        run_step(s, out / "logs" / (s.name.split(" (")[0].replace(" ", "-").replace(",", "") + ".log"))
     extra = []
     for precision in PRECISIONS:
-        if all(s.status == "PASS" for s in steps if s.name.endswith(precision) and "train" in s.name):
+        ran = [s for s in steps if s.name.startswith("train ") and s.precision == precision and s.status != "SKIP"]
+        if len(ran) > 1 and all(s.status == "PASS" for s in ran):
             why = compare_weights(out, precision)
-            extra.append(("FAIL" if why else "PASS", f"weights native/scratch == none, {precision}", why))
+            extra.append(("FAIL" if why else "PASS", f"weights of every stage == none's, {precision}", why))
     text = summary(steps, extra)
     print(text)
     (out / "summary.txt").write_text(facts + "\n" + text + "\n")

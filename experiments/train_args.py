@@ -171,6 +171,12 @@ class TrainConfig:
                 f"--comm-hook {self.comm_hook} compresses a DDP bucket's all-reduce, and {where}:"
                 " use it with --parallel ddp or zero1 under torchrun, or drop it"
             ]
+        if self.parallel == "fsdp" and self.resolved().impl == "native":
+            from .features import missing
+
+            lacking = missing(["fsdp2"])
+            if lacking:
+                return [f"--parallel fsdp --impl native {lacking}: use --impl scratch (ours), or a newer torch"]
         if self.precision == "fp16" and self.parallel in ("zero2", "fsdp"):
             return [
                 f"--precision fp16 with --parallel {self.parallel}: each rank holds only its shard of the gradients,"

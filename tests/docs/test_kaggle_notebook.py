@@ -1,19 +1,24 @@
-"""The Kaggle recipe cannot rot: kaggle/distrinews_2xT4.ipynb is valid nbformat, its shell steps stop "Run all" at
-a failure, and its commands run here, on the CPU, with the tiny model and the local AG News rows in place of
-DistilBERT and the hub (the GPU checks in their --dry-run form)."""
+"""The Kaggle recipe cannot rot: kaggle/distrinews_2xT4.ipynb is valid nbformat, its first cell prints each cell's
+expected minutes, its shell steps stop "Run all" at a failure, it takes the code from git or from an uploaded copy,
+its install keeps the machine's torch, and its commands run here, on the CPU, with the tiny model and the local
+AG News rows in place of DistilBERT and the hub (the GPU checks in their --dry-run form)."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+from importlib.metadata import version
 from pathlib import Path
 
 import nbformat
 import pytest
 from support.paths import ROOT, needs_ag_news
 from support.training import tiny_train_args
+
+from experiments import gpu_check
 
 NOTEBOOK = ROOT / "kaggle" / "distrinews_2xT4.ipynb"
 # what the CPU run puts in place of the GPU configuration (argparse: the later flag wins)
@@ -86,7 +91,69 @@ def test_kernel_metadata_for_kaggle_kernels_push():
     assert meta["code_file"] == NOTEBOOK.name and (ROOT / "kaggle" / meta["code_file"]).exists()
     assert meta["kernel_type"] == "notebook" and meta["language"] == "python"
     assert meta["enable_gpu"] == "true" and meta["enable_internet"] == "true"
-    assert meta["machine_shape"] == "NvidiaTeslaT4Highmem"  # "GPU T4 x2" (Kaggle/kaggle-cli docs/kernels_metadata.md)
+    # "GPU T4 x2" is NvidiaTeslaT4; NvidiaTeslaT4Highmem is an admin-only pool (Kaggle/kaggle-cli PR #1198)
+    assert meta["machine_shape"] == "NvidiaTeslaT4"
+    assert "docker_image" not in meta  # a pinned image overrides the machine's (its torch): kaggle-cli #1197
+    documented = {  # kaggle-cli's docs/kernels_metadata.md
+        *("id", "id_no", "title", "code_file", "language", "kernel_type", "is_private", "enable_gpu", "enable_tpu"),
+        *("enable_internet", "dataset_sources", "competition_sources", "kernel_sources", "model_sources"),
+        *("docker_image", "machine_shape"),
+    }
+    assert set(meta) <= documented, set(meta) - documented
+
+
+def test_first_cell_prints_each_cells_minutes_and_how_they_were_obtained(capsys):
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    first = next(c for c in nb.cells if c.cell_type == "code")
+    assert first.metadata["tags"] == ["plan"] and "ESTIMATE" in first.source
+    namespace = {}
+    exec(first.source, namespace)
+    rows = {cell: (minutes, how) for cell, minutes, how in namespace["PLAN"]}
+    printed = capsys.readouterr().out
+    assert all(how for _, how in rows.values()) and all(cell in printed for cell in rows)
+    quick = gpu_check.budget(gpu_check.plan(Path("out"), 2, quick=True)) / 60
+    assert rows["GPU checks (--quick)"][0] == f"<= {quick:.1f}" and "LIMIT" in rows["GPU checks (--quick)"][1]
+    assert all(how.startswith(("estimate", "LIMIT", "no work")) for _, how in rows.values())
+    low, high = map(float, rows["compare: 1 process, torch's DDP, ours"][0].split(" - "))
+    assert 0 < low < high
+
+
+def test_gpu_check_cell_runs_the_quick_form():
+    (source,) = cells("gpu-tests")
+    assert "experiments.gpu_check --quick" in source
+
+
+@pytest.mark.parametrize("form", ["folder", "archive"])
+def test_an_uploaded_copy_instead_of_a_clone(monkeypatch, tmp_path, form):
+    """A Kaggle dataset under /kaggle/input (read-only) holding the code: copied or unpacked into SRC."""
+    upload = tmp_path / "input" / "distrinews"
+    (upload / "experiments").mkdir(parents=True)
+    (upload / "pyproject.toml").write_text("[project]\nname = 'distrinews'\n")
+    (upload / "experiments" / "gpu_check.py").write_text("")
+    if form == "archive":
+        upload = Path(shutil.make_archive(str(tmp_path / "distrinews"), "gztar", root_dir=upload))
+    ns = config(monkeypatch, str(upload), tmp_path / "src")
+    exec(cells("clone")[0], ns)
+    assert (tmp_path / "src" / "experiments" / "gpu_check.py").exists()
+    exec(cells("clone")[0], ns)  # a rerun reuses the copy
+    nested = tmp_path / "nested"
+    shutil.copytree(tmp_path / "src", nested / "distrinews")
+    ns = config(monkeypatch, str(nested), tmp_path / "src2")  # the folder above the code: said so
+    with pytest.raises(FileNotFoundError, match="no pyproject.toml at the top"):
+        exec(cells("clone")[0], ns)
+
+
+def test_install_uses_the_constraints_and_keeps_the_machines_torch(monkeypatch, tmp_path):
+    ns = config(monkeypatch, "https://example.org/distrinews", ROOT)
+    ran = []
+    ns["run"] = ran.append
+    exec(cells("install")[0], ns)
+    assert ran == ["pip install -q -e . pytest -c /tmp/distrinews-constraints.txt"]
+    written = Path("/tmp/distrinews-constraints.txt").read_text().splitlines()
+    ours = (ROOT / "kaggle" / "constraints.txt").read_text().splitlines()
+    pinned = next(line for line in ours if line.startswith("torch=="))
+    assert ("transformers==5" in "\n".join(written)) and all(line in ours for line in written)
+    assert (pinned in written) == (version("torch").split("+")[0] == pinned.split("==")[1])
 
 
 @pytest.mark.slow
@@ -107,7 +174,7 @@ def test_recipe_cells_run_on_cpu_with_the_tiny_model(monkeypatch, tmp_path):
     for source in cells("gpu-tests") + cells("recipe"):
         exec(source, ns)  # the notebook's cells, with the tiny configuration
     assert len(ran) == 5 and "--dry-run" in ran[0]
-    assert (tmp_path / "gpu-check.log").read_text().count("ok ") >= 10
+    assert (tmp_path / "gpu-check.log").read_text().count("ok ") == len(gpu_check.plan(tmp_path, 2, quick=True))
     assert "| scratch | 2 |" in (tmp_path / "compare" / "comparison.md").read_text()
     assert "| fp16 |" in (tmp_path / "compare-ring" / "comparison.md").read_text()
     assert (tmp_path / "checkpoint.tar.gz").stat().st_size > 0

@@ -42,15 +42,17 @@ def nccl():
     dist.destroy_process_group()
 
 
-def ring_to_self(tensor, group=None, tag=None, steps=1, late=0, events=None):
+def ring_to_self(tensor, group=None, tag=None, steps=1, late=0, events=None, host_delay=0.0):
     """`steps` ring reduce-scatter steps with this rank as its own neighbour: tensor *= 2**steps, in place.
 
     A collective in work.py's sense (takes `group` and `tag`). `late` cycles of sleep first, on the
     current stream (the worker's, when launched); `events`, a list: a (start, end) pair of timing
-    events recorded around it on that stream.
+    events recorded around it on that stream; `host_delay` seconds of host sleep before anything is
+    enqueued (the worker thread issues it late, while the launching thread goes on).
     """
     from ddp_from_scratch import collectives as C
 
+    time.sleep(host_delay)
     stream = torch.cuda.current_stream(tensor.device)
     if events is not None:
         events.append(torch.cuda.Event(enable_timing=True))
@@ -179,29 +181,38 @@ def test_blocking_collective_refused_while_launched_ones_are_issued(nccl):
 
 
 class SlowBackward(torch.autograd.Function):
-    """Identity forward; its backward first spins `late` cycles on the current stream (makes backward late)."""
+    """Identity forward; its backward first spins `late` cycles on the current stream (makes backward late).
+    `marks`, a list: timing events recorded on that stream right before and right after the slow kernel."""
 
     @staticmethod
-    def forward(ctx, x, late):
-        ctx.late = late
+    def forward(ctx, x, late, marks=None):
+        ctx.late, ctx.marks = late, marks
         return x.view_as(x)
 
     @staticmethod
     def backward(ctx, grad):
+        stream = torch.cuda.current_stream(grad.device)
+        if ctx.marks is not None:
+            ctx.marks.append(torch.cuda.Event(enable_timing=True))
+            ctx.marks[-1].record(stream)
         torch.cuda._sleep(ctx.late)
-        return grad, None
+        if ctx.marks is not None:
+            ctx.marks.append(torch.cuda.Event(enable_timing=True))
+            ctx.marks[-1].record(stream)
+        return grad, None, None
 
 
 class Net(nn.Module):
     def __init__(self, late: int = 0, where: str = "output", layers: int = 4, width: int = 256):
         super().__init__()
         self.late, self.where = late, where
+        self.marks = None  # a list: SlowBackward's events around its kernel (test_collective_overlaps_backward)
         self.layers = nn.ModuleList(nn.Linear(width, width) for _ in range(layers))
         self.head = nn.Linear(width, 4)
 
     def forward(self, x):
         if self.late and self.where == "input":  # its backward runs last: after every bucket is launched
-            x = SlowBackward.apply(x, self.late)
+            x = SlowBackward.apply(x, self.late, self.marks)
         for layer in self.layers:
             x = torch.relu(layer(x))
         x = self.head(x)
@@ -270,68 +281,124 @@ def test_reducer_on_a_side_stream_with_fp16_autocast_and_scaler(nccl, hook, all_
 
 def test_collective_overlaps_backward(nccl):
     """Overlap, measured with CUDA events: the first bucket's ring (on the worker's own stream) runs while
-    backward still computes (a slow kernel in the first layer's backward, after every bucket is launched).
+    backward still computes, inside a slow kernel of the input's backward, enqueued after every bucket's launch.
 
-    Guards rule 1's "own stream" (`_Worker.stream`): on the default stream, which backward uses, the ring
-    would queue behind the backward kernels already enqueued (the host runs ahead of the GPU), so its
-    interval would start after backward's end.
+    Guards rule 1's "own stream" (`torch.cuda.stream(stream)` in work.py `_run_on_cuda`): on the default
+    stream, which backward uses, the ring queues behind whatever backward enqueued before the worker issued
+    it. The worker issues the first ring 50 ms late (`host_delay`), by which time the launching thread has
+    enqueued the rest of backward, the slow kernel included: on the default stream the ring would end after
+    that kernel ends; on its own stream it waits only for its bucket (rule 1's event) and ends inside it.
     """
     import ddp_from_scratch
+    from ddp_from_scratch import work as W
 
     torch.manual_seed(0)
-    model = ddp_from_scratch.wrap(
-        Net(late=LATE, where="input", layers=8).cuda(), torch.device("cuda", 0), bucket_cap_mb=0.25
-    )
+    net = Net(late=LATE, where="input", layers=8).cuda()
+    model = ddp_from_scratch.wrap(net, torch.device("cuda", 0), bucket_cap_mb=0.25)
     events: list = []
+    launched: list = []
 
     def timed_hook(state, bucket):
-        from ddp_from_scratch import work as W
-
         bucket.buffer.div_(2)
-        return W.launch(ring_to_self, bucket.buffer, group=state.process_group, events=events).get_future()
+        late = 0.05 if not launched else 0.0  # the step's first ring only
+        launched.append(bucket)
+        return W.launch(
+            ring_to_self, bucket.buffer, group=state.process_group, events=events, host_delay=late
+        ).get_future()
 
     model.register_comm_hook(None, timed_hook)
     x = torch.randn(64, 256, device="cuda", requires_grad=True)  # so the slow input kernel has a backward
+    model(x).sum().backward()  # warm-up: NCCL's send/recv communicator, cuBLAS, the rebuilt buckets
+    torch.cuda.synchronize()
+    events.clear()
+    launched.clear()
+    net.marks = marks = []
     loss = model(x).sum()
     torch.cuda.synchronize()
-    stream = torch.cuda.current_stream()
-    b0, b1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    b0.record(stream)
+    b0 = torch.cuda.Event(enable_timing=True)
+    b0.record(torch.cuda.current_stream())
     loss.backward()
-    b1.record(stream)
     torch.cuda.synchronize()
-    assert len(events) >= 4, "expected several buckets"  # a (start, end) pair per bucket
-    backward_ms = b0.elapsed_time(b1)
+    assert len(events) >= 4 and len(marks) == 2, "expected several buckets and one slow kernel"
+    slow_start, slow_end = b0.elapsed_time(marks[0]), b0.elapsed_time(marks[1])
     first_start, first_end = b0.elapsed_time(events[0]), b0.elapsed_time(events[1])
-    assert first_end > first_start
-    assert first_start < backward_ms, (first_start, backward_ms)  # the intervals intersect
+    assert slow_end - slow_start > 100, "the slow kernel took under 100 ms: raise LATE"
+    assert first_start < first_end < slow_end, (first_start, first_end, slow_start, slow_end)
 
 
 @pytest.mark.parametrize("implementation", ["torch", "ring"])
 def test_collective_timer_times_completion_not_launch(nccl, implementation):
     """Guards `CollectiveTimer.stop()` inside `.then()` (debug.py), for NCCL's futures and ours alike: both
     complete at enqueue, so a host clock, or an end event recorded on a stream that does not wait for the
-    collective, would time the launch (~0 ms) instead of a collective that cannot start before a late kernel."""
+    collective, would time the launch (~0 ms) instead of a collective that cannot end before a late kernel.
+
+    The delay is inside the collective, never on the caller's stream (where the timer starts): our ring sleeps
+    on the worker's stream (`ring_to_self(late=...)`); torch's all-reduce is issued from a side stream that
+    sleeps first (NCCL's stream waits for the stream it is issued from). Negative control: the same timer
+    stopped on the caller's stream right after the launch reads under a tenth of the delay. For ours the
+    `.then()` is added once the worker has issued the ring, so the callback runs at once on this thread:
+    with `Future(devices=[...])` (work.py) on a pool stream that waits for the ring.
+    """
     from ddp_from_scratch import work as W
     from ddp_from_scratch.debug import CollectiveTimer, cuda_origin
 
-    stream = torch.cuda.current_stream()
+    caller = torch.cuda.current_stream()
+    x = torch.ones(N, device="cuda")
+    ring_to_self(torch.ones(8, device="cuda"), nccl)  # warm-up: the communicators exist before anything is timed
+    dist.all_reduce(torch.ones(8, device="cuda"))
     a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record(stream)
+    a.record(caller)
     torch.cuda._sleep(LATE)
-    b.record(stream)
+    b.record(caller)
     torch.cuda.synchronize()
     sleep_s = a.elapsed_time(b) / 1e3
-    x = torch.ones(N, device="cuda")
     origin = cuda_origin(x.device)  # to place the events on the host clock
-    timer = CollectiveTimer(x.device)  # before the late kernel: the collective's inputs are ready after it
-    torch.cuda._sleep(LATE)
+    timer = CollectiveTimer(x.device)  # starts on the caller's stream, which stays idle
+    wrong = CollectiveTimer(x.device)  # the negative control: stopped on that same stream
     if implementation == "torch":
-        fut = dist.all_reduce(x, async_op=True).get_future()
+        side = torch.cuda.Stream()
+        side.wait_stream(caller)
+        with torch.cuda.stream(side):
+            torch.cuda._sleep(LATE)
+            work = dist.all_reduce(x, async_op=True)
+        wrong.stop()
     else:
-        fut = W.launch(ring_to_self, x).get_future()
+        work = W.launch(ring_to_self, x, late=LATE)
+        wrong.stop()
+        assert work._done.wait(30)  # issued (the worker's stream is still asleep)
+    fut = work.get_future()
     fut.then(lambda f: timer.stop())
     fut.wait()
+    assert wrong.seconds() < 0.1 * sleep_s, (wrong.seconds(), sleep_s)  # the caller's stream never waited
     assert timer.seconds() >= 0.9 * sleep_s, (timer.seconds(), sleep_s)
     start, end = timer.start_end(origin)
     assert origin[1] <= start and end - start == pytest.approx(timer.seconds())
+
+
+@pytest.mark.parametrize("algorithm", ["torch", "ring"])
+def test_sparse_exchange_is_timed_in_stream_order(nccl, algorithm):
+    """The sparse exchange's record carries a CUDA-event timer (sparse.py `exchange`), so it is timed in stream
+    order like the buckets: its one host sync (`counts.tolist()`) waits for every kernel queued before it (here a
+    late one, standing for backward's last kernels), which a host clock would count as the exchange's time.
+    Guards `record["timer"] = timer`: without it `place_on_host_clock` keeps the host times, late kernel included."""
+    from ddp_from_scratch.comm_hooks import make_comm_state
+    from ddp_from_scratch.sparse import EmbeddingRows, exchange
+    from experiments.comm_timing import place_on_host_clock, step_origin
+
+    emb = nn.Embedding(1000, 64).cuda()
+    table = EmbeddingRows(emb)
+    comm = make_comm_state(nccl, algorithm)
+    for late in (0, LATE):  # the first: a warm-up (communicators, kernels)
+        emb.zero_grad(set_to_none=True)
+        emb(torch.tensor([[1, 5, 7]], device="cuda")).sum().backward()
+        torch.cuda.synchronize()
+        origin = step_origin(emb.weight.device)
+        torch.cuda._sleep(late)  # queued before the exchange, on the stream it runs on
+        record = exchange(table, comm, 0, "emb")
+    assert record["mode"] == "sparse" and record["rows"] == 3 and "timer" in record
+    host_s = record["done"] - record["launch"]
+    (placed,) = place_on_host_clock([dict(record)], origin)
+    assert host_s > 0.1, "the host did not wait for the late kernel: raise LATE"
+    assert placed["done"] - placed["launch"] < 0.5 * host_s, (placed, record)
+    assert placed["launch"] > record["launch"]  # in stream order it starts once the late kernel is done
+    assert torch.equal(emb.weight.grad[[1, 5, 7]], torch.ones(3, 64, device="cuda"))  # averaged over one rank

@@ -1,11 +1,16 @@
-"""`make gpu-check` on a machine without a GPU: its commands parse, its imports need neither `datasets` nor
-`starlette`, it refuses to claim anything without a GPU, and its training loop runs (on gloo, here)."""
+"""`make gpu-check` on a machine without a GPU: its commands parse, its budget holds (--quick: 5 minutes), a
+missing torch feature is a SKIP that names it, a step stopped at its limit leaves no process behind, its
+imports need neither `datasets` nor `starlette`, it refuses to claim anything without a GPU, and its training
+loop runs (on gloo, here)."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -14,29 +19,114 @@ from support.paths import ROOT
 
 from ddp_from_scratch.debug import CollectiveTimer
 from experiments import gpu_check
+from experiments.features import FEATURES, Feature
+from experiments.train_args import TrainConfig
 
 NO_GPU = not torch.cuda.is_available()
 
 
-def test_dry_run_commands_parse(tmp_path):
+def dry_run(out: Path, *flags: str) -> list[str]:
     r = subprocess.run(
-        [sys.executable, "-m", "experiments.gpu_check", "--dry-run", "--out", str(tmp_path)],
+        [sys.executable, "-m", "experiments.gpu_check", "--dry-run", "--out", str(out), *flags],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert r.returncode == 0, r.stdout + r.stderr
-    lines = [line for line in r.stdout.splitlines() if line.startswith(("ok ", "BAD"))]
-    assert len(lines) == len(gpu_check.plan(tmp_path, 1)) and all(line.startswith("ok ") for line in lines)
+    assert "time budget" in r.stdout and "at most" in r.stdout
+    return [line for line in r.stdout.splitlines() if line.startswith(("ok ", "BAD", "SKIP"))]
+
+
+def test_dry_run_commands_parse(tmp_path):
+    lines = dry_run(tmp_path)
+    assert len(lines) == len(gpu_check.plan(tmp_path, 1)) and all(line.startswith("ok ") for line in lines), lines
     for want in (
         "pytest -q -m gpu tests/gpu",
         "--train none --precision fp16",
         "--train scratch-ring --precision bf16",
+        "--train zero2 --precision fp32",
+        "--train fsdp-native --precision bf16",
+        "--train sparse --precision fp16",
         "experiments.doctor --backend nccl",
         "experiments.bench.step --gpu --quick",
     ):
         assert any(want in line for line in lines), want
+
+
+def test_quick_fits_in_five_minutes(tmp_path, capsys):
+    steps = gpu_check.plan(tmp_path, 2, quick=True)
+    assert gpu_check.budget(steps) <= gpu_check.QUICK_BUDGET_S == 300
+    assert sum(s.timeout_s for s in steps) < gpu_check.budget(steps)  # the grace to stop each step counts
+    names = [s.name for s in steps]
+    assert names[0].startswith("GPU tests") and "train fsdp-native fp32" in names and "train none fp32" in names
+    assert gpu_check.main(["--dry-run", "--quick", "--out", str(tmp_path)]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith(("ok ", "BAD", "SKIP"))]
+    assert len(lines) == len(steps) and all(line.startswith("ok ") for line in lines)
+    assert "-m pytest -q -x -m gpu tests/gpu/test_one_gpu.py" in lines[0]
+
+
+def test_every_training_is_planned_in_each_of_its_precisions(tmp_path):
+    names = {s.name for s in gpu_check.plan(tmp_path, 1)}
+    for training, spec in gpu_check.TRAININGS.items():
+        for precision in spec.precisions:
+            assert f"train {training} {precision}" in names
+    assert "train zero2 fp16" not in names and "train fsdp fp16" not in names  # fp16 is refused there
+
+
+def test_a_missing_feature_is_skipped_with_its_name_and_first_version(tmp_path, monkeypatch):
+    fsdp2 = FEATURES["fsdp2"]
+    monkeypatch.setitem(FEATURES, "fsdp2", Feature(fsdp2.what, fsdp2.first, lambda: False))
+    step = next(s for s in gpu_check.plan(tmp_path, 1) if s.name == "train fsdp-native fp32")
+    why = gpu_check.skip_reason(step, gpus=1, capability=(7, 5))
+    assert "fully_shard" in why and "MixedPrecisionPolicy" in why and "first in torch 2.6" in why
+    other = next(s for s in gpu_check.plan(tmp_path, 1) if s.name == "train fsdp fp32")
+    assert gpu_check.skip_reason(other, gpus=1, capability=(7, 5)) == ""  # ours needs no FSDP2
+    with pytest.raises(RuntimeError, match="fully_shard"):  # the training itself refuses too, by feature
+        gpu_check.train(gpu_check.train_args(["--train", "fsdp-native", "--precision", "fp32", "--out", "x"]))
+    (problem,) = TrainConfig(ddp="native", parallel="fsdp", precision="bf16").problems()  # and experiments.train
+    assert "fully_shard" in problem and "first in torch 2.6" in problem and "--impl scratch" in problem
+    assert TrainConfig(ddp="scratch", parallel="fsdp", precision="bf16").problems() == []
+
+
+def test_bf16_is_skipped_below_compute_capability_8(tmp_path):
+    step = next(s for s in gpu_check.plan(tmp_path, 1) if s.name == "train native bf16")
+    assert "compute capability 8.0" in gpu_check.skip_reason(step, gpus=1, capability=(7, 5))
+    assert gpu_check.skip_reason(step, gpus=1, capability=(8, 0)) == ""
+    assert "needs 1 GPU" in gpu_check.skip_reason(step, gpus=0, capability=None)
+
+
+# The step's child: starts a grandchild in its own group and one in a session of its own (as torchrun starts
+# each rank), writes their pids, ignores SIGTERM and sleeps: only the tree-wide SIGKILL can stop all three.
+TREE = textwrap.dedent(
+    """
+    import signal, subprocess, sys, time
+    sleep = [sys.executable, "-c", "import time; time.sleep(600)"]
+    a = subprocess.Popen(sleep)
+    b = subprocess.Popen(sleep, start_new_session=True)
+    open(sys.argv[1], "w").write(f"{a.pid} {b.pid}")
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    time.sleep(600)
+    """
+)
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process tree from /proc (Linux)")
+def test_a_step_at_its_limit_leaves_no_process_behind(tmp_path):
+    pids = tmp_path / "pids"
+    step = gpu_check.Step("sleeps", [sys.executable, "-c", TREE, str(pids)], timeout_s=3)
+    start = time.monotonic()
+    gpu_check.run_step(step, tmp_path / "log", grace_s=1)
+    assert step.status == "FAIL" and "no result after 3 s" in step.detail
+    assert time.monotonic() - start < 15
+    grandchildren = [int(p) for p in pids.read_text().split()]
+    deadline = time.monotonic() + 5  # SIGKILL is delivered at once; the check allows for the scheduler
+    while any(map(gpu_check.alive, grandchildren)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    left = [p for p in grandchildren if gpu_check.alive(p)]
+    for p in left:  # never leave them running, even when the test fails
+        os.kill(p, 9)
+    assert not left, f"still running after the step was stopped: {left}"
 
 
 def test_a_bad_command_is_reported():
@@ -50,6 +140,7 @@ def test_a_bad_command_is_reported():
 def test_what_it_runs_imports_no_datasets_or_starlette():
     code = (
         "import sys, experiments.gpu_check, experiments.model, experiments.distributed, experiments.precision, "
+        "experiments.parallel, experiments.step, experiments.train_args, ddp_native.sharded, "
         "experiments.doctor, experiments.bench.step, ddp_native, ddp_from_scratch; "
         "print([m for m in ('datasets', 'starlette', 'uvicorn') if m in sys.modules])"
     )
@@ -63,8 +154,10 @@ def test_without_a_gpu_it_fails_with_a_message(tmp_path, capsys):
     assert "no CUDA GPU visible" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("ddp", ["scratch-ring"])  # the torchrun path and our wrapper; the others differ by one line
-def test_training_loop_runs_on_gloo(tmp_path, ddp):
+# the torchrun path through our DDP and ring, and torch's FSDP2 (the stage with a feature check); the rest
+# differ by their TrainConfig fields only, which tests/harness/test_parallel_harness.py runs at 2 ranks
+@pytest.mark.parametrize("ddp,precision", [("scratch-ring", "bf16"), ("fsdp-native", "fp32")])
+def test_training_loop_runs_on_gloo(tmp_path, ddp, precision):
     out = tmp_path / f"{ddp}.json"
     args = [
         "-m",
@@ -72,7 +165,7 @@ def test_training_loop_runs_on_gloo(tmp_path, ddp):
         "--train",
         ddp,
         "--precision",
-        "bf16",
+        precision,
         "--out",
         str(out),
         "--cpu",
@@ -84,16 +177,21 @@ def test_training_loop_runs_on_gloo(tmp_path, ddp):
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     result = json.loads(out.read_text())
     assert len(result["losses"]) == 2 and result["backend"] == ("none" if ddp == "none" else "gloo")
+    assert result["stage"] == {"scratch-ring": "scratch", "fsdp-native": "fsdp native"}[ddp]
     assert Path(f"{out}.pt").stat().st_size > 0
 
 
 def test_weights_compared_against_none(tmp_path):
     w = {"a": torch.zeros(3)}
-    for ddp in gpu_check.DDPS:
-        torch.save(w, tmp_path / f"{ddp}-fp16.json.pt")
+    for name in ("none", "native", "scratch-ring", "zero1"):
+        torch.save(w, tmp_path / f"{name}-fp16.json.pt")
     assert gpu_check.compare_weights(tmp_path, "fp16") == ""
     torch.save({"a": torch.tensor([0.0, 0.01, 0.0])}, tmp_path / "scratch-ring-fp16.json.pt")
-    assert "scratch-ring: max |w - w_none| = 1.00e-02" in gpu_check.compare_weights(tmp_path, "fp16")
+    torch.save({"b": torch.zeros(3)}, tmp_path / "zero1-fp16.json.pt")
+    why = gpu_check.compare_weights(tmp_path, "fp16")
+    assert "scratch-ring: max |w - w_none| = 1.00e-02" in why and "zero1: other parameter names" in why
+    assert "native" not in why.replace("none", "")
+    assert gpu_check.compare_weights(tmp_path, "bf16") == "no weights from --train none"
 
 
 def test_collective_timer_on_the_cpu():

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from experiments.distributed import rank_device
 from experiments.errors import LaunchError, UsageError
 from experiments.launch import torchrun_command
 
@@ -175,8 +176,8 @@ def rank_main(argv=None) -> None:
     p.add_argument("--backend", default="gloo")
     a = p.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    if a.backend == "nccl":  # before init, so NCCL binds this rank to its own GPU
-        torch.cuda.set_device(torch.device("cuda", int(os.environ["LOCAL_RANK"])))
+    if a.backend == "nccl":  # before init, so NCCL binds this rank to its own GPU (chosen as training does)
+        torch.cuda.set_device(rank_device(int(os.environ["LOCAL_RANK"])))
     dist.init_process_group(a.backend, timeout=datetime.timedelta(seconds=a.timeout))
     try:
         worker = importlib.import_module(f"experiments.bench.{a.part}").worker

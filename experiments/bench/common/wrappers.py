@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from experiments.comm_timing import place_on_host_clock, record_allreduces, step_origin
+from experiments.distributed import rank_device
 from experiments.step import optimizer_step
 from experiments.train_args import TrainConfig
 
@@ -29,10 +30,11 @@ BUCKETED = IMPLS[:3]  # the ones with buckets (and so a bucket timeline)
 
 
 def device() -> torch.device:
-    """The device a worker's models and batches live on: this rank's GPU (cuda:LOCAL_RANK) when the
-    process group is NCCL's, else the CPU. Read from the process group, so nothing is stored."""
+    """The device a worker's models and batches live on: this rank's GPU when the process group is NCCL's
+    (chosen as training chooses it, `experiments.distributed.rank_device`: cuda:LOCAL_RANK, or cuda:0 where
+    each process sees only its own GPU), else the CPU. Read from the process group, so nothing is stored."""
     if dist.is_initialized() and dist.get_backend() == "nccl":
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        return rank_device(int(os.environ.get("LOCAL_RANK", "0")))
     return torch.device("cpu")
 
 
