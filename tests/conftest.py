@@ -7,12 +7,12 @@ developing; `make test` (CI) runs everything.
 
 from __future__ import annotations
 
-import importlib
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from support import bench
+from support.bench import BenchRun
 from support.paths import AG_NEWS, NEEDS_AG_NEWS
 
 from experiments.launch import free_port as _free_port
@@ -28,8 +28,7 @@ XDIST_GROUPS = {
     "test_bench_cluster": "namespaces",
     "test_bench_link": "namespaces",
     "test_bench_cli": "bench_quick",
-    "test_bench_allreduce": "bench_quick",
-    "test_bench_sparse": "bench_quick",
+    "test_bench_parts": "bench_quick",
     "test_server": "checkpoint",
     "test_server_serving": "checkpoint",
 }
@@ -81,36 +80,9 @@ def wait_ready_fixture():
     return wait_ready
 
 
-BENCH_CLI_PARTS = ("allreduce", "sparse")  # files as a dict, files as a list (tests/bench/test_bench_cli.py)
-
-
-@dataclass
-class BenchRun:
-    """One `python -m experiments.bench --quick --only allreduce,sparse --out <out>` (through `main`)."""
-
-    out: Path
-    exit_code: int
-    parts: tuple[str, ...]
-    results: dict[str, dict] = field(default_factory=dict)  # part -> what its run(quick=True) returned
-
-
 @pytest.fixture(scope="session")
 def bench_quick(tmp_path_factory) -> BenchRun:
-    """The bench command's quick run of the parts in BENCH_CLI_PARTS, once per session: the dispatcher's
-    test reads its README, each part's test (tests/bench/test_bench_<part>.py) reads what that part's
-    `run(quick=True)` returned in it, instead of running the part a second time."""
-    from experiments.bench.__main__ import main
-
-    out = tmp_path_factory.mktemp("bench")
-    results: dict[str, dict] = {}
-    with pytest.MonkeyPatch.context() as mp:
-        for name in BENCH_CLI_PARTS:
-            module = importlib.import_module(f"experiments.bench.{name}")
-
-            def recording(part_out, *args, _run=module.run, _name=name, **kwargs):
-                results[_name] = _run(part_out, *args, **kwargs)
-                return results[_name]
-
-            mp.setattr(module, "run", recording)
-        code = main(["--quick", "--only", ",".join(BENCH_CLI_PARTS), "--out", str(out)])
-    return BenchRun(out, code, BENCH_CLI_PARTS, results)
+    """`python -m experiments.bench --quick --only allreduce,sparse --out <tmp>`, forked once per session
+    (tests/support/bench.py): tests/bench/test_bench_cli.py reads its README, and the parts' test
+    (tests/bench/test_bench_parts.py) checks those two parts in it instead of running them again."""
+    return bench.quick(bench.CLI_PARTS, tmp_path_factory.mktemp("bench"))
