@@ -51,7 +51,7 @@ KAGGLE_VENV ?= .venv-kaggle
 KAGGLE_PIP  := $(KAGGLE_VENV)/bin/python -m pip install --quiet
 test-kaggle-versions: $(KAGGLE_VENV)/.installed
 	$(KAGGLE_VENV)/bin/python -c "import sys, torch, transformers, datasets; print(f'Kaggle versions: python {sys.version.split()[0]}, torch {torch.__version__}, transformers {transformers.__version__}, datasets {datasets.__version__}')"
-	$(KAGGLE_VENV)/bin/python -m pytest -q -m "not slow" --durations=10
+	$(KAGGLE_VENV)/bin/python -m pytest -q -m "not slow"
 
 $(KAGGLE_VENV)/.installed: pyproject.toml kaggle/constraints.txt Makefile
 	$(PYTHON) -m venv $(KAGGLE_VENV)
