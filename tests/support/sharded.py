@@ -199,6 +199,22 @@ class TorchFSDP(Plain):
         return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
 
+def view_of(model, opt) -> Plain:
+    """The view (`Plain`, `Zero2`, `OursFSDP` or `TorchFSDP`) that reads `model`'s state and averaged
+    gradients, whichever stage built it (experiments/parallel.py: any DDP or ZeRO-1, our ZeRO-2, our or
+    torch's FSDP)."""
+    from ddp_from_scratch.fsdp import FullyShardedDataParallel
+    from ddp_from_scratch.zero2 import Zero2Optimizer
+
+    if isinstance(opt, Zero2Optimizer):
+        return Zero2(model, opt)
+    if isinstance(model, FullyShardedDataParallel):
+        return OursFSDP(model)
+    if any(hasattr(p, "full_tensor") for p in model.parameters()):
+        return TorchFSDP(model)
+    return Plain(model)
+
+
 class ReduceScatterTerms:
     """S = sum over ranks of |g_r| / n (numerics.py) for our FSDP, read from the gradients each rank
     hands to its units' reduce-scatters: exactly the terms averaged, in whatever dtype they were
