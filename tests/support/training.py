@@ -50,7 +50,7 @@ def tiny_train_args(
 
 
 @contextlib.contextmanager
-def recorded_steps(log: list, steps: int = 2, terms: bool = False):
+def recorded_steps(log: list, steps: int = 2, terms: bool = False, norms: list | None = None):
     """While inside, every optimizer step that experiments.step's `optimizer_step` takes (experiments.train's
     `train()`, or a direct call) appends to `log`, for its first `steps` steps, this rank's record:
 
@@ -61,6 +61,7 @@ def recorded_steps(log: list, steps: int = 2, terms: bool = False):
     so every rank must take the same steps). Only clipping is intercepted: `optimizer_step` calls it
     between the last backward and the update.
 
+    norms: if given, every step's norm (all steps, not only the first) is appended to it.
     terms: also "terms", S = sum over ranks and micro-batches of |g_rk / (n k)| (float64, all-reduced):
     the magnitudes that the averaged gradient adds up, from a plain copy of the unwrapped model on
     each micro-batch (needs a model without dropout, and a DDP-style `.module` or an unwrapped model).
@@ -92,15 +93,23 @@ def recorded_steps(log: list, steps: int = 2, terms: bool = False):
             pending["terms"] = out
         return take(model, opt, sched, scaler, micro_batches, *args, **kwargs)
 
+    def value(norm) -> float:
+        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
     def recording_clip(model, opt, max_norm):
         if len(log) >= steps:
-            return clip(model, opt, max_norm)
+            norm = clip(model, opt, max_norm)
+            if norms is not None:
+                norms.append(value(norm))
+            return norm
         view = view_of(model, opt)
         entry = {"state": view.state(), "grads": view.grads(), **pending}
         pending.clear()
         norm = clip(model, opt, max_norm)
-        entry["norm"] = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        entry["norm"] = value(norm)
         log.append(entry)
+        if norms is not None:
+            norms.append(entry["norm"])
         return norm
 
     import experiments.train as train_module
