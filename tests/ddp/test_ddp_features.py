@@ -9,20 +9,25 @@ a 1-element parameter, a frozen layer, a layer whose bias alone is frozen, a lay
 applied twice, an embedding tied to an output head, optionally BatchNorm (buffers) and
 an optional branch that the forward may skip (unused parameters).
 
-Tolerances (float32 weights of O(1), gradients below 0.6, 3 steps; measured worst cases in
-brackets, world size 3):
-- ours vs native DDP: atol 1e-6 [2.4e-7]. Both average the same per-rank gradients; they
-  differ only in how gradients are packed into buckets and, for 3 ranks, in the order the
-  values are added ((a+b)+c vs a+(b+c)): a few float32 ulps (6e-8 at 1.0) after 3 steps.
-  With 2 ranks a+b == b+a and the results are bit-identical.
-- vs one process: atol 1e-6 for SGD [1.2e-7], 5e-6 for AdamW [2.4e-7]. The single process
-  takes one mean over the global batch, DDP the mean of per-rank means: equal up to float32
-  summation order. AdamW divides by sqrt(v)+eps, which can magnify the rounding difference
-  of a near-zero gradient, hence the extra margin.
-- fp16 / bf16 hooks vs native's hooks: see the comment at that check.
-Every case also checks that training moved the weights by far more than its tolerance,
-so a wrapper that did nothing (or skipped the sync) would fail; the hook test checks that
-the hook changed the result.
+What is compared, and why it holds on any CPU (tests/support/numerics.py derives the bounds):
+- ours against torch's DDP, 2 ranks: the final parameters and buffers, and the first averaged
+  gradients, bit for bit. Each rank computes its gradient the same way under both wrappers, and
+  the average of two numbers has one addition (a + b == b + a; dividing by 2 is exact), whatever
+  the buckets; SGD and AdamW then do the same arithmetic on the same numbers.
+- ours against torch's DDP, 3 ranks, in lockstep: three gradients are added in another order
+  ((a+b)+c or a+(b+c), by the bucket layout), and AdamW amplifies that rounding. So torch's DDP
+  trains (`train`), and at every step ours is loaded with its parameters and buffers of that step
+  (`train(..., follow=...)`); the averaged gradient must lie within n * eps * S of torch's, with
+  S = sum over ranks of |g_r| / n from each rank's own gradient (`train(..., plain=...)`), and the
+  buffers must be equal. The fp16/bf16 compression hooks: the same, with the 16-bit dtype's eps
+  and the 16-bit terms (`hook_bounds`).
+- against one process, in float64, in lockstep: torch's DDP trains in float64, and the test process
+  computes the one-process gradient at each of its steps (`single_grads`: the global batch, or the
+  mean of per-micro-batch losses where micro-batches differ) within 2^-30 of the largest
+  per-sample gradient element (float64 rounding is about 2^-38 of it). Ours equals torch's DDP
+  above, so it equals one process too.
+Every comparison also checks that it could fail: some gradient is 1000 times its bound, and on 2
+ranks training moved the weights.
 """
 
 from __future__ import annotations
@@ -39,6 +44,14 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from support.numerics import (
+    assert_can_fail,
+    assert_within,
+    float64_bounds,
+    mean_magnitudes,
+    reordering_bound,
+    terms_of,
+)
 from support.spawn import run
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
@@ -50,7 +63,7 @@ from ddp_from_scratch import comm_hooks
 STEPS, MB = 3, 4  # optimizer steps per case; samples per rank per micro-batch
 CAPS = {"per-param": 1e-6, "default": 25.0, "one-bucket": 1e4}  # MiB
 PG_TIMEOUT_S = 20.0  # short, so that a hang fails the test quickly
-ATOL_NATIVE, ATOL_SGD, ATOL_ADAMW = 1e-6, 1e-6, 5e-6
+ALL = lambda r, s, k: True  # every rank uses the branch, every step and micro-batch
 
 
 # ----------------------------------------------------------------------------- model and data
@@ -116,54 +129,92 @@ def grads(model):
     return {n: None if p.grad is None else p.grad.detach().clone() for n, p in m.named_parameters()}
 
 
-def train(model, opt_name, world, rank, steps=STEPS, micro=1, use_branch=lambda r, s, k: True, seed=0):
-    """`steps` steps; rank r uses piece r of each global batch (`micro` pieces with no_sync)."""
+def buffers(model):
+    return {k: v.detach().clone() for k, v in getattr(model, "module", model).named_buffers()}
+
+
+def in_dtype(batch, dtype):
+    x, tok, y = batch
+    return x.to(dtype), tok, y
+
+
+def local_grads(plain, state, batch, rank, micro, use) -> dict:
+    """This rank's own gradient at `state` (before any averaging): an unwrapped model from `plain()`
+    on the same micro-batches, as the rank computes it under any wrapper."""
+    net = plain()
+    net.load_state_dict(state)
+    for k in range(micro):
+        loss_of(net, piece(batch, rank * micro + k), use(k), 1.0 / micro).backward()
+    return grads(net)
+
+
+def train(model, opt_name, world, rank, steps=STEPS, micro=1, use_branch=ALL, seed=0, follow=None, plain=None):
+    """`steps` steps; rank r uses piece r of each global batch (`micro` pieces with no_sync).
+
+    follow: a leader's trail (lockstep): at every step this model is first loaded with the leader's
+        parameters and buffers of that step, and it never steps itself.
+    plain: makes the unwrapped model (`Net(...)`, in the model's dtype): each step also records this
+        rank's own gradient at that step (`local_grads`), the terms of the reordering bound.
+    Returns {"params": final state dict, "grads": first averaged gradients, "trail": per step
+    {"state": state dict before it (leaders), "grads": averaged gradients, "buffers": after the
+    forward, "local": this rank's own gradient (with `plain`)}}.
+    """
     opt = make_opt(opt_name, model.parameters())
-    first_grads = None
+    dtype = next(model.parameters()).dtype
+    trail = []
     for s in range(steps):
-        batch = global_batch(s, world * MB * micro, seed)
+        batch = in_dtype(global_batch(s, world * MB * micro, seed), dtype)
+        if follow is not None:
+            with torch.no_grad():
+                getattr(model, "module", model).load_state_dict(follow[s]["state"])
+        entry = {} if follow is not None else {"state": snapshot(model)}
+        if plain is not None:
+            entry["local"] = local_grads(
+                plain, snapshot(model), batch, rank, micro, lambda k, s=s: use_branch(rank, s, k)
+            )
         for k in range(micro):  # the first micro-1 under no_sync, then one synced
             ctx = model.no_sync() if k < micro - 1 else contextlib.nullcontext()
             with ctx:
                 loss_of(model, piece(batch, rank * micro + k), use_branch(rank, s, k), 1.0 / micro).backward()
-        first_grads = first_grads or grads(model)
-        opt.step()
+        entry["grads"], entry["buffers"] = grads(model), buffers(model)
+        trail.append(entry)
+        if follow is None:
+            opt.step()
         opt.zero_grad(set_to_none=True)
-    return {"params": snapshot(model), "grads": first_grads}
+    return {"params": snapshot(model), "grads": trail[0]["grads"], "trail": trail}
 
 
-def single(
-    opt_name,
-    world,
-    steps=STEPS,
-    micro=1,
-    bn=False,
-    branch=False,
-    use_branch=lambda r, s, k: True,
-    per_rank=False,
-    n_batches=None,
-    seed=0,
-):
-    """One process. Concatenated global batch, or (per_rank) the derived form: the mean over ranks
-    and micro-batches of each micro-batch's loss, which is what DDP's averaged gradient is the
-    gradient of (needed when micro-batches differ: BatchNorm statistics, unused branch, join)."""
-    model = Net(bn=bn, branch=branch)
-    opt = make_opt(opt_name, model.parameters())
-    n_steps = max(n_batches) if n_batches else steps
-    for s in range(n_steps):
-        batch = global_batch(s, world * MB * micro, seed)
-        if per_rank:
-            active = [r for r in range(world) if n_batches is None or s < n_batches[r]]
-            # DDP divides by the full world size even when ranks have joined (join.py)
-            loss = sum(
-                loss_of(model, piece(batch, r * micro + k), use_branch(r, s, k)) for r in active for k in range(micro)
-            ) / (world * micro)
-        else:
-            loss = loss_of(model, batch)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    return snapshot(model)
+def single_grads(state, s, world, micro=1, bn=False, branch=False, use_branch=ALL, per_rank=False, active=None):
+    """One process in float64 at `state` (step s): its gradient and the magnitudes it adds up.
+
+    The concatenated global batch, or (per_rank) the derived form: the mean over ranks and
+    micro-batches of each micro-batch's loss, which is what DDP's averaged gradient is the gradient
+    of (needed when micro-batches differ: BatchNorm statistics, unused branch, join, where `active`
+    lists the ranks still training and DDP divides by the full world size even so). Magnitudes
+    (numerics.mean_magnitudes): per sample, or per micro-batch with BatchNorm (a one-sample batch
+    has no statistics).
+    """
+    model = Net(bn=bn, branch=branch).double()
+    model.load_state_dict(state)
+    batch = in_dtype(global_batch(s, world * MB * micro), torch.float64)
+    ranks = range(world) if active is None else active
+    pieces = [(r, k) for r in ranks for k in range(micro)]
+    if per_rank:
+        losses = [loss_of(model, piece(batch, r * micro + k), use_branch(r, s, k)) for r, k in pieces]
+        loss = sum(losses) / (world * micro)
+    else:
+        loss = loss_of(model, batch)
+    loss.backward()
+    want = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    if bn:
+        parts = [lambda m, r=r, k=k: loss_of(m, piece(batch, r * micro + k), use_branch(r, s, k)) for r, k in pieces]
+    else:
+        parts = [
+            lambda m, r=r, k=k, i=i: loss_of(m, piece(piece(batch, r * micro + k), i, 1), use_branch(r, s, k))
+            for r, k in pieces
+            for i in range(MB)
+        ]
+    return want, mean_magnitudes(model, parts)
 
 
 def ours(model, **kw):
@@ -172,6 +223,21 @@ def ours(model, **kw):
 
 def native(model, **kw):
     return ddp_native.wrap(model, torch.device("cpu"), **kw)
+
+
+def lead(world, make):
+    """`train` keywords for torch's DDP where it leads ours (3 ranks): record each rank's own gradient."""
+    return {"plain": make} if world > 2 else {}
+
+
+def follow(world, leader):
+    """`train` keywords for ours: in lockstep behind `leader`'s result on 3 ranks; in full on 2."""
+    return {"follow": leader["trail"]} if world > 2 else {}
+
+
+def reference64(make, opt, world, rank, **kw):
+    """torch's DDP trained in float64 (default buckets), its trail for the one-process comparison."""
+    return train(native(make().double()), opt, world, rank, **kw)
 
 
 # ----------------------------------------------------------------------------- worker cases
@@ -183,20 +249,18 @@ def case_matrix(rank, world):
     out = {}
     for bn in (False, True):
         for opt in ("sgd", "adamw"):
+            out[("native64", bn, opt)] = reference64(lambda bn=bn: Net(bn), opt, world, rank)
             for cap_name, cap in CAPS.items():
-                out[("native", bn, opt, cap_name, False)] = train(native(Net(bn), bucket_cap_mb=cap), opt, world, rank)
-                for coll in ("torch", "ring"):
-                    m = ours(Net(bn), bucket_cap_mb=cap, all_reduce=coll)
-                    out[(coll, bn, opt, cap_name, False)] = train(m, opt, world, rank)
-                    out[("n_buckets", bn, cap_name)] = len(m.reducer.buckets)
-            for cap_name in ("per-param", "default"):  # gradient_as_bucket_view
-                cap = CAPS[cap_name]
-                out[("native", bn, opt, cap_name, True)] = train(
-                    native(Net(bn), bucket_cap_mb=cap, gradient_as_bucket_view=True), opt, world, rank
-                )
-                for coll in ("torch", "ring"):
-                    m = ours(Net(bn), bucket_cap_mb=cap, all_reduce=coll, gradient_as_bucket_view=True)
-                    out[(coll, bn, opt, cap_name, True)] = train(m, opt, world, rank)
+                for gav in (False, True) if cap_name != "one-bucket" else (False,):  # gradient_as_bucket_view
+                    nat = native(Net(bn), bucket_cap_mb=cap, gradient_as_bucket_view=gav)
+                    nat = out[("native", bn, opt, cap_name, gav)] = train(
+                        nat, opt, world, rank, **lead(world, lambda bn=bn: Net(bn))
+                    )
+                    for coll in ("torch", "ring"):
+                        m = ours(Net(bn), bucket_cap_mb=cap, all_reduce=coll, gradient_as_bucket_view=gav)
+                        out[(coll, bn, opt, cap_name, gav)] = train(m, opt, world, rank, **follow(world, nat))
+                        if not gav:
+                            out[("n_buckets", bn, cap_name)] = len(m.reducer.buckets)
     return out
 
 
@@ -204,30 +268,33 @@ def case_no_sync(rank, world):
     """3 micro-batches: 2 under no_sync, then 1 synced, per optimizer step."""
     out = {}
     for bn in (False, True):
-        out[("native", bn, False)] = train(native(Net(bn)), "sgd", world, rank, micro=3)
+        out[("native64", bn)] = reference64(lambda bn=bn: Net(bn), "sgd", world, rank, micro=3)
+        nat = out[("native", bn, False)] = train(
+            native(Net(bn)), "sgd", world, rank, micro=3, **lead(world, lambda bn=bn: Net(bn))
+        )
         for coll in ("torch", "ring"):
             for gav in (False, True):
-                out[(coll, bn, gav)] = train(
-                    ours(Net(bn), all_reduce=coll, gradient_as_bucket_view=gav), "sgd", world, rank, micro=3
-                )
-        out[("naive", bn)] = train(Naive(Net(bn)), "sgd", world, rank, micro=3)
+                m = ours(Net(bn), all_reduce=coll, gradient_as_bucket_view=gav)
+                out[(coll, bn, gav)] = train(m, "sgd", world, rank, micro=3, **follow(world, nat))
+        out[("naive", bn)] = train(Naive(Net(bn)), "sgd", world, rank, micro=3, **follow(world, nat))
     return out
 
 
 def case_hooks(rank, world):
     """fp16/bf16 compression hooks, ours vs torch's default_hooks on native DDP."""
-    # ours without a hook, per collective: a hook that did nothing would equal it bit for bit
-    out = {(coll, "fp32"): train(ours(Net(), all_reduce=coll), "sgd", world, rank) for coll in ("torch", "ring")}
+    out = {}
     for name in ("fp16_compress_hook", "bf16_compress_hook"):
         n = native(Net())
         # torch refuses a hook *named* bf16_compress_hook without CUDA/NCCL (a name check in
         # _check_comm_hook); gloo adds bfloat16 fine, so we call torch's hook through a wrapper.
         n.register_comm_hook(None, lambda state, bucket, hook=getattr(default_hooks, name): hook(state, bucket))
-        out[("native", name)] = train(n, "sgd", world, rank)
+        nat = out[("native", name)] = train(n, "sgd", world, rank, **lead(world, Net))
         for coll in ("torch", "ring"):
+            # ours without a hook, per collective: a hook that did nothing would equal it bit for bit
+            out[(coll, "fp32", name)] = train(ours(Net(), all_reduce=coll), "sgd", world, rank, **follow(world, nat))
             m = ours(Net(), all_reduce=coll)
             m.register_comm_hook(None, getattr(comm_hooks, name))
-            out[(coll, name)] = train(m, "sgd", world, rank)
+            out[(coll, name)] = train(m, "sgd", world, rank, **follow(world, nat))
     return out
 
 
@@ -246,16 +313,19 @@ def case_unused(rank, world):
         # no_sync-early-use: 3 micro-batches, the branch used in the 2 under no_sync only, so its
         # gradient was accumulated locally and must still be averaged at the synced step
         micro = 3 if scen.startswith("no_sync") else 1
+        make = lambda: Net(branch=True)
         for opt in ("sgd", "adamw"):
-            out[("native", scen, opt)] = train(
-                native(Net(branch=True), find_unused_parameters=True), opt, world, rank, micro=micro, use_branch=fn
+            kw = {"micro": micro, "use_branch": fn}
+            out[("native64", scen, opt)] = train(
+                native(make().double(), find_unused_parameters=True), opt, world, rank, **kw
+            )
+            nat = out[("native", scen, opt)] = train(
+                native(make(), find_unused_parameters=True), opt, world, rank, **kw, **lead(world, make)
             )
             for coll in ("torch", "ring"):
                 for gav in (False, True):
-                    m = ours(
-                        Net(branch=True), find_unused_parameters=True, all_reduce=coll, gradient_as_bucket_view=gav
-                    )
-                    out[(coll, scen, opt, gav)] = train(m, opt, world, rank, micro=micro, use_branch=fn)
+                    m = ours(make(), find_unused_parameters=True, all_reduce=coll, gradient_as_bucket_view=gav)
+                    out[(coll, scen, opt, gav)] = train(m, opt, world, rank, **kw, **follow(world, nat))
     return out
 
 
@@ -263,23 +333,38 @@ def join_batches(world):
     return [3, 5, 4][:world]  # rank r trains on this many batches
 
 
-def train_join(model, opt_name, world, rank):
+def train_join(model, opt_name, world, rank, follow=None, plain=None):
+    """`train` under join(): rank r trains on join_batches(world)[r] batches (same trail and keywords)."""
     opt = make_opt(opt_name, model.parameters())
+    dtype = next(model.parameters()).dtype
+    trail = []
     with model.join():
         for s in range(join_batches(world)[rank]):
-            loss_of(model, piece(global_batch(s, world * MB), rank)).backward()
-            opt.step()
+            if follow is not None:
+                with torch.no_grad():
+                    model.module.load_state_dict(follow[s]["state"])
+            entry = {} if follow is not None else {"state": snapshot(model)}
+            batch = in_dtype(piece(global_batch(s, world * MB), rank), dtype)
+            if plain is not None:
+                entry["local"] = local_grads(plain, snapshot(model), batch, 0, 1, lambda k: True)
+            loss_of(model, batch).backward()
+            entry["grads"], entry["buffers"] = grads(model), buffers(model)
+            trail.append(entry)
+            if follow is None:
+                opt.step()
             opt.zero_grad(set_to_none=True)
-    return {"params": snapshot(model)}
+    return {"params": snapshot(model), "grads": trail[0]["grads"], "trail": trail}
 
 
 def case_join(rank, world):
     out = {}
     for bn, opt in ((False, "sgd"), (False, "adamw"), (True, "sgd")):
+        make = lambda bn=bn: Net(bn)
+        out[("native64", bn, opt)] = train_join(native(make().double()), opt, world, rank)
         start = time.monotonic()
-        out[("native", bn, opt)] = train_join(native(Net(bn)), opt, world, rank)
+        nat = out[("native", bn, opt)] = train_join(native(make()), opt, world, rank, **lead(world, make))
         for coll in ("torch", "ring"):
-            out[(coll, bn, opt)] = train_join(ours(Net(bn), all_reduce=coll), opt, world, rank)
+            out[(coll, bn, opt)] = train_join(ours(make(), all_reduce=coll), opt, world, rank, **follow(world, nat))
         out[("seconds", bn, opt)] = time.monotonic() - start
     m = ours(Net(True))  # BatchNorm: buffers, which a no_grad forward would broadcast
     x, tok, _ = piece(global_batch(0, world * MB), rank)
@@ -448,6 +533,7 @@ def case_recovery(rank, world):
     ref = native(Net())
     loss_of(ref, batch).backward()
     out[("native", "grads")] = grads(ref)
+    out["local"] = local_grads(Net, snapshot(Net()), batch, 0, 1, lambda k: True)  # the terms, on 3 ranks
     g = torch.Generator().manual_seed(7)
     xs = [torch.randn(world * MB, 3, generator=g) for _ in range(2)]
     for gav in (False, True):
@@ -475,6 +561,7 @@ def _worker(rank, world, out_path):
 
 
 # ----------------------------------------------------------------------------- checks (test process)
+# ----------------------------------------------------------------------------- checks (test process)
 @pytest.fixture(scope="module", params=[2, 3], ids=lambda w: f"world{w}")
 def spawned(request, tmp_path_factory):
     """Run every case on `world` real processes once; returns (world, [rank 0's results, ...])."""
@@ -488,55 +575,106 @@ def buffer_names(bn=False):
     return {n for n, _ in Net(bn).named_buffers()}
 
 
-def assert_close(got, want, atol, where, skip=()):
-    """Every entry of state dict `got` within `atol` of `want` (entries in `skip` ignored)."""
-    for k, ref in want.items():
-        if k in skip:
-            continue
-        diff = (got[k].double() - ref.double()).abs().max().item()
-        assert diff <= atol, (where, k, diff, atol)
-
-
-def assert_moved(ref, bn=False, branch=False, tol=ATOL_ADAMW):
-    """The test can fail: training moved some weight by far (100x) more than the tolerance used."""
-    start = snapshot(Net(bn, branch))
-    moved = max((ref[k].double() - start[k].double()).abs().max().item() for k in ref if k not in buffer_names(bn))
-    assert moved > 100 * tol, moved
-
-
 FROZEN = ("frozen.weight", "frozen.bias", "fb.bias")
 START = {bn: snapshot(Net(bn)) for bn in (False, True)}
 
 
-def tol_single(opt):
-    return ATOL_SGD if opt == "sgd" else ATOL_ADAMW
+def given(grads: dict) -> dict:
+    """The gradients that exist (a parameter no rank used has None)."""
+    return {k: g for k, g in grads.items() if g is not None}
+
+
+def assert_equal(got: dict, want: dict, where) -> None:
+    assert got.keys() == want.keys(), (where, sorted(got.keys() ^ want.keys()))
+    for k, ref in want.items():
+        if ref is None or got[k] is None:
+            assert got[k] is None and ref is None, (where, k, "a gradient on one side only")
+        else:
+            assert torch.equal(got[k], ref), (where, k, float((got[k].double() - ref.double()).abs().max()))
+
+
+def reordering(world):
+    """The bound of reordering `world` float32 gradients, from every rank's own gradient."""
+
+    def bounds(local: list[dict]) -> dict:
+        return {k: reordering_bound(s, world, torch.float32) for k, s in terms_of(local, world).items()}
+
+    return bounds
+
+
+def assert_follows(ranks, case, leader, follower, world, where, bounds=None, room=1e3) -> None:
+    """`follower` (ours) trained like `leader` (torch's DDP).
+
+    2 ranks: the final parameters and buffers, and the first averaged gradients, bit for bit (one
+    addition per element). 3 ranks (lockstep: `follower` was loaded with `leader`'s state every
+    step): at every step the averaged gradients within `bounds(each rank's own gradient)` (default:
+    the reordering bound) and the buffers bit for bit, the same on every rank; some gradient is
+    `room` times its bound, so the comparison can fail.
+    """
+    if world == 2:
+        for r, res in enumerate(ranks):
+            got, want = res[case][follower], res[case][leader]
+            assert_equal(got["params"], want["params"], (where, r, "final state"))
+            assert_equal(got["grads"], want["grads"], (where, r, "first gradients"))
+        return
+    bounds = bounds or reordering(world)
+    trails = [res[case][leader]["trail"] for res in ranks]
+    for s in range(max(map(len, trails))):
+        here = [r for r in range(world) if s < len(trails[r])]  # under join, the ranks still training
+        b = bounds([trails[r][s]["local"] for r in here])
+        assert_can_fail(given(trails[here[0]][s]["grads"]), b, (where, s), room)
+        for r in here:
+            got, want = ranks[r][case][follower]["trail"][s], trails[r][s]
+            assert {k for k, g in got["grads"].items() if g is None} == {
+                k for k, g in want["grads"].items() if g is None
+            }, (where, r, s, "which parameters got a gradient")
+            assert_within(given(got["grads"]), given(want["grads"]), b, (where, r, s))
+            assert_equal(got["buffers"], want["buffers"], (where, r, s, "buffers"))
+            rank0 = ranks[here[0]][case][follower]["trail"][s]["grads"]
+            assert_equal(got["grads"], rank0, (where, r, s, "replicas diverged"))
+
+
+def assert_one_process(trail, where, **single) -> None:
+    """float64: torch's DDP's averaged gradient (`trail`, every step) against one process's at the same
+    parameters (`single_grads(**single)`), within numerics.FLOAT64_RTOL of the largest magnitude."""
+    active = single.pop("active", lambda s: None)
+    for s, entry in enumerate(trail):
+        want, terms = single_grads(entry["state"], s, active=active(s), **single)
+        bounds = float64_bounds(terms)
+        assert_can_fail(want, bounds, (where, s))
+        assert_within(given(entry["grads"]), want, bounds, (where, s))
+
+
+def assert_moved(params, bn=False, branch=False):
+    """Training moved the weights: equal weights say something."""
+    start = snapshot(Net(bn, branch))
+    moved = max((params[k] - start[k]).abs().max().item() for k in params if k not in buffer_names(bn))
+    assert moved > 1e-2, moved
 
 
 def test_options_do_not_change_the_numbers(spawned):
     """Both collectives x bucket caps (per-parameter .. one bucket) x gradient_as_bucket_view x SGD/AdamW
     x with/without BatchNorm: ours == native (same options) == one process."""
     world, ranks = spawned
+    configs = [(cap, gav) for cap in CAPS for gav in (False, True) if not (gav and cap == "one-bucket")]
     for bn in (False, True):
         for opt in ("sgd", "adamw"):
             # With BatchNorm in train mode each rank normalises its own micro-batch, so the reference
             # is the mean of per-micro-batch losses; running stats are rank-local (compared with native).
-            ref = single(opt, world, bn=bn, per_rank=bn)
-            assert_moved(ref, bn)
-            configs = [(c, cap, False) for c in ("torch", "ring") for cap in CAPS] + [
-                (c, cap, True) for c in ("torch", "ring") for cap in ("per-param", "default")
-            ]
-            for coll, cap, gav in configs:
-                for r, res in enumerate(ranks):
+            trail = ranks[0]["matrix"][("native64", bn, opt)]["trail"]
+            assert_one_process(trail, ("one process", world, bn, opt), world=world, bn=bn, per_rank=bn)
+            for cap, gav in configs:
+                leader = ("native", bn, opt, cap, gav)
+                assert_moved(ranks[0]["matrix"][leader]["params"], bn)
+                for coll in ("torch", "ring"):
                     key = (coll, bn, opt, cap, gav)
-                    got = res["matrix"][key]["params"]
-                    nat = res["matrix"][("native", bn, opt, cap, gav)]["params"]
-                    where = (world, r, coll, bn, opt, cap, gav)
-                    assert_close(got, nat, ATOL_NATIVE, where)
-                    assert_close(got, ref, tol_single(opt), where, skip=buffer_names(bn))
-                    for k in ref.keys() - buffer_names(bn):  # replicas stay bit-identical
-                        assert torch.equal(got[k], ranks[0]["matrix"][(coll, bn, opt, cap, gav)]["params"][k]), where
-                    for k in FROZEN:  # no gradient, not even zeros (AdamW's weight decay would move it)
-                        assert torch.equal(got[k], START[bn][k]) and res["matrix"][key]["grads"][k] is None, where
+                    assert_follows(ranks, "matrix", leader, key, world, (world, *key))
+                    for r, res in enumerate(ranks):
+                        got = res["matrix"][key]
+                        for k in FROZEN:  # no gradient, not even zeros (AdamW's weight decay would move it)
+                            assert torch.equal(got["params"][k], START[bn][k]) and got["grads"][k] is None, key
+                        for k in START[bn].keys() - buffer_names(bn):  # replicas stay bit-identical
+                            assert torch.equal(got["params"][k], ranks[0]["matrix"][key]["params"][k]), (r, key)
     for bn in (False, True):
         n_trainable = sum(p.requires_grad for p in Net(bn).parameters())  # tied: once; frozen: not at all
         assert ranks[0]["matrix"][("n_buckets", bn, "per-param")] == n_trainable
@@ -548,41 +686,60 @@ def test_no_sync_accumulates_then_syncs_once(spawned):
     world, ranks = spawned
     for bn in (False, True):
         # without BN: one process on the whole global batch; with BN: the mean of per-micro-batch losses
-        ref = single("sgd", world, micro=3, bn=bn, per_rank=bn)
-        assert_moved(ref, bn)
+        trail = ranks[0]["no_sync"][("native64", bn)]["trail"]
+        assert_one_process(trail, ("one process", world, bn), world=world, micro=3, bn=bn, per_rank=bn)
+        assert_moved(ranks[0]["no_sync"][("native", bn, False)]["params"], bn)
+        # buffers too: BatchNorm stats follow torch's rule of when buffers are broadcast
         for coll in ("torch", "ring"):
             for gav in (False, True):
-                for r, res in enumerate(ranks):
-                    got, where = res["no_sync"][(coll, bn, gav)]["params"], (world, r, coll, bn, gav)
-                    # buffers too: BatchNorm stats follow torch's rule of when buffers are broadcast
-                    assert_close(got, res["no_sync"][("native", bn, False)]["params"], ATOL_NATIVE, where)
-                    assert_close(got, ref, ATOL_SGD, where, skip=buffer_names(bn))
+                assert_follows(ranks, "no_sync", ("native", bn, False), (coll, bn, gav), world, (world, coll, bn, gav))
         if not bn:  # naive.py broadcasts buffers only at wrap time, so BatchNorm stats stay per rank
-            for r, res in enumerate(ranks):
-                got, where = res["no_sync"][("naive", bn)]["params"], (world, r, "naive", bn)
-                assert_close(got, res["no_sync"][("native", bn, False)]["params"], ATOL_NATIVE, where)
-                assert_close(got, ref, ATOL_SGD, where)
+            assert_follows(ranks, "no_sync", ("native", bn, False), ("naive", bn), world, (world, "naive"))
+
+
+def hook_bounds(world, dtype):
+    """Both hooks round each rank's float32 gradient to `dtype` and divide it by n there, the same
+    numbers on both sides (t_r = g_r.to(dtype) / n: recomputed here, elementwise IEEE operations);
+    only the order of the n - 1 additions in `dtype` differs. Each addition rounds by at most u of
+    a partial sum of at most T = sum_r |t_r| (additions in the subnormal range are exact), so either
+    order lies within (n-1) u T of the exact sum, and the two within (n-1) eps T. We allow n eps T:
+    the extra eps T covers an addition carried out in float32 and rounded to `dtype` (twice rounded)."""
+    eps = torch.finfo(dtype).eps
+
+    def bounds(local: list[dict]) -> dict:
+        out = {}
+        for k in {k for grads in local for k, g in grads.items() if g is not None}:
+            terms = [g[k].to(dtype).div(world).double().abs() for g in local if g.get(k) is not None]
+            out[k] = world * eps * sum(terms)
+        return out
+
+    return bounds
 
 
 def test_compression_hooks_match_torch_hooks(spawned):
     """fp16/bf16 compress hooks == torch's default_hooks on native DDP, and really compress."""
     world, ranks = spawned
-    # Both sides cast the same float32 gradients to 16 bits, divide by the world size and add.
-    # With 2 ranks a+b == b+a: bit-identical. With 3 they may add in another order (gloo's and our
-    # ring's chunking follow the bucket layout), changing the 16-bit sum by 1 ulp; sums are < 0.6
-    # here, so 1 ulp <= 2^-11 (fp16) or 2^-8 (bf16). 3 SGD steps at lr 0.1: <= 3 * 0.1 * ulp =
-    # 1.5e-4 (fp16) / 1.2e-3 (bf16) [measured: 2.4e-5 / 9.8e-5].
-    atol = {"fp16_compress_hook": 1.5e-4, "bf16_compress_hook": 1.2e-3}
-    for name, tol in atol.items():
+    for name, dtype in (("fp16_compress_hook", torch.float16), ("bf16_compress_hook", torch.bfloat16)):
+        assert_moved(ranks[0]["hooks"][("native", name)]["params"])
         for coll in ("torch", "ring"):
+            where = (world, coll, name)
+            # 16 bits leave less room: n eps is 3e-3 (fp16) or 2e-2 (bf16) of a gradient; a dropped rank
+            # or a missing 1/n still moves gradients by a third of themselves or more
+            bounds = hook_bounds(world, dtype)
+            assert_follows(ranks, "hooks", ("native", name), (coll, name), world, where, bounds, room=10)
+            # the hook really ran: rounding to 16 bits changed the result of the same collective and
+            # buckets (float32 would be within the float32 bound of native, but equal to this bit for bit)
             for r, res in enumerate(ranks):
-                got, nat = res["hooks"][(coll, name)]["params"], res["hooks"][("native", name)]["params"]
-                assert_close(got, nat, 0.0 if world == 2 else tol, (world, r, coll, name))
-                # the hook really ran: rounding to 16 bits changed the result of the same collective
-                # and buckets (float32 would be within tol of native, but equal to this bit for bit)
-                fp32 = res["hooks"][(coll, "fp32")]["params"]
-                assert any(not torch.equal(got[k], fp32[k]) for k in fp32), (world, r, coll, name)
-        assert_moved(ranks[0]["hooks"][("native", name)]["params"], tol=tol / 10)  # moved > 10x tol
+                got, fp32 = res["hooks"][(coll, name)], res["hooks"][(coll, "fp32", name)]
+                if world == 2:
+                    assert any(not torch.equal(got["params"][k], fp32["params"][k]) for k in fp32["params"]), where
+                else:
+                    changed = [
+                        not torch.equal(a["grads"][k], b["grads"][k])
+                        for a, b in zip(got["trail"], fp32["trail"])
+                        for k in given(b["grads"])
+                    ]
+                    assert any(changed), (where, r)
 
 
 def test_find_unused_parameters(spawned):
@@ -594,21 +751,20 @@ def test_find_unused_parameters(spawned):
         micro = 3 if scen.startswith("no_sync") else 1
         used_somewhere = any(uses(r, 0, k) for r in range(world) for k in range(micro))
         for opt in ("sgd", "adamw"):
-            ref = single(opt, world, micro=micro, branch=True, use_branch=uses, per_rank=True)
-            assert_moved(ref, branch=True)
+            trail = ranks[0]["unused"][("native64", scen, opt)]["trail"]
+            single = {"world": world, "micro": micro, "branch": True, "use_branch": uses, "per_rank": True}
+            assert_one_process(trail, ("one process", world, scen, opt), **single)
+            assert_moved(ranks[0]["unused"][("native", scen, opt)]["params"], branch=True)
             for coll in ("torch", "ring"):
                 for gav in (False, True):
-                    for r, res in enumerate(ranks):
-                        got, nat = res["unused"][(coll, scen, opt, gav)], res["unused"][("native", scen, opt)]
-                        where = (world, r, scen, opt, coll, gav)
-                        assert_close(got["params"], nat["params"], ATOL_NATIVE, where)
-                        assert_close(got["params"], ref, tol_single(opt), where)
-                        for name in branch:  # after the first backward
-                            g, ng = got["grads"][name], nat["grads"][name]
-                            assert (g is None) == (ng is None) == (not used_somewhere), (where, name, g, ng)
-                            if g is not None:
-                                assert torch.allclose(g, ng, rtol=0, atol=ATOL_NATIVE), (where, name)
-                                assert g.abs().max() > 1e-3, (where, name)  # averaged, not zeros
+                    where = (world, scen, opt, coll, gav)
+                    assert_follows(ranks, "unused", ("native", scen, opt), (coll, scen, opt, gav), world, where)
+                    for res in ranks:
+                        g = res["unused"][(coll, scen, opt, gav)]["grads"]  # after the first backward
+                        for name in branch:
+                            assert (g[name] is None) == (not used_somewhere), (where, name, g[name])
+                            if g[name] is not None:
+                                assert g[name].abs().max() > 1e-3, (where, name)  # averaged, not zeros
     # a branch nobody used keeps .grad None and its weights
     start = snapshot(Net(branch=True))
     got = ranks[-1]["unused"][("ring", "unused-everywhere", "adamw", True)]["params"]
@@ -619,17 +775,19 @@ def test_join_uneven_inputs(spawned):
     """Ranks with 3/5/4 batches: no hang; == native DDP's join(); every replica ends identical."""
     world, ranks = spawned
     n_batches = join_batches(world)
+    last = n_batches.index(max(n_batches))  # the last to join trains every step
     for bn, opt in ((False, "sgd"), (False, "adamw"), (True, "sgd")):
         # steps where some ranks have joined average over fewer samples but still divide by world size
-        ref = single(opt, world, bn=bn, per_rank=True, n_batches=n_batches)
-        assert_moved(ref, bn)
+        trail = ranks[last]["join"][("native64", bn, opt)]["trail"]
+        active = lambda s: [r for r in range(world) if s < n_batches[r]]
+        assert_one_process(trail, ("one process", world, bn, opt), world=world, bn=bn, per_rank=True, active=active)
+        assert_moved(ranks[last]["join"][("native", bn, opt)]["params"], bn)
         for coll in ("torch", "ring"):
+            assert_follows(ranks, "join", ("native", bn, opt), (coll, bn, opt), world, (world, coll, bn, opt))
             for r, res in enumerate(ranks):
-                got, where = res["join"][(coll, bn, opt)]["params"], (world, r, coll, bn, opt)
-                assert_close(got, res["join"][("native", bn, opt)]["params"], ATOL_NATIVE, where)
-                assert_close(got, ref, tol_single(opt), where, skip=buffer_names(bn))
+                got = res["join"][(coll, bn, opt)]["params"]
                 for k, v in got.items():  # the last joiner's model (buffers included) was broadcast
-                    assert torch.equal(v, ranks[0]["join"][(coll, bn, opt)]["params"][k]), (where, k)
+                    assert torch.equal(v, ranks[0]["join"][(coll, bn, opt)]["params"][k]), (world, r, coll, k)
             assert max(res["join"][("seconds", bn, opt)] for res in ranks) < PG_TIMEOUT_S / 2
     for res in ranks:  # refused at once on every rank, before any collective (they would not pair)
         assert "every forward through the wrapper must be a training forward" in res["join"]["no_grad-in-join"]
@@ -710,23 +868,31 @@ def test_debug_logging(spawned):
 
 def test_state_does_not_outlive_a_failed_backward_or_a_missing_gradient(spawned):
     world, ranks = spawned
+    eps = torch.finfo(torch.float32).eps
+    bounds = reordering(world)([res["recovery"]["local"] for res in ranks])
     for r, res in enumerate(ranks):
         for name in ("ours", "naive"):
             assert "user hook" in res["recovery"].get((name, "raised"), ""), (r, name)  # the first backward raised
-            # the next backward synced: every rank holds native's averaged gradients
-            for k, want in res["recovery"][("native", "grads")].items():
-                got = res["recovery"][(name, "grads")][k]
-                assert (got is None) == (want is None), (name, k)
-                if want is not None:
-                    assert torch.allclose(got, want, rtol=0, atol=ATOL_NATIVE), (r, name, k)
+            # the next backward synced: every rank holds native's averaged gradients (2 ranks: bit for bit)
+            got, want = res["recovery"][(name, "grads")], res["recovery"][("native", "grads")]
+            if world == 2:
+                assert_equal(got, want, (r, name))
+            else:
+                assert {k for k, g in got.items() if g is None} == {k for k, g in want.items() if g is None}, name
+                assert_within(given(got), given(want), bounds, (r, name))
         xs = res["recovery"]["xs"]
-        # aux: only micro-batch 1 gave it a gradient (on every rank): the average of theirs, not zeros
+        # aux: only micro-batch 1 gave it a gradient (on every rank): the average of theirs, not zeros.
+        # lin.weight[0]: d(lin(x).sum())/dW, summed over both micro-batches. Each side sums the same m
+        # float32 samples in its own order and divides by n once: within (m + 1) u sum|x| / n of the
+        # exact value (Higham §4.2), the two within (m + 1) eps sum|x| / n.
         want_aux = xs[0][:, :2].sum(0) / world
-        want_lin = sum(x.sum(0) for x in xs) / world  # d(lin(x).sum())/dW summed over both micro-batches
+        bound_aux = (len(xs[0]) + 1) * eps * xs[0][:, :2].abs().sum(0) / world
+        want_lin = sum(x.sum(0) for x in xs) / world
+        bound_lin = (sum(len(x) for x in xs) + 1) * eps * sum(x.abs().sum(0) for x in xs) / world
         for gav in (False, True):
             g = res["recovery"][("aux", gav)]
-            assert torch.allclose(g["aux"], want_aux, rtol=0, atol=1e-5), (r, gav, g["aux"], want_aux)
-            assert torch.allclose(g["lin.weight"][0], want_lin, rtol=0, atol=1e-5), (r, gav)
+            assert bool(((g["aux"] - want_aux).abs() <= bound_aux).all()), (r, gav, g["aux"], want_aux)
+            assert bool(((g["lin.weight"][0] - want_lin).abs() <= bound_lin).all()), (r, gav)
             assert g["aux"].abs().max() > 0.1  # not the zeros the bug wrote
 
 

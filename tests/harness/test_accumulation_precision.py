@@ -1,13 +1,19 @@
 """Gradient accumulation and mixed precision in the one training loop (experiments/train.py).
 
 - `optimizer_step` on real processes (gloo, 2 ranks): 4 micro-batches of 4 per rank, the first 3
-  under no_sync, give the weights of one process stepping on the whole batch of 32 (tight: float32
-  rounding of a different summation order only), for torch's DDP and ours with both collectives,
-  and exactly one gradient all-reduce per optimizer step (counted: a counting comm hook on torch's
-  DDP, the reducer's own timeline on ours).
-- The command line: `--grad-accum-steps 4` on 2 ranks equals `--ddp none` on batch 32; `--precision
-  bf16` (autocast on the CPU) gives bit-identical weights for native and ours; fp16 runs with its
-  gradient scaler and logs the scale; summary.json reports precision, device and peak memory.
+  under no_sync, then clipping and an SGD step. torch's DDP and ours with both collectives end with
+  the same weights bit for bit (each rank accumulates the same gradient; the average of two numbers
+  has one addition). They equal one process stepping on the whole batch of 32: in float64, at every
+  step, torch's DDP's averaged gradient before clipping against the single process's at the same
+  parameters, within 2^-30 of the largest per-sample gradient element (tests/support/numerics.py).
+  Exactly one gradient all-reduce per optimizer step (counted: a counting comm hook on torch's DDP,
+  the reducer's own timeline on ours).
+- The command line: `--grad-accum-steps 4` on 2 ranks ends with the weights of `--ddp native` with the
+  same flags, bit for bit (2 ranks, the same arithmetic; one process on batch 32 cannot be compared
+  on the command line's float32 without a tolerance tuned to one CPU: the check above does it in
+  float64), and reports 4 micro-batches per step; `--precision bf16` (autocast on the CPU) gives
+  bit-identical weights for native and ours; fp16 runs with its gradient scaler and logs the scale;
+  summary.json reports precision, device and peak memory.
 """
 
 from __future__ import annotations
@@ -19,10 +25,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from support.numerics import assert_can_fail, assert_within, float64_bounds, mean_magnitudes
 from support.paths import needs_ag_news
 from support.spawn import run
 from support.torchrun import python, torchrun
-from support.training import tiny_train_args
+from support.training import recorded_steps, tiny_train_args
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
 import ddp_from_scratch
@@ -80,22 +87,46 @@ def _worker(rank, world, out):
         results[coll] = train(ours, rank)
         results[f"{coll}_allreduces"] = len(ours.reducer.timeline)
         results["buckets"] = len(ours.reducer.buckets)
+    # float64: each step's parameters and averaged gradient before clipping, for the one-process check
+    native64 = ddp_native.wrap(copy.deepcopy(base).double(), torch.device("cpu"))
+    with recorded_steps([], steps=STEPS) as log:
+        train(native64, rank)
+    results["steps64"] = log
     torch.save(results, f"{out}.rank{rank}")
+
+
+def single_grads(state: dict, step: int):
+    """One process in float64 on the whole global batch of `step` at `state`: its gradient (the loss of
+    one micro-batch of 32) and the per-sample magnitudes it adds up (numerics.mean_magnitudes)."""
+    model = tiny().double()
+    model.load_state_dict(state)
+    b = global_batch(step)
+    model(**b).loss.backward()
+    want = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    samples = [lambda m, i=i: m(**{k: v[i : i + 1] for k, v in b.items()}).loss for i in range(len(b["labels"]))]
+    return want, mean_magnitudes(model, samples)
 
 
 def test_accumulated_steps_equal_one_process_and_sync_once(tmp_path):
     run(_worker, 2, tmp_path, str(tmp_path / "res"))
     ranks = [torch.load(f"{tmp_path / 'res'}.rank{r}") for r in range(2)]
-    single = train(tiny(), None)
     start = tiny().state_dict()
-    assert max((single[k] - start[k]).abs().max().item() for k in single) > 1e-3  # training moved the weights
+    native = ranks[0]["native"]
+    assert max((native[k] - start[k]).abs().max().item() for k in native) > 1e-3  # training moved the weights
     for r, res in enumerate(ranks):
-        for impl in ("native", "torch", "ring"):
-            for k, ref in single.items():
-                assert torch.allclose(res[impl][k], ref, rtol=0, atol=1e-6), (r, impl, k)
+        for impl in ("native", "torch", "ring"):  # 2 ranks: one addition per element, the same arithmetic
+            for k, ref in native.items():
+                assert torch.equal(res[impl][k], ref), (r, impl, k, (res[impl][k] - ref).abs().max())
         # the tiny model's gradients fit one bucket: one all-reduce per optimizer step, not one per micro-batch
         assert res["buckets"] == 1
         assert res["native_allreduces"] == res["torch_allreduces"] == res["ring_allreduces"] == STEPS, res
+    # one process, float64, every step: the accumulated, averaged gradient at the same parameters
+    assert len(ranks[0]["steps64"]) == STEPS
+    for s, entry in enumerate(ranks[0]["steps64"]):
+        want, terms = single_grads(entry["state"], s)
+        bounds = float64_bounds(terms)
+        assert_can_fail(want, bounds, ("one process", s))
+        assert_within(entry["grads"], want, bounds, ("one process", s))
 
 
 def _cli(args: list[str], tmp_path: Path, nproc: int | None = None) -> subprocess.CompletedProcess:
@@ -117,26 +148,12 @@ def _weights(run_dir: Path) -> dict:
 @pytest.mark.slow
 @needs_ag_news
 def test_grad_accum_steps_on_the_command_line(tmp_path):
-    out = _cli(
-        [
-            "--ddp",
-            "scratch",
-            "--batch-size",
-            "4",
-            "--grad-accum-steps",
-            "4",
-            "--dropout",
-            "0",
-            "--output-dir",
-            str(tmp_path / "accum"),
-        ],
-        tmp_path,
-        nproc=2,
-    ).stdout
+    flags = ["--batch-size", "4", "--grad-accum-steps", "4", "--dropout", "0"]
+    out = _cli(["--ddp", "scratch", *flags, "--output-dir", str(tmp_path / "accum")], tmp_path, nproc=2).stdout
     assert "global batch 32 (micro-batch 4 x 4 accumulated x 2 ranks)" in out and "4 optimizer steps" in out
-    _cli(["--ddp", "none", "--batch-size", "32", "--dropout", "0", "--output-dir", str(tmp_path / "one")], tmp_path)
-    a, b = _weights(tmp_path / "accum"), _weights(tmp_path / "one")
-    assert all(torch.allclose(a[k], b[k], rtol=0, atol=1e-6) for k in a)
+    _cli(["--ddp", "native", *flags, "--output-dir", str(tmp_path / "native")], tmp_path, nproc=2)
+    a, b = _weights(tmp_path / "accum"), _weights(tmp_path / "native")
+    assert all(torch.equal(a[k], b[k]) for k in a), "2 ranks: the same accumulated sums, bit for bit"
     summary = json.loads((tmp_path / "accum" / "summary.json").read_text())
     assert summary["global_batch"] == 32 and summary["steps"] == 4 and summary["grad_accum_steps"] == 4
     assert summary["precision"] == "fp32" and summary["device"].startswith("cpu") and summary["gpu_count"] == 0

@@ -4,20 +4,27 @@ Real processes (gloo, CPU), world sizes 2 and 3, the tiny 2-layer transformer of
 (head tied to the embedding, a frozen parameter in the root unit and one in a layer), AdamW,
 STEPS = 10 steps, units = the two layers + the root, as `fully_shard` is applied to torch's copy.
 
-Tolerances, and why:
-- fp32, ours against torch's fully_shard: TOL_TORCH[n]. Both gather the same fp32 values and
-  average the same gradients (SUM then /n); on 2 ranks a sum of two numbers has one rounding, so
-  the weights are bit-identical; on 3 ranks gloo's reduce-scatter and our ring add the three
-  gradients in different orders (a few float32 ulps, ~1e-7), which AdamW's division by sqrt(v)
-  lifts to ~1e-6 over 10 steps.
-- fp32, ours against one process on the global batch: atol 1e-5 (measured 2.2e-7 after 10
-  steps): per-rank means averaged against one global mean, see test_zero.py.
-- bf16 compute with fp32 reduce, ours against torch's: bit-identical, on 3 ranks too. Both run
-  forward and backward in bf16 on the same bf16 copies of the same fp32 master weights, and a
-  sum of three bf16 gradients (8 significant bits) is exact in fp32 whatever the order, so the
-  reduce-scatter order that separates the fp32 runs on 3 ranks does not show here.
-- The full state dict against the one-process model: same keys in the same order, values within
-  the fp32 tolerance; loading a state dict and reading it back is exact.
+What is compared, and why it holds on any CPU (tests/support/numerics.py derives the bounds):
+- 2 ranks, ours against torch's fully_shard, fp32 and bf16 compute with fp32 reduce: the final
+  weights bit for bit. Both gather the same values (bf16: the same casts of the same fp32 master
+  weights), so each rank computes the same gradient with the same kernels, and the average of
+  two numbers has one addition (a + b == b + a); AdamW then does the same per-element arithmetic.
+- 3 ranks, in lockstep (support/sharded.py `lockstep`), fp32 and bf16: gloo's reduce-scatter and
+  our ring add the three gradients in different orders, and AdamW amplifies that rounding. So
+  torch's fully_shard trains, and at every step ours is loaded with its parameters and our averaged
+  gradient must lie within n * eps(float32) * S of torch's (S = sum over ranks of |g_r| / n, read
+  from the gradients each rank hands to our reduce-scatters: `ReduceScatterTerms`), before torch
+  steps. (bf16 gradients have 8 significant bits, but a sum of three of them is exact in fp32 only
+  while their exponents lie within 16 binades of each other: not something to rely on.)
+- Clipping (our sharded norm against torch's clip_grad_norm_ on DTensors), both world sizes, in
+  lockstep: the norms sum the squares in different orders: `numerics.clip_bounds`.
+- Against one process on the global batch, in float64, in lockstep: the single process trains,
+  and our averaged gradients at its parameters (torch's collectives: our ring takes float32 and
+  16-bit floats only) must lie within 2^-30 of the largest per-sample gradient element (float64
+  rounding is about 2^-38 of it).
+- The full state dict: the unwrapped model's keys in the same order, dtypes and shapes, the same on
+  every rank; loading a state dict and reading it back is exact.
+Each comparison also checks that it could fail: some gradient is 1000 (clipping: 100) times its bound.
 """
 
 from __future__ import annotations
@@ -29,43 +36,82 @@ import sys
 
 import pytest
 import torch
-from support.sharded import adamw, make_model, train
+from support.numerics import (
+    assert_can_fail,
+    assert_reordered,
+    assert_within,
+    clip_bounds,
+    float64_bounds,
+    reordering_bound,
+)
+from support.sharded import (
+    OursFSDP,
+    Plain,
+    ReduceScatterTerms,
+    TorchFSDP,
+    adamw,
+    lockstep,
+    make_model,
+    one_process_terms,
+    train,
+)
 from support.spawn import run
 
 import ddp_native.sharded
 from ddp_from_scratch import debug
 from ddp_from_scratch.fsdp import FullyShardedDataParallel
 
-TOL_TORCH = {2: 0.0, 3: 1e-6}  # measured: 0 and 1.2e-7
 CLIP = 0.2  # below the gradient norm of every step here, so clipping acts each step
+BF16 = {"compute_dtype": torch.bfloat16, "reduce_dtype": torch.float32}
+OURS = {"ours": {}, "ours/ring-no-prefetch": {"collectives": "ring", "prefetch": False}, "ours/bf16": BF16}
+LEADS = {"torch": ({}, ("ours", "ours/ring-no-prefetch")), "torch/bf16": (BF16, ("ours/bf16",))}
+
+
+def ours(base, name: str) -> FullyShardedDataParallel:
+    return FullyShardedDataParallel(copy.deepcopy(base), **OURS[name])
 
 
 def _worker(rank, world_size, out_path):
     base = make_model()
     res = {}
-    for name, kw in {
-        "ours": {},
-        "ours/ring-no-prefetch": {"collectives": "ring", "prefetch": False},
-        "ours/bf16": {"compute_dtype": torch.bfloat16, "reduce_dtype": torch.float32},
-    }.items():
-        model = FullyShardedDataParallel(copy.deepcopy(base), **kw)
-        train(model, adamw(model.parameters()), world_size, rank)
-        res[name] = model.full_state_dict()
-        res[f"{name}/shard-numel"] = sum(p.numel() for p in model.parameters())
-    for name, kw in {
-        "torch": {},
-        "torch/bf16": {"compute_dtype": torch.bfloat16, "reduce_dtype": torch.float32},
-    }.items():
-        model = ddp_native.sharded.fsdp(copy.deepcopy(base), **kw)
-        train(model, adamw(model.parameters()), world_size, rank)
-        res[name] = ddp_native.sharded.full_state_dict(model)
-    # gradient clipping by the global norm of sharded gradients (the harness clips every step)
-    model = FullyShardedDataParallel(copy.deepcopy(base))
-    train(model, adamw(model.parameters()), world_size, rank, clip=CLIP)
-    res["ours/clip"] = model.full_state_dict()
-    model = ddp_native.sharded.fsdp(copy.deepcopy(base))
-    train(model, adamw(model.parameters()), world_size, rank, clip=CLIP)
-    res["torch/clip"] = ddp_native.sharded.full_state_dict(model)
+    if world_size == 2:  # every implementation trains in full: compared bit for bit
+        for name in OURS:
+            model = ours(base, name)
+            train(model, adamw(model.parameters()), world_size, rank)
+            res[name] = model.full_state_dict()
+            res[f"{name}/shard-numel"] = sum(p.numel() for p in model.parameters())
+        for name, (kw, _) in LEADS.items():
+            model = ddp_native.sharded.fsdp(copy.deepcopy(base), **kw)
+            train(model, adamw(model.parameters()), world_size, rank)
+            res[name] = ddp_native.sharded.full_state_dict(model)
+    else:  # torch's trains; ours follow it in lockstep
+        for lead, (kw, names) in LEADS.items():
+            leader = TorchFSDP(ddp_native.sharded.fsdp(copy.deepcopy(base), **kw))
+            followers = {n: OursFSDP(ours(base, n)) for n in names}
+            terms = ReduceScatterTerms(followers[names[0]].model).terms
+            opt = adamw(leader.model.parameters())
+            res[f"lockstep/{lead}"] = lockstep(leader, opt, followers, world_size, rank, terms=terms)
+            res[lead] = leader.state()
+            for n, f in followers.items():
+                res[n] = f.state()
+                res[f"{n}/shard-numel"] = sum(p.numel() for p in f.model.parameters())
+    # gradient clipping by the global norm of sharded gradients (the harness clips every step), in lockstep
+    leader = TorchFSDP(ddp_native.sharded.fsdp(copy.deepcopy(base)))
+    follower = OursFSDP(ours(base, "ours"))
+    terms = ReduceScatterTerms(follower.model).terms if world_size > 2 else None
+    opt = adamw(leader.model.parameters())
+    res["clip-lockstep"] = lockstep(leader, opt, {"ours/clip": follower}, world_size, rank, clip=CLIP, terms=terms)
+    res["torch/clip"] = leader.state()
+    # one process on the global batch, float64: it trains; ours (prefetching or not) follow
+    base64 = copy.deepcopy(base).double()
+    single = Plain(copy.deepcopy(base64))
+    followers = {  # torch's collectives: our ring takes float32 and 16-bit floats only
+        "ours": OursFSDP(ours(base64, "ours")),
+        "ours/no-prefetch": OursFSDP(FullyShardedDataParallel(copy.deepcopy(base64), prefetch=False)),
+    }
+    terms = one_process_terms(base64, rank)
+    opt = adamw(single.model.parameters())
+    res["one-process"] = lockstep(single, opt, followers, world_size, rank, terms=terms, one_process=True)
     # DDP_FROM_SCRATCH_DEBUG=1: one line per all-gather and reduce-scatter, naming its unit
     os.environ[debug.ENV] = "1"
     model = FullyShardedDataParallel(copy.deepcopy(base), collectives="ring")
@@ -90,33 +136,47 @@ def _worker(rank, world_size, out_path):
     torch.save(res, f"{out_path}.rank{rank}")
 
 
+def assert_equal(got: dict, want: dict, where) -> None:
+    for k, ref in want.items():
+        assert torch.equal(got[k], ref), (where, k, float((got[k] - ref).abs().max()))
+
+
+def reordering_bounds(record: dict, world_size: int) -> dict:
+    return {k: reordering_bound(s, world_size, torch.float32) for k, s in record["S"].items()}
+
+
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_fsdp_equals_one_process_and_torch_fully_shard(tmp_path, world_size):
     out = tmp_path / "res"
     run(_worker, world_size, tmp_path, str(out))
     per_rank = [torch.load(f"{out}.rank{r}", weights_only=False) for r in range(world_size)]
     single_model = make_model()
-    single = train(single_model, adamw(single_model.parameters()), world_size, None)
-    clipped_model = make_model()
-    clipped = train(clipped_model, adamw(clipped_model.parameters()), world_size, None, clip=CLIP)
-    start = make_model().state_dict()
+    start = single_model.state_dict()
     n_trainable = sum(p.numel() for p in single_model.parameters() if p.requires_grad)
     for r, res in enumerate(per_rank):
-        assert list(res["ours"]) == list(single), "full state dict keys/order differ from the unwrapped model's"
-        for k, ref in single.items():
-            for case in ("ours", "ours/ring-no-prefetch"):
-                got = res[case][k]
-                assert got.dtype == ref.dtype and got.shape == ref.shape, (case, k)
-                assert torch.allclose(got, ref, rtol=0, atol=1e-5), (case, r, k, (got - ref).abs().max())
-                diff = (got - res["torch"][k]).abs().max().item()
-                assert diff <= TOL_TORCH[world_size], (case, r, k, diff)
-                assert torch.equal(got, per_rank[0][case][k]), "ranks disagree on the full state dict"
-            diff = (res["ours/bf16"][k] - res["torch/bf16"][k]).abs().max().item()
-            assert diff == 0, ("bf16", r, k, diff)
-            assert torch.equal(res["reloaded"][k], res["ours"][k]), k
-            for case, ref in (("ours/clip", clipped[k]), ("ours/clip", res["torch/clip"][k])):
-                diff = (res[case][k] - ref).abs().max().item()
-                assert diff <= 1e-5, (case, r, k, diff)
+        assert list(res["ours"]) == list(start), "full state dict keys/order differ from the unwrapped model's"
+        for case in OURS:
+            for k, ref in start.items():
+                assert res[case][k].dtype == ref.dtype and res[case][k].shape == ref.shape, (case, k)
+            assert_equal(res[case], per_rank[0][case], ("ranks disagree on the full state dict", case, r))
+        assert_equal(res["reloaded"], res["ours"], ("reloaded", r))
+        if world_size == 2:  # one addition per element: bit for bit, fp32 and bf16
+            for lead, (_, cases) in LEADS.items():
+                for case in cases:
+                    assert_equal(res[case], res[lead], (case, r))
+        else:  # another order of three terms: torch leads, ours follow at its parameters
+            for lead, (_, cases) in LEADS.items():
+                for step, record in enumerate(res[f"lockstep/{lead}"]):
+                    assert_can_fail(record["leader"], reordering_bounds(record, world_size), (lead, step))
+                    for case in cases:
+                        assert_reordered(record[case], record["leader"], record["S"], world_size, (case, r, step))
+                        rank0 = per_rank[0][f"lockstep/{lead}"][step][case]
+                        assert_equal(record[case], rank0, ("replicas diverged", case, r, step))
+        for step, record in enumerate(res["clip-lockstep"]):  # the norms sum in different orders
+            reorder = reordering_bounds(record, world_size) if world_size > 2 else None
+            bounds = clip_bounds(record["leader"], record["norm"], CLIP, reorder, world_size)
+            assert_can_fail(record["leader"], bounds, ("clip", step), room=100)
+            assert_within(record["ours/clip"], record["leader"], bounds, ("clip", r, step))
         assert "shared by units 'layers.0' and 'layers.1'" in res["shared-error"], res.get("shared-error")
         # per step: each unit gathered for forward and again for backward, its gradient reduce-scattered
         units = ["root", "layers.0", "layers.1"]
@@ -126,10 +186,17 @@ def test_fsdp_equals_one_process_and_torch_fully_shard(tmp_path, world_size):
         assert len(res["debug"]) == 2 * 3 * len(units)
         # each rank optimises 1/n of the trainable elements (padded to a multiple of n per unit)
         assert n_trainable / world_size <= res["ours/shard-numel"] < n_trainable / world_size + 3
-    # the test can fail: training moved the weights far beyond every tolerance
-    moved = max((single[k] - start[k]).abs().max().item() for k in single)
+    # one process, float64: our averaged gradients at the single process's parameters, every step
+    for step, record in enumerate(per_rank[0]["one-process"]):
+        bounds = float64_bounds(record["S"])
+        assert_can_fail(record["leader"], bounds, ("one process", step))
+        for case in ("ours", "ours/no-prefetch"):
+            assert_within(record[case], record["leader"], bounds, ("one process", case, world_size, step))
+    # the test can fail: training moved the weights, and clipping and bf16 changed them
+    fp32 = per_rank[0]["torch"]
+    moved = max((fp32[k] - start[k]).abs().max().item() for k in start)
     assert moved > 1e-2, moved
-    clipping = max((clipped[k] - single[k]).abs().max().item() for k in single)
+    clipping = max((per_rank[0]["torch/clip"][k] - fp32[k]).abs().max().item() for k in start)
     assert clipping > 1e-3, "clipping must change the result, or the clip test proves nothing"
-    bf16_vs_fp32 = max((per_rank[0]["ours/bf16"][k] - single[k]).abs().max().item() for k in single)
+    bf16_vs_fp32 = max((per_rank[0]["torch/bf16"][k] - fp32[k]).abs().max().item() for k in start)
     assert bf16_vs_fp32 > 1e-4, "bf16 compute must differ from fp32 (else it ran in fp32)"

@@ -24,6 +24,13 @@ lr * 1e-13 / 1e-8). So the tests compare gradients at the same parameters, befor
 A planted bug (a missing division by the world size, a bucket never reduced, one rank's gradient
 dropped) moves an element by a sizable fraction of S, far above n*eps*S: `assert_can_fail`
 checks that each comparison has that room.
+
+Clipping (`clip_bounds`): two implementations of clip-by-global-norm compute the float32 norm in
+different orders, so the same gradients are scaled by coefficients a few hundred ulps apart;
+`clip_bounds` derives how far.
+
+One process (`float64_bounds`, FLOAT64_RTOL below): different batch shapes, so different kernels
+and sums everywhere, compared in float64.
 """
 
 from __future__ import annotations
@@ -74,6 +81,82 @@ def gradient_terms(module: nn.Module, loss_fn, n: int) -> dict[str, torch.Tensor
         dist.all_reduce(t)
         out[name] = t
     return out
+
+
+def terms_of(local: list[dict], n: int) -> dict[str, torch.Tensor]:
+    """S per parameter, float64, from every rank's own gradient as the ranks saved it (no collective: for
+    the test process, or where ranks run different numbers of steps, as under join).
+
+    Args:
+        local: per rank, name -> that rank's local gradient before averaging (None: the rank had none, 0).
+        n: the world size (the divisor, also for ranks that contributed nothing).
+    """
+    names = sorted({k for grads in local for k, g in grads.items() if g is not None})
+    out = {}
+    for k in names:
+        got = [g[k] for g in local if g.get(k) is not None]
+        out[k] = sum(g.double().abs() for g in got) / n
+    return out
+
+
+def clip_bounds(clipped: dict, norm: float, max_norm: float, reorder: dict | None, n: int) -> dict:
+    """How far a gradient clipped by its global 2-norm may be from `clipped`, the reference's, float32.
+
+    Both sides clip (nearly) the same averaged gradient g (elementwise within `reorder` of each
+    other; None: bit for bit) by c = min(1, max_norm / (norm + 1e-6)), but compute the norm in
+    different orders (per tensor then across tensors: torch.nn.utils.clip_grad_norm_; per shard
+    then across ranks: flat_param.clip_grad_norm_). Each is a float32 sum of the N squares with
+    at most K = N + 2P + 2n + 16 roundings on any path (the squares, the sums, a sqrt and a square
+    per tensor or shard, the sum over P tensors and n ranks, the final sqrt): each norm lies within
+    K*u of its own gradient's exact norm (Higham §4.2, any summation order; u = eps/2), and the two
+    exact norms within ||R||_2 of each other (R the elementwise reordering bound). The two
+    coefficients differ by a relative rho = K*eps + ||R||_2 / norm + 2*eps (the add and the division
+    rounded on each side), and one product c*g rounded on each side adds eps: an element of the
+    clipped gradient is within c*R*(1 + rho) + (rho + 2*eps) * |c*g| of the reference's.
+    For the ~5,000 elements of the sharded tests' model, rho is about 6e-4: a bug that changes a
+    gradient's direction (a rank dropped, a bucket left unreduced) moves it by a sizable fraction
+    of itself and lands far outside. A missing 1/n does not: clipping divides it out again; the
+    unclipped comparisons guard that.
+
+    Args:
+        clipped: name -> the reference's clipped gradient (float32).
+        norm: the reference's total norm before clipping (what clip_grad_norm_ returned).
+        reorder: name -> elementwise bound between the two unclipped gradients, or None (identical).
+        n: the world size.
+    """
+    eps = torch.finfo(torch.float32).eps
+    n_elements = sum(g.numel() for g in clipped.values())
+    k = n_elements + 2 * len(clipped) + 2 * n + 16
+    c = min(1.0, max_norm / (norm + 1e-6))
+    r2 = 0.0 if reorder is None else float(sum(float((r.double() ** 2).sum()) for r in reorder.values())) ** 0.5
+    rho = k * eps + r2 / norm + 2 * eps
+    out = {}
+    for name, g in clipped.items():
+        r = 0.0 if reorder is None else reorder[name]
+        out[name] = c * r * (1 + rho) + (rho + 2 * eps) * g.double().abs()
+    return out
+
+
+def mean_magnitudes(module: nn.Module, losses: list) -> dict[str, torch.Tensor]:
+    """sum over the k pieces of |gradient of piece i| / k, float64, per parameter with a gradient:
+    the magnitudes a one-process gradient adds up (`losses`: k callables, loss_i(module) -> scalar).
+    Clears `module`'s gradients before and after."""
+    out: dict[str, torch.Tensor] = {}
+    for loss in losses:
+        module.zero_grad(set_to_none=True)
+        loss(module).backward()
+        for name, p in module.named_parameters():
+            if p.grad is not None:
+                t = p.grad.double().abs() / len(losses)
+                out[name] = out[name] + t if name in out else t
+    module.zero_grad(set_to_none=True)
+    return out
+
+
+def float64_bounds(terms: dict) -> dict[str, torch.Tensor]:
+    """FLOAT64_RTOL times the largest of `terms` (mean_magnitudes), normwise, for every element."""
+    scale = max(float(t.max()) for t in terms.values())
+    return {k: torch.full_like(t, FLOAT64_RTOL * scale) for k, t in terms.items()}
 
 
 def assert_reordered(got: dict, want: dict, terms: dict, n: int, where) -> None:

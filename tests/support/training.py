@@ -6,10 +6,16 @@ counts, `--max-length 32`, `--epochs 1`, then one flag per further keyword argum
 `--cache-dir` and `--output-dir` when given. A keyword is the flag's name with `_` for `-`:
 `batch_size=4` -> `--batch-size 4`, `no_test=True` -> `--no-test`; None or False leaves the flag out
 (`epochs=None`: the option's default). Each test file keeps its own values; this says the shape once.
+
+`recorded_steps(log)` records, at the first optimizer steps of a training, the parameters and the
+averaged gradient before clipping: the point where runs that add in different orders, or clip by
+norms summed in different orders, can still be compared (AdamW amplifies the rest).
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 from pathlib import Path
 
 from support.paths import AG_NEWS
@@ -41,3 +47,79 @@ def tiny_train_args(
     if out_dir is not None:
         args += ["--output-dir", str(out_dir)]
     return args
+
+
+@contextlib.contextmanager
+def recorded_steps(log: list, steps: int = 2, terms: bool = False, norms: list | None = None):
+    """While inside, every optimizer step that experiments.step's `optimizer_step` takes (experiments.train's
+    `train()`, or a direct call) appends to `log`, for its first `steps` steps, this rank's record:
+
+        {"state": the full state dict before the step, "grads": the averaged gradient before clipping,
+         "norm": the norm clipping measured (clipping must be on), "terms": see below}
+
+    by parameter name, gathered where the stage shards them (support/sharded.py's views: collective,
+    so every rank must take the same steps). Only clipping is intercepted: `optimizer_step` calls it
+    between the last backward and the update.
+
+    norms: if given, every step's norm (all steps, not only the first) is appended to it.
+    terms: also "terms", S = sum over ranks and micro-batches of |g_rk / (n k)| (float64, all-reduced):
+    the magnitudes that the averaged gradient adds up, from a plain copy of the unwrapped model on
+    each micro-batch (needs a model without dropout, and a DDP-style `.module` or an unwrapped model).
+    """
+    import torch.distributed as dist
+
+    import experiments.step as step
+    from support.sharded import view_of
+
+    clip, take = step.clip_grad_norm_, step.optimizer_step
+    pending: dict = {}
+
+    def recording_step(model, opt, sched, scaler, micro_batches, *args, **kwargs):
+        if terms and len(log) < steps:
+            plain = copy.deepcopy(getattr(model, "module", model))
+            n = dist.get_world_size() if dist.is_initialized() else 1
+            out = {}
+            for batch in micro_batches:
+                plain.zero_grad(set_to_none=True)
+                (plain(**batch).loss / len(micro_batches)).backward()
+                for name, p in plain.named_parameters():
+                    if p.grad is not None:
+                        t = p.grad.double().abs()
+                        out[name] = out[name] + t if name in out else t
+            for t in out.values():
+                if n > 1:
+                    dist.all_reduce(t)
+                t /= n
+            pending["terms"] = out
+        return take(model, opt, sched, scaler, micro_batches, *args, **kwargs)
+
+    def value(norm) -> float:
+        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+    def recording_clip(model, opt, max_norm):
+        if len(log) >= steps:
+            norm = clip(model, opt, max_norm)
+            if norms is not None:
+                norms.append(value(norm))
+            return norm
+        view = view_of(model, opt)
+        entry = {"state": view.state(), "grads": view.grads(), **pending}
+        pending.clear()
+        norm = clip(model, opt, max_norm)
+        entry["norm"] = value(norm)
+        log.append(entry)
+        if norms is not None:
+            norms.append(entry["norm"])
+        return norm
+
+    import experiments.train as train_module
+
+    step.clip_grad_norm_, step.optimizer_step, train_module.optimizer_step = (
+        recording_clip,
+        recording_step,
+        recording_step,
+    )
+    try:
+        yield log
+    finally:
+        step.clip_grad_norm_, step.optimizer_step, train_module.optimizer_step = clip, take, take
