@@ -21,7 +21,7 @@ import time
 import pytest
 import torch
 import torch.distributed as dist
-from support.spawn import run
+from support.spawn import run, world_sizes
 
 from ddp_from_scratch import collectives as C
 from ddp_from_scratch import work as W
@@ -235,7 +235,7 @@ def _worker(rank: int, ws: int) -> None:
     dist.barrier()  # nobody tears the group down while a peer still talks
 
 
-@pytest.mark.parametrize("world_size", [1, 2, 3, 4])
+@pytest.mark.parametrize("world_size", world_sizes(1, 2, 3, 4))
 def test_collectives_match_torch(world_size, tmp_path):
     run(_worker, world_size, tmp_path, timeout_s=60)
 

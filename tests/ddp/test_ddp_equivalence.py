@@ -35,7 +35,7 @@ from support.numerics import (
     gradient_terms,
     reordering_bound,
 )
-from support.spawn import run
+from support.spawn import run, world_sizes
 
 import ddp_native
 from ddp_from_scratch import (
@@ -219,7 +219,7 @@ def _worker(rank, world_size, out_path):
     torch.save(results, f"{out_path}.rank{rank}")
 
 
-@pytest.fixture(scope="module", params=[2, 3])
+@pytest.fixture(scope="module", params=world_sizes(2, 3))
 def spawned(request, tmp_path_factory):
     """Every case on `world` real processes, once per world size: (world, [rank 0's results, ...])."""
     world = request.param

@@ -52,7 +52,7 @@ from support.numerics import (
     reordering_bound,
     terms_of,
 )
-from support.spawn import run
+from support.spawn import run, world_sizes
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
 import ddp_native
@@ -562,7 +562,7 @@ def _worker(rank, world, out_path):
 
 # ----------------------------------------------------------------------------- checks (test process)
 # ----------------------------------------------------------------------------- checks (test process)
-@pytest.fixture(scope="module", params=[2, 3], ids=lambda w: f"world{w}")
+@pytest.fixture(scope="module", params=world_sizes(2, 3), ids=lambda w: f"world{w}")
 def spawned(request, tmp_path_factory):
     """Run every case on `world` real processes once; returns (world, [rank 0's results, ...])."""
     world = request.param

@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from support.spawn import run
+from support.spawn import run, world_sizes
 
 import ddp_native
 from ddp_from_scratch import DistributedDataParallel
@@ -107,7 +107,7 @@ def _exchange_cases(rank, n, algorithm):
             assert modes == {"sparse:words.weight": expected, "sparse:positions.weight": "dense"}, modes
 
 
-@pytest.mark.parametrize("world_size", [2, 3, 4])
+@pytest.mark.parametrize("world_size", world_sizes(2, 3, 4))
 @pytest.mark.parametrize("algorithm", ["torch", "ring"])
 def test_sparse_exchange_equals_the_dense_all_reduce(tmp_path, world_size, algorithm):
     run(_exchange_cases, world_size, tmp_path, algorithm)

@@ -284,6 +284,7 @@ def test_sampler():
             assert len(a) == len(b)
 
 
+@pytest.mark.slow  # a second pytest run, against the stubs
 def test_untouched_stubs_fail():
     """The tests can fail: against every stub that still raises NotImplementedError, its tests fail."""
     if AGAINST == "stubs":

@@ -168,7 +168,9 @@ def test_overload_is_an_immediate_503_with_retry_after(checkpoint, wait_ready):
     assert refused and any(r.status_code == 200 for r, _ in rs)
     for r, seconds in refused:
         assert r.headers["retry-after"] == "1" and "limit of 2 predictions in flight" in r.json()["error"]
-        assert seconds < 0.5  # at once, not after waiting behind the others (margin for a busy machine)
+        # at once: a refusal that waited behind one forward pass would take at least its 1 s; under that,
+        # whatever the machine's load (the suite runs on 2 busy cores), it did not wait
+        assert seconds < 0.95
 
 
 STALLED_UPLOAD = (

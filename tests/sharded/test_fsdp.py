@@ -55,7 +55,7 @@ from support.sharded import (
     one_process_terms,
     train,
 )
-from support.spawn import run
+from support.spawn import run, world_sizes
 
 import ddp_native.sharded
 from ddp_from_scratch import debug
@@ -145,7 +145,7 @@ def reordering_bounds(record: dict, world_size: int) -> dict:
     return {k: reordering_bound(s, world_size, torch.float32) for k, s in record["S"].items()}
 
 
-@pytest.mark.parametrize("world_size", [2, 3])
+@pytest.mark.parametrize("world_size", world_sizes(2, 3))
 def test_fsdp_equals_one_process_and_torch_fully_shard(tmp_path, world_size):
     out = tmp_path / "res"
     run(_worker, world_size, tmp_path, str(out))

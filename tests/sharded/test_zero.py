@@ -54,7 +54,7 @@ from support.sharded import (
     reordering_terms,
     train,
 )
-from support.spawn import run
+from support.spawn import run, world_sizes
 from torch.distributed.optim import ZeroRedundancyOptimizer as TorchZero
 
 import ddp_native
@@ -194,7 +194,7 @@ def assert_equal(got: dict, want: dict, where) -> None:
         assert torch.equal(got[k], ref), (where, k, float((got[k] - ref).abs().max()))
 
 
-@pytest.mark.parametrize("world_size", [2, 3])
+@pytest.mark.parametrize("world_size", world_sizes(2, 3))
 def test_zero_equals_ddp_torch_and_one_process(tmp_path, world_size):
     out = tmp_path / "res"
     run(_worker, world_size, tmp_path, str(out))

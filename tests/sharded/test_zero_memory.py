@@ -30,7 +30,7 @@ import copy
 import pytest
 import torch
 from support.sharded import LR, adamw, make_model, train
-from support.spawn import run
+from support.spawn import run, world_sizes
 
 from ddp_from_scratch import DistributedDataParallel
 from ddp_from_scratch.fsdp import FullyShardedDataParallel
@@ -71,7 +71,7 @@ def _worker(rank, world_size, out_path):
     torch.save(res, f"{out_path}.rank{rank}")
 
 
-@pytest.mark.parametrize("world_size", [2, 3])
+@pytest.mark.parametrize("world_size", world_sizes(2, 3))
 def test_memory_per_rank_matches_the_zero_formula(tmp_path, world_size):
     out = tmp_path / "mem"
     run(_worker, world_size, tmp_path, str(out))

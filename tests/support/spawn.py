@@ -18,6 +18,7 @@ import os
 import sys
 import time
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -88,3 +89,9 @@ def run(fn, world_size: int, tmp_path, *args, timeout_s: float = 60.0, deadline_
                 p.kill()
         for p in ctx.processes:
             p.join(5)
+
+
+def world_sizes(*sizes: int) -> list:
+    """`sizes` for a parametrization, those above 2 marked slow: 2 ranks is the quick check (one
+    addition per element: bit for bit), 3 and more the reordering and uneven cases `make test` adds."""
+    return [pytest.param(n, marks=pytest.mark.slow) if n > 2 else n for n in sizes]
