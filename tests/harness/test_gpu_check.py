@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from support import forkserver
 from support.paths import ROOT
 
 from ddp_from_scratch.debug import CollectiveTimer
@@ -26,13 +27,8 @@ NO_GPU = not torch.cuda.is_available()
 
 
 def dry_run(out: Path, *flags: str) -> list[str]:
-    r = subprocess.run(
-        [sys.executable, "-m", "experiments.gpu_check", "--dry-run", "--out", str(out), *flags],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    # forked (tests/support/forkserver.py), and so are the `--help` runs it checks each command with
+    r = forkserver.python(["-m", "experiments.gpu_check", "--dry-run", "--out", str(out), *flags], timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "time budget" in r.stdout and "at most" in r.stdout
     return [line for line in r.stdout.splitlines() if line.startswith(("ok ", "BAD", "SKIP"))]
@@ -172,8 +168,10 @@ def test_training_loop_runs_on_gloo(tmp_path, ddp, precision):
         "--steps",
         "2",
     ]
-    launcher = [] if ddp == "none" else ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1"]
-    r = subprocess.run([sys.executable, *launcher, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    if ddp == "none":
+        r = forkserver.python(args, timeout=300)
+    else:  # torch's torchrun, its worker forked (tests/support/forkserver.py)
+        r = forkserver.torchrun(["--standalone", "--nproc_per_node=1", *args], timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     result = json.loads(out.read_text())
     assert len(result["losses"]) == 2 and result["backend"] == ("none" if ddp == "none" else "gloo")
