@@ -36,13 +36,16 @@ main: install
 	$(BIN)/python -m experiments.compare --nproc $(NPROC) $(if $(DATA),--data-dir $(DATA),) --model $(MODEL) $(MAIN_ARGS)
 
 # The fast checks first (lint and format, seconds), then the test suite (minutes); the 15 slowest
-# tests are listed at the end, so that drift shows.
+# tests are listed at the end, so that drift shows. TEST_WORKERS pytest-xdist workers (one per core
+# here), files grouped as tests/conftest.py says; TEST_WORKERS=0 runs in one process.
+TEST_WORKERS ?= 2
+XDIST := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadgroup)
 test: install lint
-	$(BIN)/python -m pytest -q --durations=15
+	$(BIN)/python -m pytest -q $(XDIST) --durations=15
 
 # A learner's first check: everything but the tests marked slow (real trainings, restarts, namespaces)
 test-fast: install
-	$(BIN)/python -m pytest -q -m "not slow" --durations=10
+	$(BIN)/python -m pytest -q $(XDIST) -m "not slow" --durations=10
 
 # The fast tests again, on Kaggle's versions (kaggle/constraints.txt: torch 2.10, transformers 5.0), in a second
 # venv; it prints the versions it tested. torch from the same index as `install` (PyPI's is the ~3.2 GB CUDA build,
@@ -51,7 +54,7 @@ KAGGLE_VENV ?= .venv-kaggle
 KAGGLE_PIP  := $(KAGGLE_VENV)/bin/python -m pip install --quiet
 test-kaggle-versions: $(KAGGLE_VENV)/.installed
 	$(KAGGLE_VENV)/bin/python -c "import sys, torch, transformers, datasets; print(f'Kaggle versions: python {sys.version.split()[0]}, torch {torch.__version__}, transformers {transformers.__version__}, datasets {datasets.__version__}')"
-	$(KAGGLE_VENV)/bin/python -m pytest -q -m "not slow"
+	$(KAGGLE_VENV)/bin/python -m pytest -q $(XDIST) -m "not slow"
 
 $(KAGGLE_VENV)/.installed: pyproject.toml kaggle/constraints.txt Makefile
 	$(PYTHON) -m venv $(KAGGLE_VENV)

@@ -17,12 +17,12 @@ from support.paths import AG_NEWS, NEEDS_AG_NEWS
 
 from experiments.launch import free_port as _free_port
 
-# pytest-xdist, optional (`pip install pytest-xdist`, then `pytest -n 2 --dist loadgroup`): each file goes to
-# one worker, so its module fixtures (the spawned ranks of a file's cases) are made once; files that share a
-# session fixture go together so it is made once too; and the files that build network namespaces share one
-# worker, since the cluster's launcher removes an earlier run's namespaces when it starts
-# (experiments/cluster/network.py). Not the default: on 2 cores it saved 6% (801 s against 856 s serial,
-# docs/benchmarks.md §11) and pushed a latency bound in test_server_serving past its margin.
+# pytest-xdist (`make test` runs `pytest -n 2 --dist loadgroup`): each file goes to one worker, so its module
+# fixtures (the spawned ranks of a file's cases) are made once; files that share a session fixture go together
+# so it is made once too; and the files that build network namespaces share one worker, since the cluster's
+# launcher removes an earlier run's namespaces when it starts (experiments/cluster/network.py). Two workers
+# pay off now that processes are forked (support/forkserver.py): the waits of one (timeouts, servers,
+# shaped links) overlap the other's computing (docs/benchmarks.md §11).
 XDIST_GROUPS = {
     "test_cluster": "namespaces",
     "test_bench_cluster": "namespaces",
