@@ -11,6 +11,10 @@ from pathlib import Path
 import pytest
 from support.paths import ROOT
 
+# `make test` runs these tests inside make: a nested make would print "Entering/Leaving directory" lines
+# among the recipe it echoes (-w is on below the top level); the recipes are what is read here.
+MAKE = ["make", "--no-print-directory"]
+
 
 def torch_lines(tmp_path: Path, gpu: bool, *overrides: str) -> list[str]:
     fake = tmp_path / "bin"
@@ -23,7 +27,7 @@ def torch_lines(tmp_path: Path, gpu: bool, *overrides: str) -> list[str]:
     env.pop("TORCH_INDEX", None)
     # -W: as if pyproject.toml had changed, so the install recipe is printed; -n: nothing is run
     r = subprocess.run(
-        ["make", "-n", "-W", "pyproject.toml", "install", *overrides],
+        [*MAKE, "-n", "-W", "pyproject.toml", "install", *overrides],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -57,7 +61,7 @@ def test_overrides(tmp_path):
 def test_gpu_check_uses_the_named_python_and_installs_nothing(tmp_path):
     """`make gpu-check PY=python3`: the machine's own torch; no `install` prerequisite, no venv, no pip."""
     r = subprocess.run(
-        ["make", "-n", "-W", "pyproject.toml", "gpu-check", "PY=python3"],  # -W: install would be out of date
+        [*MAKE, "-n", "-W", "pyproject.toml", "gpu-check", "PY=python3"],  # -W: install would be out of date
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -73,7 +77,7 @@ def test_gpu_check_uses_the_named_python_and_installs_nothing(tmp_path):
     fake.chmod(0o755)
     venv = tmp_path / "venv"
     r = subprocess.run(
-        ["make", "gpu-check", f"PY={fake}", f"VENV={venv}", "GPU_CHECK_ARGS=--quick"],
+        [*MAKE, "gpu-check", f"PY={fake}", f"VENV={venv}", "GPU_CHECK_ARGS=--quick"],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -86,7 +90,7 @@ def test_gpu_check_uses_the_named_python_and_installs_nothing(tmp_path):
 
 def test_gpu_check_without_the_venv_says_what_to_do(tmp_path):
     r = subprocess.run(
-        ["make", "gpu-check", f"VENV={tmp_path / 'none'}"], cwd=ROOT, capture_output=True, text=True, timeout=60
+        [*MAKE, "gpu-check", f"VENV={tmp_path / 'none'}"], cwd=ROOT, capture_output=True, text=True, timeout=60
     )
     assert r.returncode != 0 and "make gpu-check PY=python3" in r.stderr
     assert not (tmp_path / "none").exists()
@@ -94,7 +98,7 @@ def test_gpu_check_without_the_venv_says_what_to_do(tmp_path):
 
 def test_the_kaggle_versions_environment_uses_the_constraints_and_runs_the_fast_tests():
     r = subprocess.run(
-        ["make", "-n", "-W", "pyproject.toml", "test-kaggle-versions", "KAGGLE_VENV=/tmp/kv", "TORCH_INDEX="],
+        [*MAKE, "-n", "-W", "pyproject.toml", "test-kaggle-versions", "KAGGLE_VENV=/tmp/kv", "TORCH_INDEX="],
         cwd=ROOT,
         capture_output=True,
         text=True,
