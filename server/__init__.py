@@ -4,6 +4,7 @@ Where things are, in the order a request meets them:
 
     __main__.py     python -m server: the command line (built from config.py), uvicorn, exit codes
     config.py       ServerConfig: every limit with its default, help text and check
+    protocol.py     uvicorn's HTTP/1.1 protocol with a deadline on request heads and a bound per client address
     app.py          create_app: the wiring (checkpoint, config, state, routes, metrics)
     checkpoint.py   Checkpoint: the served directory's config, labels and training run (no weights)
     state.py        ServingState: status, counters, model load, admission, classify

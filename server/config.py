@@ -3,7 +3,7 @@
 `python -m server` builds its command line from these fields (`ServerConfig.add_arguments`), and
 `create_app` takes a `ServerConfig`, so each limit is written once, here.
 
-How slow and idle clients are kept from holding the service (the last four fields):
+How slow and idle clients are kept from holding the service (the last six fields):
 
 - a prediction takes one of `max_concurrent_requests` admission slots only once its body has
   arrived and been checked (routes.py), so an upload that stalls holds a connection, never a slot;
@@ -18,9 +18,16 @@ How slow and idle clients are kept from holding the service (the last four field
   slots, so with every slot taken there is still room for /health, /ready and the 503s that say
   "at the limit", while the process's file descriptors and memory stay bounded.
 
-uvicorn does not time out a connection that never finishes sending its headers (a "slowloris"
-client); behind a public URL, put the server behind a proxy that does (Render's and Hugging
-Face's front ends are such proxies), see docs/deploy.md.
+- a request's line and headers must arrive within `header_timeout_s` seconds of the moment the
+  connection waits for them (its opening, or the end of the previous response), else 408 and the
+  connection is closed: uvicorn has no such deadline, server/protocol.py adds it. 10 s: a head is
+  at most 16 KB (h11's limit), seconds even over a slow phone link, while a "slowloris" client
+  that sends a header byte every few seconds is gone after 10;
+- one client address holds at most `max_connections_per_client` open connections (the next gets a
+  429, closed at once), so one address cannot fill `max_connections` even by reconnecting as fast
+  as the head deadline closes it. 32: a browser opens at most 6 per host. Addresses of trusted
+  proxies (uvicorn's `FORWARDED_ALLOW_IPS`, default 127.0.0.1) are not bounded: behind a proxy
+  every client has the proxy's address, and the proxy limits them (docs/deploy.md).
 """
 
 from __future__ import annotations
@@ -81,6 +88,17 @@ class ServerConfig:
     )
     keep_alive_s: float = _option(5.0, "seconds an idle keep-alive connection stays open", "--keep-alive-timeout")
     max_connections: int = _option(512, "open connections at most; beyond, uvicorn answers 503")
+    header_timeout_s: float = _option(
+        10.0,
+        "seconds for a request's line and headers to arrive (from the connection's opening or the previous "
+        "response); then 408, connection closed",
+        "--header-timeout",
+    )
+    max_connections_per_client: int = _option(
+        32,
+        "open connections per client address at most, trusted proxies (FORWARDED_ALLOW_IPS) excepted; "
+        "beyond, 429 and closed",
+    )
     shutdown_timeout_s: float = _option(30.0, "seconds to finish accepted requests after SIGTERM", "--shutdown-timeout")
 
     def __post_init__(self):
@@ -102,9 +120,13 @@ class ServerConfig:
         """The limits on one request and one forward pass, as /health and /info report them."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata["request_limit"]}
 
-    def uvicorn_options(self) -> dict[str, float | int]:
-        """The connection limits, as `uvicorn.Config` keyword arguments."""
+    def uvicorn_options(self) -> dict[str, float | int | type]:
+        """The connection limits, as `uvicorn.Config` keyword arguments (`http`: the protocol class
+        that enforces the head deadline and the per-client bound, server/protocol.py)."""
+        from .protocol import guarded_protocol  # uvicorn's protocol: only the launcher needs it
+
         return {
+            "http": guarded_protocol(self.header_timeout_s, self.max_connections_per_client),
             "timeout_keep_alive": self.keep_alive_s,
             "limit_concurrency": self.max_connections,
             "timeout_graceful_shutdown": self.shutdown_timeout_s,

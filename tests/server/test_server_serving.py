@@ -10,6 +10,7 @@ import asyncio
 import json
 import os
 import re
+import select
 import shutil
 import signal
 import socket
@@ -26,7 +27,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from starlette.testclient import TestClient
 from support.paths import ROOT
-from support.served_model import assert_told_apart
+from support.served_model import Server, assert_told_apart
 
 from experiments.launch import free_port
 from experiments.model import LABELS
@@ -38,34 +39,6 @@ TEXTS = [
     f"story {i}: " + " ".join(["markets", "match", "rockets", "elections"][i % 4] for _ in range(i % 7 + 1))
     for i in range(32)
 ]
-
-
-class Server:
-    """`python -m server` in a subprocess on a free loopback port, ready when the context is entered."""
-
-    def __init__(self, checkpoint: Path, tmp: Path, *args: str):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = tmp / f"server-{self.port}.log"
-        cmd = [sys.executable, "-m", "server", "--checkpoint", str(checkpoint), "--port", str(self.port), *args]
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=open(self.log, "w"), stderr=subprocess.STDOUT)
-
-    def __enter__(self):
-        deadline = time.monotonic() + 60
-        while True:
-            assert self.proc.poll() is None, self.log.read_text()
-            assert time.monotonic() < deadline, self.log.read_text()
-            try:
-                if httpx.get(f"{self.url}/ready", timeout=1).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-
-    def __exit__(self, *exc):
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
 
 
 def metric(text: str, name: str) -> float:
@@ -257,6 +230,87 @@ def open_connections_are_bounded(srv: Server, limit: int) -> None:
     while (r := httpx.get(f"{srv.url}/health", timeout=10)).status_code != 200:  # the closed ones are gone
         assert time.monotonic() < deadline, r.status_code
         time.sleep(0.05)
+
+
+SLOW_HEAD = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: "  # a request line, then a header byte at a time
+
+
+def test_slow_headers_cannot_hold_the_service(checkpoint, tmp_path):
+    """Hundreds of "slowloris" sockets from one address (a request line, then one header byte every
+    0.25 s) and a silent one: other clients are answered at once; the address holds at most
+    --max-connections-per-client sockets (the rest get 429 at once), and those get 408 and a closed
+    connection at --header-timeout after they opened, although bytes kept arriving. Without the
+    bound the slow sockets would fill --max-connections (every other request: 503); without the
+    deadline, or with a timer that each byte resets, they would never be closed."""
+    header_timeout, per_client, limit, slow = 1.0, 8, 64, 200  # slow sockets: 3x the connection limit
+    args = ("--header-timeout", header_timeout, "--max-connections-per-client", per_client, "--max-connections", limit)
+    with Server(checkpoint, tmp_path, *map(str, args)) as srv:
+        assert httpx.get(f"{srv.url}/health", timeout=10).status_code == 200  # warm
+        t0 = time.monotonic()
+        socks = [
+            socket.create_connection(("127.0.0.1", srv.port), timeout=5, source_address=("127.0.0.2", 0))
+            for _ in range(slow)
+        ]
+        silent = socket.create_connection(("127.0.0.1", srv.port), timeout=5, source_address=("127.0.0.3", 0))
+        for s in socks:
+            s.sendall(SLOW_HEAD)
+        # other clients meanwhile: this machine (a trusted address, not bounded) and another address
+        for local in ("127.0.0.1", "127.0.0.4"):
+            with httpx.Client(transport=httpx.HTTPTransport(local_address=local), timeout=10) as c:
+                t1 = time.monotonic()
+                r = c.post(f"{srv.url}/predict", json={"text": TEXTS[0]})
+                assert r.status_code == 200, (local, r.status_code, r.text)  # before: 503 past 64 connections
+                assert time.monotonic() - t1 < 1.0, time.monotonic() - t1  # a forward pass of the tiny model: ms
+        got = trickle_until_closed(socks, every=0.25, seconds=header_timeout + 3)
+        refused = [(d, at) for d, at in got if d.startswith(b"HTTP/1.1 429 ")]
+        timed_out = [(d, at) for d, at in got if d.startswith(b"HTTP/1.1 408 ")]
+        assert len(refused) == slow - per_client and len(timed_out) == per_client, [d[:40] for d, _ in got][:10]
+        assert all(at - t0 < header_timeout for _, at in refused)  # at once, not at the deadline
+        assert b"127.0.0.2 already holds 8 open connections" in refused[0][0]
+        for data, at in timed_out:  # from each socket's opening (t0 .. t0 + the time to open them all)
+            assert header_timeout <= at - t0 < header_timeout + 1.5, at - t0  # margin for a busy machine
+            assert b"did not arrive within 1 s" in data and b'"error"' in data
+        data, at = read_until_closed(silent, header_timeout + 3)  # nothing sent: closed without an answer
+        assert data == b"" and header_timeout <= at - t0 < header_timeout + 1.5, (data, at - t0)
+        for s in [*socks, silent]:
+            s.close()
+        # a trusted address (a proxy: 127.0.0.1 by uvicorn's default) is not bounded
+        trusted = [socket.create_connection(("127.0.0.1", srv.port), timeout=5) for _ in range(per_client + 2)]
+        try:
+            trusted[-1].sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+            assert read_until_closed(trusted[-1], 5)[0].startswith(b"HTTP/1.1 200 ")
+        finally:
+            for s in trusted:
+                s.close()
+
+
+def trickle_until_closed(socks: list[socket.socket], every: float, seconds: float) -> list[tuple[bytes, float]]:
+    """Send each socket one more header byte every `every` s until the server closes it; what each
+    received and when it was closed (monotonic s). Fails if one is still open after `seconds`."""
+    got = {s: b"" for s in socks}
+    closed: dict[socket.socket, float] = {}
+    deadline, next_byte = time.monotonic() + seconds, time.monotonic() + every
+    while len(closed) < len(socks):
+        assert time.monotonic() < deadline, f"{len(socks) - len(closed)} slow sockets still open after {seconds} s"
+        open_ = [s for s in socks if s not in closed]
+        readable, _, _ = select.select(open_, [], [], max(0.0, next_byte - time.monotonic()))
+        for s in readable:
+            try:
+                chunk = s.recv(65536)
+            except ConnectionResetError:
+                chunk = b""
+            got[s] += chunk
+            if not chunk:
+                closed[s] = time.monotonic()
+        if time.monotonic() >= next_byte:
+            next_byte += every
+            for s in open_:
+                if s not in closed:
+                    try:
+                        s.send(b"x")
+                    except OSError:  # closed by the server: the next recv says so
+                        pass
+    return [(got[s], closed[s]) for s in socks]
 
 
 def test_a_model_that_cannot_load_exits_3_with_the_reason(checkpoint, tmp_path, free_port):

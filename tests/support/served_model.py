@@ -1,4 +1,5 @@
-"""The checkpoint the server tests serve: a random tiny model whose answers tell texts apart.
+"""The checkpoint the server tests serve (a random tiny model whose answers tell texts apart), and
+`Server`, `python -m server` in a subprocess.
 
 At the tiny config's initial std (0.02) a random DistilBERT gives every text the same
 probabilities to within 1e-5 (attention barely mixes the tokens into [CLS]), so a test that an
@@ -9,11 +10,18 @@ text's probabilities in a padded batch stay within 6e-6 of its own (measured).
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+import httpx
 import torch
 
+from support.paths import ROOT
+
 from experiments.checkpoint import save_checkpoint
+from experiments.launch import free_port
 from experiments.model import LABELS, build_model, build_tokenizer
 
 
@@ -37,3 +45,31 @@ def assert_told_apart(answers: dict[str, dict], tolerance: float) -> None:
         for b, pb in items[i + 1 :]:
             gap = max(abs(pa["probabilities"][k] - pb["probabilities"][k]) for k in LABELS)
             assert gap > 100 * tolerance, (a, b, gap)
+
+
+class Server:
+    """`python -m server` in a subprocess on a free loopback port, ready when the context is entered."""
+
+    def __init__(self, checkpoint: Path, tmp: Path, *args: str):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = tmp / f"server-{self.port}.log"
+        cmd = [sys.executable, "-m", "server", "--checkpoint", str(checkpoint), "--port", str(self.port), *args]
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=open(self.log, "w"), stderr=subprocess.STDOUT)
+
+    def __enter__(self):
+        deadline = time.monotonic() + 60
+        while True:
+            assert self.proc.poll() is None, self.log.read_text()
+            assert time.monotonic() < deadline, self.log.read_text()
+            try:
+                if httpx.get(f"{self.url}/ready", timeout=1).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+
+    def __exit__(self, *exc):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
