@@ -19,7 +19,6 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx
 import pytest
@@ -29,7 +28,6 @@ from starlette.testclient import TestClient
 from support.paths import ROOT
 from support.served_model import Server, assert_told_apart
 
-from experiments.launch import free_port
 from experiments.model import LABELS
 from server import ServerConfig, create_app
 from server.batcher import Batcher

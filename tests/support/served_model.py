@@ -18,11 +18,10 @@ from pathlib import Path
 import httpx
 import torch
 
-from support.paths import ROOT
-
 from experiments.checkpoint import save_checkpoint
 from experiments.launch import free_port
 from experiments.model import LABELS, build_model, build_tokenizer
+from support.paths import ROOT
 
 
 def tiny_checkpoint(out: Path, max_length: int = 64) -> Path:
