@@ -22,7 +22,7 @@ DATA   ?= $(if $(wildcard ../shared/ag_news/train.csv),../shared/ag_news,)
 MODEL  ?= minilm-l6
 MAIN_ARGS ?= --max-train-samples 4000 --max-length 64 --batch-size 16 --epochs 1 --lr 1e-4
 
-.PHONY: install main test test-fast test-kaggle-versions test-gpu gpu-check lint bench bench-gpu doctor exercise clean
+.PHONY: install main test test-fast test-kaggle-versions test-gpu gpu-check lint bench bench-gpu doctor exercise space render clean
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml Makefile
@@ -98,6 +98,19 @@ bench-gpu: install
 	$(BIN)/python -m experiments.bench.step --gpu --precision fp32 --out runs/bench/step-gpu-fp32
 	$(BIN)/python -m experiments.bench.step --gpu --precision fp16 --out runs/bench/step-gpu-fp16
 	$(BIN)/python -m experiments.bench.allreduce --gpu --out runs/bench/allreduce-gpu
+
+# The free deployments (docs/deploy.md), from the Kaggle notebook's checkpoint.tar.gz or a checkpoint directory:
+#   make space CHECKPOINT=checkpoint.tar.gz    # a static Hugging Face Space in runs/space (the model runs in the browser)
+#   make render CHECKPOINT=checkpoint.tar.gz   # the int8 model into deploy/checkpoint, for the torch-free image on Render
+# Both export the checkpoint first (experiments/export.py); DATA=... also runs the export's parity check.
+CHECKPOINT ?= runs/compare/scratch/checkpoint
+SPACE ?= runs/space
+ROUTE_ARGS = $(CHECKPOINT) $(if $(DATA),--data-dir $(DATA),)
+space: install
+	$(BIN)/python -m deploy.prepare space $(ROUTE_ARGS) --out $(SPACE)
+
+render: install
+	$(BIN)/python -m deploy.prepare render $(ROUTE_ARGS)
 
 clean:
 	rm -rf $(VENV) $(KAGGLE_VENV) runs

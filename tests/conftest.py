@@ -31,6 +31,8 @@ XDIST_GROUPS = {
     "test_bench_parts": "bench_quick",
     "test_server": "checkpoint",
     "test_server_serving": "checkpoint",
+    "test_static_space": "checkpoint",
+    "test_deploy_routes": "checkpoint",
 }
 
 
