@@ -318,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
         test = load_ag_news(args.data_dir, max_eval_samples=args.max_eval_samples)["test"]
         training = args.checkpoint / "training_args.json"
         trained = json.loads(training.read_text()).get("max_length") if training.is_file() else None
-        r = check(args.checkpoint, exported, test["text"], test["label"], args.max_length or trained or DEFAULT_MAX_LENGTH)
+        r = check(args.checkpoint, exported, list(test["text"]), list(test["label"]), args.max_length or trained or DEFAULT_MAX_LENGTH)
     except DistriNewsError as e:
         print(f"error: {e}", file=sys.stderr)
         return exit_code(e)

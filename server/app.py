@@ -30,6 +30,7 @@ overloaded or not ready, and 500 for anything else (a bug: see the server log).
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 
 from starlette.applications import Starlette
@@ -58,7 +59,8 @@ def create_app(
         checkpoint_dir: a directory written by `experiments.checkpoint.save_checkpoint`.
         config: the limits (config.py); default `ServerConfig()`. Its `max_length` None means the
             checkpoint's training_args.json `max_length`, else 128; its `backend` None means onnx
-            when the checkpoint has `onnx_model` (onnx/model_quantized.onnx), else torch.
+            when the checkpoint has `onnx_model` (onnx/model_quantized.onnx) and onnxruntime is
+            installed, else torch.
         load_predictor: `load(checkpoint, pad_token_id) -> Predictor` (predictor.py), run on a
             worker thread at startup; default: the backend's. Tests pass a fake.
         on_fatal: called (no arguments) if the model cannot be loaded or the batcher dies: the
@@ -81,12 +83,15 @@ def create_app(
             f"{checkpoint.path} has no tokenizer.json, the fast tokenizer's file the server reads. {HOW_TO_TRAIN}"
         )
     has_onnx = (checkpoint.path / config.onnx_model).is_file()
-    backend = config.backend or ("onnx" if has_onnx else "torch")
+    has_runtime = importlib.util.find_spec("onnxruntime") is not None  # not in deploy/Dockerfile's torch image
+    backend = config.backend or ("onnx" if has_onnx and has_runtime else "torch")
     if backend == "onnx" and not has_onnx:
         raise CheckpointInvalid(
             f"--backend onnx: {checkpoint.path / config.onnx_model} does not exist; export the checkpoint "
             f"first: python -m experiments.export {checkpoint.path} (or serve it with --backend torch)"
         )
+    if backend == "onnx" and not has_runtime:
+        raise ConfigError("--backend", "onnx needs onnxruntime: pip install onnxruntime", "onnx")
     config = dataclasses.replace(config, max_length=max_length, backend=backend)
     if load_predictor is None:
         load_predictor = BACKENDS[backend].loader(config.onnx_model, config.threads)

@@ -84,7 +84,7 @@ class ServerConfig:
     backend: str | None = _option(
         None,
         "what runs the model: onnx (onnxruntime, the exported model) or torch (the safetensors weights); "
-        "default: onnx when the checkpoint has --onnx-model, else torch",
+        "default: onnx when the checkpoint has --onnx-model and onnxruntime is installed, else torch",
         choices=tuple(BACKENDS),
     )
     onnx_model: str = _option(
