@@ -40,11 +40,14 @@ why and what to do) or a bad option, 3 if its weights cannot be loaded.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
 import math
 import shutil
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,20 +89,43 @@ def _open_checkpoint(checkpoint: Path):
     if not checkpoint.is_dir():
         raise ExportError(f"checkpoint directory {str(checkpoint)!r} does not exist. {HOW_TO_TRAIN}")
     if not (checkpoint / "config.json").is_file():
-        raise ExportError(f"{str(checkpoint)!r} has no config.json: it is not a Hugging Face checkpoint. {HOW_TO_TRAIN}")
+        raise ExportError(
+            f"{str(checkpoint)!r} has no config.json: it is not a Hugging Face checkpoint. {HOW_TO_TRAIN}"
+        )
     if not (checkpoint / "tokenizer.json").is_file():
         raise ExportError(
             f"{str(checkpoint)!r} has no tokenizer.json, the fast tokenizer's file that the ONNX server and "
-            "transformers.js read. Write it with: python -c \"from transformers import AutoTokenizer; "
+            'transformers.js read. Write it with: python -c "from transformers import AutoTokenizer; '
             f"AutoTokenizer.from_pretrained('{checkpoint}', use_fast=True).save_pretrained('{checkpoint}')\""
         )
     from transformers import AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # "Loading weights" for each of the two loads
     try:
         model = AutoModelForSequenceClassification.from_pretrained(checkpoint, dtype="float32")
     except Exception as e:  # OSError, ValueError, safetensors' own error for a truncated file...
         raise ModelLoadError(f"could not load the weights in {checkpoint}: {e}. {HOW_TO_TRAIN}") from None
     return model.eval()
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Hide the exporter's and the quantizer's progress notes and advice (torch.onnx logs a line per
+    torchvision operator it skips, warns that dimension names are shared; onnxruntime's quantizer
+    advises pre-processing); errors still raise."""
+    root, level = logging.getLogger(), logging.getLogger().level
+    root.setLevel(logging.ERROR)
+    torch_onnx = logging.getLogger("torch.onnx")
+    torch_level = torch_onnx.level
+    torch_onnx.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        root.setLevel(level)
+        torch_onnx.setLevel(torch_level)
 
 
 def export(checkpoint: str | Path, out: str | Path | None = None) -> Exported:
@@ -149,7 +175,7 @@ def export(checkpoint: str | Path, out: str | Path | None = None) -> Exported:
     mask = torch.ones((2, 8), dtype=torch.long)
     mask[1, 5:] = 0
     try:
-        with torch.inference_mode(False), torch.no_grad():
+        with torch.no_grad(), _quiet():
             program = torch.onnx.export(
                 Logits(model),
                 (),
@@ -168,7 +194,8 @@ def export(checkpoint: str | Path, out: str | Path | None = None) -> Exported:
             f"torch's ONNX exporter could not export {checkpoint} (model_type "
             f"{model.config.model_type!r}, {type(model).__name__}): {first}"
         ) from None
-    quantize_dynamic(str(fp32), str(int8), weight_type=QuantType.QInt8)
+    with _quiet():  # it suggests a pre-processing step (shape inference) that dynamic quantization does not need
+        quantize_dynamic(str(fp32), str(int8), weight_type=QuantType.QInt8)
     if out.resolve() != checkpoint.resolve():
         for name in SIDE_FILES:
             if (checkpoint / name).is_file():
@@ -246,7 +273,10 @@ def check(checkpoint: Path, exported: Exported, texts: list[str], labels: list[i
     p_torch = probabilities(run_torch, ids, pad)
     p_fp32 = probabilities(onnx_runner(exported.fp32), ids, pad)
     p_int8 = probabilities(onnx_runner(exported.int8), ids, pad)
-    acc = {name: float((p.argmax(1) == truth).mean()) for name, p in (("torch", p_torch), ("fp32", p_fp32), ("int8", p_int8))}
+    acc = {
+        name: float((p.argmax(1) == truth).mean())
+        for name, p in (("torch", p_torch), ("fp32", p_fp32), ("int8", p_int8))
+    }
     n = len(texts)
     se = math.sqrt(acc["torch"] * (1 - acc["torch"]) / n)
     same = int((p_fp32.argmax(1) == p_torch.argmax(1)).sum())
@@ -287,16 +317,27 @@ def report(r: dict) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m experiments.export", description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m experiments.export",
+        description=__doc__.split("\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("checkpoint", type=Path, help="checkpoint directory (<experiments.train --output-dir>/checkpoint)")
-    p.add_argument("--out", type=Path, default=None, help="where to write onnx/ and the tokenizer files (default: CHECKPOINT)")
+    p.add_argument(
+        "--out", type=Path, default=None, help="where to write onnx/ and the tokenizer files (default: CHECKPOINT)"
+    )
     p.add_argument("--data-dir", default=None, help="directory with train.csv/test.csv (ag_news_csv); default: the hub")
     p.add_argument(
-        "--max-length", type=int, default=None, help="tokens per text in the checks (default: the training run's, else 128, as the server)"
+        "--max-length",
+        type=int,
+        default=None,
+        help="tokens per text in the checks (default: the training run's, else 128, as the server)",
     )
-    p.add_argument("--max-eval-samples", type=int, default=None, help="check on the first N test texts only (default: all 7,600)")
-    p.add_argument("--no-check", dest="check", action="store_false", help="export only, no comparison on the test split")
+    p.add_argument(
+        "--max-eval-samples", type=int, default=None, help="check on the first N test texts only (default: all 7,600)"
+    )
+    p.add_argument(
+        "--no-check", dest="check", action="store_false", help="export only, no comparison on the test split"
+    )
     return p
 
 
@@ -318,7 +359,13 @@ def main(argv: list[str] | None = None) -> int:
         test = load_ag_news(args.data_dir, max_eval_samples=args.max_eval_samples)["test"]
         training = args.checkpoint / "training_args.json"
         trained = json.loads(training.read_text()).get("max_length") if training.is_file() else None
-        r = check(args.checkpoint, exported, list(test["text"]), list(test["label"]), args.max_length or trained or DEFAULT_MAX_LENGTH)
+        r = check(
+            args.checkpoint,
+            exported,
+            list(test["text"]),
+            list(test["label"]),
+            args.max_length or trained or DEFAULT_MAX_LENGTH,
+        )
     except DistriNewsError as e:
         print(f"error: {e}", file=sys.stderr)
         return exit_code(e)

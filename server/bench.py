@@ -262,7 +262,8 @@ def compare_backends(
         f"{seconds:g} s per point after a 3 s warm-up, loopback; model alone: batches of 32 texts, {seconds:g} s, "
         f"tokenizing included. {rounds} rounds, the backends in turn within each.",
         "",
-        "| round | backend | model texts/s (batch 32) | server requests/s | p50 ms | p99 ms | errors | load average (1 min) |",
+        "| round | backend | model texts/s (batch 32) | server requests/s | p50 ms | p99 ms | errors "
+        "| load average (1 min) |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in runs:

@@ -170,7 +170,11 @@ async def info(request: Request) -> JSONResponse:
             "training": ckpt.training(),
             "training_summary": ckpt.run_summary(),
             "status": s.status,
-            "backend": {"name": c.backend, "model": c.onnx_model if c.backend == "onnx" else None, "threads": c.threads},
+            "backend": {
+                "name": c.backend,
+                "model": c.onnx_model if c.backend == "onnx" else None,
+                "threads": c.threads,
+            },
             "versions": {
                 "python": platform.python_version(),
                 **{name: _version(name) for name in BACKENDS[c.backend].packages},
