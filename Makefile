@@ -29,7 +29,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(if $(TORCH_INDEX),$(PIP) --timeout 5 --retries 0 --index-url $(TORCH_INDEX) "$(TORCH)" || ,)$(PIP) "$(TORCH)"
-	$(BIN)/python -m pip install --quiet -e ".[offline,dev]"
+	$(BIN)/python -m pip install --quiet -e ".[offline,dev,onnx]"
 	touch $@
 
 main: install
@@ -64,7 +64,7 @@ $(KAGGLE_VENV)/.installed: pyproject.toml kaggle/constraints.txt Makefile
 	$(PYTHON) -m venv $(KAGGLE_VENV)
 	$(KAGGLE_VENV)/bin/python -m pip install --quiet --upgrade pip
 	$(if $(TORCH_INDEX),$(KAGGLE_PIP) --timeout 5 --retries 0 --index-url $(TORCH_INDEX) torch -c kaggle/constraints.txt || ,)$(KAGGLE_PIP) torch -c kaggle/constraints.txt
-	$(KAGGLE_PIP) -e ".[offline,dev]" -c kaggle/constraints.txt
+	$(KAGGLE_PIP) -e ".[offline,dev,onnx]" -c kaggle/constraints.txt
 	touch $@
 
 # On a machine with CUDA GPUs (a CUDA build of torch: make install TORCH=torch): every tier it can run,

@@ -10,7 +10,8 @@ Where things are, in the order a request meets them:
     state.py        ServingState: status, counters, model load, admission, classify
     routes.py       the endpoints, one handler each, reading the state from `request.app.state.serving`
     validation.py   what a request must be (400/408/413/422)
-    predictor.py    Predictor: token ids -> predictions; the real model's one (tests pass a fake)
+    tokenizer.py    TextTokenizer: texts -> token ids, from tokenizer.json (the `tokenizers` library alone)
+    predictor.py    Predictor: token ids -> predictions; the backends (onnx, torch); tests pass a fake
     batcher.py      dynamic batching: concurrent requests in one forward pass
     metrics.py      Prometheus metrics and the middleware that counts requests
     pages.py        the page at / and the Swagger UI page at /docs

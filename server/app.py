@@ -30,14 +30,15 @@ overloaded or not ready, and 500 for anything else (a bug: see the server log).
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 
 from starlette.applications import Starlette
 
-from .checkpoint import Checkpoint
+from .checkpoint import HOW_TO_TRAIN, Checkpoint, CheckpointInvalid
 from .config import DEFAULT_MAX_LENGTH, ConfigError, ServerConfig
 from .metrics import Metrics
-from .predictor import PredictorLoader, load_model_predictor
+from .predictor import BACKENDS, PredictorLoader
 from .routes import EXCEPTION_HANDLERS, routes
 from .state import ServingState
 
@@ -46,7 +47,7 @@ def create_app(
     checkpoint_dir: str | os.PathLike,
     config: ServerConfig | None = None,
     *,
-    load_predictor: PredictorLoader = load_model_predictor,
+    load_predictor: PredictorLoader | None = None,
     on_fatal=None,
 ) -> Starlette:
     """The Starlette app serving the checkpoint in `checkpoint_dir`, its state at `app.state.serving`.
@@ -57,9 +58,11 @@ def create_app(
     Args:
         checkpoint_dir: a directory written by `experiments.checkpoint.save_checkpoint`.
         config: the limits (config.py); default `ServerConfig()`. Its `max_length` None means the
-            checkpoint's training_args.json `max_length`, else 128.
+            checkpoint's training_args.json `max_length`, else 128; its `backend` None means onnx
+            when the checkpoint has `onnx_model` (onnx/model_quantized.onnx) and onnxruntime is
+            installed, else torch.
         load_predictor: `load(checkpoint, pad_token_id) -> Predictor` (predictor.py), run on a
-            worker thread at startup; default: the checkpoint's weights. Tests pass a fake.
+            worker thread at startup; default: the backend's. Tests pass a fake.
         on_fatal: called (no arguments) if the model cannot be loaded or the batcher dies: the
             launcher stops the server; `app.state.serving.error` says why.
 
@@ -67,14 +70,31 @@ def create_app(
         CheckpointNotFound (a FileNotFoundError): `checkpoint_dir` does not exist or has no
             config.json; the message says how to produce a checkpoint.
         CheckpointInvalid, ConfigError (ValueErrors): an unreadable config.json or
-            training_args.json, or a max_length beyond the model's position embeddings.
+            training_args.json, no tokenizer.json, `--backend onnx` without the ONNX model, or a
+            max_length beyond the model's position embeddings.
     """
     checkpoint = Checkpoint.open(checkpoint_dir)
     config = config or ServerConfig()
     max_length = config.max_length or checkpoint.training_args.get("max_length") or DEFAULT_MAX_LENGTH
     if checkpoint.positions is not None and max_length > checkpoint.positions:  # would index past the embeddings
         raise ConfigError("max_length", f"must be at most the model's {checkpoint.positions} positions", max_length)
-    config = dataclasses.replace(config, max_length=max_length)
+    if not (checkpoint.path / "tokenizer.json").is_file():
+        raise CheckpointInvalid(
+            f"{checkpoint.path} has no tokenizer.json, the fast tokenizer's file the server reads. {HOW_TO_TRAIN}"
+        )
+    has_onnx = (checkpoint.path / config.onnx_model).is_file()
+    has_runtime = importlib.util.find_spec("onnxruntime") is not None  # not in deploy/Dockerfile's torch image
+    backend = config.backend or ("onnx" if has_onnx and has_runtime else "torch")
+    if backend == "onnx" and not has_onnx:
+        raise CheckpointInvalid(
+            f"--backend onnx: {checkpoint.path / config.onnx_model} does not exist; export the checkpoint "
+            f"first: python -m experiments.export {checkpoint.path} (or serve it with --backend torch)"
+        )
+    if backend == "onnx" and not has_runtime:
+        raise ConfigError("--backend", "onnx needs onnxruntime: pip install onnxruntime", "onnx")
+    config = dataclasses.replace(config, max_length=max_length, backend=backend)
+    if load_predictor is None:
+        load_predictor = BACKENDS[backend].loader(config.onnx_model, config.threads)
     metrics = Metrics()
     serving = ServingState(checkpoint, config, metrics, load_predictor, on_fatal)
     app = Starlette(routes=routes(), lifespan=serving.lifespan, exception_handlers=EXCEPTION_HANDLERS)

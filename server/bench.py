@@ -14,12 +14,22 @@ requests/s, p50 and p99 latency (wrk `--latency`), and the server's own batch si
 - the model's own throughput: the same articles classified in-process in batches of 32 and of 1
   (texts/s), the ceiling that batching can approach.
 Writes server.json, server.md and server.png to --out.
+
+    python -m server.bench --checkpoint CKPT --backends torch,onnx --rounds 3 --out runs/bench/backends
+
+compares the backends instead (`--backend`, server/predictor.py; CKPT exported by
+`python -m experiments.export`): for each round, each backend in turn, the model's own batch rate
+(batches of 32, in this process, through the server's own tokenizer and predictor) and the server
+under 64 connections (batching on, the same wrk and articles); the ratios onnx/torch are taken
+within a round, so that a change of load on a shared machine between rounds cancels out.
+Writes backends.json and backends.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -29,7 +39,6 @@ import time
 from pathlib import Path
 
 import httpx
-import torch
 
 from experiments.launch import free_port
 
@@ -61,18 +70,23 @@ def articles(n: int) -> list[str]:
     return [EXAMPLES[i % len(EXAMPLES)] for i in range(n)]
 
 
-def model_throughput(checkpoint: Path, texts: list[str], batch: int, max_length: int, seconds: float) -> float:
-    """Texts per second of the model alone, in batches of `batch` (tokenizing included), in this process."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+def model_throughput(
+    checkpoint: Path, texts: list[str], batch: int, max_length: int, seconds: float, backend: str = "torch"
+) -> float:
+    """Texts per second of the model alone, in batches of `batch` (tokenizing included), in this process,
+    through the server's own tokenizer and `backend`'s predictor (the int8 model for onnx)."""
+    from .checkpoint import Checkpoint
+    from .config import ServerConfig
+    from .predictor import BACKENDS
+    from .tokenizer import TextTokenizer
 
-    model = AutoModelForSequenceClassification.from_pretrained(checkpoint).eval()
-    tok = AutoTokenizer.from_pretrained(checkpoint)
+    ckpt, tok = Checkpoint.open(checkpoint), TextTokenizer(checkpoint, max_length)
+    predictor = BACKENDS[backend].loader(ServerConfig().onnx_model, None)(ckpt, tok.pad_id)
+    predictor(tok(texts[:batch]))  # warm-up: the first pass allocates
     done, i, t0 = 0, 0, time.perf_counter()
-    with torch.inference_mode():
-        while time.perf_counter() - t0 < seconds:
-            chunk = [texts[(i + k) % len(texts)] for k in range(batch)]
-            model(**tok(chunk, truncation=True, max_length=max_length, padding=True, return_tensors="pt"))
-            done, i = done + batch, i + batch
+    while time.perf_counter() - t0 < seconds:
+        predictor(tok([texts[(i + k) % len(texts)] for k in range(batch)]))
+        done, i = done + batch, i + batch
     return done / (time.perf_counter() - t0)
 
 
@@ -135,11 +149,7 @@ def run(checkpoint: Path, out: Path, seconds: float, quick: bool) -> dict:
         raise SystemExit("wrk is not installed: `apt-get install wrk` (Debian), `brew install wrk` (macOS)")
     out.mkdir(parents=True, exist_ok=True)
     texts = articles(64 if quick else 512)
-    max_length = (
-        json.loads((checkpoint / "training_args.json").read_text()).get("max_length", 128)
-        if (checkpoint / "training_args.json").exists()
-        else 128
-    )
+    max_length = _max_length(checkpoint)
     alone = 2 if quick else 10  # seconds of in-process classification per batch size
     rows = {
         "model_batch32_texts_per_s": model_throughput(checkpoint, texts, 32, max_length, alone),
@@ -165,6 +175,8 @@ def run(checkpoint: Path, out: Path, seconds: float, quick: bool) -> dict:
             finally:
                 proc.terminate()
                 proc.wait(timeout=60)
+    import torch
+
     md = [
         f"`POST /predict`, one AG News test article per request (max_length {max_length}), wrk -t1, "
         f"{seconds:g} s per point, loopback, {torch.get_num_threads()} torch threads.",
@@ -194,6 +206,92 @@ def run(checkpoint: Path, out: Path, seconds: float, quick: bool) -> dict:
     (out / "server.json").write_text(json.dumps(rows, indent=2))
     _plot(rows, out / "server.png")
     return {"markdown": md, "rows": rows}
+
+
+def _max_length(checkpoint: Path) -> int:
+    """The server's truncation for `checkpoint`: the training run's max_length, else 128."""
+    f = checkpoint / "training_args.json"
+    return (json.loads(f.read_text()).get("max_length") if f.exists() else None) or 128
+
+
+def compare_backends(
+    checkpoint: Path, out: Path, backends: list[str], seconds: float, rounds: int, connections: int = 64
+) -> dict:
+    """Each round: for each backend in turn, its model batch rate (32 texts a pass) and its server's
+    requests/s and p99 at `connections` (batching on). Returns and writes backends.json and .md."""
+    if shutil.which("wrk") is None:
+        raise SystemExit("wrk is not installed: `apt-get install wrk` (Debian), `brew install wrk` (macOS)")
+    out.mkdir(parents=True, exist_ok=True)
+    texts, max_length = articles(512), _max_length(checkpoint)
+    runs: list[dict] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        bodies = Path(tmp) / "bodies.txt"
+        bodies.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+        script = Path(tmp) / "predict.lua"
+        script.write_text(LUA % bodies)
+        for k in range(rounds):
+            for backend in backends:
+                row = {"round": k, "backend": backend, "load_before": os.getloadavg()[0]}
+                row["model_batch32_texts_per_s"] = _in_child(
+                    model_throughput, checkpoint, texts, 32, max_length, seconds, backend
+                )
+                proc, url = serve(checkpoint, "--backend", backend)
+                try:
+                    wrk(url, 8, 3, script)  # warm-up
+                    r = wrk(url, connections, seconds, script)
+                finally:
+                    proc.terminate()
+                    proc.wait(timeout=60)
+                row.update({key: r[key] for key in ("rps", "p50_ms", "p99_ms", "errors")})
+                row["load_after"] = os.getloadavg()[0]
+                runs.append(row)
+                print(json.dumps(row), flush=True)
+    base, other = backends[0], backends[-1]
+    by = {(r["round"], r["backend"]): r for r in runs}
+    ratios = [
+        {
+            "round": k,
+            "model": by[k, other]["model_batch32_texts_per_s"] / by[k, base]["model_batch32_texts_per_s"],
+            "server_rps": by[k, other]["rps"] / by[k, base]["rps"],
+            "p99": by[k, other]["p99_ms"] / by[k, base]["p99_ms"],
+        }
+        for k in range(rounds)
+    ]
+    md = [
+        f"`POST /predict`, one AG News test article per request (max_length {max_length}), wrk -t1 -c{connections}, "
+        f"{seconds:g} s per point after a 3 s warm-up, loopback; model alone: batches of 32 texts, {seconds:g} s, "
+        f"tokenizing included. {rounds} rounds, the backends in turn within each.",
+        "",
+        "| round | backend | model texts/s (batch 32) | server requests/s | p50 ms | p99 ms | errors "
+        "| load average (1 min) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in runs:
+        md.append(
+            f"| {r['round']} | {r['backend']} | {r['model_batch32_texts_per_s']:.1f} | {r['rps']:.1f} | "
+            f"{r['p50_ms']:.0f} | {r['p99_ms']:.0f} | {r['errors']} | {r['load_before']:.1f} -> {r['load_after']:.1f} |"
+        )
+    md += ["", f"| round | {other}/{base}: model texts/s | server requests/s | p99 |", "|---|---|---|---|"]
+    md += [f"| {q['round']} | {q['model']:.2f} | {q['server_rps']:.2f} | {q['p99']:.2f} |" for q in ratios]
+    md = "\n".join(md)
+    result = {"runs": runs, "ratios": ratios, "markdown": md}
+    (out / "backends.json").write_text(json.dumps(result, indent=2))
+    (out / "backends.md").write_text(md + "\n")
+    return result
+
+
+def _in_child(fn, *args):
+    """fn(*args) in a forked child process (so that one backend's threads and memory do not stay in
+    this process for the next), its return value sent back through a pipe."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    parent, child = ctx.Pipe(duplex=False)
+    p = ctx.Process(target=lambda: child.send(fn(*args)))
+    p.start()
+    value = parent.recv()
+    p.join()
+    return value
 
 
 def _plot(rows: dict, path: Path) -> None:
@@ -226,8 +324,14 @@ def main(argv=None) -> None:
     p.add_argument("--out", type=Path, default=Path("runs/bench/server"))
     p.add_argument("--duration", type=float, default=15.0, help="seconds per point")
     p.add_argument("--quick", action="store_true", help="2 s per point: checks that it runs")
+    p.add_argument("--backends", default=None, help="compare backends instead, e.g. torch,onnx (ratios: last/first)")
+    p.add_argument("--rounds", type=int, default=3, help="with --backends: rounds, the backends in turn in each")
     a = p.parse_args(argv)
-    print(run(a.checkpoint, a.out, 2.0 if a.quick else a.duration, a.quick)["markdown"])
+    seconds = 2.0 if a.quick else a.duration
+    if a.backends:
+        print(compare_backends(a.checkpoint, a.out, a.backends.split(","), seconds, a.rounds)["markdown"])
+        return
+    print(run(a.checkpoint, a.out, seconds, a.quick)["markdown"])
 
 
 if __name__ == "__main__":

@@ -62,9 +62,11 @@ class Checkpoint:
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> Checkpoint:
-        """Read the checkpoint's config. Raises CheckpointNotFound, CheckpointInvalid; both say how to fix it."""
-        from transformers import AutoConfig  # here, not at import: `python -m server --help` stays fast
+        """Read the checkpoint's config. Raises CheckpointNotFound, CheckpointInvalid; both say how to fix it.
 
+        config.json is read as JSON, not through transformers' AutoConfig, so that the ONNX backend
+        runs without transformers; the two fields read are the ones every transformers config writes.
+        """
         p = Path(path).expanduser()
         if not p.is_dir():
             raise CheckpointNotFound(f"checkpoint directory {str(p)!r} does not exist. {HOW_TO_TRAIN}")
@@ -74,12 +76,7 @@ class Checkpoint:
             )
         p = p.resolve()
         args = _training_args(p)
-        try:  # config only (no weights): fails fast, and gives the labels
-            config = AutoConfig.from_pretrained(p)
-        except (OSError, ValueError) as e:
-            raise CheckpointInvalid(f"{p / 'config.json'} is not a valid model config ({e}). {HOW_TO_TRAIN}") from None
-        labels = tuple(config.id2label[i] for i in range(config.num_labels))
-        positions = getattr(config, "max_position_embeddings", None)
+        labels, positions = _labels_and_positions(p / "config.json")
         return cls(p, labels, args.get("model") or str(p), args, positions)
 
     def training(self) -> dict:
@@ -106,3 +103,20 @@ def _training_args(ckpt: Path) -> dict:
     except (OSError, ValueError) as e:
         raise CheckpointInvalid(f"{f} is not readable JSON ({e}); fix or delete it.") from None
     return args if isinstance(args, dict) else {}
+
+
+def _labels_and_positions(config: Path) -> tuple[tuple[str, ...], int | None]:
+    """(class names by id, max_position_embeddings or None) from a transformers config.json.
+    Raises CheckpointInvalid if it is not JSON or its id2label is not names for ids 0..n-1."""
+    try:
+        c = json.loads(config.read_text())
+        id2label = c["id2label"]
+        labels = tuple(str(id2label[str(i)]) for i in range(len(id2label)))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        why = f"{type(e).__name__}: {e}" if not isinstance(e, KeyError) else f"no {e} entry"
+        raise CheckpointInvalid(
+            f"{config} is not a valid model config (a JSON object whose id2label names classes 0..n-1; {why}). "
+            f"{HOW_TO_TRAIN}"
+        ) from None
+    positions = c.get("max_position_embeddings")
+    return labels, positions if isinstance(positions, int) else None

@@ -39,6 +39,8 @@ from dataclasses import dataclass, field
 
 from experiments.errors import UsageError
 
+from .predictor import BACKENDS
+
 DEFAULT_MAX_LENGTH = 128  # tokens per text, when the checkpoint's training_args.json has none
 
 
@@ -54,9 +56,12 @@ class ConfigError(UsageError, ValueError):
         return ConfigError(name, self.requirement, self.value)
 
 
-def _option(default, help: str, flag: str | None = None, request_limit: bool = False):
-    """A field with its command-line help; `flag` overrides the one derived from the name."""
-    return field(default=default, metadata={"help": help, "flag": flag, "request_limit": request_limit})
+def _option(default, help: str, flag: str | None = None, request_limit: bool = False, choices: tuple = ()):
+    """A field with its command-line help; `flag` overrides the one derived from the name; a text
+    field with `choices` takes only those (or None, its default)."""
+    return field(
+        default=default, metadata={"help": help, "flag": flag, "request_limit": request_limit, "choices": choices}
+    )
 
 
 @dataclass(frozen=True)
@@ -83,6 +88,20 @@ class ServerConfig:
         256, "predictions in flight at most; beyond, an immediate 503 with Retry-After", request_limit=True
     )
     batching: bool = _option(True, "one forward pass per request (for comparison)", flag="--no-batching")
+    backend: str | None = _option(
+        None,
+        "what runs the model: onnx (onnxruntime, the exported model) or torch (the safetensors weights); "
+        "default: onnx when the checkpoint has --onnx-model and onnxruntime is installed, else torch",
+        choices=tuple(BACKENDS),
+    )
+    onnx_model: str = _option(
+        "onnx/model_quantized.onnx",
+        "the ONNX model the onnx backend runs, relative to the checkpoint (python -m experiments.export writes "
+        "onnx/model_quantized.onnx, int8, and onnx/model.onnx, float32)",
+    )
+    threads: int | None = _option(
+        None, "threads of one forward pass (default: the backend's, one per core; 1 on a fraction of a CPU)"
+    )
     body_timeout_s: float = _option(
         10.0, "seconds for a request body to arrive after its headers; then 408, connection closed", "--body-timeout"
     )
@@ -112,6 +131,11 @@ class ServerConfig:
                 if not ok:  # NaN too; an infinite wait or timeout would keep a client waiting forever
                     what = "a number of seconds >= 0 (finite)" if f.name.endswith("_s") else "a finite number >= 0"
                     raise ConfigError(f.name, f"must be {what}", value)
+            elif f.type in ("str", "str | None"):
+                if f.metadata["choices"] and value not in (*f.metadata["choices"], None):
+                    raise ConfigError(f.name, f"must be one of {', '.join(f.metadata['choices'])}", value)
+                if value is None and f.type == "str" or value is not None and not isinstance(value, str):
+                    raise ConfigError(f.name, "must be a text", value)
             elif value is not None or f.type != "int | None":
                 if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                     raise ConfigError(f.name, "must be a positive integer", value)
@@ -144,6 +168,11 @@ class ServerConfig:
             help = f.metadata["help"]
             if f.type == "bool":  # on by default: the flag turns it off
                 parser.add_argument(cls.flag(f), dest=f.name, action="store_false", help=help)
+                continue
+            if f.type in ("str", "str | None"):
+                default = f" (default {f.default})" if f.default is not None else ""
+                choices = f.metadata["choices"] or None
+                parser.add_argument(cls.flag(f), dest=f.name, default=f.default, choices=choices, help=help + default)
                 continue
             kind = float if f.type == "float" else int
             metavar = "N" if kind is int else "SECONDS" if f.name.endswith("_s") else "MS"

@@ -12,11 +12,10 @@ only then does it take an admission slot (at the limit: 503 at once) and go to t
 from __future__ import annotations
 
 import platform
+from importlib.metadata import PackageNotFoundError, version
 
 import starlette
 import swagger_ui_bundle
-import torch
-import transformers
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
@@ -25,6 +24,7 @@ from starlette.schemas import SchemaGenerator
 from starlette.staticfiles import StaticFiles
 
 from .pages import docs_page, index_page
+from .predictor import BACKENDS
 from .state import ClientDisconnected, ServingState
 from .validation import check_text, field, json_type, read_json
 
@@ -151,7 +151,7 @@ async def ready(request: Request) -> JSONResponse:
 
 
 async def info(request: Request) -> JSONResponse:
-    """What is served: model, labels, limits, max_length, checkpoint, the training run, versions.
+    """What is served: model, labels, limits, max_length, checkpoint, the training run, backend, versions.
     ---
     summary: What is served
     responses:
@@ -170,14 +170,26 @@ async def info(request: Request) -> JSONResponse:
             "training": ckpt.training(),
             "training_summary": ckpt.run_summary(),
             "status": s.status,
+            "backend": {
+                "name": c.backend,
+                "model": c.onnx_model if c.backend == "onnx" else None,
+                "threads": c.threads,
+            },
             "versions": {
                 "python": platform.python_version(),
-                "torch": torch.__version__,
-                "transformers": transformers.__version__,
+                **{name: _version(name) for name in BACKENDS[c.backend].packages},
                 "starlette": starlette.__version__,
             },
         }
     )
+
+
+def _version(package: str) -> str | None:
+    """An installed package's version (from its metadata: nothing is imported), None if absent."""
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
 
 
 async def prometheus(request: Request) -> Response:

@@ -33,7 +33,8 @@ from .checkpoint import HOW_TO_TRAIN, Checkpoint
 from .config import ServerConfig
 from .metrics import Metrics
 from .pages import EXAMPLES
-from .predictor import Prediction, PredictorLoader, load_model_predictor
+from .predictor import Prediction, PredictorLoader
+from .tokenizer import TextTokenizer
 
 log = logging.getLogger("server")
 
@@ -66,7 +67,7 @@ class ServingState:
         config: the limits, with `max_length` resolved (create_app does it).
         metrics: the app's Prometheus metrics.
         load_predictor: `load(checkpoint, pad_token_id) -> Predictor`, on a worker thread at
-            startup; default: the checkpoint's weights. Tests pass a fake model here.
+            startup (create_app picks the backend's). Tests pass a fake model here.
         on_fatal: called (no arguments) once the state has failed: the launcher stops the server.
     """
 
@@ -75,7 +76,7 @@ class ServingState:
         checkpoint: Checkpoint,
         config: ServerConfig,
         metrics: Metrics,
-        load_predictor: PredictorLoader = load_model_predictor,
+        load_predictor: PredictorLoader,
         on_fatal: Callable[[], None] | None = None,
     ):
         self.checkpoint, self.config, self.metrics = checkpoint, config, metrics
@@ -83,9 +84,9 @@ class ServingState:
         self.status: Literal["loading", "ready", "failed"] = "loading"
         self.error: DistriNewsError | None = None
         self.in_flight = self.received = self.answered = 0
-        self.tokenizer = None
         self.batcher: Batcher | None = None
-        self._tokenizer_lock = asyncio.Lock()  # a fast tokenizer must not run on two threads at once
+        self.tokenizer: TextTokenizer | None = None
+        self._tokenizer_lock = asyncio.Lock()  # one batch of texts at a time: the tokenizer spreads it over the cores
 
     # ---- life ------------------------------------------------------------------------
     @contextlib.asynccontextmanager
@@ -103,12 +104,9 @@ class ServingState:
 
     def _load(self):
         """On a worker thread: the tokenizer, the predictor, one warm-up pass."""
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(self.checkpoint.path)
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        predictor = self._load_predictor(self.checkpoint, pad)
-        predictor(tokenizer([EXAMPLES[0]], truncation=True, max_length=self.config.max_length)["input_ids"])
+        tokenizer = TextTokenizer(self.checkpoint.path, self.config.max_length)
+        predictor = self._load_predictor(self.checkpoint, tokenizer.pad_id)
+        predictor(tokenizer([EXAMPLES[0]]))
         return tokenizer, predictor
 
     async def _start(self) -> None:
@@ -169,8 +167,8 @@ class ServingState:
         """
         with self._admitted():
             async with self._tokenizer_lock:
-                enc = await run_in_threadpool(self.tokenizer, texts, truncation=True, max_length=self.config.max_length)
-            job = asyncio.ensure_future(self.batcher.submit(enc["input_ids"]))
+                ids = await run_in_threadpool(self.tokenizer, texts)
+            job = asyncio.ensure_future(self.batcher.submit(ids))
             gone = asyncio.ensure_future(_wait_disconnect(request))
             try:
                 await asyncio.wait({job, gone}, return_when=asyncio.FIRST_COMPLETED)

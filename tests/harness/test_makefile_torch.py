@@ -108,7 +108,9 @@ def test_the_kaggle_versions_environment_uses_the_constraints_and_runs_the_fast_
     lines = r.stdout.splitlines()
     installs = [line for line in lines if "pip install" in line and "--upgrade pip" not in line]
     assert installs and all(line.endswith("-c kaggle/constraints.txt") for line in installs), installs
-    assert any(" torch -c " in line for line in installs) and any('-e ".[offline,dev]"' in line for line in installs)
+    assert any(" torch -c " in line for line in installs) and any(
+        '-e ".[offline,dev,onnx]"' in line for line in installs
+    )
     assert not any(".venv/" in line for line in lines)  # its own venv, not the first one
     printed, tests = lines[-2:]
     assert "torch.__version__" in printed and "transformers.__version__" in printed

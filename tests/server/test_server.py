@@ -295,9 +295,11 @@ print(" ".join(sorted(sys.modules)))
     assert not {m.split(".")[0] for m in modules} & {"datasets", "pandas", "pyarrow", "matplotlib"}
 
 
-def test_the_image_requirements_are_the_package_ranges():
+@pytest.mark.parametrize("requirements", ["requirements-server.txt", "requirements-onnx.txt"])
+def test_the_image_requirements_are_the_package_ranges(requirements):
     tomllib = pytest.importorskip("tomllib")  # Python 3.11+
-    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
-    lines = (ROOT / "deploy" / "requirements-server.txt").read_text().splitlines()
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    deps = project["dependencies"] + project["optional-dependencies"]["onnx"]
+    lines = (ROOT / "deploy" / requirements).read_text().splitlines()
     reqs = [line for line in lines if line.strip() and not line.startswith("#")]
     assert reqs and set(reqs) <= set(deps), set(reqs) - set(deps)  # same ranges as pyproject.toml

@@ -1,0 +1,183 @@
+"""The ONNX route: `python -m experiments.export` and the server's `--backend onnx`, on the tiny checkpoint.
+
+The export is checked against torch (fp32: the same predictions; int8: the command's own check),
+the ONNX backend against the torch backend on the same texts, its imports (neither torch nor
+transformers: the torch-free image, deploy/Dockerfile.onnx, holds neither), and the refusals.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+
+import pytest
+from starlette.testclient import TestClient
+from support import forkserver
+from support.paths import AG_NEWS, ROOT, needs_ag_news
+
+from experiments.model import LABELS
+from server import ServerConfig, create_app
+
+pytest.importorskip("onnxruntime", reason="needs the onnx extra: pip install -e '.[onnx]'")
+pytest.importorskip("onnxscript", reason="needs the onnx extra: pip install -e '.[onnx]'")
+
+# How far the float32 ONNX model's probabilities may be from torch's. Both compute the same float32
+# operations in another order (onnxruntime fuses and reorders the sums), so each logit differs by
+# rounding only: a dot product of length K has a relative error of at most K * eps (eps = 2**-24,
+# float32's unit roundoff); the tiny model's longest sums have K = 64 (its FFN width), two layers
+# and the head compound it to a few hundred eps relative on logits of magnitude ~10 (weights at
+# std 0.4), i.e. ~1e-4 absolute at worst, and a softmax moves a probability by at most half the
+# largest logit change. Measured: ~1e-6 (the command prints it). A bug (a dropped attention mask,
+# swapped inputs) moves probabilities by 1e-2 or more (served_model.py: the texts differ by > 0.01).
+FP32_PROB_TOLERANCE = 1e-4
+
+
+def _texts() -> list[str]:
+    """The first 64 AG News test texts (title and description), or the server's examples without the data."""
+    if not AG_NEWS.exists():
+        from server.pages import EXAMPLES
+
+        return EXAMPLES
+    with open(AG_NEWS / "test.csv", newline="", encoding="utf-8") as f:
+        return [f"{title} {desc}" for _, (_, title, desc) in zip(range(64), csv.reader(f))]
+
+
+TEXTS = _texts()
+
+
+@pytest.fixture(scope="module")
+def exported(checkpoint, tmp_path_factory):
+    """The tiny checkpoint exported with `experiments.export.export` into a folder of its own (the
+    layout the static page and the torch-free image read: no model.safetensors there)."""
+    from experiments.export import export
+
+    out = tmp_path_factory.mktemp("exported") / "model"
+    export(checkpoint, out)
+    return out
+
+
+@needs_ag_news
+def test_export_command_checks_parity_on_the_test_split(checkpoint, tmp_path):
+    out = tmp_path / "model"
+    r = forkserver.python(
+        ["-m", "experiments.export", str(checkpoint), "--out", str(out), "--data-dir", str(AG_NEWS)]
+        + ["--max-eval-samples", "500"]
+    )
+    assert r.returncode in (0, 1), r.stderr[-3000:]  # 1: a check failed; which one is asserted below
+    for name in ("onnx/model.onnx", "onnx/model_quantized.onnx", "config.json", "tokenizer.json"):
+        assert (out / name).is_file(), name
+    assert not (out / "model.safetensors").exists()  # the weights stay in the checkpoint
+    parity = json.loads((out / "onnx" / "parity.json").read_text())
+    assert parity["n"] == 500 and parity["max_length"] == 64  # the server's truncation: training_args.json
+    assert parity["fp32_equal_predictions"] == 500 and parity["fp32_ok"]
+    assert parity["fp32_max_prob_diff"] <= FP32_PROB_TOLERANCE
+    assert "largest probability difference" in r.stdout and "one standard error" in r.stdout
+    # the int8 check is the command's: its exit status says whether it held
+    assert r.returncode == (0 if parity["int8_ok"] else 1)
+    se = (parity["accuracy_torch"] * (1 - parity["accuracy_torch"]) / 500) ** 0.5
+    assert parity["standard_error"] == pytest.approx(se)
+    assert parity["int8_ok"] == (abs(parity["accuracy_onnx_int8"] - parity["accuracy_torch"]) <= se)
+
+
+def test_exported_model_has_the_agreed_interface(exported):
+    import onnxruntime as ort
+
+    for name in ("model.onnx", "model_quantized.onnx"):
+        s = ort.InferenceSession(str(exported / "onnx" / name), providers=["CPUExecutionProvider"])
+        inputs = {i.name: (i.type, i.shape) for i in s.get_inputs()}
+        assert list(inputs) == ["input_ids", "attention_mask"], inputs
+        for kind, shape in inputs.values():
+            assert kind == "tensor(int64)" and len(shape) == 2 and all(isinstance(d, str) for d in shape), shape
+        (out,) = s.get_outputs()
+        assert out.name == "logits" and out.type == "tensor(float)" and len(out.shape) == 2
+
+
+def answers(app_checkpoint, **config) -> tuple[list[dict], dict]:
+    """The server's answers for TEXTS (one /predict/batch) and its /info, on `app_checkpoint` with `config`."""
+    with TestClient(create_app(app_checkpoint, ServerConfig(max_batch_size=64, **config))) as c:
+        while c.get("/ready").status_code != 200:
+            pass
+        singles = [c.post("/predict", json={"text": t}).json() for t in TEXTS[:8]]
+        batch = c.post("/predict/batch", json={"texts": TEXTS}).json()["predictions"]
+        info = c.get("/info").json()
+    assert [b["label"] for b in batch[:8]] == [s["label"] for s in singles]  # a batch answers as texts alone
+    return batch, info
+
+
+def test_onnx_backend_answers_as_the_torch_backend(checkpoint, exported):
+    torch_answers, torch_info = answers(checkpoint, backend="torch")
+    fp32, info = answers(exported, backend="onnx", onnx_model="onnx/model.onnx")
+    assert torch_info["backend"]["name"] == "torch" and info["backend"]["name"] == "onnx"
+    assert info["backend"]["model"] == "onnx/model.onnx" and "onnxruntime" in info["versions"]
+    assert "torch" not in info["versions"] and "transformers" not in info["versions"]
+    assert len({a["label"] for a in torch_answers}) > 1  # the texts get different labels: a mix-up would show
+    for t, o in zip(torch_answers, fp32):
+        assert o["label"] == t["label"]
+        for name in LABELS:
+            assert abs(o["probabilities"][name] - t["probabilities"][name]) <= FP32_PROB_TOLERANCE
+    int8, info = answers(exported)  # the default: onnx, since the folder has onnx/model_quantized.onnx
+    assert info["backend"]["name"] == "onnx" and info["backend"]["model"] == "onnx/model_quantized.onnx"
+    agree = sum(o["label"] == t["label"] for t, o in zip(torch_answers, int8))
+    assert agree >= 0.9 * len(TEXTS), (agree, len(TEXTS))
+
+
+def test_tokenizers_alone_give_the_ids_transformers_gives(checkpoint):
+    from transformers import AutoTokenizer
+
+    from server.tokenizer import TextTokenizer
+
+    for max_length in (16, 64):
+        ours = TextTokenizer(checkpoint, max_length)(TEXTS)
+        theirs = AutoTokenizer.from_pretrained(checkpoint)(TEXTS, truncation=True, max_length=max_length)
+        assert ours == theirs["input_ids"]
+        assert max(len(x) for x in ours) == max_length  # some texts were truncated
+
+
+def test_onnx_route_imports_neither_torch_nor_transformers(exported):
+    # a fresh interpreter (not a fork of the test process, which has torch): what the torch-free
+    # image (deploy/Dockerfile.onnx) runs, from loading the app to a prediction
+    code = f"""
+import sys, time
+from starlette.testclient import TestClient
+import server.__main__
+from server import create_app
+with TestClient(create_app({str(exported)!r})) as c:
+    while c.get("/ready").status_code != 200:
+        time.sleep(0.05)
+    assert c.post("/predict", json={{"text": "Oil prices fell"}}).status_code == 200
+    assert c.get("/info").json()["backend"]["name"] == "onnx"
+print(" ".join(sorted(sys.modules)))
+"""
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    top = {m.split(".")[0] for m in r.stdout.split()}
+    assert "onnxruntime" in top and "tokenizers" in top
+    assert not top & {"torch", "transformers", "datasets", "pandas", "pyarrow", "matplotlib"}, top
+
+
+@pytest.mark.parametrize(
+    "breaks,words",
+    [
+        (lambda d: (d / "config.json").unlink(), "has no config.json"),
+        (lambda d: (d / "tokenizer.json").unlink(), "has no tokenizer.json"),
+        (lambda d: (d / "model.safetensors").write_bytes(b"\x00" * 64), "could not load the weights"),
+    ],
+    ids=["no-config", "no-tokenizer", "broken-weights"],
+)
+def test_export_refuses_a_bad_checkpoint_with_a_clear_message(checkpoint, tmp_path, breaks, words):
+    import shutil
+
+    bad = shutil.copytree(checkpoint, tmp_path / "bad")
+    breaks(bad)
+    r = forkserver.python(["-m", "experiments.export", str(bad), "--no-check"])
+    assert r.returncode in (2, 3) and words in r.stderr, (r.returncode, r.stderr[-2000:])
+    assert "Traceback" not in r.stderr and not (bad / "onnx" / "model.onnx").exists()
+
+
+def test_onnx_backend_without_an_export_is_refused(checkpoint):
+    from server.checkpoint import CheckpointInvalid
+
+    with pytest.raises(CheckpointInvalid, match="python -m experiments.export"):
+        create_app(checkpoint, ServerConfig(backend="onnx"))
