@@ -252,9 +252,11 @@ or with git (git-xet or git-lfs installed; .gitattributes sends *.onnx and *.was
 
 def render_done(into: Path, copied: list[str]) -> str:
     return f"""copied {", ".join(copied)} into {into}/ (the ONNX server's files: no torch weights).
+Try the image as Render will build it (needs docker):
+  docker build -t distrinews-onnx -f deploy/Dockerfile.onnx . && docker run --rm -p 7860:7860 distrinews-onnx
 Then: git add -f {into} && git commit -m "model for Render" && git push   (to your GitHub repository)
-and on Render: New -> Web Service -> the repository, Runtime Docker, Instance type Free,
-the Dockerfile and Docker Command of docs/deploy.md ("Render, free"), Health Check Path /ready."""
+and on Render: New -> Web Service -> the repository, Runtime Docker, Dockerfile Path deploy/Dockerfile.onnx,
+Instance type Free, Health Check Path /ready (docs/deploy.md, "Render (free)")."""
 
 
 if __name__ == "__main__":
