@@ -48,37 +48,42 @@ TEXTS = _texts()
 
 
 @pytest.fixture(scope="module")
-def exported(checkpoint, tmp_path_factory):
-    """The tiny checkpoint exported with `experiments.export.export` into a folder of its own (the
-    layout the static page and the torch-free image read: no model.safetensors there)."""
-    from experiments.export import export
-
+def export_run(checkpoint, tmp_path_factory):
+    """`python -m experiments.export` on the tiny checkpoint, once for this file (most of its time is
+    torch's exporter), into a folder of its own: the layout the static page and the torch-free image
+    read (no model.safetensors). Checked on the first 500 test texts, or not without the data."""
     out = tmp_path_factory.mktemp("exported") / "model"
-    export(checkpoint, out)
-    return out
+    # 256 tokens, not the training's 64: the tiny tokenizer makes a token per character, so at 64 every
+    # test text is truncated to the same length and no batch has padding, where a lost attention mask shows
+    checked = ["--data-dir", str(AG_NEWS), "--max-eval-samples", "500", "--max-length", "256"]
+    data = checked if AG_NEWS.exists() else ["--no-check"]
+    r = forkserver.python(["-m", "experiments.export", str(checkpoint), "--out", str(out), *data])
+    assert r.returncode in (0, 1), r.stderr[-3000:]  # 1: a check failed; which one is asserted below
+    return out, r
+
+
+@pytest.fixture(scope="module")
+def exported(export_run):
+    return export_run[0]
 
 
 @needs_ag_news
-def test_export_command_checks_parity_on_the_test_split(checkpoint, tmp_path):
-    out = tmp_path / "model"
-    r = forkserver.python(
-        ["-m", "experiments.export", str(checkpoint), "--out", str(out), "--data-dir", str(AG_NEWS)]
-        + ["--max-eval-samples", "500"]
-    )
-    assert r.returncode in (0, 1), r.stderr[-3000:]  # 1: a check failed; which one is asserted below
+def test_export_command_checks_parity_on_the_test_split(export_run):
+    out, r = export_run
     for name in ("onnx/model.onnx", "onnx/model_quantized.onnx", "config.json", "tokenizer.json"):
         assert (out / name).is_file(), name
     assert not (out / "model.safetensors").exists()  # the weights stay in the checkpoint
     parity = json.loads((out / "onnx" / "parity.json").read_text())
-    assert parity["n"] == 500 and parity["max_length"] == 64  # the server's truncation: training_args.json
+    assert parity["n"] == 500 and parity["max_length"] == 256
     assert parity["fp32_equal_predictions"] == 500 and parity["fp32_ok"]
     assert parity["fp32_max_prob_diff"] <= FP32_PROB_TOLERANCE
     assert "largest probability difference" in r.stdout and "one standard error" in r.stdout
-    # the int8 check is the command's: its exit status says whether it held
-    assert r.returncode == (0 if parity["int8_ok"] else 1)
+    assert "Traceback" not in r.stderr and "Warning" not in r.stderr  # the exporter's notes are hidden
+    # the int8 check is the command's own: its exit status says whether it held, on the arithmetic here
     se = (parity["accuracy_torch"] * (1 - parity["accuracy_torch"]) / 500) ** 0.5
     assert parity["standard_error"] == pytest.approx(se)
     assert parity["int8_ok"] == (abs(parity["accuracy_onnx_int8"] - parity["accuracy_torch"]) <= se)
+    assert r.returncode == (0 if parity["int8_ok"] else 1)
 
 
 def test_exported_model_has_the_agreed_interface(exported):
@@ -99,10 +104,8 @@ def answers(app_checkpoint, **config) -> tuple[list[dict], dict]:
     with TestClient(create_app(app_checkpoint, ServerConfig(max_batch_size=64, **config))) as c:
         while c.get("/ready").status_code != 200:
             pass
-        singles = [c.post("/predict", json={"text": t}).json() for t in TEXTS[:8]]
-        batch = c.post("/predict/batch", json={"texts": TEXTS}).json()["predictions"]
+        batch = c.post("/predict/batch", json={"texts": TEXTS}).json()["predictions"]  # one forward pass
         info = c.get("/info").json()
-    assert [b["label"] for b in batch[:8]] == [s["label"] for s in singles]  # a batch answers as texts alone
     return batch, info
 
 
@@ -117,10 +120,20 @@ def test_onnx_backend_answers_as_the_torch_backend(checkpoint, exported):
         assert o["label"] == t["label"]
         for name in LABELS:
             assert abs(o["probabilities"][name] - t["probabilities"][name]) <= FP32_PROB_TOLERANCE
-    int8, info = answers(exported)  # the default: onnx, since the folder has onnx/model_quantized.onnx
+    # int8: the default (onnx, since the folder has onnx/model_quantized.onnx). Quantization changes
+    # labels (on this random model, whose logits are large, about 1 text in 10: the export's check
+    # measures that on the test split), so it is compared with the same int8 model run directly on
+    # the same batch (dynamic quantization scales activations by the batch's largest value, so a
+    # text's answer depends on its batch-mates): what the server adds must change nothing.
+    from experiments.export import onnx_runner, probabilities
+    from server.tokenizer import TextTokenizer
+
+    int8, info = answers(exported)
     assert info["backend"]["name"] == "onnx" and info["backend"]["model"] == "onnx/model_quantized.onnx"
-    agree = sum(o["label"] == t["label"] for t, o in zip(torch_answers, int8))
-    assert agree >= 0.9 * len(TEXTS), (agree, len(TEXTS))
+    tok = TextTokenizer(exported, info["max_length"])
+    direct = probabilities(onnx_runner(exported / "onnx" / "model_quantized.onnx"), tok(TEXTS), tok.pad_id, len(TEXTS))
+    for o, p in zip(int8, direct):
+        assert [o["probabilities"][name] for name in LABELS] == pytest.approx(p.tolist(), abs=1e-5)
 
 
 def test_tokenizers_alone_give_the_ids_transformers_gives(checkpoint):
