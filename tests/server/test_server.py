@@ -303,3 +303,14 @@ def test_the_image_requirements_are_the_package_ranges(requirements):
     lines = (ROOT / "deploy" / requirements).read_text().splitlines()
     reqs = [line for line in lines if line.strip() and not line.startswith("#")]
     assert reqs and set(reqs) <= set(deps), set(reqs) - set(deps)  # same ranges as pyproject.toml
+
+
+def test_trusted_proxies_are_read_as_uvicorn_reads_forwarded_allow_ips():
+    # the addresses exempt from --max-connections-per-client (server/protocol.py): uvicorn's own setting
+    from server.protocol import trusted_proxies
+
+    trusted = trusted_proxies("127.0.0.1, ::1, 10.0.0.0/8, /tmp/proxy.sock")
+    assert trusted("127.0.0.1") and trusted("::1") and trusted("10.2.3.4") and trusted("/tmp/proxy.sock")
+    assert not trusted("127.0.0.2") and not trusted("11.0.0.1") and not trusted("::2")
+    assert trusted_proxies("*")("8.8.8.8") and trusted_proxies(["*"])("::2")
+    assert not trusted_proxies("")("127.0.0.1")  # FORWARDED_ALLOW_IPS= : no proxy trusted, every address bounded
