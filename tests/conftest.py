@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from support import bench, groups
+from support import bench, forkserver, groups
 from support.bench import BenchRun
 from support.paths import AG_NEWS, NEEDS_AG_NEWS
 
@@ -22,6 +22,11 @@ from experiments.launch import free_port as _free_port
 def pytest_xdist_make_scheduler(config, log):
     """`--dist loadgroup` (make test): a worker per file or per group of files (support/groups.py)."""
     return groups.make_scheduler(config, log)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """The fork server stopped and waited for: its children's CPU time then counts in this run's."""
+    forkserver.stop()
 
 
 @pytest.fixture(scope="session")
