@@ -58,13 +58,15 @@ KAGGLE_VENV ?= .venv-kaggle
 # datasets, pandas, pyarrow and matplotlib, which the image leaves out).
 KAGGLE_DESELECT := --deselect tests/server/test_server.py::test_the_server_uses_only_what_its_image_installs
 KAGGLE_PIP  := $(KAGGLE_VENV)/bin/python -m pip install --quiet
+# setuptools upgraded (Python 3.11's venv brings 65.5, older than pyproject.toml's build-system asks and without
+# bdist_wheel): the notebook's install cell, run offline there (pip --no-build-isolation), builds our metadata with it.
 test-kaggle-versions: $(KAGGLE_VENV)/.installed
 	$(KAGGLE_VENV)/bin/python -c "import sys, torch, transformers, datasets; print(f'Kaggle versions: python {sys.version.split()[0]}, torch {torch.__version__}, transformers {transformers.__version__}, datasets {datasets.__version__}')"
 	$(KAGGLE_VENV)/bin/python -m pytest -q $(XDIST) -m "not slow or notebook" $(KAGGLE_DESELECT)
 
 $(KAGGLE_VENV)/.installed: pyproject.toml kaggle/constraints.txt Makefile
 	$(PYTHON) -m venv $(KAGGLE_VENV)
-	$(KAGGLE_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(KAGGLE_VENV)/bin/python -m pip install --quiet --upgrade pip setuptools
 	$(if $(TORCH_INDEX),$(KAGGLE_PIP) --timeout 5 --retries 0 --index-url $(TORCH_INDEX) torch -c kaggle/constraints.txt || ,)$(KAGGLE_PIP) torch -c kaggle/constraints.txt
 	$(KAGGLE_PIP) -e ".[offline,dev]" -c kaggle/constraints.txt
 	touch $@

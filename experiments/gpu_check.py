@@ -457,15 +457,13 @@ def main(argv=None) -> int:
 
     out = Path(a.out).resolve()
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if a.gpus is not None:
-        gpus = a.gpus
     capability = torch.cuda.get_device_capability(0) if gpus else None
-    steps = plan(out, gpus, a.quick)
+    steps = plan(out, gpus if a.gpus is None else a.gpus, a.quick)
     facts = f"torch {torch.__version__}, CUDA {torch.version.cuda}, {gpus} GPU(s)" + "".join(
         f"; cuda:{i} {torch.cuda.get_device_name(i)} (sm {'.'.join(map(str, torch.cuda.get_device_capability(i)))})"
         for i in range(gpus)
     )
-    print(facts)
+    print(facts + (f"; planned for {a.gpus} GPU(s) (--gpus)" if a.gpus is not None else ""))
     print(budget_text(steps), flush=True)
     if a.dry_run:
         bad = 0
