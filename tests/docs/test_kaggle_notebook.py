@@ -194,7 +194,10 @@ def test_the_notebook_runs_top_to_bottom_on_cpu(monkeypatch, tmp_path):
     nb = nbformat.read(NOTEBOOK, as_version=4)
     # the kernel: jupyter_client starts "python3" with this interpreter (sys.executable), the one under test
     client = NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}})
-    client.execute()  # a failing cell raises CellExecutionError with its output: the test fails there
+    try:
+        client.execute()  # a failing cell raises CellExecutionError with its output: the test fails there
+    finally:
+        nbformat.write(nb, tmp_path / "executed.ipynb")  # what ran, with each cell's output and start/end times
     code = [c for c in nb.cells if c.cell_type == "code"]
     assert [c.execution_count for c in code] == list(range(1, len(code) + 1))  # every cell ran, in order
     printed = "".join(o.get("text", "") for c in code for o in c.outputs)
@@ -202,7 +205,6 @@ def test_the_notebook_runs_top_to_bottom_on_cpu(monkeypatch, tmp_path):
     assert (
         f"--model distilbert --precision fp16 --epochs 2 --lr 3e-5 --batch-size 16 --max-length 128 {TINY}" in printed
     )
-    assert "OK: data-parallel training with 2 ranks and gloo will work here." in printed  # the doctor
     log = (work / "gpu-check.log").read_text()
     assert log.count("ok ") == len(gpu_check.plan(work, 2, quick=True)) and "BAD" not in log
     assert "| scratch | 2 |" in (work / "compare" / "comparison.md").read_text()
