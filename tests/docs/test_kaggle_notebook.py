@@ -83,11 +83,14 @@ def test_clone_outside_working_then_reused(monkeypatch, tmp_path):
         exec(cells("clone")[0], ns)
 
 
-def test_a_failing_shell_step_raises(monkeypatch, tmp_path):
+def test_a_failing_shell_step_raises(monkeypatch, tmp_path, capsys):
     ns = config(monkeypatch, "https://example.org/distrinews", tmp_path)
     with pytest.raises(subprocess.CalledProcessError):
         ns["run"]("false | cat")  # pipefail: a failure in a pipeline (e.g. before `| tee`) counts too
     ns["run"]("true")
+    # the command's output, stderr too, goes through this process's print: into the cell, where a kernel shows it
+    ns["run"]("echo out; echo err >&2")
+    assert capsys.readouterr().out.endswith("$ echo out; echo err >&2\nout\nerr\n")
 
 
 def test_kernel_metadata_for_kaggle_kernels_push():
@@ -205,6 +208,8 @@ def test_the_notebook_runs_top_to_bottom_on_cpu(monkeypatch, tmp_path):
     assert (
         f"--model distilbert --precision fp16 --epochs 2 --lr 3e-5 --batch-size 16 --max-length 128 {TINY}" in printed
     )
+    assert "OK: data-parallel training with 2 ranks and gloo will work here." in printed  # the doctor, in its cell
+    assert "| scratch | 2 |" in printed  # compare's table, printed by the command and by the tables cell
     log = (work / "gpu-check.log").read_text()
     assert log.count("ok ") == len(gpu_check.plan(work, 2, quick=True)) and "BAD" not in log
     assert "| scratch | 2 |" in (work / "compare" / "comparison.md").read_text()
