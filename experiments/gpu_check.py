@@ -123,7 +123,7 @@ def plan(out: Path, gpus: int, quick: bool = False) -> list[Step]:
     else:
         steps = [Step("GPU tests, one-GPU tier", command(["-m", "pytest", "-q", "-m", "gpu", ONE_GPU]), 600)]
         if gpus >= 2:
-            steps.append(Step("GPU tests, two-GPU tier", command(["-m", "pytest", "-q", "-m", "gpu", TWO_GPUS]), 1200))
+            steps.append(Step("GPU tests, two-GPU tier", command(["-m", "pytest", "-q", "-m", "gpu", TWO_GPUS]), 600))
             steps[-1].needs_gpus, steps[-1].p2p_fallback = 2, True
         trainings = [(t, p) for p in PRECISIONS for t, spec in TRAININGS.items() if p in spec.precisions]
     for training, precision in trainings:
