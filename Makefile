@@ -49,7 +49,7 @@ test-fast: install
 	$(BIN)/python -m pytest -q $(XDIST) -m "not slow" --durations=10
 
 # The fast tests again, on Kaggle's versions (kaggle/constraints.txt: torch 2.10, transformers 5.0), in a second
-# venv, and the Kaggle notebook executed top to bottom there (marked `notebook`, offline, on the CPU: about 1.5 min);
+# venv, and the Kaggle notebook executed top to bottom there (marked `notebook`, offline, on the CPU: 97 CPU-seconds);
 # it prints the versions it tested. torch from the same index as `install` (PyPI's is the ~3.2 GB CUDA build,
 # which runs on the CPU too; pip's cache, ~/.cache/pip, keeps it between runs on one machine).
 KAGGLE_VENV ?= .venv-kaggle

@@ -176,7 +176,8 @@ OFFLINE_PIP = "--dry-run --no-index --no-build-isolation"
 @needs_ag_news
 def test_the_notebook_runs_top_to_bottom_on_cpu(monkeypatch, tmp_path):
     """The notebook file itself, every cell in order in a Jupyter kernel (nbclient), as Run all does: a version
-    floor, a wrong path or a command the code no longer takes stops it here. About 1.5 min on 2 busy cores."""
+    floor, a wrong path or a command the code no longer takes stops it here. Cost: 197-205 s wall on 2 cores at load
+    8.5, 97 CPU-seconds (docs/kaggle.md, "How CI runs this notebook")."""
     from nbclient import NotebookClient
 
     work = tmp_path / "work"  # on Kaggle /kaggle/working is there before the notebook starts
