@@ -123,7 +123,9 @@ def main(argv=None) -> int:
     if fresh != page:
         import difflib
 
-        diff = difflib.unified_diff(page.splitlines(), fresh.splitlines(), "docs/debugging.md", "fresh run", lineterm="")
+        diff = difflib.unified_diff(
+            page.splitlines(), fresh.splitlines(), "docs/debugging.md", "fresh run", lineterm=""
+        )
         print("\n".join(list(diff)[:80]))
         print("docs/debugging.md's transcripts are not current: run python docs/examples/debugging_transcript.py")
         return 1

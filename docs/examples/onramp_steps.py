@@ -209,7 +209,11 @@ def main(argv=None) -> int:
     if fresh != page:
         import difflib
 
-        print("\n".join(difflib.unified_diff(page.splitlines(), fresh.splitlines(), "docs/onramp.md", "fresh", lineterm="")))
+        print(
+            "\n".join(
+                difflib.unified_diff(page.splitlines(), fresh.splitlines(), "docs/onramp.md", "fresh", lineterm="")
+            )
+        )
         print("docs/onramp.md is not current: run python docs/examples/onramp_steps.py --write")
         return 1
     print("docs/onramp.md is current")
