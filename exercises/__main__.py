@@ -59,7 +59,9 @@ def run_tests(name: str) -> int:
         return 0
     out = proc.stdout + proc.stderr
     print(out[-4000:])
-    lines = [line for line in out.splitlines() if line.startswith("E ") or "Error" in line]
+    # the first assertion's message (a rank's traceback is wrapped in ProcessRaisedException), else any error
+    lines = [line for line in out.splitlines() if "AssertionError" in line or "TimeoutError" in line]
+    lines += [line for line in out.splitlines() if line.startswith("E ") or "Error" in line]
     if "NotImplementedError" in out and "raise NotImplementedError" in (ROOT / "exercises" / f"{name}.py").read_text():
         first = f"exercises/{name}.py still raises NotImplementedError: write your code where it does."
     else:

@@ -45,7 +45,7 @@ def _weights(run_dir) -> dict:
     return load_file(str(run_dir / "checkpoint" / "model.safetensors"))
 
 
-@pytest.mark.slow  # three 2-rank trainings of the tiny model on 96 rows: about 30 s on 2 busy cores
+@pytest.mark.slow  # three 2-rank trainings of the tiny model on 96 rows: 62 s at load average 9.7
 @needs_ag_news
 def test_own_wrapper_trains_like_torchs_ddp(tmp_path):
     _train(tmp_path, "native", ["--ddp", "native"])
