@@ -24,7 +24,7 @@ from matplotlib.patches import FancyBboxPatch  # noqa: E402
 OUT = Path(__file__).resolve().parents[1] / "img" / "ddp_step.png"
 LAYERS = 4
 FWD, BWD = 1.0, 2.0  # time units per layer: backward costs about twice forward
-AR = 2.6  # one bucket's all-reduce
+AR = 3.4  # one bucket's all-reduce
 # buckets in the order gradients become ready (reverse of the layers): layers 4+3, then 2+1
 BUCKETS = [(4, 3), (2, 1)]
 COLORS = {"fwd": "#9ecae1", "bwd": "#fdae6b", "ar": "#a1d99b", "opt": "#bcbddc", "wait": "#eeeeee"}
@@ -37,7 +37,7 @@ def box(ax, x, y, w, h, color, text, fontsize=8):
 
 def draw(path: Path = OUT) -> Path:
     """Draw the diagram into `path` (PNG, deterministic: no dates in the file); returns `path`."""
-    fig, ax = plt.subplots(figsize=(11, 4.2), dpi=100)
+    fig, ax = plt.subplots(figsize=(11, 4.4), dpi=100)
     end_bwd = LAYERS * FWD + LAYERS * BWD
     for r, y0 in enumerate((2.4, 0.4)):
         compute_y, comm_y = y0 + 0.75, y0
@@ -55,7 +55,7 @@ def draw(path: Path = OUT) -> Path:
         comm_t = 0.0
         for k, layers in enumerate(BUCKETS):
             start = max(comm_t, max(ready[x] for x in layers))  # launched when its last gradient is in
-            label = f"all-reduce bucket {k} (grads {'+'.join(map(str, layers))})"
+            label = f"all-reduce bucket {k}\n(grads {' + '.join(map(str, layers))})"
             box(ax, start, comm_y, AR, 0.6, COLORS["ar"], label, fontsize=7.5)
             comm_t = start + AR
         if comm_t > end_bwd:
@@ -64,8 +64,8 @@ def draw(path: Path = OUT) -> Path:
         box(ax, step_t, compute_y, 1.2, 0.6, COLORS["opt"], "optimizer\nstep")
     ax.annotate(
         "bucket 0 is sent while\nbackward computes layers 2 and 1",
-        xy=(LAYERS * FWD + 2 * BWD + 0.6, 1.0),
-        xytext=(3.0, 1.85),
+        xy=(LAYERS * FWD + 2 * BWD, 2.7),
+        xytext=(3.2, 2.05),
         fontsize=8.5,
         arrowprops={"arrowstyle": "->", "color": "#444444"},
         ha="center",
@@ -79,7 +79,7 @@ def draw(path: Path = OUT) -> Path:
         fontsize=8,
         va="top",
     )
-    ax.set_xlim(-2.6, end_bwd + AR + 2.0)
+    ax.set_xlim(-2.6, step_t + 1.5)
     ax.set_ylim(-0.9, 4.0)
     ax.axis("off")
     ax.set_title("One DDP step on 2 ranks (illustrative lengths)", fontsize=11)

@@ -10,7 +10,7 @@ pdb session first, then what each other rank printed meanwhile. Paths are shown 
 repository (no machine's own paths), and the seconds a rank waited are left out (they are the time
 spent at the prompt, which a script does not spend). The transcripts sit between
 `<!-- transcript: NAME -->` and `<!-- end transcript -->` in docs/debugging.md;
-tests/docs/test_debugging_transcript.py runs `--check`, so a change to collectives.py that moves
+tests/docs/test_aids.py runs `--check`, so a change to collectives.py that moves
 the lines shown fails it until this script is rerun.
 """
 
@@ -31,7 +31,7 @@ TIMEOUT_S = 120  # one session, all ranks; a scripted session takes a few second
 
 # name -> (ranks, pdb commands of rank 0). The plain ring stops once per step at `send = c`.
 SESSIONS = {
-    "ring-2": (2, ["c", "p plan", "n", "n", "n", "c", "p t, c, flat", "c", "p t, c, flat", "cl 1", "cl 2", "c"]),
+    "ring-2": (2, ["c", "n", "n", "n", "p plan", "c", "p t, c, flat", "c", "p t, c, flat", "c"]),
     "ring-3": (3, ["cl 1", "c", "p t, c, flat", "c", "p t, c, flat", "c", "p t, c, flat", "c", "p t, c, flat", "c"]),
 }
 
