@@ -151,3 +151,11 @@ def test_the_reducers_methods_take_torchs_names():
             if re.search(rf"(?<![\w]){old}(?![\w])", path.read_text()):
                 stale.append(f"{path.relative_to(ROOT)}: {old}")
     assert not stale, f"old reducer method names still mentioned: {stale}"
+
+
+def test_the_reducer_imports_no_skip_file():
+    """reducer.py reads without the files marked "skip": it reaches them through its extras (reducer_extras.py)."""
+    _, lines = stated_order()
+    skip = {LINE.match(line).group(2) for line in lines if "- skip:" in line}
+    assert {"comm_hooks.py", "unused.py", "debug.py", "sparse.py"} <= skip
+    assert not imported_siblings(PKG / "reducer.py") & skip, imported_siblings(PKG / "reducer.py") & skip
