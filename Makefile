@@ -37,7 +37,7 @@ main: install
 
 # The fast checks first (lint and format, seconds), then the test suite (minutes); the 15 slowest
 # tests are listed at the end, so that drift shows. TEST_WORKERS pytest-xdist workers (one per core
-# here), files grouped as tests/conftest.py says; TEST_WORKERS=0 runs in one process.
+# here), files grouped as tests/support/groups.py says; TEST_WORKERS=0 runs in one process.
 TEST_WORKERS ?= 2
 XDIST := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadgroup)
 test: install lint
