@@ -13,17 +13,18 @@ optimisations or corner cases a first pass may leave for later, with the reason 
  8. collectives_classic.py - skip: for contrast, naive (reduce + broadcast) and recursive halving-doubling
  9. work.py                - asynchronous collectives: launch now, wait later (a worker thread per group)
 10. bucket.py              - torch's bucket plan: a small first bucket, and the one-time rebuild in ready order
-11. comm_hooks.py          - skip: what happens to a full bucket (average it; or compress it first to send less)
-12. unused.py              - skip: parameters that get no gradient: find them, or fail on every rank instead of hanging
-13. debug.py               - skip: DDP_FROM_SCRATCH_DEBUG=1: one log line per collective, to debug a hang
-14. sparse.py              - skip: embedding gradients: all-gather only the rows looked up (an optimisation torch lacks)
-15. reducer.py             - the state of one backward: hooks, ready marks, launches, the final wait, rebuild
-16. join.py                - skip: uneven inputs: ranks that run out of data early keep the others from hanging
-17. ddp.py                 - the wrapper: wrap-time checks, forward, no_sync, join; backward is the reducer's
-18. zero.py                - beyond DDP, ZeRO-1: each rank keeps optimizer state for its shard only, shares the update
-19. flat_param.py          - a unit's parameters as one flat tensor in n equal shards; all-gather, reduce-scatter
-20. zero2.py               - ZeRO-2: each bucket reduce-scattered, so each rank keeps its gradient shard only
-21. fsdp.py                - FSDP (ZeRO-3): parameters sharded too, each unit gathered just before it computes
+11. reducer.py             - the state of one backward: hooks, ready marks, launches, the final wait, rebuild
+12. comm_hooks.py          - skip: what happens to a full bucket (average it; or compress it first to send less)
+13. unused.py              - skip: parameters that get no gradient: find them, or fail on every rank instead of hanging
+14. debug.py               - skip: DDP_FROM_SCRATCH_DEBUG=1: one log line per collective, to debug a hang
+15. sparse.py              - skip: embedding gradients: all-gather only the rows looked up (an optimisation torch lacks)
+16. reducer_extras.py      - skip: the reducer's one seam to timing, debug logs, sparse rows, the missing-gradient check
+17. join.py                - skip: uneven inputs: ranks that run out of data early keep the others from hanging
+18. ddp.py                 - the wrapper: wrap-time checks, forward, no_sync, join; backward is the reducer's
+19. zero.py                - beyond DDP, ZeRO-1: each rank keeps optimizer state for its shard only, shares the update
+20. flat_param.py          - a unit's parameters as one flat tensor in n equal shards; all-gather, reduce-scatter
+21. zero2.py               - ZeRO-2: each bucket reduce-scattered, so each rank keeps its gradient shard only
+22. fsdp.py                - FSDP (ZeRO-3): parameters sharded too, each unit gathered just before it computes
 """
 
 from __future__ import annotations

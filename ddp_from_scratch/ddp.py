@@ -39,6 +39,7 @@ from .bucket import MB
 from .comm_hooks import make_comm_state
 from .join import shadow_until_all_done, sync_final_model, vote
 from .reducer import Reducer
+from .reducer_extras import ReducerExtras
 from .replicas import broadcast_from, verify_same_model
 from .sparse import sparse_embedding_weights
 from .unused import unused_parameters
@@ -123,6 +124,7 @@ class DistributedDataParallel(nn.Module):
             gradient_as_bucket_view=gradient_as_bucket_view,
             rebuild_buckets=rebuild_buckets,
             sparse=sparse_embedding_weights(module, [p for _, p in named], sparse_embeddings),
+            extras=ReducerExtras(),
         )
         self._buffers_need_sync = True  # torch's `require_forward_param_sync`, see forward()
         self._in_join = False

@@ -15,8 +15,7 @@ Its results equal torch's DDP and one process on the global batch (tests/ddp/tes
 tests/ddp/test_ddp_features.py). What it costs against step 1: nothing on the wire (the same
 all-reduces at the same moment), one hook call per parameter. Against torch's DDP
 (`python -m experiments.bench.step`, row "scratch-naive"): 105 all-reduces a step instead of 3,
-a step 1.138 times as long (docs/benchmarks.md §2, idle machine; 1.079 in a busy-machine run
-with `--onramp`). What it still wastes, the lesson of the next steps:
+a step 1.138 times as long (docs/benchmarks.md §2, idle machine). What it still wastes, the lesson of the next steps:
 - nothing is sent before backward is over, and backward's compute is idle while the
   all-reduces run: overlap.py (step 3) launches each one as soon as its gradient is ready;
 - one all-reduce per parameter tensor (~100 for minilm-l6), each paying a fixed latency:

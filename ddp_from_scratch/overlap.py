@@ -17,12 +17,10 @@ The gradient must not change while its all-reduce runs: after its post-accumulat
 does not touch it again in this backward, and the optimizer runs only after the wait.
 
 What it costs against step 2: the same all-reduces, the same bytes, one `Work` per parameter to
-keep and wait for; what it buys is communication hidden behind backward. Measured once by
-`python -m experiments.bench.step --onramp` (2 ranks, minilm-l6, 16 x 64 tokens; on 2 cores
-shared with other jobs, steps ~5 s instead of ~0.9 s, so a rough figure): 105 all-reduces a
-step, as step 2; median step 5642 ms against step 2's 6120 ms (paired ratio to torch's DDP
-0.973 against 1.079). The share hidden is not measured for the steps (the timeline benchmark
-times the full DDPs' buckets); rerun on an idle machine. What it still wastes: one
+keep and wait for; what it buys is communication hidden behind backward. Its time per step
+against steps 2 and 4 is `python -m experiments.bench.step --onramp`; the one run so far was on a
+busy machine (docs/benchmarks.md §2), where the steps differ by less than the noise, so no figure
+is quoted here until an idle run. What it still wastes: one
 message per parameter, each paying a fixed latency; on gloo each async call is also a task for
 the same worker thread. minimal_buckets.py (step 4) packs them into a few large messages.
 

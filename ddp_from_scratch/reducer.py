@@ -32,6 +32,11 @@ What the Reducer owns, for one backward pass:
 - the sparse embedding weights (sparse.py): kept out of the buckets, exchanged at the end of
   backward by sending only the rows that were looked up.
 
+What it needs beyond that (timing for the timeline, DDP_FROM_SCRATCH_DEBUG's log lines, the
+sparse exchange, the error raised on every rank when a gradient is missing) it reaches through
+one object, `self.extras` (reducer_extras.py, read after this file): the core above reads
+without them.
+
 Its public interface, all that ddp.py and join.py call:
     prepare_for_backward(sync, unused)  after each forward in training
     register_comm_hook(state, hook)     what to do with a full bucket (comm_hooks.py)
@@ -44,18 +49,13 @@ Its public interface, all that ddp.py and join.py call:
 from __future__ import annotations
 
 import functools
-import time
 
 import torch
 import torch.distributed as dist
 from torch.autograd import Variable
 
-from . import debug
 from .bucket import Bucket, build_buckets, rebuild_in_ready_order
-from .comm_hooks import CommState
 from .replicas import broadcast_from, check_same_numel
-from .sparse import EmbeddingRows, exchange
-from .unused import missing_gradients_error
 
 
 class Reducer:
@@ -65,7 +65,11 @@ class Reducer:
         params: the parameters that require grad, in registration order; tensors on one device.
         param_names: their names, for error messages.
         process_group: the group (None = the default group).
-        comm_state: how to all-reduce (comm_hooks.make_comm_state: torch's or our ring).
+        comm_state: how to all-reduce (comm_hooks.make_comm_state: torch's or our ring); its
+            `all_reduce(tensor)` returns a Future, `algorithm` and `peers` name it in logs.
+        extras: timing, debug logging, the sparse exchange and the missing-gradient check, the
+            one seam to everything this file does not need to be correct in the common case
+            (reducer_extras.ReducerExtras; ddp.py makes it).
         caps_bytes: bucket caps in bytes, [first bucket, every other bucket] (bucket.py).
         find_unused_parameters, gradient_as_bucket_view: DDP's options of those names.
         rebuild_buckets: rebuild once after the first backward, in rank 0's ready order.
@@ -82,12 +86,14 @@ class Reducer:
         params: list[torch.Tensor],
         param_names: list[str],
         process_group,
-        comm_state: CommState,
+        comm_state,
         caps_bytes: list[int],
         find_unused_parameters: bool = False,
         gradient_as_bucket_view: bool = False,
         rebuild_buckets: bool = True,
         sparse: dict | None = None,
+        *,
+        extras,
     ):
         self.params, self.param_names = params, param_names
         self.process_group, self.comm_state, self.caps_bytes = process_group, comm_state, caps_bytes
@@ -96,10 +102,10 @@ class Reducer:
         self.gradient_as_bucket_view = gradient_as_bucket_view
         # where our own small tensors (counts, bucket order) live: NCCL sends only GPU tensors
         self.device = params[0].device if params else torch.device("cpu")
-        self.debug = debug.enabled()
+        self.extras = extras
         self.ranks_in_step = self.world_size
         self.timeline: list[dict] | None = None  # set to [] to record one dict per bucket all-reduce
-        self._sparse = {i: EmbeddingRows(emb) for i, emb in (sparse or {}).items()}
+        self._sparse = extras.embedding_rows(sparse)  # {index: the rows recorder of an nn.Embedding weight}
         self.exchanges: list[dict] = []  # the last synced backward's sparse exchanges (sparse.py records)
 
         # Gradients become ready roughly in reverse registration order (bucket.py).
@@ -114,7 +120,6 @@ class Reducer:
         self._unused_in_forward: list[int] = []
         self._callback_queued = False
         self._next_bucket = 0  # buckets are launched strictly in index order
-        self._ready_times: dict[int, float] = {}  # bucket index -> when its last gradient came (timeline)
         self._comm_hook, self._hook_state = None, None
         self._hooks = [
             p.register_post_accumulate_grad_hook(functools.partial(self._autograd_hook, i))
@@ -182,7 +187,7 @@ class Reducer:
             bucket.buffer.zero_()
             self._all_reduce_bucket(bucket)
         for i, table in self._sparse.items():
-            exchange(table, self.comm_state, self.rank, self.param_names[i], contribute=False)
+            self.extras.exchange(table, self.comm_state, self.rank, self.param_names[i], contribute=False)
         self._all_reduce_local_used_map(bytearray(len(self.params))).wait()  # "I used nothing"
         for bucket in self.buckets:
             bucket.future.wait()
@@ -231,8 +236,7 @@ class Reducer:
 
     def _mark_bucket_ready(self, bucket: Bucket) -> None:
         """`bucket` is complete: launch it and every complete bucket after it, strictly in index order."""
-        if self.timeline is not None:
-            self._ready_times[bucket.index] = time.perf_counter()
+        self.extras.bucket_ready(self, bucket)  # its time, for the timeline
         while self._next_bucket < len(self.buckets) and self.buckets[self._next_bucket].pending == 0:
             self._all_reduce_bucket(self.buckets[self._next_bucket])
             self._next_bucket += 1
@@ -251,46 +255,13 @@ class Reducer:
                 self.params[index].grad = view  # from now on autograd accumulates into the bucket
 
     def _all_reduce_bucket(self, bucket: Bucket) -> None:
-        """Start the bucket's asynchronous all-reduce (or the comm hook); its future lands in `bucket.future`."""
-        start = debug.now()
-        # CUDA: an event before the launch, in stream order (the host clock only says when it was enqueued)
-        cuda = self.timeline is not None and bucket.buffer.is_cuda  # CPU records stay plain (picklable) dicts
-        timer = debug.CollectiveTimer(bucket.buffer.device) if cuda else None
+        """Start the bucket's asynchronous SUM all-reduce (or the comm hook); its future lands in `bucket.future`."""
+        watched = self.extras.watch_bucket(self, bucket, self._comm_hook)  # timeline and debug log, when on
         if self._comm_hook is None:
             future = self.comm_state.all_reduce(bucket.buffer)
         else:
             future = self._comm_hook(self._hook_state, bucket)
-        if self.timeline is not None:
-            record = {
-                "bucket": bucket.index,
-                "bytes": bucket.nbytes,
-                "launch": time.perf_counter(),
-                "ready": self._ready_times.get(bucket.index, time.perf_counter()),
-            }
-            if timer is not None:
-                record["timer"] = timer
-            self.timeline.append(record)
-
-            def stamp(fut, record=record):
-                record["done"] = time.perf_counter()  # on the thread that completed it, at completion
-                if "timer" in record:
-                    record["timer"].stop()  # CUDA: the callback's current stream waits for the collective
-                return fut.value()
-
-            future = future.then(stamp)  # waiting for the bucket now waits for the stamp too
-        bucket.future = future
-        if self.debug:
-            op = "all_reduce" if self._comm_hook is None else getattr(self._comm_hook, "__name__", "comm_hook")
-            debug.log_when_done(
-                future,
-                self.rank,
-                f"{op}/{self.comm_state.algorithm}",
-                bucket.index,
-                bucket.nbytes,
-                self.comm_state.peers,
-                start,
-                device=self.device,
-            )
+        bucket.future = watched(future)
 
     def _all_reduce_local_used_map(self, used: bytearray) -> torch.futures.Future:
         """Launch the SUM all-reduce of this rank's 0/1 "got a gradient" flags (one per parameter).
@@ -301,20 +272,8 @@ class Reducer:
         """
         # int64: our ring all-reduce takes no int32
         counts = torch.tensor(list(used), dtype=torch.int64, device=self.device)
-        start = debug.now()
-        future = self.comm_state.all_reduce(counts)
-        if self.debug:
-            debug.log_when_done(
-                future,
-                self.rank,
-                f"all_reduce/{self.comm_state.algorithm}(used-counts)",
-                None,
-                counts.numel() * counts.element_size(),
-                self.comm_state.peers,
-                start,
-                device=self.device,
-            )
-        return future
+        watched = self.extras.watch_counts(self, counts)
+        return watched(self.comm_state.all_reduce(counts))
 
     def _finalize_backward(self) -> None:
         """End of backward: wait for every bucket, check every rank got every gradient it
@@ -336,20 +295,10 @@ class Reducer:
                 self._all_reduce_bucket(bucket)
             self._next_bucket = len(self.buckets)
         # the embedding's gradient is the last one backward computes: nothing left to overlap with
-        self.exchanges = [exchange(t, self.comm_state, self.rank, self.param_names[i]) for i, t in self._sparse.items()]
-        for rec in self.exchanges:
-            if self.timeline is not None:
-                self.timeline.append({**rec, "ready": rec["launch"]})
-            if self.debug:
-                op = f"sparse_exchange/{self.comm_state.algorithm}({rec['mode']}, {rec['rows']} rows)"
-                debug.log(
-                    self.rank,
-                    op,
-                    rec["bucket"],
-                    rec["bytes"],
-                    self.comm_state.peers,
-                    debug.now() - (rec["done"] - rec["launch"]),
-                )
+        self.exchanges = [
+            self.extras.exchange(t, self.comm_state, self.rank, self.param_names[i]) for i, t in self._sparse.items()
+        ]
+        self.extras.exchanged(self, self.exchanges)
         counts_future = self._all_reduce_local_used_map(self._local_used_map)
         for b in self.buckets:
             result = b.future.wait()
@@ -360,7 +309,7 @@ class Reducer:
         counts = counts_future.wait().tolist()
         self._local_used_map = bytearray(len(self.params))
         if not self.find_unused_parameters:
-            error = missing_gradients_error(
+            error = self.extras.missing_gradients(
                 self.rank,
                 self.param_names,
                 counts,
@@ -387,11 +336,10 @@ class Reducer:
         self._rebuild_pending = False
 
         def broadcast(order: torch.Tensor) -> None:
-            start = debug.now()
+            logged = self.extras.watch_broadcast(self, order)
             check_same_numel(order, self.process_group, "the bucket rebuild's ready order")  # NCCL checks no sizes
             broadcast_from([order], 0, self.process_group)
-            if self.debug:
-                debug.log_broadcast(self.rank, self.world_size, 0, "bucket-order", [order], start)
+            logged()
 
         self.buckets = rebuild_in_ready_order(
             self.params, self._rebuilt_param_indices, self.caps_bytes, broadcast, self.gradient_as_bucket_view

@@ -1,6 +1,6 @@
-"""Exercise 6 (solution: ddp_from_scratch/bucket.py `assign_buckets`): which gradients share a bucket.
+"""Exercise 7 of 7 (solution: ddp_from_scratch/bucket.py `assign_buckets`): which gradients share a bucket.
 
-Run: make exercise NAME=bucket_plan
+Run: make exercise NAME=bucket_plan   (stuck: python -m exercises bucket_plan --hint)
 """
 
 from __future__ import annotations
@@ -24,4 +24,4 @@ def assign_buckets(params: list[torch.Tensor], order: list[int], caps_bytes: lis
     Returns:
         Buckets as lists of parameter indices, ordered by the position of their first member in `order`.
     """
-    raise NotImplementedError("exercise 6: the bucket plan")
+    raise NotImplementedError("exercise 7: the bucket plan")

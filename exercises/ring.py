@@ -1,14 +1,21 @@
-"""Exercise 5 (solution: the plain ring in ddp_from_scratch/collectives.py): all-reduce from send and receive.
+"""Exercise 6 of 7 (solution: the plain ring, `_ring_grouped` in ddp_from_scratch/collectives.py):
+all-reduce from send and receive.
 
 Every rank r sits on a ring r -> r+1 -> ... Cut the flat tensor into n chunks
-(`flat.tensor_split(n)`). Reduce-scatter, n-1 steps: at step s rank r sends chunk (r-s) % n
-to r+1 and adds chunk (r-s-1) % n received from r-1 into its own; afterwards rank r holds
-chunk (r+1) % n summed over all ranks. All-gather, n-1 steps: at step s rank r sends chunk
-(r-s+1) % n and receives chunk (r-s) % n straight into place. Send and receive *at once*
-(`dist.isend` and `dist.irecv`, then wait on both): two blocking sends facing each other wait
-forever. Patarasuk & Yuan, JPDC 2009.
+(`flat.tensor_split(n)`). The schedule is the one of collectives.py, concepts.md and interview.md:
 
-Run: make exercise NAME=ring
+    reduce-scatter, n-1 steps: at step s rank r sends chunk (r-s-1) % n to r+1, receives
+        chunk (r-s-2) % n from r-1 and adds it into its own. Afterwards rank r holds chunk r
+        summed over all ranks.
+    all-gather, n-1 steps: at step s rank r sends chunk (r-s) % n to r+1 and receives chunk
+        (r-s-1) % n from r-1 straight into place.
+
+The chunk a rank receives at one step is the one it sends at the next. Send and receive *at
+once* (`dist.isend` and `dist.irecv`, then wait on both): two blocking sends facing each other
+wait forever. The test checks the sums bit for bit against this schedule (another schedule adds
+the same numbers in another order). Patarasuk & Yuan, JPDC 2009.
+
+Run: make exercise NAME=ring   (stuck: python -m exercises ring --hint)
 """
 
 from __future__ import annotations
@@ -27,4 +34,4 @@ def ring_all_reduce(tensor: torch.Tensor, group=None) -> torch.Tensor:
     ranks of your neighbours (`dist.get_global_rank(group, r)`; with group None they are r).
     No `dist.all_reduce` (the test forbids it).
     """
-    raise NotImplementedError("exercise 5: the ring all-reduce")
+    raise NotImplementedError("exercise 6: the ring all-reduce")

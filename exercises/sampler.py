@@ -1,11 +1,11 @@
-"""Exercise 7 (solution: ddp_from_scratch/sampler.py): which samples each rank trains on.
+"""Exercise 1 of 7 (solution: ddp_from_scratch/sampler.py): which samples each rank trains on.
 
 Each epoch: shuffle all indices with a generator seeded by `seed + epoch` (the same permutation
 on every rank); pad the list by repeating its head until its length divides by the world size
 (or drop the tail with `drop_last`); give rank r every world_size-th index starting at r.
 It must equal torch.utils.data.DistributedSampler index for index.
 
-Run: make exercise NAME=sampler
+Run: make exercise NAME=sampler   (stuck: python -m exercises sampler --hint)
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ class DistributedSampler(Sampler[int]):
         self.epoch = epoch
 
     def __iter__(self) -> Iterator[int]:
-        raise NotImplementedError("exercise 7: this rank's indices for this epoch")
+        raise NotImplementedError("exercise 1: this rank's indices for this epoch")
 
     def __len__(self) -> int:
-        raise NotImplementedError("exercise 7: samples per rank")
+        raise NotImplementedError("exercise 1: samples per rank")

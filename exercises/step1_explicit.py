@@ -1,10 +1,11 @@
-"""Exercise 1 (solution: ddp_from_scratch/explicit.py): average the gradients after backward, by hand.
+"""Exercise 2 of 7, on-ramp step 1 (solution: ddp_from_scratch/explicit.py): average the gradients
+after backward, by hand.
 
     loss.backward()
     sync_gradients(model)   # you write this
     optimizer.step()
 
-Run: make exercise NAME=step1_explicit
+Run: make exercise NAME=step1_explicit   (stuck: python -m exercises step1_explicit --hint)
 """
 
 from __future__ import annotations
@@ -22,4 +23,4 @@ def sync_gradients(model: nn.Module, process_group=None) -> None:
     parameter without a gradient (`p.grad is None`) is all-reduced as zeros, so every rank makes
     the same calls in the same order: collectives pair up by order.
     """
-    raise NotImplementedError("exercise 1: write sync_gradients")
+    raise NotImplementedError("exercise 2: write sync_gradients")

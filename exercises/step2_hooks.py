@@ -1,4 +1,5 @@
-"""Exercise 2 (solution: ddp_from_scratch/naive.py): the same all-reduces, run by autograd itself.
+"""Exercise 3 of 7, on-ramp step 2 (solution: ddp_from_scratch/naive.py): the same all-reduces, run
+by autograd itself.
 
     model = NaiveDistributedDataParallel(model)
     model(x).sum().backward()   # when it returns, every .grad is the average over the ranks
@@ -9,7 +10,7 @@ Two pieces of autograd to use:
 - `Variable._execution_engine.queue_callback(fn)`: from inside a running backward, ask the
   engine to call `fn()` once, when the whole pass is over (before `loss.backward()` returns).
 
-Run: make exercise NAME=step2_hooks
+Run: make exercise NAME=step2_hooks   (stuck: python -m exercises step2_hooks --hint)
 """
 
 from __future__ import annotations
@@ -44,8 +45,8 @@ class NaiveDistributedDataParallel(nn.Module):
 
     def _on_gradient(self, param: torch.Tensor) -> None:
         """Called by autograd for each parameter as its gradient is ready: queue `_average_gradients`, once."""
-        raise NotImplementedError("exercise 2: queue the callback, once per backward")
+        raise NotImplementedError("exercise 3: queue the callback, once per backward")
 
     def _average_gradients(self) -> None:
         """Called once at the end of backward: average every parameter's gradient over the ranks."""
-        raise NotImplementedError("exercise 2: average the gradients")
+        raise NotImplementedError("exercise 3: average the gradients")

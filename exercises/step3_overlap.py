@@ -1,9 +1,10 @@
-"""Exercise 3 (solution: ddp_from_scratch/overlap.py): launch each all-reduce as soon as its gradient is ready.
+"""Exercise 4 of 7, on-ramp step 3 (solution: ddp_from_scratch/overlap.py): launch each all-reduce
+as soon as its gradient is ready.
 
 `dist.all_reduce(t, op=..., group=..., async_op=True)` returns a `Work` at once; `work.wait()`
 blocks until that all-reduce is done. Launch from the hook, wait at the end of backward.
 
-Run: make exercise NAME=step3_overlap
+Run: make exercise NAME=step3_overlap   (stuck: python -m exercises step3_overlap --hint)
 """
 
 from __future__ import annotations
@@ -40,8 +41,8 @@ class OverlapDistributedDataParallel(nn.Module):
 
     def _on_gradient(self, param: torch.Tensor) -> None:
         """Queue `_wait_for_all_reduces` once per backward; divide this gradient and launch its all-reduce."""
-        raise NotImplementedError("exercise 3: launch this gradient's all-reduce, asynchronously")
+        raise NotImplementedError("exercise 4: launch this gradient's all-reduce, asynchronously")
 
     def _wait_for_all_reduces(self) -> None:
         """End of backward: wait for every launched all-reduce, then forget them."""
-        raise NotImplementedError("exercise 3: wait for the all-reduces")
+        raise NotImplementedError("exercise 4: wait for the all-reduces")

@@ -1,11 +1,12 @@
-"""Exercise 4 (solution: ddp_from_scratch/minimal_buckets.py): gradients packed into buckets, still overlapped.
+"""Exercise 5 of 7, on-ramp step 4 (solution: ddp_from_scratch/minimal_buckets.py): gradients packed
+into buckets, still overlapped.
 
 The buckets are planned for you (`plan_buckets`: reverse order, about `bucket_cap_mb` MiB each);
 a `Bucket` has `params`, a flat `buffer`, `views` (one per param, shaped like it, into the
 buffer), `pending` (gradients still to come) and `work`. You write what happens when a gradient
 arrives and at the end of backward.
 
-Run: make exercise NAME=step4_buckets
+Run: make exercise NAME=step4_buckets   (stuck: python -m exercises step4_buckets --hint)
 """
 
 from __future__ import annotations
@@ -49,8 +50,8 @@ class BucketedDistributedDataParallel(nn.Module):
     def _on_gradient(self, bucket: Bucket, pos: int, param: torch.Tensor) -> None:
         """Queue the end-of-backward wait once; copy grad / world_size into `bucket.views[pos]`;
         when the bucket's last gradient is in, launch its asynchronous all-reduce into `bucket.work`."""
-        raise NotImplementedError("exercise 4: fill the bucket, launch it when full")
+        raise NotImplementedError("exercise 5: fill the bucket, launch it when full")
 
     def _wait_for_buckets(self) -> None:
         """End of backward: wait for each bucket, copy its views back into the `.grad`s, reset it for the next step."""
-        raise NotImplementedError("exercise 4: wait for the buckets, copy back")
+        raise NotImplementedError("exercise 5: wait for the buckets, copy back")

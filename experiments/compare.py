@@ -92,6 +92,8 @@ def command(
     # TensorBoard events in each run's folder: `tensorboard --logdir <out>` shows the three runs together
     # (a later --report-to in train_args wins)
     common = ["--output-dir", out_dir, "--no-snapshots", "--report-to", "tensorboard", *train_args]
+    if kind != "scratch":  # a learner's --wrapper (experiments/own_wrapper.py) replaces our DDP only
+        common = _without_option(common, "--wrapper")
     if kind == "none":  # one process trains on the whole global batch; it has no all-reduce to compress
         common = _without_option(common, "--comm-hook")
         return [

@@ -203,7 +203,7 @@ def resume(run: Run) -> None:
             run.progress = replace(run.progress, epoch=run.progress.epoch + 1, batches_done=0)
         if not run.progress.batches_done:
             run.progress.epoch_elapsed_s = 0.0
-    if config.report_to == "tensorboard" and run.parallel.ddp_wrapped:
+    if config.report_to == "tensorboard" and run.parallel.ddp_wrapped and not config.wrapper:
         # torch's DDP is timed through a comm hook (comm_timing.py); with --comm-hook, setup put the timer there
         run.comm = run.parallel.comm_records
         if run.comm is None:

@@ -109,6 +109,13 @@ class TrainConfig:
         " auto: embeddings of 4 MiB and more); exact either way",
         choices=["auto", "on", "off"],
     )
+    wrapper: str | None = option(
+        None,
+        "--ddp scratch: your own DDP wrapper in place of ours, e.g. exercises.step4_buckets (a module holding one"
+        " nn.Module wrapper, or MODULE:NAME): experiments/own_wrapper.py, docs/exercises.md",
+        type=str,
+        metavar="MODULE",
+    )
     comm_hook: str = option(
         "none",
         "--parallel ddp|zero1: what each bucket's all-reduce sends: none (float32, exact), fp16 or bf16 (half the"
@@ -170,6 +177,13 @@ class TrainConfig:
             return [
                 f"--comm-hook {self.comm_hook} compresses a DDP bucket's all-reduce, and {where}:"
                 " use it with --parallel ddp or zero1 under torchrun, or drop it"
+            ]
+        if self.wrapper and (self.ddp == "none" or self.parallel != "ddp" or self.resolved().impl != "scratch"):
+            return [f"--wrapper {self.wrapper} takes the place of our DDP: use it with --ddp scratch under torchrun"]
+        if self.wrapper and (self.comm_hook != "none" or self.grad_accum_steps > 1):
+            return [
+                f"--wrapper {self.wrapper}: the exercises' wrappers have no comm hooks and no no_sync: drop"
+                " --comm-hook and --grad-accum-steps"
             ]
         if self.parallel == "fsdp" and self.resolved().impl == "native":
             from .features import missing

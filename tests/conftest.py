@@ -11,37 +11,22 @@ import time
 from pathlib import Path
 
 import pytest
-from support import bench
+from support import bench, forkserver, groups
 from support.bench import BenchRun
 from support.paths import AG_NEWS, NEEDS_AG_NEWS
 
 from experiments.launch import free_port as _free_port
 
-# pytest-xdist (`make test` runs `pytest -n 2 --dist loadgroup`): each file goes to one worker, so its module
-# fixtures (the spawned ranks of a file's cases) are made once; files that share a session fixture go together
-# so it is made once too; and the files that build network namespaces share one worker, since the cluster's
-# launcher removes an earlier run's namespaces when it starts (experiments/cluster/network.py). Two workers
-# pay off now that processes are forked (support/forkserver.py): the waits of one (timeouts, servers,
-# shaped links) overlap the other's computing (docs/benchmarks.md §11).
-XDIST_GROUPS = {
-    "test_cluster": "namespaces",
-    "test_bench_cluster": "namespaces",
-    "test_bench_link": "namespaces",
-    "test_bench_cli": "bench_quick",
-    "test_bench_parts": "bench_quick",
-    "test_server": "checkpoint",
-    "test_server_serving": "checkpoint",
-    "test_static_space": "checkpoint",
-    "test_deploy_routes": "checkpoint",
-}
+
+@pytest.hookimpl(optionalhook=True)  # an xdist hook: without xdist installed, pytest must not reject it
+def pytest_xdist_make_scheduler(config, log):
+    """`--dist loadgroup` (make test): a worker per file or per group of files (support/groups.py)."""
+    return groups.make_scheduler(config, log)
 
 
-def pytest_collection_modifyitems(config, items):
-    """Put every test in its xdist group (see XDIST_GROUPS) when pytest-xdist is installed."""
-    if not config.pluginmanager.hasplugin("xdist"):
-        return  # the marker is xdist's: without it pytest would warn that it is unknown
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group(XDIST_GROUPS.get(item.path.stem, item.path.stem)))
+def pytest_sessionfinish(session, exitstatus):
+    """The fork server stopped and waited for: its children's CPU time then counts in this run's."""
+    forkserver.stop()
 
 
 @pytest.fixture(scope="session")

@@ -9,11 +9,13 @@ From the repository root:
 
 Ring mode (default). Every rank holds a small float32 tensor whose digits say whose it is
 (rank 0: 1 2 3 4, rank 1: 10 20 30 40, rank 2: 100 ...) and calls `collectives.all_reduce` on
-it, blocking, so the ring runs on the main thread where pdb can follow it. Rank 0 stops at
-the call with breakpoints already set in ddp_from_scratch/collectives.py (see `RING_STOPS`);
-type `c` to run to the first. Every other rank prints each message it sends or receives
-(by wrapping `dist.isend` / `dist.irecv`, the only primitives the ring uses), so you see it
-wait for rank 0 while rank 0 sits at the prompt.
+it, blocking, so the ring runs on the main thread where pdb can follow it. The ring is the
+plain one (`_ring_grouped`: one whole chunk per step, `GROUPED_STEPS = True`), the form the
+exercise, concepts.md and the interview notes teach. Rank 0 stops at the call with
+breakpoints already set in ddp_from_scratch/collectives.py (see `RING_STOPS`); type `c` to run
+to the first. Every other rank prints each message it sends or receives (by wrapping
+`dist.batch_isend_irecv`, through which the plain ring sends and receives), so you see it wait
+for rank 0 while rank 0 sits at the prompt.
 
 DDP mode (`--ddp`). Every rank wraps a 17-parameter model in our DistributedDataParallel
 (all_reduce="ring", 32-byte buckets so there are two) and takes one backward. Rank 0 stops
@@ -25,6 +27,10 @@ finish an all-reduce while rank 0's main thread is paused (that is the overlap).
 Only rank 0 reads the terminal (`/dev/stdin`, like `torch.distributed.breakpoint`), and the
 process group gets a long timeout (`--timeout`, default 3600 s), so waiting ranks do not give
 up while you read. Leave with `c` until the end (or `cl` to clear breakpoints, then `c`).
+
+Scripted (docs/examples/debugging_transcript.py, which writes docs/debugging.md's transcripts):
+with PDB_COMMANDS set (one pdb command a line), rank 0 reads its commands from there instead of
+the terminal and echoes each after its prompt.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import inspect
+import io
 import os
 import pdb
 import socket
@@ -50,9 +57,9 @@ from ddp_from_scratch.reducer import Reducer
 # Where rank 0 stops in collectives.py: the entry of the ring kernel that `all_reduce` runs,
 # and each (function, text of a line in it, stop on the line after it?) found below. If
 # collectives.py is reorganised, adjust these; a missing one is skipped, not an error.
-RING_KERNELS = ("_ring",)
+RING_KERNELS = ("_ring_grouped",)
 RING_STOPS = [
-    ("_ring", "in _receive_pieces(", True),  # a received piece is final: `t`, `c`, `piece`, `flat`
+    ("_ring_grouped", "send = c", False),  # a step is over: chunk `c` received (and added in): `t`, `c`, `flat`
 ]
 
 
@@ -69,8 +76,27 @@ class TerminalPdb(pdb.Pdb):
             sys.stdin = saved
 
 
+class ScriptedPdb(pdb.Pdb):
+    """pdb reading its commands from a string (one a line) and echoing each after its prompt, as typed."""
+
+    def __init__(self, commands: str):
+        super().__init__(stdin=io.StringIO(commands.strip() + "\n"), stdout=sys.stdout)
+        self.use_rawinput = False
+
+    def precmd(self, line):
+        self.stdout.write(line.rstrip("\n") + "\n")
+        return super().precmd(line)
+
+
+def make_pdb() -> pdb.Pdb:
+    """Rank 0's debugger: the terminal's, or the commands of PDB_COMMANDS (a scripted session)."""
+    commands = os.environ.get("PDB_COMMANDS")
+    return ScriptedPdb(commands) if commands else TerminalPdb()
+
+
 def say(text: str) -> None:
     """Print in one write, so lines of ranks sharing the terminal do not interleave mid-line."""
+    sys.stdout.flush()  # pdb's own output first (a scripted session writes to a pipe)
     os.write(sys.stdout.fileno(), (text + "\n").encode())
 
 
@@ -129,10 +155,25 @@ class TracedWork:
 def show_messages(rank: int) -> None:
     """On a rank without a debugger: print every point-to-point message of our collectives.
 
-    collectives.py calls `dist.isend` / `dist.irecv` through the module at call time, so
-    replacing the module's functions is enough.
+    collectives.py calls `dist.batch_isend_irecv` (the plain ring) and `dist.isend` / `dist.irecv`
+    (the streamed ring) through the module at call time, so replacing the module's functions is
+    enough. The plain ring's `dist.P2POp` accepts only torch's own isend/irecv, so in ring mode
+    (`C.GROUPED_STEPS`) only `batch_isend_irecv` is wrapped.
     """
-    real_isend, real_irecv = dist.isend, dist.irecv
+    real_isend, real_irecv, real_batch = dist.isend, dist.irecv, dist.batch_isend_irecv
+
+    def batch_isend_irecv(ops):
+        for op in ops:
+            if op.op is real_isend:
+                say(f"[rank {rank}]   send {fmt(op.tensor)} to rank {op.peer}")
+        works = real_batch(ops)
+        if len(works) != len(ops):  # one coalesced request for all: nothing to attribute
+            return works
+        return [TracedWork(w, op.tensor, op.peer, rank) if op.op is real_irecv else w for w, op in zip(works, ops)]
+
+    dist.batch_isend_irecv = batch_isend_irecv
+    if C.GROUPED_STEPS:
+        return
 
     def isend(tensor, dst=None, group=None, tag=0, **kwargs):
         say(f"[rank {rank}]   send {fmt(tensor)} to rank {dst}")
@@ -145,17 +186,18 @@ def show_messages(rank: int) -> None:
 
 
 def ring_demo(rank: int, n: int) -> None:
+    C.GROUPED_STEPS = True  # the plain ring, one whole chunk per step (the streamed `_ring` is the optimisation)
     x = torch.arange(1, 2 * n + 1, dtype=torch.float32) * 10**rank  # rank 1: 10 20 30 40
     expected = x.clone()
     dist.all_reduce(expected)  # gloo's answer, to check ours against
     say(f"[rank {rank}] before: {fmt(x)}  (n={n} chunks of 2: chunk i = elements 2i, 2i+1)")
     dist.barrier()
     if rank == 0:
-        dbg = TerminalPdb()
+        dbg = make_pdb()
         where = set_ring_breakpoints(dbg)
         dbg.message(
             f"\n[rank 0] breakpoints: {'; '.join(where)}.\n"
-            "  c = continue to it;  ll = show the function;  p t, c, piece, flat;  n = next line;  "
+            "  c = continue to it;  ll = show the function;  p t, c, flat;  n = next line;  "
             "cl = clear breakpoints\n"
         )
         dbg.set_trace()
@@ -178,7 +220,7 @@ def ddp_demo(rank: int, n: int) -> None:
     torch.manual_seed(1 + rank)  # a different micro-batch on every rank
     loss = ddp(torch.randn(4, 2)).square().mean()
     if rank == 0:
-        dbg = TerminalPdb()
+        dbg = make_pdb()
         for name in ("_mark_variable_ready", "_all_reduce_bucket", "_finalize_backward"):
             func = getattr(Reducer, name)
             dbg.set_break(inspect.getsourcefile(func), func.__code__.co_firstlineno, funcname=name)  # = `b name`

@@ -27,6 +27,8 @@ GUIDES = [  # the pages whose backticked code references are checked
     "docs/kaggle.md",
     "docs/deploy.md",
     "docs/exercises.md",
+    "docs/glossary.md",
+    "docs/ddp-in-one-page.md",
     "CONTRIBUTING.md",
 ]
 PAGES = sorted(  # every Markdown page: links and anchors checked

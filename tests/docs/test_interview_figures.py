@@ -84,3 +84,24 @@ def test_the_check_can_fail():
     )
     bad = unsourced_figures(text)
     assert len(bad) == 2 and bad[0].startswith("99.9 ms") and bad[1].startswith("no source"), bad
+
+
+def table_rows(text: str) -> list[str]:
+    """The rows of the first Markdown table in `text` that starts with `| run |`, header included."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| run |"))
+    rows = []
+    for line in lines[start:]:
+        if not line.startswith("|"):
+            break
+        rows.append(line.strip())
+    return rows
+
+
+def test_readme_main_table_is_its_source():
+    """The README's main-job table is benchmarks.md §1's, row for row (one measurement, two copies)."""
+    readme = (ROOT / "README.md").read_text()
+    source = sections(ROOT / "docs/benchmarks.md")["1-the-main-job-1-process-vs-native-ddp-vs-hand-written-ddp"]
+    assert table_rows(readme) == table_rows(source), "README.md's main table differs from benchmarks.md §1"
+    assert len(table_rows(readme)) == 5 and "(docs/benchmarks.md#1-the-main-job" in readme
+    assert table_rows("x\n| run | a |\n|---|---|\n| none | 30.8 |\n") != table_rows(source)  # can fail

@@ -53,6 +53,19 @@ def context():
     return ctx
 
 
+def stop() -> None:
+    """Stop the server and wait for it (at the end of a pytest run, conftest.py).
+
+    Its children are its own to reap, so their CPU time reaches pytest's, and `/usr/bin/time`'s,
+    only through it: a server left to exit after pytest (its "alive" pipe closes) is nobody's child
+    by then, and a suite's measured CPU time would leave out nearly all of the work."""
+    from multiprocessing import forkserver
+
+    server = getattr(forkserver, "_forkserver", None)
+    if available() and server is not None and hasattr(server, "_stop"):  # _stop: CPython's own, for its tests
+        server._stop()
+
+
 def _module_argv(args: list[str]) -> tuple[str, list[str]]:
     """`[-u] -m module rest...` -> (module, rest): the command lines the tests and torchrun build."""
     args = [a for a in args if a != "-u"]
