@@ -33,9 +33,10 @@ import sys
 import torch
 from safetensors.torch import load_file
 
+from . import parallel as P
 from .errors import DistriNewsError, UsageError, exit_code
 from .launch import torchrun_command
-from .train_args import COMBINATIONS
+from .train_args import ONE_PROCESS
 
 
 def parse_args(argv=None):
@@ -50,12 +51,13 @@ def parse_args(argv=None):
     p.add_argument(
         "--runs",
         default=None,
-        help="comma-separated subset of none,native,scratch (default: all three; zero2: none,scratch)",
+        help="comma-separated subset of none,native,scratch (default: none and every implementation of the stage;"
+        " zero2: none,scratch)",
     )
     p.add_argument(
         "--parallel",
-        default="ddp",
-        choices=["ddp", "zero1", "zero2", "fsdp"],
+        default=P.DDP,
+        choices=P.stages(),
         help="the stage the native and scratch runs use (experiments/parallel.py); none is one process either way",
     )
     p.add_argument("--cluster", metavar="NODESxRANKS", help="DDP runs on the emulated cluster (experiments/cluster/)")
@@ -68,23 +70,29 @@ def parse_args(argv=None):
         args.nproc = int(nodes) * int(ranks)
     if args.nproc < 1:
         p.error("--nproc must be at least 1")
-    default = "none,scratch" if args.parallel == "zero2" else "none,native,scratch"
-    args.runs = [r.strip() for r in (args.runs or default).split(",") if r.strip()]
-    bad = set(args.runs) - {"none", "native", "scratch"}
+    impls = sorted(P.impls_of(args.parallel), key=lambda i: not P.IMPLEMENTATIONS[i].native)  # torch's first
+    args.runs = [r.strip() for r in (args.runs or ",".join([ONE_PROCESS, *impls])).split(",") if r.strip()]
+    bad = set(args.runs) - {ONE_PROCESS, *P.IMPLEMENTATIONS}
     if bad:
-        p.error(f"--runs: unknown {sorted(bad)}; choose from none, native, scratch")
-    if args.parallel == "zero2" and "native" in args.runs:
-        p.error(f"--parallel zero2 has no native run: torch has no separate ZeRO-2. {COMBINATIONS}")
+        p.error(f"--runs: unknown {sorted(bad)}; choose from {', '.join([ONE_PROCESS, *P.IMPLEMENTATIONS])}")
+    for kind in set(args.runs) - {ONE_PROCESS, *impls}:
+        p.error(P.missing_note(args.parallel, kind))
     return args, train_args
 
 
-def run_dir(out: str, kind: str, parallel: str = "ddp") -> str:
-    """Where one run writes: <out>/<kind> for DDP and one process, <out>/<parallel>-<kind> for a sharded stage."""
-    return os.path.join(out, kind if kind == "none" or parallel == "ddp" else f"{parallel}-{kind}")
+def strategy_of(kind: str, parallel: str) -> P.Strategy | None:
+    """The table's entry of one run: `kind` is none (one process) or an implementation of `parallel`."""
+    return None if kind == ONE_PROCESS else P.lookup(parallel, kind)
+
+
+def run_dir(out: str, kind: str, parallel: str = P.DDP) -> str:
+    """Where one run writes: <out>/<run name> (none, native / scratch for DDP, <parallel>-<kind> else), as
+    experiments.train names its own folder (experiments/parallel.py's `run_name`)."""
+    return os.path.join(out, P.run_name(strategy_of(kind, parallel)))
 
 
 def command(
-    kind: str, nproc: int, batch_size: int, out_dir: str, train_args: list[str], parallel: str = "ddp"
+    kind: str, nproc: int, batch_size: int, out_dir: str, train_args: list[str], parallel: str = P.DDP
 ) -> list[str]:
     """The exact command line of one run (printed, so a learner can rerun it alone)."""
     # no snapshots: a comparison always starts afresh, and three runs' snapshots of minilm-l6
@@ -92,20 +100,20 @@ def command(
     # TensorBoard events in each run's folder: `tensorboard --logdir <out>` shows the three runs together
     # (a later --report-to in train_args wins)
     common = ["--output-dir", out_dir, "--no-snapshots", "--report-to", "tensorboard", *train_args]
-    if kind == "none":  # one process trains on the whole global batch; it has no all-reduce to compress
+    strategy = strategy_of(kind, parallel)
+    if strategy is None:  # one process trains on the whole global batch; it has no all-reduce to compress
         common = _without_option(common, "--comm-hook")
         return [
             sys.executable,
             "-m",
             "experiments.train",
             "--ddp",
-            "none",
+            ONE_PROCESS,
             "--batch-size",
             str(batch_size * nproc),
             *common,
         ]
-    which = ["--ddp", kind] if parallel == "ddp" else ["--parallel", parallel, "--impl", kind]
-    return torchrun_command(nproc, "experiments.train", [*which, "--batch-size", str(batch_size), *common])
+    return torchrun_command(nproc, "experiments.train", [*strategy.flags(), "--batch-size", str(batch_size), *common])
 
 
 def _without_option(args: list[str], flag: str) -> list[str]:
@@ -135,15 +143,15 @@ def max_weight_difference(dir_a: str, dir_b: str) -> float:
 
 def table(summaries: dict, weight_diff: float | None) -> str:
     """The Markdown comparison table."""
-    base = summaries.get("none", {}).get("samples_per_s")
+    base = summaries.get(ONE_PROCESS, {}).get("samples_per_s")
     rows = [
         "| run | processes | samples/s | s/epoch | speedup vs 1 process | parallel efficiency | val acc | test acc "
         "| precision | peak MiB per rank | device |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for kind, s in summaries.items():
-        if s.get("parallel") not in (None, "none", "ddp"):  # a sharded stage: "fsdp scratch"
-            kind = f"{s['parallel']} {kind}"
+        strategy = strategy_of(kind, s.get("parallel") or P.DDP)
+        kind = kind if strategy is None else strategy.label  # native / scratch for DDP, else "fsdp scratch"
         if s.get("args", {}).get("comm_hook", "none") != "none":  # --comm-hook: the buckets in 16 bits
             kind = f"{kind} + {s['args']['comm_hook']} hook"
         speedup = s["samples_per_s"] / base if base else None
@@ -174,13 +182,13 @@ def main(argv=None) -> int:
         # a comparison always trains from scratch: drop the snapshots an earlier comparison left here
         shutil.rmtree(os.path.join(out_dir, "snapshots"), ignore_errors=True)
         cmd = command(kind, args.nproc, args.batch_size, out_dir, train_args, args.parallel)
-        if args.cluster and kind != "none":
+        if args.cluster and kind != ONE_PROCESS:
             from experiments.cluster import wrap_torchrun
 
             cmd = wrap_torchrun(cmd, args.cluster, args.link)
         print(f"\n=== {kind}: {' '.join(cmd)}", flush=True)
         env = dict(os.environ)
-        if kind != "none":
+        if kind != ONE_PROCESS:
             env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc)))
         status = subprocess.run(cmd, env=env).returncode
         if status != 0:  # experiments.train's status follows the same policy (errors.py): pass it on
@@ -192,9 +200,10 @@ def main(argv=None) -> int:
         with open(os.path.join(out_dir, "summary.json")) as f:
             summaries[kind] = json.load(f)
     diff = None
-    if {"native", "scratch"} <= summaries.keys() and all("checkpoint" in summaries[k] for k in ("native", "scratch")):
+    pair = (P.TORCHS.name, P.OURS.name)
+    if all("checkpoint" in summaries.get(k, {}) for k in pair):
         try:
-            diff = max_weight_difference(summaries["native"]["checkpoint"], summaries["scratch"]["checkpoint"])
+            diff = max_weight_difference(*(summaries[k]["checkpoint"] for k in pair))
         except DistriNewsError as e:
             print(f"error: {e}", file=sys.stderr)
             return exit_code(e)

@@ -102,11 +102,11 @@ def rank_device(local_rank: int) -> torch.device:
     )
 
 
-def setup(ddp: str, backend: str | None = None, timeout_s: float = 300.0) -> DistEnv:
-    """Initialise the process group for `--ddp native|scratch`; nothing for `--ddp none`.
+def setup(distributed: bool, backend: str | None = None, timeout_s: float = 300.0) -> DistEnv:
+    """Initialise the process group for a data-parallel stage; nothing for one process (`--ddp none`).
 
     Args:
-        ddp: "none", "native" or "scratch".
+        distributed: a stage of experiments/parallel.py's table (False: `--ddp none`, one process).
         backend: "auto" (default), "gloo" or "nccl".
         timeout_s: process-group timeout in seconds: a rank that waits longer than
             this for a peer (dead, or stuck) raises instead of hanging.
@@ -116,7 +116,7 @@ def setup(ddp: str, backend: str | None = None, timeout_s: float = 300.0) -> Dis
             without a GPU.
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if ddp == "none":
+    if not distributed:
         if world_size > 1:
             raise DistributedSetupError(
                 "--ddp none trains in one process; launch it without torchrun "

@@ -183,8 +183,9 @@ def train(a: argparse.Namespace) -> dict:
 
     spec = TRAININGS[a.train].config
     config = TrainConfig(model="tiny", precision=a.precision, lr=3e-3, seed=0, **spec).check()
-    backend = "gloo" if a.cpu else ("nccl" if config.ddp != "none" else None)
-    env = D.setup(config.ddp, backend, timeout_s=120)
+    distributed = config.strategy is not None
+    backend = "gloo" if a.cpu else ("nccl" if distributed else None)
+    env = D.setup(distributed, backend, timeout_s=120)
     try:
         if env.device.type != "cuda" and not a.cpu:
             raise RuntimeError(f"expected a GPU, got {env.device}")

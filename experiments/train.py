@@ -135,9 +135,9 @@ def make_loader(config: TrainConfig, env: D.DistEnv, dataset, make_sampler, coll
 
 
 def default_output_dir(config: TrainConfig, world_size: int) -> str:
-    """runs/<ddp>-np<N> for DDP and one process (as before the sharded stages), runs/<parallel>-<impl>-np<N> else."""
-    kind = config.ddp if config.ddp == "none" or config.parallel == "ddp" else f"{config.parallel}-{config.impl}"
-    return os.path.join("runs", f"{kind}-np{world_size}")
+    """runs/<run name>-np<N>: native / scratch for DDP, none for one process, <parallel>-<impl> else
+    (experiments/parallel.py's `run_name`)."""
+    return os.path.join("runs", f"{P.run_name(config.strategy)}-np{world_size}")
 
 
 def build(config: TrainConfig, env: D.DistEnv) -> Run:
@@ -207,7 +207,7 @@ def resume(run: Run) -> None:
         # torch's DDP is timed through a comm hook (comm_timing.py); with --comm-hook, setup put the timer there
         run.comm = run.parallel.comm_records
         if run.comm is None:
-            run.comm = record_allreduces(run.model, native=config.ddp == "native")
+            run.comm = record_allreduces(run.model, native=run.parallel.strategy.impl.native)
     if not env.is_main:
         return
     os.makedirs(run.out_dir, exist_ok=True)
@@ -337,7 +337,7 @@ def _tensorboard_only(run: Run, r, samples: int, step_s: float, origin=None) -> 
     if run.comm is not None:
         backward = next(iv for iv in reversed(r.intervals) if iv[0] == "backward")[1:]  # the synced micro-batch
         extra.update(
-            comm_bytes=bytes_per_step(run.model, run.config.ddp == "native", run.config.comm_hook),
+            comm_bytes=bytes_per_step(run.model, run.parallel.strategy.impl.native, run.config.comm_hook),
             comm_exposed_s=exposed_seconds(place_on_host_clock(run.comm, origin), backward),
         )
     return extra
@@ -365,7 +365,7 @@ def summarize(run: Run, test: dict | None) -> dict:
     memory = D.all_gather_object(env, (D.peak_memory_bytes(env.device), D.device_name(env.device)))
     return {
         "ddp": config.ddp,
-        "parallel": config.parallel if config.ddp != "none" else "none",
+        "parallel": config.parallel if config.strategy is not None else "none",
         "impl": config.impl,
         "world_size": env.world_size,
         # where it ran: the emulated cluster's nodes and link rate, else "1 node, unshaped"
@@ -439,7 +439,7 @@ def main(argv=None) -> int:
     """`python -m experiments.train`: the exit status of errors.py's policy (0 ok, 1 runtime, 2 usage, 3 model)."""
     config = parse_args(argv)
     try:
-        env = D.setup(config.ddp, config.backend, config.timeout)
+        env = D.setup(config.strategy is not None, config.backend, config.timeout)
     except DistributedSetupError as e:  # before any process group: stop as argparse does for a bad option
         print(f"error: {e}", file=sys.stderr)
         raise system_exit(e) from None

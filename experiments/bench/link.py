@@ -40,12 +40,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..parallel import compress_hook
 from .accuracy import DATA_DIR
 from .common.intervals import paired_ratios, slowest_median
 from .common.launch import launch_ranks, on_cluster, run_command
 from .common.report import part_main, write_result
-from .common.wrappers import bytes_per_step, model_and_batches, rotated, timed_step, wrap
+from .common.wrappers import bytes_per_step, compress_hook, model_and_batches, rotated, timed_step, wrap
 
 RATES = ("500mbit", "1gbit", "2500mbit", "10gbit", "none")
 MEASURES = ("rates", "caps", "collectives", "main")
