@@ -35,7 +35,7 @@ from safetensors.torch import load_file
 
 from . import parallel as P
 from .errors import DistriNewsError, UsageError, exit_code
-from .launch import torchrun_command
+from .launch import Cluster, torchrun_command
 from .train_args import ONE_PROCESS
 
 
@@ -64,10 +64,11 @@ def parse_args(argv=None):
     p.add_argument("--link", default="1gbit", help="with --cluster: each node's link rate (tc units), or none")
     args, train_args = p.parse_known_args(argv)
     if args.cluster:  # the world size is the cluster's; `none` keeps the same global batch
-        nodes, _, ranks = args.cluster.partition("x")
-        if not (nodes.isdigit() and ranks.isdigit()):
-            p.error(f"--cluster {args.cluster!r}: write NODESxRANKS, e.g. 2x1 (2 nodes, 1 rank each)")
-        args.nproc = int(nodes) * int(ranks)
+        try:
+            args.cluster = Cluster.parse(args.cluster, args.link)
+        except UsageError as e:
+            p.error(str(e))
+        args.nproc = args.cluster.nodes * args.cluster.ranks_per_node
     if args.nproc < 1:
         p.error("--nproc must be at least 1")
     impls = sorted(P.impls_of(args.parallel), key=lambda i: not P.IMPLEMENTATIONS[i].native)  # torch's first
@@ -92,9 +93,16 @@ def run_dir(out: str, kind: str, parallel: str = P.DDP) -> str:
 
 
 def command(
-    kind: str, nproc: int, batch_size: int, out_dir: str, train_args: list[str], parallel: str = P.DDP
+    kind: str,
+    nproc: int,
+    batch_size: int,
+    out_dir: str,
+    train_args: list[str],
+    parallel: str = P.DDP,
+    cluster: Cluster | None = None,
 ) -> list[str]:
-    """The exact command line of one run (printed, so a learner can rerun it alone)."""
+    """The exact command line of one run (printed, so a learner can rerun it alone); the data-parallel
+    runs on `cluster`'s nodes when one is given (experiments/launch.py)."""
     # no snapshots: a comparison always starts afresh, and three runs' snapshots of minilm-l6
     # (about 270 MB each) would only fill the disk
     # TensorBoard events in each run's folder: `tensorboard --logdir <out>` shows the three runs together
@@ -113,7 +121,8 @@ def command(
             str(batch_size * nproc),
             *common,
         ]
-    return torchrun_command(nproc, "experiments.train", [*strategy.flags(), "--batch-size", str(batch_size), *common])
+    args = [*strategy.flags(), "--batch-size", str(batch_size), *common]
+    return torchrun_command(nproc, "experiments.train", args, cluster)
 
 
 def _without_option(args: list[str], flag: str) -> list[str]:
@@ -181,11 +190,7 @@ def main(argv=None) -> int:
         out_dir = run_dir(args.out, kind, args.parallel)
         # a comparison always trains from scratch: drop the snapshots an earlier comparison left here
         shutil.rmtree(os.path.join(out_dir, "snapshots"), ignore_errors=True)
-        cmd = command(kind, args.nproc, args.batch_size, out_dir, train_args, args.parallel)
-        if args.cluster and kind != ONE_PROCESS:
-            from experiments.cluster import wrap_torchrun
-
-            cmd = wrap_torchrun(cmd, args.cluster, args.link)
+        cmd = command(kind, args.nproc, args.batch_size, out_dir, train_args, args.parallel, args.cluster)
         print(f"\n=== {kind}: {' '.join(cmd)}", flush=True)
         env = dict(os.environ)
         if kind != ONE_PROCESS:
@@ -211,13 +216,17 @@ def main(argv=None) -> int:
     header = (
         f"Machine: {os.cpu_count()} CPU cores, torch {torch.__version__}, "
         f"{'CUDA' if torch.cuda.is_available() else 'no GPU'}.\n"
-        + (f"Topology: DDP runs on {args.cluster} emulated nodes x ranks, links {args.link}.\n" if args.cluster else "")
+        + (
+            f"Topology: DDP runs on {args.cluster.spec} emulated nodes x ranks, links {args.link}.\n"
+            if args.cluster
+            else ""
+        )
         + f"Command: python -m experiments.compare {' '.join(argv if argv is not None else sys.argv[1:])}\n\n"
     )
     with open(os.path.join(args.out, "comparison.md"), "w") as f:
         f.write(header + md + "\n")
     with open(os.path.join(args.out, "comparison.json"), "w") as f:
-        topology = {"cluster": args.cluster, "link": args.link if args.cluster else None}
+        topology = {"cluster": args.cluster and args.cluster.spec, "link": args.link if args.cluster else None}
         record = {"parallel": args.parallel, "runs": summaries, "max_weight_diff_native_vs_scratch": diff}
         json.dump({**record, **topology}, f, indent=2)
     print("\n" + header + md)

@@ -91,7 +91,12 @@ def _our_ddp(model: nn.Module, o: Options, device: torch.device) -> nn.Module:
 
     view = {"gradient_as_bucket_view": True} if o.gradient_as_bucket_view else {}
     return ddp_from_scratch.wrap(
-        model, device, bucket_cap_mb=o.bucket_cap_mb, all_reduce=o.all_reduce, sparse_embeddings=o.sparse_embeddings, **view
+        model,
+        device,
+        bucket_cap_mb=o.bucket_cap_mb,
+        all_reduce=o.all_reduce,
+        sparse_embeddings=o.sparse_embeddings,
+        **view,
     )
 
 
@@ -431,7 +436,7 @@ class Strategy:
         return self.sent * (n - 1) / n * 4 * psi
 
     def build(self, model: nn.Module, o: Options, device: torch.device) -> tuple[nn.Module, object, Groups, list]:
-        """(what the loop calls, optimizer, Groups, step pre-hooks) for `model` (on `device`, the same on every rank)."""
+        """(what the loop calls, optimizer, Groups, step pre-hooks) for `model` (on `device`, alike on every rank)."""
         groups = _groups(list(model.named_parameters()), o.weight_decay)  # before wrapping: the model's own names
         wrapped = self.wrap(model, o, device, self.impl)
         opt, groups, hooks = self.optimizer(wrapped, groups, o)
@@ -500,16 +505,66 @@ def missing_note(stage: str, impl: str) -> str:
 for _s in (
     Strategy(DDP, OURS, "DDP", ddp_wrapper, adamw, Replicated(), comm_hook=True),
     Strategy(DDP, TORCHS, "DDP", ddp_wrapper, adamw, Replicated(), comm_hook=True),
-    Strategy("zero1", OURS, "ZeRO-1", ddp_wrapper, our_zero1, ShardedOptimizer(), comm_hook=True,
-             shards=frozenset({"optim"}), sent=3),  # fmt: skip
-    Strategy("zero1", TORCHS, "ZeRO-1", ddp_wrapper, torch_zero1, ShardedOptimizer(), comm_hook=True,
-             shards=frozenset({"optim"}), sent=3),  # fmt: skip
-    Strategy("zero2", OURS, "ZeRO-2", no_wrapper, our_zero2, ShardedGradients(), UNSCALED, FP16_SHARDED,
-             shards=frozenset({"optim", "grads"})),  # fmt: skip
-    Strategy("fsdp", OURS, "FSDP (ZeRO-3)", our_fsdp, our_fsdp_adamw, OurShards(), UNSCALED, FP16_SHARDED,
-             sharded_forward=True, shards=frozenset({"optim", "grads", "params"}), sent=3),  # fmt: skip
-    Strategy("fsdp", TORCHS, "FSDP (ZeRO-3)", torch_fsdp, fsdp2_adamw, DTensorShards(), UNSCALED, FP16_SHARDED,
-             sharded_forward=True, needs=("fsdp2",), shards=frozenset({"optim", "grads", "params"}), sent=3),  # fmt: skip
+    Strategy(
+        "zero1",
+        OURS,
+        "ZeRO-1",
+        ddp_wrapper,
+        our_zero1,
+        ShardedOptimizer(),
+        comm_hook=True,
+        shards=frozenset({"optim"}),
+        sent=3,
+    ),  # fmt: skip
+    Strategy(
+        "zero1",
+        TORCHS,
+        "ZeRO-1",
+        ddp_wrapper,
+        torch_zero1,
+        ShardedOptimizer(),
+        comm_hook=True,
+        shards=frozenset({"optim"}),
+        sent=3,
+    ),  # fmt: skip
+    Strategy(
+        "zero2",
+        OURS,
+        "ZeRO-2",
+        no_wrapper,
+        our_zero2,
+        ShardedGradients(),
+        UNSCALED,
+        FP16_SHARDED,
+        shards=frozenset({"optim", "grads"}),
+    ),  # fmt: skip
+    Strategy(
+        "fsdp",
+        OURS,
+        "FSDP (ZeRO-3)",
+        our_fsdp,
+        our_fsdp_adamw,
+        OurShards(),
+        UNSCALED,
+        FP16_SHARDED,
+        sharded_forward=True,
+        shards=frozenset({"optim", "grads", "params"}),
+        sent=3,
+    ),  # fmt: skip
+    Strategy(
+        "fsdp",
+        TORCHS,
+        "FSDP (ZeRO-3)",
+        torch_fsdp,
+        fsdp2_adamw,
+        DTensorShards(),
+        UNSCALED,
+        FP16_SHARDED,
+        sharded_forward=True,
+        needs=("fsdp2",),
+        shards=frozenset({"optim", "grads", "params"}),
+        sent=3,
+    ),  # fmt: skip
 ):
     register(_s)
 

@@ -51,11 +51,11 @@ from . import faults, peers
 from . import parallel as P
 from . import snapshot as S
 from .checkpoint import save_checkpoint
-from .cluster import topology_record
 from .comm_timing import bytes_per_step, exposed_seconds, place_on_host_clock, record_allreduces, step_origin
 from .data import load_ag_news, make_collator, tokenize
 from .errors import DistributedSetupError, DistriNewsError, exit_code, system_exit
 from .evaluate import evaluate
+from .launch import topology_record
 from .length_grouping import LengthGroupedBatchSampler, lengths_of
 from .metrics import MetricsLog
 from .model import build_model, build_tokenizer

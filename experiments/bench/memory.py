@@ -43,8 +43,9 @@ import torch
 import torch.nn as nn
 
 from experiments import parallel as P
+from experiments.launch import Cluster
 
-from .common.launch import launch_ranks, topology
+from .common.launch import launch_ranks
 from .common.report import part_main, write_result
 from .common.wrappers import device, timed_step
 
@@ -383,7 +384,12 @@ def table(rows: list[dict], oversubscribed: int) -> list[str]:
 
 
 def run(
-    out_dir: Path, quick: bool = False, models: str = "minilm-l6,distilbert", nprocs: str = "2,4", steps: int = 3
+    out_dir: Path,
+    quick: bool = False,
+    models: str = "minilm-l6,distilbert",
+    nprocs: str = "2,4",
+    steps: int = 3,
+    cluster: Cluster | None = None,
 ) -> dict:
     """Launch the ranks for each world size (one launch per model), then write memory.json and memory.md."""
     import os
@@ -395,16 +401,16 @@ def run(
     rows = []
     for n in worlds:
         for name in cfg["models"]:
-            ranks = launch_ranks("memory", n, {**cfg, "models": [name]}, quiet=quick, timeout_s=600)
+            ranks = launch_ranks("memory", n, {**cfg, "models": [name]}, quiet=quick, timeout_s=600, cluster=cluster)
             rows += summarize(ranks)
-    where = "over the emulated cluster's links" if topology()["emulated"] else "on this machine's loopback"
+    where = "on this machine's loopback" if cluster is None else "over the emulated cluster's links"
     md = [
         f"AdamW fp32, every parameter trainable, micro-batch {cfg['micro_batch']} x {cfg['seq']} tokens per rank, "
         f"gloo {where}, {cfg['steps']} timed steps after one warm-up.",
         "",
         *table(rows, os.cpu_count() or 1),
     ]
-    return write_result(out_dir, "memory", md, {"config": cfg, "rows": rows}, rows=rows)
+    return write_result(out_dir, "memory", md, {"config": cfg, "rows": rows}, cluster=cluster, rows=rows)
 
 
 def main(argv=None) -> None:

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from experiments.launch import Cluster
 from experiments.precision import make_scaler
 
 from .common.intervals import paired_ratios
@@ -121,6 +122,7 @@ def run(
     precision: str = "fp32",
     dense_embeddings: bool = False,
     onramp: bool = False,
+    cluster: Cluster | None = None,
 ) -> dict:
     """Launch the ranks, then write step.json and step.md.
 
@@ -136,7 +138,7 @@ def run(
         "onramp": onramp,
     }
     backend = "nccl" if gpu else "gloo"
-    ranks = launch_ranks("step", nproc, cfg, quiet=quick, backend=backend)
+    ranks = launch_ranks("step", nproc, cfg, quiet=quick, backend=backend, cluster=cluster)
     impls = (*IMPLS, *ONRAMP) if onramp else IMPLS
     slowest = {impl: [max(r["times_s"][impl][s] for r in ranks) for s in range(cfg["steps"])] for impl in impls}
     rows = {
@@ -183,7 +185,8 @@ def run(
         "unused.py); naive.py sends one blocking all-reduce per parameter after backward, so every "
         "fixed per-message cost is paid once per parameter and nothing overlaps.",
     ]
-    return write_result(out_dir, "step", md, {"config": cfg, "nproc": nproc, "rows": rows}, rows=rows, config=cfg)
+    data = {"config": cfg, "nproc": nproc, "rows": rows}
+    return write_result(out_dir, "step", md, data, cluster=cluster, rows=rows, config=cfg)
 
 
 def _arguments(p) -> None:

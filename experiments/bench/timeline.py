@@ -33,6 +33,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from experiments.launch import Cluster
+
 from .common.intervals import overlap
 from .common.launch import launch_ranks
 from .common.report import network, part_main, pyplot, write_result
@@ -170,6 +172,7 @@ def run(
     bucket_cap_mb: float | None = None,
     freeze_embeddings: bool = False,
     dense_embeddings: bool = False,
+    cluster: Cluster | None = None,
 ) -> dict:
     """Launch the ranks, then write timeline.json, trace.json, timeline.png, timeline.md.
 
@@ -187,13 +190,13 @@ def run(
         "freeze_embeddings": freeze_embeddings,
         "dense_embeddings": dense_embeddings,
     }
-    ranks = launch_ranks("timeline", nproc, config, quiet=quick)
+    ranks = launch_ranks("timeline", nproc, config, quiet=quick, cluster=cluster)
     events = [e for r in ranks for e in r]
     (out_dir / "trace.json").write_text(json.dumps(chrome_trace(events)))
     plot(events, out_dir / "timeline.png", step=cfg["steps"] - 1)
     stats = {impl: overlap(events, impl) for impl in IMPLS}
     md = [
-        f"{nproc} ranks, gloo over {network()}, {cfg['model']}, micro-batch {cfg['batch_size']} x "
+        f"{nproc} ranks, gloo over {network(cluster)}, {cfg['model']}, micro-batch {cfg['batch_size']} x "
         f"{cfg['seq_len']} tokens, "
         + (f"bucket cap {bucket_cap_mb:g} MiB" if bucket_cap_mb is not None else "torch's default buckets")
         + (", word embeddings frozen (not all-reduced)" if freeze_embeddings else "")
@@ -223,7 +226,7 @@ def run(
     ]
     plots = [out_dir / "trace.json", out_dir / "timeline.png"]
     data = {"config": config, "events": events}
-    return write_result(out_dir, "timeline", md, data, plots, stats=stats, config=config)
+    return write_result(out_dir, "timeline", md, data, plots, cluster=cluster, stats=stats, config=config)
 
 
 def _arguments(p) -> None:

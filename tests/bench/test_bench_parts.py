@@ -21,7 +21,7 @@ from support import bench
 from support.paths import AG_NEWS, needs_ag_news
 
 from experiments import parallel
-from experiments.bench import allreduce, buckets, memory, scaling, sparse, step, timeline
+from experiments.bench import allreduce, buckets, scaling, sparse, step, timeline
 from experiments.bench.__main__ import PARTS
 from experiments.bench.common.wrappers import IMPLS as STEP_IMPLS
 
