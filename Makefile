@@ -40,15 +40,17 @@ main: install
 # here), files grouped as tests/conftest.py says; TEST_WORKERS=0 runs in one process.
 TEST_WORKERS ?= 2
 XDIST := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadgroup)
+# The notebook's execution (marked `notebook`) is left to test-kaggle-versions, which runs it on Kaggle's versions.
 test: install lint
-	$(BIN)/python -m pytest -q $(XDIST) --durations=15
+	$(BIN)/python -m pytest -q $(XDIST) -m "not notebook" --durations=15
 
 # A learner's first check: everything but the tests marked slow (real trainings, restarts, namespaces)
 test-fast: install
 	$(BIN)/python -m pytest -q $(XDIST) -m "not slow" --durations=10
 
 # The fast tests again, on Kaggle's versions (kaggle/constraints.txt: torch 2.10, transformers 5.0), in a second
-# venv; it prints the versions it tested. torch from the same index as `install` (PyPI's is the ~3.2 GB CUDA build,
+# venv, and the Kaggle notebook executed top to bottom there (marked `notebook`, offline, on the CPU: about 1.5 min);
+# it prints the versions it tested. torch from the same index as `install` (PyPI's is the ~3.2 GB CUDA build,
 # which runs on the CPU too; pip's cache, ~/.cache/pip, keeps it between runs on one machine).
 KAGGLE_VENV ?= .venv-kaggle
 # The server is deployed from its own image (deploy/requirements-server.txt, the newest versions), never with
@@ -58,7 +60,7 @@ KAGGLE_DESELECT := --deselect tests/server/test_server.py::test_the_server_uses_
 KAGGLE_PIP  := $(KAGGLE_VENV)/bin/python -m pip install --quiet
 test-kaggle-versions: $(KAGGLE_VENV)/.installed
 	$(KAGGLE_VENV)/bin/python -c "import sys, torch, transformers, datasets; print(f'Kaggle versions: python {sys.version.split()[0]}, torch {torch.__version__}, transformers {transformers.__version__}, datasets {datasets.__version__}')"
-	$(KAGGLE_VENV)/bin/python -m pytest -q $(XDIST) -m "not slow" $(KAGGLE_DESELECT)
+	$(KAGGLE_VENV)/bin/python -m pytest -q $(XDIST) -m "not slow or notebook" $(KAGGLE_DESELECT)
 
 $(KAGGLE_VENV)/.installed: pyproject.toml kaggle/constraints.txt Makefile
 	$(PYTHON) -m venv $(KAGGLE_VENV)

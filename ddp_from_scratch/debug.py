@@ -164,7 +164,7 @@ def log_when_done(future, rank: int, op: str, bucket, nbytes: int, peers, start:
         def stamp(fut) -> None:
             if not _failed(fut):
                 timer.stop()
-                _printer().put((timer, rank, op, bucket, nbytes, peers, start))
+                log_timed(timer, rank, op, bucket, nbytes, peers, start)
 
         future.then(stamp)  # `then`, not add_done_callback: torch documents the stream guarantee for it
         return
@@ -175,6 +175,18 @@ def log_when_done(future, rank: int, op: str, bucket, nbytes: int, peers, start:
         log(rank, op, bucket, nbytes, peers, start)
 
     future.add_done_callback(done)
+
+
+def log_timed(timer: CollectiveTimer, rank: int, op: str, bucket, nbytes: int, peers, start: float) -> None:
+    """The line of a collective timed by `timer`, already stopped where it is complete in stream order (after its
+    `wait()` on the consumer's stream, or in a `.then()` callback). CUDA: `ms` from the timer's events, the line
+    printed by the printer thread once the end event has happened (the caller never blocks); CPU: printed now,
+    `ms` from the host clock (`start`: wall seconds at launch). ZeRO-1/2 and FSDP (zero.py, zero2.py,
+    flat_param.py) and `log_when_done` print through here, so every sharded and bucket line is timed one way."""
+    if timer.cuda:
+        _printer().put((timer, rank, op, bucket, nbytes, peers, start))
+    else:
+        log(rank, op, bucket, nbytes, peers, start, ms=timer.seconds() * 1e3)
 
 
 _lines: list = []  # [queue.Queue] once the printer thread runs

@@ -158,23 +158,34 @@ class FlatParameter:
             return False
         buf = torch.empty(self.numel_padded, dtype=self.compute_dtype, device=self.device)
         self.chunk(buf).copy_(self.shard.detach())  # the cast to compute dtype happens here, before the wire
-        start = debug.now()
-        self._gathering = (buf, self._log("all_gather", self.comm.all_gather(buf), buf, start))
+        start, timer = self._timer()
+        self._gathering = (buf, self._log("all_gather", self.comm.all_gather(buf), buf, start, timer))
         return True
 
-    def _log(self, op: str, handle, tensor: torch.Tensor, start: float):
-        """`handle`, which now also prints one debug line when done (before its `wait()` returns)."""
-        if not self.debug:
+    def _timer(self) -> tuple[float, debug.CollectiveTimer | None]:
+        """(wall seconds, a timer started in stream order) right before a collective, for its debug line."""
+        return debug.now(), debug.CollectiveTimer(self.device) if self.debug else None
+
+    def _log(self, op: str, handle, tensor: torch.Tensor, start: float, timer: debug.CollectiveTimer | None):
+        """`handle`, which now also prints one debug line when done (before its `wait()` returns): its timer
+        stops where the collective is complete in stream order (after the Work's wait, or in the future's
+        `.then()` callback, whose current stream waits for it), and `debug.log_timed` prints the line."""
+        if timer is None:
             return handle
-        args = (self.comm.rank, f"{op}/{self.comm.algorithm}(unit={self.name})", None)
-        args += (tensor.numel() * tensor.element_size(), self.comm.peers, start)
+        op = f"{op}/{self.comm.algorithm}(unit={self.name})"
+        args = (self.comm.rank, op, None, tensor.numel() * tensor.element_size(), self.comm.peers, start)
+
+        def done() -> None:
+            timer.stop()
+            debug.log_timed(timer, *args)
+
         if isinstance(handle, _Pending):
-            handle.on_done = lambda: debug.log(*args)
+            handle.on_done = done
             return handle
 
         def log(fut):
             value = fut.value()  # a failed collective raises here, to whoever waits: no line
-            debug.log(*args)
+            done()
             return value
 
         return handle.then(log)
@@ -207,8 +218,8 @@ class FlatParameter:
         for g, o, k in zip(grads, self.offsets, self.numels):
             if g is not None:
                 flat[o : o + k].copy_(g.reshape(-1))  # casts compute -> reduce dtype
-        start = debug.now()
-        return self._log("reduce_scatter", self.comm.reduce_scatter(flat), flat, start)
+        start, timer = self._timer()
+        return self._log("reduce_scatter", self.comm.reduce_scatter(flat), flat, start, timer)
 
     @torch.no_grad()
     def full_tensors(self, shard: torch.Tensor | None = None) -> list[torch.Tensor]:

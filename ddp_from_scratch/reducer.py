@@ -342,14 +342,12 @@ class Reducer:
                 self.timeline.append({**rec, "ready": rec["launch"]})
             if self.debug:
                 op = f"sparse_exchange/{self.comm_state.algorithm}({rec['mode']}, {rec['rows']} rows)"
-                debug.log(
-                    self.rank,
-                    op,
-                    rec["bucket"],
-                    rec["bytes"],
-                    self.comm_state.peers,
-                    debug.now() - (rec["done"] - rec["launch"]),
-                )
+                peers, timer = self.comm_state.peers, rec.get("timer")
+                if timer is not None:  # CUDA: the exchange's events, printed once the GPU got there
+                    debug.log_timed(timer, self.rank, op, rec["bucket"], rec["bytes"], peers, timer.wall_start)
+                else:
+                    start = debug.now() - (rec["done"] - rec["launch"])
+                    debug.log(self.rank, op, rec["bucket"], rec["bytes"], peers, start)
         counts_future = self._all_reduce_local_used_map(self._local_used_map)
         for b in self.buckets:
             result = b.future.wait()

@@ -153,18 +153,18 @@ class ZeroRedundancyOptimizer(torch.optim.Optimizer):
         """Every rank's parameters <- their owner's, one collective per dtype (all-gather) or per rank and dtype."""
         for dtype in sorted({p.dtype for g in self.param_groups for p in g["params"]}, key=str):
             shards = [self._shard(r, dtype) for r in range(self.world_size)]
-            start = debug.now()
             if self.sync == "all_gather":
                 width = max(sum(p.numel() for p in s) for s in shards)
                 device = next(p for s in shards for p in s).device
                 flat = torch.zeros(width * self.world_size, dtype=dtype, device=device)
                 chunks = flat.tensor_split(self.world_size)  # equal chunks: ours and torch's agree
                 _pack(shards[self.rank], chunks[self.rank])
+                start, timer = self._timer(device)
                 self.comm_state.all_gather(flat).wait()
+                self._log("all_gather", flat, start, timer)
                 for r, shard in enumerate(shards):
                     if r != self.rank:
                         _unpack(chunks[r], shard)
-                self._log("all_gather", flat, start)
             else:
                 for r, shard in enumerate(shards):
                     if not shard:
@@ -172,10 +172,11 @@ class ZeroRedundancyOptimizer(torch.optim.Optimizer):
                     flat = torch.empty(sum(p.numel() for p in shard), dtype=dtype, device=shard[0].device)
                     if r == self.rank:
                         _pack(shard, flat)
+                    start, timer = self._timer(flat.device)
                     self._broadcast(flat, r)
+                    self._log(f"broadcast(from {r})", flat, start, timer)
                     if r != self.rank:
                         _unpack(flat, shard)
-                    self._log(f"broadcast(from {r})", flat, start)
 
     def _broadcast(self, flat: torch.Tensor, src: int) -> None:
         if self.comm_state.algorithm == "ring":
@@ -184,17 +185,17 @@ class ZeroRedundancyOptimizer(torch.optim.Optimizer):
             glob = dist.get_global_rank(self.process_group, src) if self.process_group is not None else src
             dist.broadcast(flat, src=glob, group=self.process_group)
 
-    def _log(self, op: str, flat: torch.Tensor, start: float) -> None:
-        if self.debug:
+    def _timer(self, device: torch.device) -> tuple[float, debug.CollectiveTimer | None]:
+        """(wall seconds, a timer started in stream order) right before a collective, for its debug line."""
+        return debug.now(), debug.CollectiveTimer(device) if self.debug else None
+
+    def _log(self, op: str, flat: torch.Tensor, start: float, timer: debug.CollectiveTimer | None) -> None:
+        """The debug line of a collective just waited for (its timer stops here, on the stream that waited)."""
+        if timer is not None:
+            timer.stop()
             nbytes = flat.numel() * flat.element_size()
-            debug.log(
-                self.rank,
-                f"{op}/{self.comm_state.algorithm}(zero-1 params)",
-                None,
-                nbytes,
-                self.comm_state.peers,
-                start,
-            )
+            op = f"{op}/{self.comm_state.algorithm}(zero-1 params)"
+            debug.log_timed(timer, self.rank, op, None, nbytes, self.comm_state.peers, start)
 
     # ---- checkpoints ------------------------------------------------------------------
     def consolidate_state_dict(self, to: int = 0) -> None:

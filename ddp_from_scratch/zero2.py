@@ -60,7 +60,8 @@ class ShardedBucket:
     grad: torch.Tensor | None = None
     pending: int = 0
     future: object = None
-    start: float = 0.0  # launch time, for the debug line
+    start: float = 0.0  # launch time (wall seconds), for the debug line
+    timer: debug.CollectiveTimer | None = None  # the reduce-scatter's, in stream order (debug lines only)
     slots: dict = field(default_factory=dict)  # id(param) -> position in `params`
 
 
@@ -164,6 +165,7 @@ class Zero2Optimizer(torch.optim.Optimizer):
 
     def _reduce_scatter_bucket(self, b: ShardedBucket) -> None:
         b.start = debug.now()
+        b.timer = debug.CollectiveTimer(b.grad.device) if self.debug else None
         b.future = self.comm.reduce_scatter(b.grad, op=collectives.SUM)
         b.grad = None  # the collective holds it until done; then its memory goes
 
@@ -176,16 +178,12 @@ class Zero2Optimizer(torch.optim.Optimizer):
             self._reduce_scatter_bucket(b)
         for b in self.buckets:
             chunk = b.future.wait()
-            if self.debug:  # logged when waited for: gloo's reduce-scatter has no future to watch
+            if b.timer is not None:  # logged when waited for: gloo's reduce-scatter has no future to watch
+                b.timer.stop()  # on the stream that waited: the reduce-scatter's end in stream order (CUDA)
                 nbytes = b.numel_padded * b.shard.element_size()
-                debug.log(
-                    self.rank,
-                    f"reduce_scatter/{self.comm.algorithm}(zero-2)",
-                    b.index,
-                    nbytes,
-                    self.comm.peers,
-                    b.start,
-                )
+                op = f"reduce_scatter/{self.comm.algorithm}(zero-2)"
+                debug.log_timed(b.timer, self.rank, op, b.index, nbytes, self.comm.peers, b.start)
+                b.timer = None
             b.shard.grad = chunk if b.shard.grad is None else b.shard.grad.add_(chunk)
             b.future, b.pending = None, len(b.params)
         self._next_bucket = 0
@@ -199,16 +197,13 @@ class Zero2Optimizer(torch.optim.Optimizer):
         loss = self.optim.step(closure)
         for b in self.buckets:  # chunk r of each flat is already updated (the shard is a view of it)
             start, flat = debug.now(), b.flat
+            timer = debug.CollectiveTimer(flat.device) if self.debug else None
             self.comm.all_gather(flat).wait()  # in place: the model's weights, views of `flat`, are now current
-            if self.debug:
-                debug.log(
-                    self.rank,
-                    f"all_gather/{self.comm.algorithm}(zero-2 params)",
-                    b.index,
-                    flat.numel() * flat.element_size(),
-                    self.comm.peers,
-                    start,
-                )
+            if timer is not None:
+                timer.stop()
+                op = f"all_gather/{self.comm.algorithm}(zero-2 params)"
+                nbytes = flat.numel() * flat.element_size()
+                debug.log_timed(timer, self.rank, op, b.index, nbytes, self.comm.peers, start)
         return loss
 
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:

@@ -26,6 +26,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -101,6 +102,32 @@ def _worker(backend: str) -> None:
     dist.destroy_process_group()
 
 
+P2P_OFF = {"NCCL_P2P_DISABLE": "1"}  # NCCL's GPU-to-GPU copies through host memory instead of peer-to-peer
+P2P_ADVICE = (
+    "NCCL works with peer-to-peer transfers disabled: `export NCCL_P2P_DISABLE=1` (in a notebook: "
+    "os.environ['NCCL_P2P_DISABLE'] = '1') before torchrun."
+)
+
+
+def with_p2p_fallback(attempt: Callable[[dict], bool], backend: str = "nccl") -> dict | None:
+    """Run `attempt(extra_env)` (True: it worked); if it failed or hung on NCCL with peer-to-peer copies on, once
+    more with `P2P_OFF` (some machines' GPUs, Kaggle's two T4s among them, hang on peer-to-peer), saying so.
+
+    The one home of that fallback: the doctor's rank check and the GPU check's two-GPU steps call it.
+    Returns: the extra environment of the attempt that worked ({} or `P2P_OFF`), None if none did. No second
+    attempt for gloo, or where NCCL_P2P_DISABLE=1 is already set (nothing left to fall back to).
+    """
+    if attempt({}):
+        return {}
+    if backend != "nccl" or os.environ.get("NCCL_P2P_DISABLE") == "1":
+        return None
+    print("NCCL failed or hung; trying again with NCCL_P2P_DISABLE=1 ...", flush=True)
+    if not attempt(P2P_OFF):
+        return None
+    print(P2P_ADVICE, flush=True)
+    return P2P_OFF
+
+
 def run_ranks(nproc: int, backend: str, port: int, extra_env: dict | None = None) -> tuple[bool, str]:
     """Start `nproc` ranks running `_worker` under torchrun (experiments/launch.py), meeting at `port`;
     (all passed, what they printed). A hang counts as a failure: after WORKER_TIMEOUT_S torchrun gets
@@ -168,17 +195,13 @@ def check(nproc: int | None, requested_backend: str, master_port: int | None, pa
         )
         return 1
     print(f"checking {nproc} ranks with {backend} (timeout {WORKER_TIMEOUT_S} s) ...", flush=True)
-    ok, out = run_ranks(nproc, backend, port)
-    print(out)
-    if not ok and backend == "nccl" and os.environ.get("NCCL_P2P_DISABLE") != "1":
-        print("NCCL failed or hung; trying again with NCCL_P2P_DISABLE=1 ...", flush=True)
-        ok, out = run_ranks(nproc, backend, free_port(), {"NCCL_P2P_DISABLE": "1"})
+
+    def attempt(extra_env: dict) -> bool:  # the second attempt (extra_env set) on a fresh port
+        ok, out = run_ranks(nproc, backend, free_port() if extra_env else port, extra_env)
         print(out)
-        if ok:
-            print(
-                "NCCL works with peer-to-peer transfers disabled: `export NCCL_P2P_DISABLE=1` (in a notebook: "
-                "os.environ['NCCL_P2P_DISABLE'] = '1') before torchrun."
-            )
+        return ok
+
+    ok = with_p2p_fallback(attempt, backend) is not None
     if not ok:
         problems.append(
             f"the {backend} check failed (output above). On GPUs: `nvidia-smi`, then rerun with NCCL_DEBUG=INFO; "

@@ -3,17 +3,23 @@
     make gpu-check PY=python3                          # = python3 -m experiments.gpu_check, the machine's torch
     python -m experiments.gpu_check --quick            # at most 5 minutes (what the Kaggle notebook runs)
     python -m experiments.gpu_check --dry-run          # the budget and the commands; checks they parse; a CPU will do
+    python -m experiments.gpu_check --dry-run --gpus 2 # the same, planned for two GPUs
 
 What it runs, each step reported as PASS, FAIL or SKIP (with the reason):
-1. the GPU test tiers (`pytest -m gpu tests/gpu`): the one-GPU tier always, the two-GPU tier on two;
+1. the GPU test tiers (`pytest -m gpu tests/gpu/...`): the one-GPU tier always, the two-GPU tier on two;
 2. short trainings at world size 1 over NCCL of every stage in `TRAININGS` (one process; torch's and our
    DDP, ours with torch's all-reduce and with our ring, the sparse embedding exchange, ZeRO-1 both ways,
    ZeRO-2, our FSDP and torch's FSDP2), through training's own `parallel.setup` and `optimizer_step`, in
    fp16 (autocast and GradScaler; ZeRO-2 and FSDP, which refuse fp16, in fp32) and in bf16: the tiny model
    on generated token ids, so neither `datasets` nor the hub nor `starlette` is needed. The final weights
    of every stage must match `none`'s of the same precision within 16-bit rounding;
-3. the doctor with NCCL (`experiments.doctor --backend nccl`), on every visible GPU;
-4. the step-time benchmark's GPU form (`experiments.bench.step --gpu --quick`), fp16.
+3. on two GPUs, the same trainings at 2 ranks (one GPU each; each stage in its first precision), whose
+   weights must match `none`'s too (both ranks see the same batches, so the average is that one gradient);
+4. the doctor with NCCL (`experiments.doctor --backend nccl`), on every visible GPU;
+5. the step-time benchmark's GPU form (`experiments.bench.step --gpu --quick`), fp16.
+The steps on two GPUs (the two-GPU tier, the 2-rank trainings) fall back as the doctor does: one that fails
+or hangs with NCCL's peer-to-peer copies runs once more with NCCL_P2P_DISABLE=1 (`doctor.with_p2p_fallback`),
+and once that worked the rest of the run keeps it; the budget counts both attempts.
 `--quick` runs the one-GPU tier and five trainings; its limits add up to under 5 minutes.
 
 Any torch with a CUDA build will do: a step whose feature this torch lacks (torch's FSDP2, `torch.amp.GradScaler`)
@@ -94,10 +100,11 @@ class Step:
     seconds: float = 0.0
     detail: str = ""
     env: dict = field(default_factory=dict)
+    p2p_fallback: bool = False  # a 2-GPU NCCL step: retried with NCCL_P2P_DISABLE=1 (doctor.with_p2p_fallback)
 
 
 ONE_GPU = "tests/gpu/test_one_gpu.py"
-PYTEST_ALL = ["-m", "pytest", "-q", "-m", "gpu", "tests/gpu"]
+TWO_GPUS = "tests/gpu/test_gpu.py"
 
 
 def command(module_args: list[str], nproc: int | None = None) -> list[str]:
@@ -114,17 +121,18 @@ def plan(out: Path, gpus: int, quick: bool = False) -> list[Step]:
         steps = [Step("GPU tests, one-GPU tier", command(["-m", "pytest", "-q", "-x", "-m", "gpu", ONE_GPU]), 100)]
         trainings = list(QUICK_TRAININGS)
     else:
-        steps = [Step("GPU tests (one-GPU tier; two-GPU tier on 2 GPUs)", command(PYTEST_ALL), 1800)]
+        steps = [Step("GPU tests, one-GPU tier", command(["-m", "pytest", "-q", "-m", "gpu", ONE_GPU]), 600)]
+        if gpus >= 2:
+            steps.append(Step("GPU tests, two-GPU tier", command(["-m", "pytest", "-q", "-m", "gpu", TWO_GPUS]), 1200))
+            steps[-1].needs_gpus, steps[-1].p2p_fallback = 2, True
         trainings = [(t, p) for p in PRECISIONS for t, spec in TRAININGS.items() if p in spec.precisions]
     for training, precision in trainings:
-        args = ["-m", "experiments.gpu_check", "--train", training, "--precision", precision]
-        args += ["--out", str(out / f"{training}-{precision}.json")]
         limit = (25 if training == "none" else 35) if quick else (60 if training == "none" else 90)
-        cmd = command(args, None if training == "none" else 1)
-        steps.append(Step(f"train {training} {precision}", cmd, limit, needs=needs_of(training, precision)))
-        steps[-1].precision = precision
+        steps.append(training_step(out, training, precision, limit, None if training == "none" else 1))
     if quick:
         return steps
+    if gpus >= 2:  # every stage at 2 ranks, one GPU each, in its first precision (fp16; the sharded ones fp32)
+        steps += [training_step(out, t, spec.precisions[0], 90, 2) for t, spec in TRAININGS.items() if t != "none"]
     doctor = ["-m", "experiments.doctor", "--backend", "nccl", "--nproc", str(max(1, gpus))]
     steps.append(Step("doctor, nccl", command(doctor), 300))
     bench = ["-m", "experiments.bench.step", "--gpu", "--quick", "--nproc", "1", "--precision", "fp16"]
@@ -133,13 +141,34 @@ def plan(out: Path, gpus: int, quick: bool = False) -> list[Step]:
     return steps
 
 
+def training_step(out: Path, training: str, precision: str, limit: float, nproc: int | None) -> Step:
+    """The step of one short training (`--train`) at `nproc` ranks under torchrun (None: one plain process);
+    at 2 ranks a two-GPU step with the NCCL_P2P_DISABLE fallback. Its weights go to <out>/<name>.json.pt."""
+    suffix = "-2gpus" if nproc == 2 else ""
+    args = ["-m", "experiments.gpu_check", "--train", training, "--precision", precision]
+    args += ["--out", str(out / f"{training}-{precision}{suffix}.json")]
+    name = f"train {training} {precision}" + (", 2 GPUs" if nproc == 2 else "")
+    step = Step(name, command(args, nproc), limit, needs=needs_of(training, precision), precision=precision)
+    if nproc == 2:
+        step.needs_gpus, step.p2p_fallback = 2, True
+    return step
+
+
+def attempts(step: Step) -> int:
+    """How many times `step` may run: twice with the NCCL_P2P_DISABLE fallback, else once."""
+    return 2 if step.p2p_fallback else 1
+
+
 def budget(steps: list[Step]) -> float:
-    """The most seconds the steps can take: each one's limit, plus the grace to stop it."""
-    return sum(s.timeout_s + KILL_GRACE_S for s in steps)
+    """The most seconds the steps can take: each one's limit, plus the grace to stop it, per attempt."""
+    return sum((s.timeout_s + KILL_GRACE_S) * attempts(s) for s in steps)
 
 
 def budget_text(steps: list[Step]) -> str:
-    rows = [f"  {s.timeout_s:5.0f} s  {s.name}" for s in steps]
+    rows = [
+        f"  {s.timeout_s:5.0f} s  {s.name}" + ("  (x2: NCCL_P2P_DISABLE=1 retry)" if s.p2p_fallback else "")
+        for s in steps
+    ]
     total = budget(steps)
     return "\n".join(
         [f"time budget (each step is stopped at its limit, then within {KILL_GRACE_S:.0f} s):"]
@@ -222,7 +251,8 @@ def train(a: argparse.Namespace) -> dict:
 def compare_weights(out: Path, precision: str) -> str:
     """'' if every training's weights in `precision` match --train none's within 16-bit rounding, else what
     differs (2e-3: the tolerance of tests/gpu/test_gpu.py for fp16/bf16; GPU kernels are not bit-reproducible).
-    Trainings without weights (skipped, failed, not in this plan) are left out."""
+    Trainings at 2 ranks (", 2 GPUs") are compared too. Those without weights (skipped, failed, not in this plan)
+    are left out."""
     import torch
 
     ref_path = out / f"none-{precision}.json.pt"
@@ -230,8 +260,9 @@ def compare_weights(out: Path, precision: str) -> str:
         return "no weights from --train none"
     ref = torch.load(ref_path)
     problems = []
-    for name in TRAININGS:
-        path = out / f"{name}-{precision}.json.pt"
+    for training, suffix in [(t, suffix) for suffix in ("", "-2gpus") for t in TRAININGS]:
+        path = out / f"{training}-{precision}{suffix}.json.pt"  # training_step's file names
+        name = training + (", 2 GPUs" if suffix else "")
         if name == "none" or not path.exists():
             continue
         theirs = torch.load(path)
@@ -383,6 +414,24 @@ def run_step(step: Step, log: Path | None = None, grace_s: float = KILL_GRACE_S)
         print("\n".join(tail[-30:]), file=sys.stderr)
 
 
+def run_with_p2p_fallback(step: Step, log: Path) -> None:
+    """`run_step`; if the step fails, once more with NCCL_P2P_DISABLE=1, as the doctor does
+    (`doctor.with_p2p_fallback`, the one home of that rule). Once the fallback worked, this process keeps
+    NCCL_P2P_DISABLE=1 for the steps after it (they inherit its environment), so the machine's broken
+    peer-to-peer path is not tried again."""
+    from experiments.doctor import with_p2p_fallback
+
+    def attempt(extra_env: dict) -> bool:
+        step.env = {**step.env, **extra_env}
+        run_step(step, log)
+        return step.status == "PASS"
+
+    used = with_p2p_fallback(attempt, "nccl")
+    if used:  # P2P_OFF; {} (it worked at once) and None (it did not) are falsy
+        os.environ.update(used)
+        step.detail = f"passed with NCCL_P2P_DISABLE=1 only (set from here on): {step.detail}"
+
+
 def summary(steps: list[Step], extra: list[tuple[str, str, str]]) -> str:
     rows = [(s.status, f"{s.seconds:.0f} s", s.name, s.detail) for s in steps] + [(a, "", b, c) for a, b, c in extra]
     width = max(len(r[2]) for r in rows)
@@ -401,11 +450,16 @@ def main(argv=None) -> int:
         "--quick", action="store_true", help=f"the one-GPU tier and five trainings: at most {QUICK_BUDGET_S} s"
     )
     p.add_argument("--dry-run", action="store_true", help="print the budget and the commands, check that they parse")
+    p.add_argument("--gpus", type=int, default=None, help="with --dry-run: plan for this many GPUs (default: visible)")
     a = p.parse_args(argv)
+    if a.gpus is not None and not a.dry_run:
+        p.error("--gpus plans for GPUs that are not here: only with --dry-run")
     import torch
 
     out = Path(a.out).resolve()
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if a.gpus is not None:
+        gpus = a.gpus
     capability = torch.cuda.get_device_capability(0) if gpus else None
     steps = plan(out, gpus, a.quick)
     facts = f"torch {torch.__version__}, CUDA {torch.version.cuda}, {gpus} GPU(s)" + "".join(
@@ -436,7 +490,11 @@ def main(argv=None) -> int:
             print(f"SKIP {s.name}: {s.detail}", flush=True)
             continue
         print(f"... {s.name} (at most {s.timeout_s:.0f} s)", flush=True)
-        run_step(s, out / "logs" / (s.name.split(" (")[0].replace(" ", "-").replace(",", "") + ".log"))
+        log = out / "logs" / (s.name.split(" (")[0].replace(" ", "-").replace(",", "") + ".log")
+        if s.p2p_fallback:
+            run_with_p2p_fallback(s, log)
+        else:
+            run_step(s, log)
     extra = []
     for precision in PRECISIONS:
         ran = [s for s in steps if s.name.startswith("train ") and s.precision == precision and s.status != "SKIP"]

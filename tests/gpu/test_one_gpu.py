@@ -402,3 +402,66 @@ def test_sparse_exchange_is_timed_in_stream_order(nccl, algorithm):
     assert placed["done"] - placed["launch"] < 0.5 * host_s, (placed, record)
     assert placed["launch"] > record["launch"]  # in stream order it starts once the late kernel is done
     assert torch.equal(emb.weight.grad[[1, 5, 7]], torch.ones(3, 64, device="cuda"))  # averaged over one rank
+
+
+@pytest.mark.parametrize("stage", ["zero2", "fsdp"])
+def test_sharded_debug_lines_time_the_collective_in_stream_order(nccl, monkeypatch, stage):
+    """ZeRO-2's and our FSDP's debug lines (DDP_FROM_SCRATCH_DEBUG=1) take `ms` from CUDA events, like the
+    buckets' and the sparse exchange's: a reduce-scatter that cannot end before a late kernel *inside* it (our
+    ring, on the worker's stream) reads at least that kernel's time. Guards the `debug.CollectiveTimer` started
+    at launch and stopped after the wait (zero2.py `_reduce_scatter_bucket` / `_finalize_backward`,
+    flat_param.py `_timer` / `_log`), printed by `debug.log_timed`. Negative control, in the test: the same lines
+    with a host-clock timer (what the code had before) read under a tenth of the delay, since our futures
+    complete at enqueue and the host never waits for the GPU there."""
+    import io
+    import sys
+
+    from ddp_from_scratch import collectives as C
+    from ddp_from_scratch import debug
+    from ddp_from_scratch.fsdp import FullyShardedDataParallel
+    from ddp_from_scratch.zero2 import Zero2Optimizer
+
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    torch.cuda._sleep(LATE)
+    b.record()
+    torch.cuda.synchronize()
+    sleep_s = a.elapsed_time(b) / 1e3
+    real_reduce_scatter, real_timer = C.reduce_scatter, debug.CollectiveTimer
+    late = {"cycles": 0}
+
+    def reduce_scatter(tensor, *args, **kwargs):  # on the worker's stream, after the caller's timer started
+        torch.cuda._sleep(late["cycles"])
+        return real_reduce_scatter(tensor, *args, **kwargs)
+
+    monkeypatch.setattr(C, "reduce_scatter", reduce_scatter)
+    monkeypatch.setenv(debug.ENV, "1")  # read when the wrapper is built
+
+    def reduce_scatter_ms() -> list[float]:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 4)).cuda()
+        if stage == "zero2":
+            Zero2Optimizer(model.parameters(), torch.optim.SGD, collectives="ring", lr=0.1)
+        else:
+            model = FullyShardedDataParallel(model, collectives="ring")
+        lines, stderr = io.StringIO(), sys.stderr
+        monkeypatch.setattr(sys, "stderr", lines)  # debug.log looks sys.stderr up when it prints
+        model(torch.randn(8, 64, device="cuda")).sum().backward()
+        torch.cuda.synchronize()
+        deadline = time.monotonic() + 30  # CUDA-timed lines come from the printer thread
+        while " op=reduce_scatter/ring" not in lines.getvalue() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.2)  # the printer's other lines of this backward, if any
+        monkeypatch.setattr(sys, "stderr", stderr)
+        found = [line for line in lines.getvalue().splitlines() if " op=reduce_scatter/ring" in line]
+        assert found, lines.getvalue()
+        return [float(line.rsplit(" ms=", 1)[1]) / 1e3 for line in found]
+
+    reduce_scatter_ms()  # warm-up: communicators, kernels, the printer thread
+    late["cycles"] = LATE
+    timed = reduce_scatter_ms()
+    assert max(timed) >= 0.9 * sleep_s, (timed, sleep_s)
+    monkeypatch.setattr(debug, "CollectiveTimer", lambda device=None: real_timer(torch.device("cpu")))
+    host = reduce_scatter_ms()  # the negative control: host clocks time the enqueue, not the collective
+    torch.cuda.synchronize()
+    assert max(host) < 0.1 * sleep_s, (host, sleep_s)

@@ -57,3 +57,21 @@ def test_zero_ranks_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as e:
         main(["--nproc", "0"])
     assert e.value.code == 2 and "--nproc must be at least 1" in capsys.readouterr().err
+
+
+def test_the_nccl_p2p_fallback_runs_once_more_without_peer_to_peer(monkeypatch, capsys):
+    """`with_p2p_fallback`, the one home of the rule (the doctor's check and the GPU check's two-GPU steps)."""
+    from experiments.doctor import P2P_OFF, with_p2p_fallback
+
+    monkeypatch.delenv("NCCL_P2P_DISABLE", raising=False)
+    seen = []
+    assert with_p2p_fallback(lambda env: seen.append(env) or bool(env), "nccl") == P2P_OFF == {"NCCL_P2P_DISABLE": "1"}
+    assert seen == [{}, P2P_OFF] and "export NCCL_P2P_DISABLE=1" in capsys.readouterr().out
+    seen.clear()
+    assert with_p2p_fallback(lambda env: seen.append(env) or True, "nccl") == {} and seen == [{}]
+    assert with_p2p_fallback(lambda env: seen.append(env) or False, "nccl") is None and seen[1:] == [{}, P2P_OFF]
+    seen.clear()
+    assert with_p2p_fallback(lambda env: seen.append(env) or False, "gloo") is None and seen == [{}]  # no NCCL
+    monkeypatch.setenv("NCCL_P2P_DISABLE", "1")
+    seen.clear()
+    assert with_p2p_fallback(lambda env: seen.append(env) or False, "nccl") is None and seen == [{}]  # already off

@@ -62,6 +62,60 @@ def test_quick_fits_in_five_minutes(tmp_path, capsys):
     assert "-m pytest -q -x -m gpu tests/gpu/test_one_gpu.py" in lines[0]
 
 
+def test_two_gpus_add_the_two_gpu_tier_and_every_stage_at_two_ranks(tmp_path):
+    """On 2 GPUs (assumed: --gpus 2 with --dry-run) the plan grows by the two-GPU test tier and a 2-rank training
+    of every stage, each with the NCCL_P2P_DISABLE fallback, which the budget counts twice."""
+    one, two = gpu_check.plan(tmp_path, 1), gpu_check.plan(tmp_path, 2)
+    added = [s for s in two if s.name not in {o.name for o in one}]
+    assert [s.name for s in added] == ["GPU tests, two-GPU tier"] + [
+        f"train {t} {spec.precisions[0]}, 2 GPUs" for t, spec in gpu_check.TRAININGS.items() if t != "none"
+    ]
+    assert all(s.needs_gpus == 2 and s.p2p_fallback for s in added)
+    assert not any(s.p2p_fallback for s in one)
+    extra = sum(2 * (s.timeout_s + gpu_check.KILL_GRACE_S) for s in added)
+    assert gpu_check.budget(two) == pytest.approx(gpu_check.budget(one) + extra)
+    assert "train zero2 fp32, 2 GPUs" in {s.name for s in added}  # the sharded stages' first precision: fp32
+    assert gpu_check.plan(tmp_path, 2, quick=True) == gpu_check.plan(tmp_path, 1, quick=True)  # --quick: 5 minutes
+    lines = dry_run(tmp_path, "--gpus", "2")
+    assert len(lines) == len(two) and all(line.startswith("ok ") for line in lines), lines
+    assert any(line.endswith("tests/gpu/test_gpu.py") for line in lines)
+    pairs = [line for line in lines if "--nproc_per_node=2" in line and "--train" in line]
+    assert len(pairs) == len(gpu_check.TRAININGS) - 1 and all("-2gpus.json" in line for line in pairs)
+
+
+def test_gpus_is_refused_outside_a_dry_run(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        gpu_check.main(["--gpus", "2", "--out", str(tmp_path)])
+    assert "only with --dry-run" in capsys.readouterr().err
+
+
+# A step standing for an NCCL run on two GPUs that hang on peer-to-peer copies: it passes only when
+# NCCL_P2P_DISABLE=1 reaches it; it records each attempt's value.
+P2P_STEP = (
+    "import os, sys; p2p_off = os.environ['NCCL_P2P_DISABLE']; open(sys.argv[1], 'a').write(p2p_off + ' '); "
+    "sys.exit(p2p_off != '1')"
+)
+
+
+def test_a_two_gpu_step_falls_back_to_nccl_p2p_disable_as_the_doctor_does(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("NCCL_P2P_DISABLE", "0")  # restored after the test: the fallback sets it for later steps
+    tries = tmp_path / "tries"
+    step = gpu_check.Step("p2p", [sys.executable, "-c", P2P_STEP, str(tries)], 30, needs_gpus=2, p2p_fallback=True)
+    gpu_check.run_with_p2p_fallback(step, tmp_path / "log")
+    assert tries.read_text().split() == ["0", "1"] and step.status == "PASS", step
+    assert (
+        "NCCL_P2P_DISABLE=1 only" in step.detail and "trying again with NCCL_P2P_DISABLE=1" in capsys.readouterr().out
+    )
+    assert os.environ["NCCL_P2P_DISABLE"] == "1"  # kept for the steps after it
+    later = gpu_check.Step("later", step.cmd, 30, needs_gpus=2, p2p_fallback=True)
+    gpu_check.run_with_p2p_fallback(later, tmp_path / "log")  # inherits it: passes at once, no second attempt
+    assert tries.read_text().split() == ["0", "1", "1"] and later.status == "PASS" and later.env == {}
+    monkeypatch.setenv("NCCL_P2P_DISABLE", "0")
+    broken = gpu_check.Step("broken", [sys.executable, "-c", "import sys; sys.exit(3)"], 30, p2p_fallback=True)
+    gpu_check.run_with_p2p_fallback(broken, tmp_path / "log")
+    assert broken.status == "FAIL" and os.environ["NCCL_P2P_DISABLE"] == "0"  # nothing learned from a failure
+
+
 def test_every_training_is_planned_in_each_of_its_precisions(tmp_path):
     names = {s.name for s in gpu_check.plan(tmp_path, 1)}
     for training, spec in gpu_check.TRAININGS.items():
