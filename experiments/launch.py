@@ -22,6 +22,7 @@ from .errors import UsageError
 
 TOPOLOGY_ENV = "DISTRINEWS_CLUSTER"  # set by the cluster's launcher for every rank: "NODESxRANKS@RATE", e.g. 2x1@1gbit
 RDZV_PORT = 29500  # the c10d rendezvous port on node 0 of a cluster
+TORCHRUN = "torch.distributed.run"  # torchrun, as a module of this interpreter
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -202,6 +203,13 @@ class Launch:
             sys.executable, "-m", "experiments.cluster", "--nodes", str(c.nodes), "--nproc-per-node",
             str(c.ranks_per_node), "--link", c.link, *restarts, "-m", module, *args,
         ]  # fmt: skip
+
+
+def run_target(cmd: list[str]) -> list[str]:
+    """What `cmd` (a `python ...` command, under torchrun or not, as `Launch.torchrun` writes it) runs:
+    `-m MODULE ARGS` or `SCRIPT ARGS`."""
+    args = cmd[1:]
+    return args[args.index("-m", 2) :] if args[:2] == ["-m", TORCHRUN] else args
 
 
 def torchrun_command(nproc: int, module: str, args: list[str] = (), cluster: Cluster | None = None) -> list[str]:

@@ -419,6 +419,14 @@ class Strategy:
         return self.impl.name if self.stage == DDP else f"{self.stage} {self.impl.name}"
 
     @property
+    def short_name(self) -> str:
+        """The GPU check's name: DDP by its implementation ("native", "scratch"), another stage alone for ours
+        (the default: "fsdp"), with its implementation for torch's ("fsdp-native")."""
+        if self.stage == DDP:
+            return self.impl.name
+        return self.stage if self.impl.name == DEFAULT_IMPL else f"{self.stage}-{self.impl.name}"
+
+    @property
     def run_name(self) -> str:
         """A run's folder (runs/<run_name>-np<N>, compare's <out>/<run_name>) and the GPU check's training name."""
         return self.label.replace(" ", "-")
