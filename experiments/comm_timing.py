@@ -24,7 +24,20 @@ import torch.distributed as dist
 
 from ddp_from_scratch.debug import CollectiveTimer, cuda_origin
 
-from .bench.common.intervals import hidden_length, union_length
+
+def union_length(intervals: list[tuple[float, float]]) -> float:
+    """Total length of the union of `intervals` ((start, end) pairs, seconds): overlaps count once."""
+    total, end = 0.0, float("-inf")
+    for a, b in sorted(intervals):
+        if b > end:
+            total += b - max(a, end)
+            end = b
+    return total
+
+
+def hidden_length(comm: list[tuple[float, float]], start: float, end: float) -> float:
+    """Seconds of the union of `comm` that fall inside [start, end] (communication hidden behind compute)."""
+    return union_length([(max(a, start), min(b, end)) for a, b in comm if min(b, end) > max(a, start)])
 
 
 def timed_allreduce_hook(records: list, inner=None):
