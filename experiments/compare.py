@@ -34,7 +34,7 @@ import torch
 from safetensors.torch import load_file
 
 from . import parallel as P
-from .errors import DistriNewsError, UsageError, exit_code
+from .errors import UsageError, guard
 from .launch import Cluster, torchrun_command
 from .train_args import ONE_PROCESS
 
@@ -183,6 +183,12 @@ def table(summaries: dict, weight_diff: float | None) -> str:
 
 
 def main(argv=None) -> int:
+    """`python -m experiments.compare`: the exit status of errors.py's policy (a failed run's own status)."""
+    return guard(lambda: compare(argv))
+
+
+def compare(argv=None) -> int:
+    """Run the comparison's trainings one after the other, then write and print the table; a failed run's status."""
     args, train_args = parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     summaries = {}
@@ -207,11 +213,7 @@ def main(argv=None) -> int:
     diff = None
     pair = (P.TORCHS.name, P.OURS.name)
     if all("checkpoint" in summaries.get(k, {}) for k in pair):
-        try:
-            diff = max_weight_difference(*(summaries[k]["checkpoint"] for k in pair))
-        except DistriNewsError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return exit_code(e)
+        diff = max_weight_difference(*(summaries[k]["checkpoint"] for k in pair))  # UsageError: errors.guard
     md = table(summaries, diff)
     header = (
         f"Machine: {os.cpu_count()} CPU cores, torch {torch.__version__}, "

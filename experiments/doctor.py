@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 
 from .distributed import choose_backend, join
-from .errors import DistributedSetupError, DistriNewsError, exit_code
+from .errors import DistributedSetupError, DistriNewsError, guard
 from .launch import Launch, free_port
 
 WORKER_TIMEOUT_S = 60  # a healthy check takes seconds; a hang is cut off here
@@ -155,14 +155,9 @@ def main(argv=None) -> int:
     p.add_argument("--master-port", type=int, default=None, help="rendezvous port (default: a free one)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: one rank
     a = p.parse_args(argv)
-    try:
-        if a.worker:
-            _worker(a.worker)
-            return 0
-        return check(a.nproc, a.backend, a.master_port, p)
-    except DistriNewsError as e:  # a broken collective on a rank, say
-        print(f"FAIL: {e}", flush=True)
-        return exit_code(e)
+    if a.worker:  # a broken collective on a rank, say: FAIL with what it gave
+        return guard(lambda: _worker(a.worker), prefix="FAIL: ")
+    return guard(lambda: check(a.nproc, a.backend, a.master_port, p), prefix="FAIL: ")
 
 
 def check(nproc: int | None, requested_backend: str, master_port: int | None, parser) -> int:

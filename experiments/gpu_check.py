@@ -45,6 +45,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from experiments.errors import guard
 from experiments.features import missing
 from experiments.launch import Launch, run_target
 
@@ -450,9 +451,12 @@ def summary(steps: list[Step], extra: list[tuple[str, str, str]]) -> str:
 def main(argv=None) -> int:
     if argv is None:
         argv = sys.argv[1:]
-    if "--train" in argv:
-        train(train_args(argv))
-        return 0
+    if "--train" in argv:  # one short training (a step of the plan): a UsageError is its status 2
+
+        def one_training() -> None:
+            train(train_args(argv))
+
+        return guard(one_training)
     p = argparse.ArgumentParser(prog="python -m experiments.gpu_check", description=__doc__.split("\n")[0])
     p.add_argument("--out", default="runs/gpu-check", help="directory for weights, logs and the summary")
     p.add_argument(

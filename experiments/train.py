@@ -53,7 +53,7 @@ from . import snapshot as S
 from .checkpoint import save_checkpoint
 from .comm_timing import bytes_per_step, exposed_seconds, place_on_host_clock, record_allreduces, step_origin
 from .data import load_ag_news, make_collator, tokenize
-from .errors import DistributedSetupError, DistriNewsError, exit_code, system_exit
+from .errors import guard
 from .evaluate import evaluate
 from .launch import topology_record
 from .length_grouping import LengthGroupedBatchSampler, lengths_of
@@ -435,21 +435,21 @@ def train(config: TrainConfig, env: D.DistEnv) -> dict:
     return finish(run)
 
 
+def _no_status(summary: dict) -> None:
+    """A finished run's status is 0, whatever its summary."""
+
+
 def main(argv=None) -> int:
     """`python -m experiments.train`: the exit status of errors.py's policy (0 ok, 1 runtime, 2 usage, 3 model)."""
     config = parse_args(argv)
-    try:
-        env = D.setup(config.strategy is not None, config.backend, config.timeout)
-    except DistributedSetupError as e:  # before any process group: stop as argparse does for a bad option
-        print(f"error: {e}", file=sys.stderr)
-        raise system_exit(e) from None
+    joined: list[D.DistEnv] = []
+    status = guard(lambda: joined.append(D.setup(config.strategy is not None, config.backend, config.timeout)))
+    if status:  # before any process group (--ddp none under torchrun, nccl without GPUs): every rank says it
+        return status
+    env = joined[0]
     addresses = peers.gather(env)  # to name an unreachable peer if a collective fails (experiments/peers.py)
     try:
-        train(config, env)
-    except DistriNewsError as e:
-        if env.is_main:
-            print(f"error: {e}", file=sys.stderr)
-        return exit_code(e)
+        return guard(lambda: _no_status(train(config, env)), show=env.is_main)  # only rank 0 prints errors
     except Exception as e:  # a collective failed on the network: say which peer is unreachable
         note = peers.explain(e, env, addresses)
         if note is None:
@@ -461,7 +461,6 @@ def main(argv=None) -> int:
         os._exit(1)
     finally:
         D.teardown()  # always, also after an error: frees the port and the peers
-    return 0
 
 
 if __name__ == "__main__":

@@ -44,7 +44,7 @@ import sys
 import time
 from pathlib import Path
 
-from experiments.errors import ClusterSetupError, DistriNewsError, exit_code
+from experiments.errors import ClusterSetupError, DistriNewsError, exit_code, guard
 
 from .common.launch import topology
 from .common.report import add_cluster_arguments, cluster_of, machine, result_files
@@ -79,11 +79,7 @@ def main(argv=None) -> int:
     out = Path(args.out or os.path.join("runs", "bench", time.strftime("%Y%m%d-%H%M%S")))
     out.mkdir(parents=True, exist_ok=True)
     command = "python -m experiments.bench " + " ".join(argv if argv is not None else sys.argv[1:])
-    try:
-        return run_parts(parts, args.quick, out, command, cluster_of(args))
-    except DistriNewsError as e:  # a bad --cluster / --link
-        print(f"error: {e}", file=sys.stderr)
-        return exit_code(e)
+    return guard(lambda: run_parts(parts, args.quick, out, command, cluster_of(args)))  # a bad --cluster / --link
 
 
 def run_parts(parts: list[str], quick: bool, out: Path, command: str, cluster=None) -> int:

@@ -8,12 +8,11 @@ import argparse
 import json
 import os
 import platform
-import sys
 from pathlib import Path
 
 import torch
 
-from experiments.errors import DistriNewsError, system_exit
+from experiments.errors import guard
 from experiments.launch import Cluster
 
 from .launch import topology as bench_topology
@@ -83,15 +82,11 @@ def part_main(part: str, doc: str, run, argv=None, add_arguments=None, pass_unkn
         add_arguments(p)
     a, unknown = p.parse_known_args(argv) if pass_unknown else (p.parse_args(argv), None)
     opts = {k: v for k, v in vars(a).items() if k not in ("out", "quick", "cluster", "link")}
-    try:
-        cluster = cluster_of(a)
-        result = run(
-            Path(a.out), quick=a.quick, cluster=cluster, **opts, **({"overrides": unknown} if pass_unknown else {})
-        )
-        print_result(result)
-    except DistriNewsError as e:  # a rank or a training run failed: its output is in the message
-        print(f"error: {e}", file=sys.stderr)
-        raise system_exit(e) from None
+    extra = {"overrides": unknown} if pass_unknown else {}
+    # a rank or a training run failed: its output is in the error's message
+    status = guard(lambda: print_result(run(Path(a.out), quick=a.quick, cluster=cluster_of(a), **opts, **extra)))
+    if status:
+        raise SystemExit(status)
 
 
 def add_cluster_arguments(p: argparse.ArgumentParser) -> None:
