@@ -79,15 +79,6 @@ class ClusterSetupError(UsageError):
     CAP_NET_ADMIN, no `ip`/`tc`; the message says what is missing (exit 2)."""
 
 
-def system_exit(error: BaseException) -> SystemExit:
-    """For an entry point that stops at once, as argparse does for a bad option: a SystemExit with
-    status `exit_code(error)` whose text is the error's message. Print the message first: Python
-    prints nothing for a numeric status."""
-    stop = SystemExit(str(error))
-    stop.code = exit_code(error)
-    return stop
-
-
 def guard(body: Callable[[], int | None], prefix: str = "error: ", show: bool = True) -> int:
     """The one entry-point guard: run an entry point's work, `body()`, and return its exit status.
 

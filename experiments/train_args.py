@@ -208,6 +208,19 @@ class TrainConfig:
         run = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata["defines_run"]}
         return {**run, "world_size": world_size}
 
+    def to_argv(self) -> list[str]:
+        """This config as experiments.train's command line: one flag per field that differs from its default,
+        in field order (`--flag` for a set bool, `--flag VALUE` else); `parse_args(c.to_argv())` gives back
+        `c.resolved()`. Compare, the tests and the benchmarks write a run's options through it."""
+        argv = []
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value == f.default:
+                continue
+            flag = "--" + f.name.replace("_", "-")
+            argv += [flag] if value is True else [flag, str(value)]
+        return argv
+
     def as_dict(self) -> dict:
         """Every option by field name (summary.json's `args`, the checkpoint's training record)."""
         return dataclasses.asdict(self)
