@@ -35,7 +35,7 @@ from safetensors.torch import load_file
 
 from . import parallel as P
 from .errors import UsageError, guard
-from .launch import Cluster, torchrun_command
+from .launch import Cluster, Launch
 from .train_args import ONE_PROCESS
 
 
@@ -122,7 +122,7 @@ def command(
             *common,
         ]
     args = [*strategy.flags(), "--batch-size", str(batch_size), *common]
-    return torchrun_command(nproc, "experiments.train", args, cluster)
+    return Launch(nproc, cluster).command("experiments.train", args)
 
 
 def _without_option(args: list[str], flag: str) -> list[str]:

@@ -210,8 +210,3 @@ def run_target(cmd: list[str]) -> list[str]:
     `-m MODULE ARGS` or `SCRIPT ARGS`."""
     args = cmd[1:]
     return args[args.index("-m", 2) :] if args[:2] == ["-m", TORCHRUN] else args
-
-
-def torchrun_command(nproc: int, module: str, args: list[str] = (), cluster: Cluster | None = None) -> list[str]:
-    """`Launch(nproc, cluster).command(module, args)`: `nproc` ranks of `python -m module args`."""
-    return Launch(nproc, cluster).command(module, list(args))
