@@ -131,6 +131,38 @@ def agent_command(args, net: Network, k: int, command: list[str]) -> list[str]:
     return ["ip", "netns", "exec", net.node_ns(k), *agent.torchrun(command)]
 
 
+def agent_env(args, k: int, cores: list[int], step_dir: Path) -> dict:
+    """Node k's agent's environment: this process's, the cluster's settings for its ranks, its threads."""
+    env = {
+        **os.environ,
+        "GLOO_SOCKET_IFNAME": os.environ.get("GLOO_SOCKET_IFNAME", IFNAME),  # set it to see a wrong interface
+        "PYTHONUNBUFFERED": "1",
+        # a fresh store for every rendezvous round (on rank 0, at a new port): agents on
+        # different nodes can count restarts differently (a node whose ranks outlived a
+        # partition restarts them as a "membership change", uncounted), and keys in one
+        # store shared across rounds, prefixed with that count, then disagree
+        "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",
+        TOPOLOGY_ENV: Cluster(args.nodes, args.nproc_per_node, args.link).env_value(),
+        faults.CLUSTER_DIR_ENV: str(step_dir),
+        faults.CLUSTER_STEPS_ENV: ",".join(str(f.step) for f in args.faults),
+    }
+    env.setdefault("OMP_NUM_THREADS", str(max(1, len(cores) // args.nproc_per_node)))
+    return env
+
+
+def start_agent(args, net: Network, k: int, command: list[str], cores: list[int], env: dict) -> subprocess.Popen:
+    """Node k's torchrun agent, in a session of its own, pinned to `cores`, its output piped."""
+    return subprocess.Popen(
+        agent_command(args, net, k, command),
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        preexec_fn=lambda: os.sched_setaffinity(0, cores),
+    )
+
+
 def run(args, command: list[str]) -> int:
     """Build the cluster, run one agent per node, apply the faults, tear everything down.
 
@@ -160,32 +192,8 @@ def run(args, command: list[str]) -> int:
         )
         out_lock = threading.Lock()
         for k in range(args.nodes):
-            ifname = os.environ.get("GLOO_SOCKET_IFNAME", IFNAME)  # set it to see a wrong interface
-            env = {
-                **os.environ,
-                "GLOO_SOCKET_IFNAME": ifname,
-                "PYTHONUNBUFFERED": "1",
-                # a fresh store for every rendezvous round (on rank 0, at a new port): agents on
-                # different nodes can count restarts differently (a node whose ranks outlived a
-                # partition restarts them as a "membership change", uncounted), and keys in one
-                # store shared across rounds, prefixed with that count, then disagree
-                "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",
-                TOPOLOGY_ENV: Cluster(args.nodes, args.nproc_per_node, args.link).env_value(),
-                faults.CLUSTER_DIR_ENV: str(step_dir),
-                faults.CLUSTER_STEPS_ENV: ",".join(str(f.step) for f in args.faults),
-            }
-            env.setdefault("OMP_NUM_THREADS", str(max(1, len(cores[k]) // args.nproc_per_node)))
-            proc = subprocess.Popen(
-                agent_command(args, net, k, command),
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                preexec_fn=lambda c=cores[k]: os.sched_setaffinity(0, c),
-            )
-            agents[k] = proc
-            threading.Thread(target=_pump, args=(proc.stdout, f"[node {k}] ", out_lock), daemon=True).start()
+            agents[k] = start_agent(args, net, k, command, cores[k], agent_env(args, k, cores[k], step_dir))
+            threading.Thread(target=_pump, args=(agents[k].stdout, f"[node {k}] ", out_lock), daemon=True).start()
         return supervise(args, net, agents, step_dir)
     except (KeyboardInterrupt, _Stop) as e:
         say(f"{'interrupted' if isinstance(e, KeyboardInterrupt) else 'SIGTERM'}: stopping every node")
