@@ -448,6 +448,35 @@ def summary(steps: list[Step], extra: list[tuple[str, str, str]]) -> str:
     return "\n".join(["gpu-check summary:"] + [f"  {st:4}  {t:>6}  {name:{width}}  {d}" for st, t, name, d in rows])
 
 
+def dry_run(steps: list[Step]) -> int:
+    """Print each step's command, marked ok / SKIP (a feature missing) / BAD (it does not parse); 1 if one is BAD."""
+    bad = 0
+    for s in steps:
+        why = parses(s)
+        bad += bool(why)
+        skip = missing(s.needs)
+        mark = "BAD" if why else "SKIP" if skip else "ok "
+        print(f"{mark} {' '.join(s.cmd)}" + (f"  <- {why or skip}" if why or skip else ""))
+    return 1 if bad else 0
+
+
+def run_steps(steps: list[Step], out: Path, gpus: int, capability: tuple[int, int] | None) -> None:
+    """Run each step that can run here (`skip_reason`), its log in <out>/logs; the two-GPU ones with the
+    NCCL_P2P_DISABLE fallback. Sets every step's status."""
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    for s in steps:
+        s.detail = skip_reason(s, gpus, capability)
+        if s.detail:
+            print(f"SKIP {s.name}: {s.detail}", flush=True)
+            continue
+        print(f"... {s.name} (at most {s.timeout_s:.0f} s)", flush=True)
+        log = out / "logs" / (s.name.split(" (")[0].replace(" ", "-").replace(",", "") + ".log")
+        if s.p2p_fallback:
+            run_with_p2p_fallback(s, log)
+        else:
+            run_step(s, log)
+
+
 def main(argv=None) -> int:
     if argv is None:
         argv = sys.argv[1:]
@@ -482,32 +511,14 @@ def main(argv=None) -> int:
     print(facts)
     print(budget_text(steps), flush=True)
     if a.dry_run:
-        bad = 0
-        for s in steps:
-            why = parses(s)
-            bad += bool(why)
-            skip = missing(s.needs)
-            mark = "BAD" if why else "SKIP" if skip else "ok "
-            print(f"{mark} {' '.join(s.cmd)}" + (f"  <- {why or skip}" if why or skip else ""))
-        return 1 if bad else 0
+        return dry_run(steps)
     if gpus == 0:
         print(
             "FAIL: no CUDA GPU visible (a CPU build of torch, or no device): nothing to check. On a GPU machine, "
             "with its CUDA build of torch: make gpu-check PY=python3 (or python -m experiments.gpu_check)."
         )
         return 1
-    (out / "logs").mkdir(parents=True, exist_ok=True)
-    for s in steps:
-        s.detail = skip_reason(s, gpus, capability)
-        if s.detail:
-            print(f"SKIP {s.name}: {s.detail}", flush=True)
-            continue
-        print(f"... {s.name} (at most {s.timeout_s:.0f} s)", flush=True)
-        log = out / "logs" / (s.name.split(" (")[0].replace(" ", "-").replace(",", "") + ".log")
-        if s.p2p_fallback:
-            run_with_p2p_fallback(s, log)
-        else:
-            run_step(s, log)
+    run_steps(steps, out, gpus, capability)
     extra = []
     for precision in PRECISIONS:
         ran = [s for s in steps if s.name.startswith("train ") and s.precision == precision and s.status != "SKIP"]
