@@ -301,25 +301,8 @@ def train_epoch(run: Run, epoch: int) -> None:
         p.batches_done += len(group)
         bar.update()
         if env.is_main:
-            row = {
-                "type": "step",
-                "step": p.global_step,
-                "epoch": epoch,
-                "loss": r.loss,
-                "lr": r.lr,
-                "samples": n,
-                "micro_batches": len(group),
-                "tokens": tokens,
-                "padded_tokens": padded,
-                "data_s": t0 - t_prev,
-                "forward_s": r.seconds("forward"),
-                "backward_s": r.seconds("backward"),
-                "optimizer_s": r.seconds("optimizer"),
-                "step_s": t3 - t_prev,
-            }
-            if run.scaler is not None:
-                row.update(skipped=r.skipped, loss_scale=r.scale)
-            run.log.write({**row, **_tensorboard_only(run, r, n, t3 - t_prev, origin)} if run.log.writer else row)
+            row = {"epoch": epoch, "samples": n, "micro_batches": len(group), "tokens": tokens, "padded_tokens": padded}
+            log_step(run, r, row, data_s=t0 - t_prev, step_s=t3 - t_prev, origin=origin)
             bar.set_postfix(loss=f"{r.loss:.3f}")
         # mid-epoch snapshots only; the epoch's last step is covered by the epoch-end one
         if config.save_every and p.global_step % config.save_every == 0 and p.batches_done < len(run.loader):
@@ -329,6 +312,19 @@ def train_epoch(run: Run, epoch: int) -> None:
     bar.close()
     p.epoch_times_s.append(p.epoch_elapsed_s + time.perf_counter() - t_epoch)
     p.epoch_elapsed_s = 0.0
+
+
+def log_step(run: Run, r, fields: dict, data_s: float, step_s: float, origin=None) -> None:
+    """Rank 0's metrics.jsonl row of one optimizer step (`r`: its StepResult; `fields`: epoch, samples,
+    micro_batches, tokens, padded_tokens), with the TensorBoard-only scalars when TensorBoard is on."""
+    row = {"type": "step", "step": run.progress.global_step, "epoch": fields["epoch"], "loss": r.loss, "lr": r.lr}
+    row |= {k: fields[k] for k in ("samples", "micro_batches", "tokens", "padded_tokens")}
+    row |= {"data_s": data_s, **{f"{k}_s": r.seconds(k) for k in ("forward", "backward", "optimizer")}}
+    row["step_s"] = step_s
+    if run.scaler is not None:
+        row.update(skipped=r.skipped, loss_scale=r.scale)
+    samples = fields["samples"]
+    run.log.write({**row, **_tensorboard_only(run, r, samples, step_s, origin)} if run.log.writer else row)
 
 
 def _tensorboard_only(run: Run, r, samples: int, step_s: float, origin=None) -> dict:
