@@ -114,6 +114,26 @@ def worker(
     }
 
 
+def summarize(ranks: list[dict], impls, steps: int) -> dict:
+    """One row per implementation: the slowest rank's step times, its median and paired ratio to native,
+    all-reduces and bytes per step, and ours' sparse exchanges (what they sent, how many rows)."""
+    slowest = {impl: [max(r["times_s"][impl][s] for r in ranks) for s in range(steps)] for impl in impls}
+    rows = {
+        impl: {
+            "median_ms": 1e3 * statistics.median(ts),
+            "ratio_to_native": paired_ratios(ts, slowest["native"]),
+            "allreduces_per_step": ranks[0]["allreduces"][impl],
+            "mib_into_collectives": ranks[0]["bytes"][impl]["into"] / 2**20,
+            "mib_sent_per_rank": ranks[0]["bytes"][impl]["sent"] / 2**20,
+            "exchanges": sorted(set(x.split()[0] for r in ranks for x in r["exchanges"][impl])),
+            "sparse_rows": [int(x.split()[1]) for x in ranks[0]["exchanges"][impl]],
+            "step_ms": [1e3 * t for t in ts],
+        }
+        for impl, ts in slowest.items()
+    }
+    return rows
+
+
 def run(
     out_dir: Path,
     quick: bool = False,
@@ -139,21 +159,7 @@ def run(
     }
     backend = "nccl" if gpu else "gloo"
     ranks = launch_ranks("step", nproc, cfg, quiet=quick, backend=backend, cluster=cluster)
-    impls = (*IMPLS, *ONRAMP) if onramp else IMPLS
-    slowest = {impl: [max(r["times_s"][impl][s] for r in ranks) for s in range(cfg["steps"])] for impl in impls}
-    rows = {
-        impl: {
-            "median_ms": 1e3 * statistics.median(ts),
-            "ratio_to_native": paired_ratios(ts, slowest["native"]),
-            "allreduces_per_step": ranks[0]["allreduces"][impl],
-            "mib_into_collectives": ranks[0]["bytes"][impl]["into"] / 2**20,
-            "mib_sent_per_rank": ranks[0]["bytes"][impl]["sent"] / 2**20,
-            "exchanges": sorted(set(x.split()[0] for r in ranks for x in r["exchanges"][impl])),
-            "sparse_rows": [int(x.split()[1]) for x in ranks[0]["exchanges"][impl]],
-            "step_ms": [1e3 * t for t in ts],
-        }
-        for impl, ts in slowest.items()
-    }
+    rows = summarize(ranks, (*IMPLS, *ONRAMP) if onramp else IMPLS, cfg["steps"])
     mb = ranks[0]["grad_bytes"] / 2**20
     md = [
         f"{nproc} ranks, {backend}, {cfg['model']} ({mb:.1f} MiB of fp32 gradients), {precision}, micro-batch "
