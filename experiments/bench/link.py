@@ -204,6 +204,39 @@ def measure_main(out_dir: Path, quick: bool, data_dir: Path) -> dict:
     return {"table": md, "runs": json.loads((main_dir / "comparison.json").read_text())["runs"]}
 
 
+def measure_each(which: list[str], cfg: dict, rates, quick: bool, out_dir: Path, data_dir: Path, md: list) -> dict:
+    """Each of the `which` measurements (MEASURES) on the cluster, its table appended to `md`; their data."""
+    data: dict = {}
+    chosen = rates
+    if "rates" in which:
+        data["rates"] = measure_rates(cfg, chosen, quick)
+        md += ["", "**Step time against link rate**", ""]
+        md += _table([(k, r) for rows in data["rates"].values() for k, r in rows.items()])
+    if "caps" in which:
+        data["caps"] = measure_caps(cfg, QUICK_CAPS if quick else CAPS_MB, quick)
+        best = {
+            impl: min((r["median_ms"], k) for k, r in data["caps"].items() if k.split("@")[0] == impl)[1]
+            for impl in ("native", "ours")
+        }
+        data["best_cap"] = best
+        md += ["", "**Bucket cap at 1 Gbit/s** (vs native: against native at 25 MiB)", ""]
+        md += _table(list(data["caps"].items()))
+        md += ["", "Fastest: " + ", ".join(f"{impl} at {k.split('@')[1]} MiB" for impl, k in best.items())]
+    if "collectives" in which:
+        data["collectives"] = measure_collectives(quick)
+        md += ["", "**All-reduce algorithms at 1 Gbit/s**", ""]
+        md += ["| algorithm | size | median ms | vs gloo (paired) | bus bandwidth Gbit/s |", "|---|---|---|---|---|"]
+        md += [
+            f"| {r['algorithm']} | {r['bytes'] / 2**20:g} MiB | {r['median_ms']:.1f} | {r['vs_gloo']:.2f} | "
+            f"{r['busbw_Gbit_s']:.2f} |"
+            for r in data["collectives"]
+        ]
+    if "main" in which:
+        data["main"] = measure_main(out_dir, quick, data_dir)
+        md += ["", "**The main job on 2 nodes at 1 Gbit/s**", "", data["main"]["table"]]
+    return data
+
+
 def run(
     out_dir: Path,
     quick: bool = False,
@@ -238,32 +271,7 @@ def run(
         f"{cfg['steps']} interleaved rounds (after {cfg['warmup']} warm-up) per launch, slowest rank per round; "
         "every ratio is paired: two configurations' steps in the same round.",
     ]
-    if "rates" in which:
-        data["rates"] = measure_rates(cfg, chosen, quick)
-        md += ["", "**Step time against link rate**", ""]
-        md += _table([(k, r) for rows in data["rates"].values() for k, r in rows.items()])
-    if "caps" in which:
-        data["caps"] = measure_caps(cfg, QUICK_CAPS if quick else CAPS_MB, quick)
-        best = {
-            impl: min((r["median_ms"], k) for k, r in data["caps"].items() if k.split("@")[0] == impl)[1]
-            for impl in ("native", "ours")
-        }
-        data["best_cap"] = best
-        md += ["", "**Bucket cap at 1 Gbit/s** (vs native: against native at 25 MiB)", ""]
-        md += _table(list(data["caps"].items()))
-        md += ["", "Fastest: " + ", ".join(f"{impl} at {k.split('@')[1]} MiB" for impl, k in best.items())]
-    if "collectives" in which:
-        data["collectives"] = measure_collectives(quick)
-        md += ["", "**All-reduce algorithms at 1 Gbit/s**", ""]
-        md += ["| algorithm | size | median ms | vs gloo (paired) | bus bandwidth Gbit/s |", "|---|---|---|---|---|"]
-        md += [
-            f"| {r['algorithm']} | {r['bytes'] / 2**20:g} MiB | {r['median_ms']:.1f} | {r['vs_gloo']:.2f} | "
-            f"{r['busbw_Gbit_s']:.2f} |"
-            for r in data["collectives"]
-        ]
-    if "main" in which:
-        data["main"] = measure_main(out_dir, quick, Path(data_dir))
-        md += ["", "**The main job on 2 nodes at 1 Gbit/s**", "", data["main"]["table"]]
+    data.update(measure_each(which, cfg, chosen, quick, out_dir, Path(data_dir), md))
     where = {
         "nodes": 2,
         "nproc_per_node": 1,

@@ -155,16 +155,8 @@ def plot(rows: dict, worlds: list, path: Path, cores: int) -> None:
     plt.close(fig)
 
 
-def run(out_dir: Path, quick: bool = False, cluster: Cluster | None = None) -> dict:
-    """One torchrun launch per world size, then scaling.json, scaling.md and scaling.png."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    cfg = QUICK if quick else FULL
-    worlds, cores = list(cfg["world_sizes"]), os.cpu_count() or 1
-    global_batch = cfg["micro_batch"] * max(worlds)
-    raw = {n: measure(n, cfg, global_batch, quick, cluster) for n in worlds}
-    rows = derive(raw, global_batch)
-    plot(rows, worlds, out_dir / "scaling.png", cores)
+def table(rows: dict, cfg: dict, worlds: list[int], global_batch: int, cores: int) -> list[str]:
+    """scaling.md's lines: the setting, one row per implementation and world size, how to read it."""
     md = [
         f"{cfg['model']}, global batch {global_batch} x {cfg['seq_len']} tokens per step (micro-batches of "
         f"{cfg['micro_batch']}, accumulated under no_sync), gloo, torch's default buckets, AdamW, "
@@ -206,6 +198,20 @@ def run(out_dir: Path, quick: bool = False, cluster: Cluster | None = None) -> d
             else ""
         ),
     ]
+    return md
+
+
+def run(out_dir: Path, quick: bool = False, cluster: Cluster | None = None) -> dict:
+    """One torchrun launch per world size, then scaling.json, scaling.md and scaling.png."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cfg = QUICK if quick else FULL
+    worlds, cores = list(cfg["world_sizes"]), os.cpu_count() or 1
+    global_batch = cfg["micro_batch"] * max(worlds)
+    raw = {n: measure(n, cfg, global_batch, quick, cluster) for n in worlds}
+    rows = derive(raw, global_batch)
+    plot(rows, worlds, out_dir / "scaling.png", cores)
+    md = table(rows, cfg, worlds, global_batch, cores)
     data = {"config": {**cfg, "global_batch": global_batch, "cores": cores}, "raw_seconds": raw, "rows": rows}
     return write_result(
         out_dir,

@@ -165,6 +165,41 @@ def plot(events: list[dict], path: Path, step: int) -> None:
     plt.close(fig)
 
 
+def table(stats: dict, nproc: int, cfg: dict, bucket_cap_mb, freeze_embeddings: bool, dense_embeddings: bool,
+          cluster: Cluster | None) -> list[str]:  # fmt: skip
+    """timeline.md's lines: the setting, one row per implementation (`overlap`'s stats), how to read it."""
+    md = [
+        f"{nproc} ranks, gloo over {network(cluster)}, {cfg['model']}, micro-batch {cfg['batch_size']} x "
+        f"{cfg['seq_len']} tokens, "
+        + (f"bucket cap {bucket_cap_mb:g} MiB" if bucket_cap_mb is not None else "torch's default buckets")
+        + (", word embeddings frozen (not all-reduced)" if freeze_embeddings else "")
+        + (
+            ", ours all dense (no sparse embedding exchange)"
+            if dense_embeddings
+            else ", ours with its sparse embedding exchange"
+        )
+        + f", {cfg['steps']} measured steps (after {cfg['warmup']} warm-up).",
+        "",
+        "| DDP | forward ms | backward ms (incl. wait) | optimizer ms | all-reduce ms | of which last bucket ms "
+        "| hidden behind backward | hidden, all but the last bucket |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for impl, s in stats.items():
+        md.append(
+            f"| {impl} | {s['forward_ms_per_step']:.1f} | {s['backward_ms_per_step']:.1f} | "
+            f"{s['optimizer_ms_per_step']:.1f} | {s['allreduce_ms_per_step']:.1f} | "
+            f"{s['last_bucket_ms_per_step']:.1f} | {s['overlap']:.0%} | {s['overlap_of_earlier']:.0%} |"
+        )
+    md += [
+        "",
+        "All-reduce ms: the union of the bucket all-reduces' [launch, completion] intervals per step. "
+        "The last bucket is launched when backward's compute is over, so its time can never be hidden "
+        "(in BERT-style encoders it holds the word-embedding gradient: the first layer is the last to "
+        "get its gradient).",
+    ]
+    return md
+
+
 def run(
     out_dir: Path,
     quick: bool = False,
@@ -195,35 +230,7 @@ def run(
     (out_dir / "trace.json").write_text(json.dumps(chrome_trace(events)))
     plot(events, out_dir / "timeline.png", step=cfg["steps"] - 1)
     stats = {impl: overlap(events, impl) for impl in IMPLS}
-    md = [
-        f"{nproc} ranks, gloo over {network(cluster)}, {cfg['model']}, micro-batch {cfg['batch_size']} x "
-        f"{cfg['seq_len']} tokens, "
-        + (f"bucket cap {bucket_cap_mb:g} MiB" if bucket_cap_mb is not None else "torch's default buckets")
-        + (", word embeddings frozen (not all-reduced)" if freeze_embeddings else "")
-        + (
-            ", ours all dense (no sparse embedding exchange)"
-            if dense_embeddings
-            else ", ours with its sparse embedding exchange"
-        )
-        + f", {cfg['steps']} measured steps (after {cfg['warmup']} warm-up).",
-        "",
-        "| DDP | forward ms | backward ms (incl. wait) | optimizer ms | all-reduce ms | of which last bucket ms "
-        "| hidden behind backward | hidden, all but the last bucket |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for impl, s in stats.items():
-        md.append(
-            f"| {impl} | {s['forward_ms_per_step']:.1f} | {s['backward_ms_per_step']:.1f} | "
-            f"{s['optimizer_ms_per_step']:.1f} | {s['allreduce_ms_per_step']:.1f} | "
-            f"{s['last_bucket_ms_per_step']:.1f} | {s['overlap']:.0%} | {s['overlap_of_earlier']:.0%} |"
-        )
-    md += [
-        "",
-        "All-reduce ms: the union of the bucket all-reduces' [launch, completion] intervals per step. "
-        "The last bucket is launched when backward's compute is over, so its time can never be hidden "
-        "(in BERT-style encoders it holds the word-embedding gradient: the first layer is the last to "
-        "get its gradient).",
-    ]
+    md = table(stats, nproc, cfg, bucket_cap_mb, freeze_embeddings, dense_embeddings, cluster)
     plots = [out_dir / "trace.json", out_dir / "timeline.png"]
     data = {"config": config, "events": events}
     return write_result(out_dir, "timeline", md, data, plots, cluster=cluster, stats=stats, config=config)
