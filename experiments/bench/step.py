@@ -51,6 +51,7 @@ from .common.wrappers import (
 # --onramp: the on-ramp's steps 3 and 4 too (ddp_from_scratch/overlap.py, minimal_buckets.py, 25 MiB
 # buckets); step 1 (explicit.py) sends what step 2 (scratch-naive) sends, at the same moment.
 ONRAMP = ("step-overlap", "step-buckets")
+PER_PARAMETER = {"scratch-naive", "step-overlap"}  # one all-reduce per parameter: each gradient travels alone
 
 
 def _wrap_step(impl: str, module):
@@ -172,9 +173,7 @@ def run(
         "|---|---|---|---|---|---|---|",
     ]
     for impl, r in rows.items():
-        ex = "/".join(r["exchanges"]) or (
-            "dense, alone" if impl in ("scratch-naive", "step-overlap") else "dense, in a bucket"
-        )
+        ex = "/".join(r["exchanges"]) or ("dense, alone" if impl in PER_PARAMETER else "dense, in a bucket")
         if r["sparse_rows"]:
             ex += f", median {statistics.median(r['sparse_rows']):.0f} rows"
         md.append(
