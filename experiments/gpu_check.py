@@ -499,14 +499,13 @@ def main(argv=None) -> int:
     import torch
 
     out = Path(a.out).resolve()
-    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if a.gpus is not None:
-        gpus = a.gpus
-    capability = torch.cuda.get_device_capability(0) if gpus else None
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    gpus = visible if a.gpus is None else a.gpus  # --dry-run --gpus N plans for GPUs that may not be here
+    capability = torch.cuda.get_device_capability(0) if visible else None
     steps = plan(out, gpus, a.quick)
     facts = f"torch {torch.__version__}, CUDA {torch.version.cuda}, {gpus} GPU(s)" + "".join(
         f"; cuda:{i} {torch.cuda.get_device_name(i)} (sm {'.'.join(map(str, torch.cuda.get_device_capability(i)))})"
-        for i in range(gpus)
+        for i in range(visible)
     )
     print(facts)
     print(budget_text(steps), flush=True)

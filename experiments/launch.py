@@ -160,7 +160,7 @@ class Launch:
     """Where one job's ranks run, rendered to its command line by `command`.
 
     Attributes:
-        nproc: the ranks this launch starts: on one node all of them (torchrun's --nproc-per-node); with a
+        nproc: the ranks this launch starts: on one node all of them (torchrun's --nproc_per_node); with a
             rendezvous, this node's; on a cluster, all of them, spread over its nodes (`Cluster.layout`).
         cluster: the emulated cluster to run on (None: this machine).
         rendezvous: this node's place among several (None: one node, `--standalone`).
@@ -188,7 +188,7 @@ class Launch:
             "torch.distributed.run",
             *where,
             *restarts,
-            f"--nproc-per-node={self.nproc}",
+            f"--nproc_per_node={self.nproc}",
             *target,
         ]
 

@@ -87,7 +87,7 @@ def launch_ranks(
 
 
 def run_training(nproc: int, train_args: list[str], quiet: bool, cluster: Cluster | None = None) -> None:
-    """`torchrun --standalone --nproc-per-node=nproc -m experiments.train ...`: a whole training run,
+    """`torchrun --standalone --nproc_per_node=nproc -m experiments.train ...`: a whole training run,
     for parts that measure what the real training loop does (the snapshot part); on `cluster` if given.
 
     Raises: LaunchError if the run fails (see `run_command`).
