@@ -24,6 +24,7 @@ time; bytes and exposed communication per step for the two DDPs) side by side.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -36,7 +37,7 @@ from safetensors.torch import load_file
 from . import parallel as P
 from .errors import UsageError, guard
 from .launch import Cluster, Launch
-from .train_args import ONE_PROCESS
+from .train_args import ONE_PROCESS, TrainConfig, build_parser
 
 
 def parse_args(argv=None):
@@ -102,40 +103,22 @@ def command(
     cluster: Cluster | None = None,
 ) -> list[str]:
     """The exact command line of one run (printed, so a learner can rerun it alone); the data-parallel
-    runs on `cluster`'s nodes when one is given (experiments/launch.py)."""
+    runs on `cluster`'s nodes when one is given (experiments/launch.py). `train_args` are parsed by
+    experiments.train's own parser here (a bad one stops the comparison before any run, exit 2) and the
+    run's TrainConfig writes the command line (`to_argv`)."""
     # no snapshots: a comparison always starts afresh, and three runs' snapshots of minilm-l6
     # (about 270 MB each) would only fill the disk
     # TensorBoard events in each run's folder: `tensorboard --logdir <out>` shows the three runs together
-    # (a later --report-to in train_args wins)
-    common = ["--output-dir", out_dir, "--no-snapshots", "--report-to", "tensorboard", *train_args]
+    # (a later --report-to in train_args wins: argparse keeps the last)
     strategy = strategy_of(kind, parallel)
-    if strategy is None:  # one process trains on the whole global batch; it has no all-reduce to compress
-        common = _without_option(common, "--comm-hook")
-        return [
-            sys.executable,
-            "-m",
-            "experiments.train",
-            "--ddp",
-            ONE_PROCESS,
-            "--batch-size",
-            str(batch_size * nproc),
-            *common,
-        ]
-    args = [*strategy.flags(), "--batch-size", str(batch_size), *common]
-    return Launch(nproc, cluster).command("experiments.train", args)
-
-
-def _without_option(args: list[str], flag: str) -> list[str]:
-    """`args` without `flag VALUE` / `flag=VALUE` (the exact run of a comparison keeps its defaults)."""
-    out, skip = [], False
-    for a in args:
-        if skip:
-            skip = False
-        elif a == flag:
-            skip = True
-        elif not a.startswith(flag + "="):
-            out.append(a)
-    return out
+    which = ["--ddp", ONE_PROCESS] if strategy is None else strategy.flags()
+    global_batch = batch_size * nproc if strategy is None else batch_size  # one process: the whole global batch
+    given = [*which, "--batch-size", str(global_batch), "--output-dir", out_dir, "--no-snapshots"]
+    config = TrainConfig(**vars(build_parser().parse_args([*given, "--report-to", "tensorboard", *train_args])))
+    if strategy is None:  # the exact run keeps its defaults: it has no all-reduce to compress
+        config = dataclasses.replace(config, comm_hook=TrainConfig.comm_hook)
+        return [sys.executable, "-m", "experiments.train", *config.to_argv()]
+    return Launch(nproc, cluster).command("experiments.train", config.to_argv())  # the config's own command line
 
 
 def max_weight_difference(dir_a: str, dir_b: str) -> float:
