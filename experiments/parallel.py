@@ -510,69 +510,17 @@ def missing_note(stage: str, impl: str) -> str:
     return f"--parallel {stage} --impl {impl} does not exist: {why}. The combinations that exist: {combinations()}"
 
 
+ZERO1 = dict(comm_hook=True, shards=frozenset({"optim"}), sent=3)  # DDP's all-reduce, then the parameters gathered
+ZERO2 = dict(precisions=UNSCALED, refused=FP16_SHARDED, shards=frozenset({"optim", "grads"}))
+FSDP = dict(ZERO2, sharded_forward=True, shards=frozenset({"optim", "grads", "params"}), sent=3)
 for _s in (
     Strategy(DDP, OURS, "DDP", ddp_wrapper, adamw, Replicated(), comm_hook=True),
     Strategy(DDP, TORCHS, "DDP", ddp_wrapper, adamw, Replicated(), comm_hook=True),
-    Strategy(
-        "zero1",
-        OURS,
-        "ZeRO-1",
-        ddp_wrapper,
-        our_zero1,
-        ShardedOptimizer(),
-        comm_hook=True,
-        shards=frozenset({"optim"}),
-        sent=3,
-    ),  # fmt: skip
-    Strategy(
-        "zero1",
-        TORCHS,
-        "ZeRO-1",
-        ddp_wrapper,
-        torch_zero1,
-        ShardedOptimizer(),
-        comm_hook=True,
-        shards=frozenset({"optim"}),
-        sent=3,
-    ),  # fmt: skip
-    Strategy(
-        "zero2",
-        OURS,
-        "ZeRO-2",
-        no_wrapper,
-        our_zero2,
-        ShardedGradients(),
-        UNSCALED,
-        FP16_SHARDED,
-        shards=frozenset({"optim", "grads"}),
-    ),  # fmt: skip
-    Strategy(
-        "fsdp",
-        OURS,
-        "FSDP (ZeRO-3)",
-        our_fsdp,
-        our_fsdp_adamw,
-        OurShards(),
-        UNSCALED,
-        FP16_SHARDED,
-        sharded_forward=True,
-        shards=frozenset({"optim", "grads", "params"}),
-        sent=3,
-    ),  # fmt: skip
-    Strategy(
-        "fsdp",
-        TORCHS,
-        "FSDP (ZeRO-3)",
-        torch_fsdp,
-        fsdp2_adamw,
-        DTensorShards(),
-        UNSCALED,
-        FP16_SHARDED,
-        sharded_forward=True,
-        needs=("fsdp2",),
-        shards=frozenset({"optim", "grads", "params"}),
-        sent=3,
-    ),  # fmt: skip
+    Strategy("zero1", OURS, "ZeRO-1", ddp_wrapper, our_zero1, ShardedOptimizer(), **ZERO1),
+    Strategy("zero1", TORCHS, "ZeRO-1", ddp_wrapper, torch_zero1, ShardedOptimizer(), **ZERO1),
+    Strategy("zero2", OURS, "ZeRO-2", no_wrapper, our_zero2, ShardedGradients(), **ZERO2),
+    Strategy("fsdp", OURS, "FSDP (ZeRO-3)", our_fsdp, our_fsdp_adamw, OurShards(), **FSDP),
+    Strategy("fsdp", TORCHS, "FSDP (ZeRO-3)", torch_fsdp, fsdp2_adamw, DTensorShards(), **FSDP, needs=("fsdp2",)),
 ):
     register(_s)
 
