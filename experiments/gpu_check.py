@@ -134,7 +134,7 @@ def plan(out: Path, gpus: int, quick: bool = False) -> list[Step]:
     else:
         steps = [Step("GPU tests, one-GPU tier", command(["-m", "pytest", "-q", "-m", "gpu", ONE_GPU]), 600)]
         if gpus >= 2:
-            steps.append(Step("GPU tests, two-GPU tier", command(["-m", "pytest", "-q", "-m", "gpu", TWO_GPUS]), 1200))
+            steps.append(Step("GPU tests, two-GPU tier", command(["-m", "pytest", "-q", "-m", "gpu", TWO_GPUS]), 600))
             steps[-1].needs_gpus, steps[-1].p2p_fallback = 2, True
         chosen = [(t, p) for p in PRECISIONS for t, spec in known.items() if p in spec.precisions]
     for training, precision in chosen:
@@ -499,15 +499,14 @@ def main(argv=None) -> int:
     import torch
 
     out = Path(a.out).resolve()
-    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    gpus = visible if a.gpus is None else a.gpus  # --dry-run --gpus N plans for GPUs that may not be here
-    capability = torch.cuda.get_device_capability(0) if visible else None
-    steps = plan(out, gpus, a.quick)
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    capability = torch.cuda.get_device_capability(0) if gpus else None
+    steps = plan(out, gpus if a.gpus is None else a.gpus, a.quick)
     facts = f"torch {torch.__version__}, CUDA {torch.version.cuda}, {gpus} GPU(s)" + "".join(
         f"; cuda:{i} {torch.cuda.get_device_name(i)} (sm {'.'.join(map(str, torch.cuda.get_device_capability(i)))})"
-        for i in range(visible)
+        for i in range(gpus)
     )
-    print(facts)
+    print(facts + (f"; planned for {a.gpus} GPU(s) (--gpus)" if a.gpus is not None else ""))
     print(budget_text(steps), flush=True)
     if a.dry_run:
         return dry_run(steps)
