@@ -80,7 +80,65 @@ def load_hyperparameters(param_groups: list[dict], saved: list[dict]) -> None:
         full.update({k: v for k, v in g.items() if k != "params"})
 
 
-class ZeroRedundancyOptimizer(torch.optim.Optimizer):
+def hyperparameters(group: dict) -> dict:
+    """A parameter group's hyperparameters (everything but "params")."""
+    return {k: v for k, v in group.items() if k != "params"}
+
+
+class ShardedOptimizer(torch.optim.Optimizer):
+    """What ZeRO-1 (below) and ZeRO-2 (zero2.py) share: the model's parameters in `param_groups` (for LR
+    schedulers and `zero_grad`), `self.optim` stepping only this rank's part of them, the step (the
+    hyperparameters copied to `self.optim`, its step, then `sync_parameters()` gives every rank the
+    updated parameters) and the consolidated state dict in torch.optim's format (torch's
+    ZeroRedundancyOptimizer has the same interface: `consolidate_state_dict(to)`, then `state_dict()`).
+
+    A subclass makes its local parameter groups, calls `_local_optimizer`, and writes `sync_parameters`
+    and `consolidate_state_dict` (which fills `_consolidated` on the receiving rank).
+
+    Raises: RuntimeError: no process group.
+    """
+
+    def __init__(self, params, defaults: dict):
+        if not dist.is_initialized():
+            raise RuntimeError(f"{type(self).__name__} needs a process group: call init_process_group() first")
+        super().__init__(params, defaults)
+        self.debug = debug.enabled()
+        self.index = {p: i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}  # global
+        self._consolidated: dict | None = None
+
+    def _local_optimizer(self, optimizer_class, local_groups: list[dict], defaults: dict) -> None:
+        """`self.optim`: `optimizer_class` on this rank's groups (one per group of `param_groups`, in order)."""
+        self.optim = optimizer_class(local_groups, **defaults)
+        for full, mine in zip(self.param_groups, self.optim.param_groups):
+            full.update(hyperparameters(mine))  # the optimizer's own defaults (betas, eps, ...) become visible
+        self.defaults = dict(self.optim.defaults)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Step this rank's part, then give every rank the updated parameters. Returns the closure's loss."""
+        for mine, full in zip(self.optim.param_groups, self.param_groups):
+            mine.update(hyperparameters(full))  # an LR scheduler changed `self.param_groups`
+        loss = self.optim.step(closure)
+        self.sync_parameters()
+        return loss
+
+    def sync_parameters(self) -> None:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        """The whole optimizer's state in torch.optim's format, as one process with `optimizer_class`
+        on all parameters would save it (global indices): loadable by that optimizer too.
+
+        Raises: RuntimeError if `consolidate_state_dict(to=this rank)` was not called first.
+        """
+        if self._consolidated is None:
+            raise RuntimeError(
+                f"rank {self.rank} holds only its shard: call consolidate_state_dict(to={self.rank}) on every rank"
+            )
+        return {"state": dict(sorted(self._consolidated.items())), "param_groups": indexed_groups(self.param_groups)}
+
+
+class ZeroRedundancyOptimizer(ShardedOptimizer):
     """ZeRO-1: `optimizer_class(**defaults)` on this rank's shard of the parameters only.
 
     Args:
@@ -112,39 +170,18 @@ class ZeroRedundancyOptimizer(torch.optim.Optimizer):
         sync: str = "all_gather",
         **defaults,
     ):
-        if not dist.is_initialized():
-            raise RuntimeError("ZeroRedundancyOptimizer needs a process group: call init_process_group() first")
         if sync not in ("all_gather", "broadcast"):
             raise ValueError(f"sync must be 'all_gather' or 'broadcast', got {sync!r}")
         super().__init__(params, defaults)
         self.process_group, self.sync = process_group, sync
         self.rank, self.world_size = dist.get_rank(process_group), dist.get_world_size(process_group)
         self.comm_state = make_comm_state(process_group, collectives)  # raises on a typo, on every rank
-        self.debug = debug.enabled()
         self.partition = partition_parameters(self.param_groups, self.world_size)
         self.owner = {p: r for r, groups in enumerate(self.partition) for g in groups for p in g}
-        self.index = {p: i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
-        local = [{**self._hyper(g), "params": ps} for g, ps in zip(self.param_groups, self.partition[self.rank])]
-        self.optim = optimizer_class(local, **defaults)
-        for full, mine in zip(self.param_groups, self.optim.param_groups):
-            full.update(self._hyper(mine))  # the optimizer's own defaults (betas, eps, ...) become visible
-        self.defaults = dict(self.optim.defaults)
-        self._consolidated: dict | None = None
+        local = [{**hyperparameters(g), "params": ps} for g, ps in zip(self.param_groups, self.partition[self.rank])]
+        self._local_optimizer(optimizer_class, local, defaults)
 
-    @staticmethod
-    def _hyper(group: dict) -> dict:
-        return {k: v for k, v in group.items() if k != "params"}
-
-    # ---- the step -----------------------------------------------------------------------
-    @torch.no_grad()
-    def step(self, closure=None):
-        """Step this rank's shard, then give every rank the updated parameters. Returns the closure's loss."""
-        for mine, full in zip(self.optim.param_groups, self.param_groups):
-            mine.update(self._hyper(full))  # an LR scheduler changed `self.param_groups`
-        loss = self.optim.step(closure)
-        self.sync_parameters()
-        return loss
-
+    # ---- the step (ShardedOptimizer.step, then this) ------------------------------------
     def _shard(self, rank: int, dtype: torch.dtype) -> list[torch.Tensor]:
         return [p for g in self.partition[rank] for p in g if p.dtype == dtype]
 
@@ -213,18 +250,6 @@ class ZeroRedundancyOptimizer(torch.optim.Optimizer):
         if self.rank == to:
             self._consolidated = {i: s for part in everyone for i, s in part.items()}
 
-    def state_dict(self) -> dict:
-        """The whole optimizer's state in torch.optim's format, as one process with `optimizer_class`
-        on all parameters would save it (global indices): loadable by that optimizer too.
-
-        Raises: RuntimeError if `consolidate_state_dict(to=this rank)` was not called first.
-        """
-        if self._consolidated is None:
-            raise RuntimeError(
-                f"rank {self.rank} holds only its shard: call consolidate_state_dict(to={self.rank}) on every rank"
-            )
-        return {"state": dict(sorted(self._consolidated.items())), "param_groups": indexed_groups(self.param_groups)}
-
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a full state dict (from `state_dict()`, or from a plain optimizer over the same
         parameters) on every rank: each keeps the state of its own shard only (resharded).
@@ -240,7 +265,7 @@ class ZeroRedundancyOptimizer(torch.optim.Optimizer):
                     local_state[k] = state_dict["state"][self.index[p]]
                 ids.append(k)
                 k += 1
-            local_groups.append({**self._hyper(full), "params": ids})
+            local_groups.append({**hyperparameters(full), "params": ids})
         self.optim.load_state_dict({"state": local_state, "param_groups": local_groups})
 
 

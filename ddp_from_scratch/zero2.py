@@ -26,14 +26,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as dist
 from torch.autograd import Variable
 
 from . import collectives, debug
 from .bucket import MB, assign_buckets
 from .flat_param import ShardComm, clip_grad_norm_
 from .replicas import broadcast_from
-from .zero import indexed_groups, load_hyperparameters
+from .zero import ShardedOptimizer, hyperparameters, load_hyperparameters
 
 
 @dataclass
@@ -65,7 +64,7 @@ class ShardedBucket:
     slots: dict = field(default_factory=dict)  # id(param) -> position in `params`
 
 
-class Zero2Optimizer(torch.optim.Optimizer):
+class Zero2Optimizer(ShardedOptimizer):
     """ZeRO-2: `optimizer_class(**defaults)` on this rank's chunk of every gradient bucket.
 
     Args:
@@ -102,12 +101,9 @@ class Zero2Optimizer(torch.optim.Optimizer):
         bucket_cap_mb: float = 25.0,
         **defaults,
     ):
-        if not dist.is_initialized():
-            raise RuntimeError("Zero2Optimizer needs a process group: call init_process_group() first")
         super().__init__(params, defaults)
         self.comm = ShardComm(process_group, collectives)
         self.rank, self.world_size = self.comm.rank, self.comm.world_size
-        self.debug = debug.enabled()
         everything = [p for g in self.param_groups for p in g["params"]]
         broadcast_from([p.data for p in everything], 0, process_group)
         self.buckets: list[ShardedBucket] = []
@@ -119,14 +115,10 @@ class Zero2Optimizer(torch.optim.Optimizer):
             for members in assign_buckets(trainable, order, [int(bucket_cap_mb * MB)]):
                 self.buckets.append(self._make_bucket(len(self.buckets), [trainable[i] for i in members]))
             shards = [b.shard for b in self.buckets[first:]]
-            local_groups.append({k: v for k, v in group.items() if k != "params"} | {"params": shards})
-        self.optim = optimizer_class(local_groups, **defaults)
-        for full, mine in zip(self.param_groups, self.optim.param_groups):
-            full.update({k: v for k, v in mine.items() if k != "params"})
-        self.defaults = dict(self.optim.defaults)
+            local_groups.append(hyperparameters(group) | {"params": shards})
+        self._local_optimizer(optimizer_class, local_groups, defaults)
         self._where = {id(p): b for b in self.buckets for p in b.params}
         self._next_bucket, self._callback_queued = 0, False
-        self._consolidated: dict | None = None
         self._hooks = [p.register_post_accumulate_grad_hook(self._grad_hook) for p in everything if p.requires_grad]
 
     def _make_bucket(self, index: int, params: list[torch.Tensor]) -> ShardedBucket:
@@ -188,13 +180,10 @@ class Zero2Optimizer(torch.optim.Optimizer):
             b.future, b.pending = None, len(b.params)
         self._next_bucket = 0
 
-    # ---- the step ----------------------------------------------------------------------
+    # ---- the step (ShardedOptimizer.step: this rank's chunks, then this) ----------------
     @torch.no_grad()
-    def step(self, closure=None):
-        """Step this rank's chunks, then all-gather each bucket's parameters. Returns the closure's loss."""
-        for mine, full in zip(self.optim.param_groups, self.param_groups):
-            mine.update({k: v for k, v in full.items() if k != "params"})
-        loss = self.optim.step(closure)
+    def sync_parameters(self) -> None:
+        """All-gather each bucket's parameters: every rank's weights current again."""
         for b in self.buckets:  # chunk r of each flat is already updated (the shard is a view of it)
             start, flat = debug.now(), b.flat
             timer = debug.CollectiveTimer(flat.device) if self.debug else None
@@ -204,7 +193,6 @@ class Zero2Optimizer(torch.optim.Optimizer):
                 op = f"all_gather/{self.comm.algorithm}(zero-2 params)"
                 nbytes = flat.numel() * flat.element_size()
                 debug.log_timed(timer, self.rank, op, b.index, nbytes, self.comm.peers, start)
-        return loss
 
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
         """Clip the sharded gradients by their global 2-norm, as `torch.nn.utils.clip_grad_norm_`
@@ -221,7 +209,6 @@ class Zero2Optimizer(torch.optim.Optimizer):
         back into the parameters' shapes; scalars (`step`) are the same on every rank and copied.
         Cost: one all-gather per bucket and state tensor (AdamW: 8 Psi bytes in all).
         """
-        index = {id(p): i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
         state: dict[int, dict] = {}
         for b in self.buckets:
             mine = self.optim.state.get(b.shard, {})
@@ -235,19 +222,8 @@ class Zero2Optimizer(torch.optim.Optimizer):
                     per_param = [value] * len(b.params)
                 for p, v in zip(b.params, per_param):
                     v = v.detach().cpu().clone() if torch.is_tensor(v) else v
-                    state.setdefault(index[id(p)], {})[key] = v
+                    state.setdefault(self.index[p], {})[key] = v
         self._consolidated = state if self.rank == to else None
-
-    def state_dict(self) -> dict:
-        """The whole optimizer state as one process's `optimizer_class` over the same parameters saves it.
-
-        Raises: RuntimeError if `consolidate_state_dict(to=this rank)` was not called first.
-        """
-        if self._consolidated is None:
-            raise RuntimeError(
-                f"rank {self.rank} holds only its chunks: call consolidate_state_dict(to={self.rank}) on every rank"
-            )
-        return {"state": dict(sorted(self._consolidated.items())), "param_groups": indexed_groups(self.param_groups)}
 
     @torch.no_grad()
     def load_state_dict(self, state_dict: dict) -> None:
@@ -257,11 +233,10 @@ class Zero2Optimizer(torch.optim.Optimizer):
         Raises: ValueError if the parameter groups do not match in number or size.
         """
         load_hyperparameters(self.param_groups, state_dict["param_groups"])
-        index = {id(p): i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
         shard_index = {id(b.shard): k for k, b in enumerate(self.buckets)}
         local_state = {}
         for b in self.buckets:
-            per_param = [state_dict["state"].get(index[id(p)]) for p in b.params]
+            per_param = [state_dict["state"].get(self.index[p]) for p in b.params]
             if any(s is None for s in per_param):
                 continue  # no state yet for this bucket (never stepped)
             entry = {}
@@ -275,7 +250,7 @@ class Zero2Optimizer(torch.optim.Optimizer):
                     entry[key] = value
             local_state[shard_index[id(b.shard)]] = entry
         groups = [
-            {**{k: v for k, v in full.items() if k != "params"}, "params": [shard_index[id(s)] for s in mine["params"]]}
+            {**hyperparameters(full), "params": [shard_index[id(s)] for s in mine["params"]]}
             for full, mine in zip(self.param_groups, self.optim.param_groups)
         ]
         self.optim.load_state_dict({"state": local_state, "param_groups": groups})

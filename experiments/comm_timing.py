@@ -24,7 +24,20 @@ import torch.distributed as dist
 
 from ddp_from_scratch.debug import CollectiveTimer, cuda_origin
 
-from .bench.common.intervals import hidden_length, union_length
+
+def union_length(intervals: list[tuple[float, float]]) -> float:
+    """Total length of the union of `intervals` ((start, end) pairs, seconds): overlaps count once."""
+    total, end = 0.0, float("-inf")
+    for a, b in sorted(intervals):
+        if b > end:
+            total += b - max(a, end)
+            end = b
+    return total
+
+
+def hidden_length(comm: list[tuple[float, float]], start: float, end: float) -> float:
+    """Seconds of the union of `comm` that fall inside [start, end] (communication hidden behind compute)."""
+    return union_length([(max(a, start), min(b, end)) for a, b in comm if min(b, end) > max(a, start)])
 
 
 def timed_allreduce_hook(records: list, inner=None):
@@ -105,15 +118,22 @@ def exposed_seconds(records: list[dict], backward: tuple[float, float]) -> float
     return union_length(comm) - hidden_length(comm, backward[0], comm[-1][0])
 
 
+def gradient_bytes(model, native: bool) -> tuple[int, int, int]:
+    """What one rank hands to collectives in its last synced step, bytes: (dense, sparse, sparse sent).
+
+    dense: ours' buckets; torch's DDP (`native`) or a wrapper without buckets: every gradient's bytes
+    (torch's buckets hold each exactly once). sparse: ours' sparse embedding exchanges (sparse.py's
+    records), in place of that embedding's dense gradient, and what they sent.
+    """
+    if native or not hasattr(model, "reducer"):
+        return sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad), 0, 0
+    dense = sum(bk.buffer.numel() * bk.buffer.element_size() for bk in model.reducer.buckets)
+    ex = model.reducer.exchanges
+    return dense, sum(r["bytes"] for r in ex), sum(r["sent_bytes"] for r in ex)
+
+
 def bytes_per_step(model, native: bool, comm_hook: str = "none") -> int:
-    """Gradient bytes one rank hands to collectives in a synced step: the buckets (ours: plus its
-    sparse embedding exchanges, in place of that embedding's dense gradient); torch's DDP: every
-    gradient's bytes (its buckets hold each exactly once). `comm_hook` "fp16"/"bf16" (--comm-hook):
-    the buckets go out in 2 bytes per float32 element (half)."""
-    if native:
-        dense = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-        sparse = 0
-    else:
-        dense = sum(bk.buffer.numel() * bk.buffer.element_size() for bk in model.reducer.buckets)
-        sparse = sum(r["bytes"] for r in model.reducer.exchanges)
+    """Gradient bytes one rank hands to collectives in a synced step (`gradient_bytes`: dense plus sparse);
+    `comm_hook` "fp16"/"bf16" (--comm-hook): the buckets go out in 2 bytes per float32 element (half)."""
+    dense, sparse, _ = gradient_bytes(model, native)
     return (dense // 2 if comm_hook in ("fp16", "bf16") else dense) + sparse

@@ -24,6 +24,7 @@ time; bytes and exposed communication per step for the two DDPs) side by side.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -33,9 +34,10 @@ import sys
 import torch
 from safetensors.torch import load_file
 
-from .errors import DistriNewsError, UsageError, exit_code
-from .launch import torchrun_command
-from .train_args import COMBINATIONS
+from . import parallel as P
+from .errors import UsageError, guard
+from .launch import Cluster, Launch
+from .train_args import ONE_PROCESS, TrainConfig, build_parser
 
 
 def parse_args(argv=None):
@@ -50,77 +52,75 @@ def parse_args(argv=None):
     p.add_argument(
         "--runs",
         default=None,
-        help="comma-separated subset of none,native,scratch (default: all three; zero2: none,scratch)",
+        help="comma-separated subset of none,native,scratch (default: none and every implementation of the stage;"
+        " zero2: none,scratch)",
     )
     p.add_argument(
         "--parallel",
-        default="ddp",
-        choices=["ddp", "zero1", "zero2", "fsdp"],
+        default=P.DDP,
+        choices=P.stages(),
         help="the stage the native and scratch runs use (experiments/parallel.py); none is one process either way",
     )
     p.add_argument("--cluster", metavar="NODESxRANKS", help="DDP runs on the emulated cluster (experiments/cluster/)")
     p.add_argument("--link", default="1gbit", help="with --cluster: each node's link rate (tc units), or none")
     args, train_args = p.parse_known_args(argv)
     if args.cluster:  # the world size is the cluster's; `none` keeps the same global batch
-        nodes, _, ranks = args.cluster.partition("x")
-        if not (nodes.isdigit() and ranks.isdigit()):
-            p.error(f"--cluster {args.cluster!r}: write NODESxRANKS, e.g. 2x1 (2 nodes, 1 rank each)")
-        args.nproc = int(nodes) * int(ranks)
+        try:
+            args.cluster = Cluster.parse(args.cluster, args.link)
+        except UsageError as e:
+            p.error(str(e))
+        args.nproc = args.cluster.nodes * args.cluster.ranks_per_node
     if args.nproc < 1:
         p.error("--nproc must be at least 1")
-    default = "none,scratch" if args.parallel == "zero2" else "none,native,scratch"
-    args.runs = [r.strip() for r in (args.runs or default).split(",") if r.strip()]
-    bad = set(args.runs) - {"none", "native", "scratch"}
+    impls = sorted(P.impls_of(args.parallel), key=lambda i: not P.IMPLEMENTATIONS[i].native)  # torch's first
+    args.runs = [r.strip() for r in (args.runs or ",".join([ONE_PROCESS, *impls])).split(",") if r.strip()]
+    bad = set(args.runs) - {ONE_PROCESS, *P.IMPLEMENTATIONS}
     if bad:
-        p.error(f"--runs: unknown {sorted(bad)}; choose from none, native, scratch")
-    if args.parallel == "zero2" and "native" in args.runs:
-        p.error(f"--parallel zero2 has no native run: torch has no separate ZeRO-2. {COMBINATIONS}")
+        p.error(f"--runs: unknown {sorted(bad)}; choose from {', '.join([ONE_PROCESS, *P.IMPLEMENTATIONS])}")
+    for kind in set(args.runs) - {ONE_PROCESS, *impls}:
+        p.error(P.missing_note(args.parallel, kind))
     return args, train_args
 
 
-def run_dir(out: str, kind: str, parallel: str = "ddp") -> str:
-    """Where one run writes: <out>/<kind> for DDP and one process, <out>/<parallel>-<kind> for a sharded stage."""
-    return os.path.join(out, kind if kind == "none" or parallel == "ddp" else f"{parallel}-{kind}")
+def strategy_of(kind: str, parallel: str) -> P.Strategy | None:
+    """The table's entry of one run: `kind` is none (one process) or an implementation of `parallel`."""
+    return None if kind == ONE_PROCESS else P.lookup(parallel, kind)
+
+
+def run_dir(out: str, kind: str, parallel: str = P.DDP) -> str:
+    """Where one run writes: <out>/<run name> (none, native / scratch for DDP, <parallel>-<kind> else), as
+    experiments.train names its own folder (experiments/parallel.py's `run_name`)."""
+    return os.path.join(out, P.run_name(strategy_of(kind, parallel)))
 
 
 def command(
-    kind: str, nproc: int, batch_size: int, out_dir: str, train_args: list[str], parallel: str = "ddp"
+    kind: str,
+    nproc: int,
+    batch_size: int,
+    out_dir: str,
+    train_args: list[str],
+    parallel: str = P.DDP,
+    cluster: Cluster | None = None,
 ) -> list[str]:
-    """The exact command line of one run (printed, so a learner can rerun it alone)."""
+    """The exact command line of one run (printed, so a learner can rerun it alone); the data-parallel
+    runs on `cluster`'s nodes when one is given (experiments/launch.py). `train_args` are parsed by
+    experiments.train's own parser here (a bad one stops the comparison before any run, exit 2) and the
+    run's TrainConfig writes the command line (`to_argv`)."""
     # no snapshots: a comparison always starts afresh, and three runs' snapshots of minilm-l6
     # (about 270 MB each) would only fill the disk
     # TensorBoard events in each run's folder: `tensorboard --logdir <out>` shows the three runs together
-    # (a later --report-to in train_args wins)
-    common = ["--output-dir", out_dir, "--no-snapshots", "--report-to", "tensorboard", *train_args]
-    if kind != "scratch":  # a learner's --wrapper (experiments/own_wrapper.py) replaces our DDP only
-        common = _without_option(common, "--wrapper")
-    if kind == "none":  # one process trains on the whole global batch; it has no all-reduce to compress
-        common = _without_option(common, "--comm-hook")
-        return [
-            sys.executable,
-            "-m",
-            "experiments.train",
-            "--ddp",
-            "none",
-            "--batch-size",
-            str(batch_size * nproc),
-            *common,
-        ]
-    which = ["--ddp", kind] if parallel == "ddp" else ["--parallel", parallel, "--impl", kind]
-    return torchrun_command(nproc, "experiments.train", [*which, "--batch-size", str(batch_size), *common])
-
-
-def _without_option(args: list[str], flag: str) -> list[str]:
-    """`args` without `flag VALUE` / `flag=VALUE` (the exact run of a comparison keeps its defaults)."""
-    out, skip = [], False
-    for a in args:
-        if skip:
-            skip = False
-        elif a == flag:
-            skip = True
-        elif not a.startswith(flag + "="):
-            out.append(a)
-    return out
+    # (a later --report-to in train_args wins: argparse keeps the last)
+    strategy = strategy_of(kind, parallel)
+    which = ["--ddp", ONE_PROCESS] if strategy is None else strategy.flags()
+    global_batch = batch_size * nproc if strategy is None else batch_size  # one process: the whole global batch
+    given = [*which, "--batch-size", str(global_batch), "--output-dir", out_dir, "--no-snapshots"]
+    config = TrainConfig(**vars(build_parser().parse_args([*given, "--report-to", "tensorboard", *train_args])))
+    if strategy is None or strategy.impl is not P.OURS:  # a learner's --wrapper replaces our DDP only
+        config = dataclasses.replace(config, wrapper=None)
+    if strategy is None:  # the exact run keeps its defaults: it has no all-reduce to compress
+        config = dataclasses.replace(config, comm_hook=TrainConfig.comm_hook)
+        return [sys.executable, "-m", "experiments.train", *config.to_argv()]
+    return Launch(nproc, cluster).command("experiments.train", config.to_argv())  # the config's own command line
 
 
 def max_weight_difference(dir_a: str, dir_b: str) -> float:
@@ -137,15 +137,15 @@ def max_weight_difference(dir_a: str, dir_b: str) -> float:
 
 def table(summaries: dict, weight_diff: float | None) -> str:
     """The Markdown comparison table."""
-    base = summaries.get("none", {}).get("samples_per_s")
+    base = summaries.get(ONE_PROCESS, {}).get("samples_per_s")
     rows = [
         "| run | processes | samples/s | s/epoch | speedup vs 1 process | parallel efficiency | val acc | test acc "
         "| precision | peak MiB per rank | device |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for kind, s in summaries.items():
-        if s.get("parallel") not in (None, "none", "ddp"):  # a sharded stage: "fsdp scratch"
-            kind = f"{s['parallel']} {kind}"
+        strategy = strategy_of(kind, s.get("parallel") or P.DDP)
+        kind = kind if strategy is None else strategy.label  # native / scratch for DDP, else "fsdp scratch"
         if s.get("args", {}).get("comm_hook", "none") != "none":  # --comm-hook: the buckets in 16 bits
             kind = f"{kind} + {s['args']['comm_hook']} hook"
         speedup = s["samples_per_s"] / base if base else None
@@ -168,6 +168,12 @@ def table(summaries: dict, weight_diff: float | None) -> str:
 
 
 def main(argv=None) -> int:
+    """`python -m experiments.compare`: the exit status of errors.py's policy (a failed run's own status)."""
+    return guard(lambda: compare(argv))
+
+
+def compare(argv=None) -> int:
+    """Run the comparison's trainings one after the other, then write and print the table; a failed run's status."""
     args, train_args = parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     summaries = {}
@@ -175,14 +181,10 @@ def main(argv=None) -> int:
         out_dir = run_dir(args.out, kind, args.parallel)
         # a comparison always trains from scratch: drop the snapshots an earlier comparison left here
         shutil.rmtree(os.path.join(out_dir, "snapshots"), ignore_errors=True)
-        cmd = command(kind, args.nproc, args.batch_size, out_dir, train_args, args.parallel)
-        if args.cluster and kind != "none":
-            from experiments.cluster import wrap_torchrun
-
-            cmd = wrap_torchrun(cmd, args.cluster, args.link)
+        cmd = command(kind, args.nproc, args.batch_size, out_dir, train_args, args.parallel, args.cluster)
         print(f"\n=== {kind}: {' '.join(cmd)}", flush=True)
         env = dict(os.environ)
-        if kind != "none":
+        if kind != ONE_PROCESS:
             env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc)))
         status = subprocess.run(cmd, env=env).returncode
         if status != 0:  # experiments.train's status follows the same policy (errors.py): pass it on
@@ -194,23 +196,24 @@ def main(argv=None) -> int:
         with open(os.path.join(out_dir, "summary.json")) as f:
             summaries[kind] = json.load(f)
     diff = None
-    if {"native", "scratch"} <= summaries.keys() and all("checkpoint" in summaries[k] for k in ("native", "scratch")):
-        try:
-            diff = max_weight_difference(summaries["native"]["checkpoint"], summaries["scratch"]["checkpoint"])
-        except DistriNewsError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return exit_code(e)
+    pair = (P.TORCHS.name, P.OURS.name)
+    if all("checkpoint" in summaries.get(k, {}) for k in pair):
+        diff = max_weight_difference(*(summaries[k]["checkpoint"] for k in pair))  # UsageError: errors.guard
     md = table(summaries, diff)
     header = (
         f"Machine: {os.cpu_count()} CPU cores, torch {torch.__version__}, "
         f"{'CUDA' if torch.cuda.is_available() else 'no GPU'}.\n"
-        + (f"Topology: DDP runs on {args.cluster} emulated nodes x ranks, links {args.link}.\n" if args.cluster else "")
+        + (
+            f"Topology: DDP runs on {args.cluster.spec} emulated nodes x ranks, links {args.link}.\n"
+            if args.cluster
+            else ""
+        )
         + f"Command: python -m experiments.compare {' '.join(argv if argv is not None else sys.argv[1:])}\n\n"
     )
     with open(os.path.join(args.out, "comparison.md"), "w") as f:
         f.write(header + md + "\n")
     with open(os.path.join(args.out, "comparison.json"), "w") as f:
-        topology = {"cluster": args.cluster, "link": args.link if args.cluster else None}
+        topology = {"cluster": args.cluster and args.cluster.spec, "link": args.link if args.cluster else None}
         record = {"parallel": args.parallel, "runs": summaries, "max_weight_diff_native_vs_scratch": diff}
         json.dump({**record, **topology}, f, indent=2)
     print("\n" + header + md)

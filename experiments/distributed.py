@@ -102,11 +102,11 @@ def rank_device(local_rank: int) -> torch.device:
     )
 
 
-def setup(ddp: str, backend: str | None = None, timeout_s: float = 300.0) -> DistEnv:
-    """Initialise the process group for `--ddp native|scratch`; nothing for `--ddp none`.
+def setup(distributed: bool, backend: str | None = None, timeout_s: float = 300.0) -> DistEnv:
+    """Initialise the process group for a data-parallel stage; nothing for one process (`--ddp none`).
 
     Args:
-        ddp: "none", "native" or "scratch".
+        distributed: a stage of experiments/parallel.py's table (False: `--ddp none`, one process).
         backend: "auto" (default), "gloo" or "nccl".
         timeout_s: process-group timeout in seconds: a rank that waits longer than
             this for a peer (dead, or stuck) raises instead of hanging.
@@ -116,7 +116,7 @@ def setup(ddp: str, backend: str | None = None, timeout_s: float = 300.0) -> Dis
             without a GPU.
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if ddp == "none":
+    if not distributed:
         if world_size > 1:
             raise DistributedSetupError(
                 "--ddp none trains in one process; launch it without torchrun "
@@ -129,6 +129,21 @@ def setup(ddp: str, backend: str | None = None, timeout_s: float = 300.0) -> Dis
                 "--backend nccl needs a CUDA GPU, and none is visible. Use --backend gloo (CPU)."
             )
         return DistEnv(device=torch.device("cuda", 0) if gpu else torch.device("cpu"))
+    return join(backend, timeout_s)
+
+
+def join(backend: str | None = "auto", timeout_s: float = 300.0) -> DistEnv:
+    """Join the process group torchrun's environment describes (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR/PORT;
+    without torchrun a group of one): the project's one `init_process_group`, for training, the benchmarks'
+    ranks and the doctor's.
+
+    Args:
+        backend: "auto" / None (`choose_backend`), "gloo" or "nccl" (this rank's GPU set before init,
+            so that NCCL binds to it: `rank_device`).
+        timeout_s: process-group timeout in seconds.
+    Raises:
+        DistributedSetupError: nccl asked for without a GPU per local rank.
+    """
     if "RANK" not in os.environ:  # plain `python -m experiments.train`: a group of one
         os.environ.update(
             RANK="0",
@@ -138,6 +153,7 @@ def setup(ddp: str, backend: str | None = None, timeout_s: float = 300.0) -> Dis
             MASTER_ADDR="127.0.0.1",
             MASTER_PORT=str(free_port()),
         )
+    world_size = int(os.environ["WORLD_SIZE"])
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     backend = choose_backend(backend, int(os.environ.get("LOCAL_WORLD_SIZE", world_size)))
     if backend == "nccl":

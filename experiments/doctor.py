@@ -20,7 +20,6 @@ Exit status 0 only when training will work; every failure says what to do.
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import platform
 import socket
@@ -32,9 +31,9 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
-from .distributed import choose_backend, rank_device
-from .errors import DistributedSetupError, DistriNewsError, exit_code
-from .launch import free_port
+from .distributed import choose_backend, join
+from .errors import DistributedSetupError, DistriNewsError, guard
+from .launch import Launch, free_port
 
 WORKER_TIMEOUT_S = 60  # a healthy check takes seconds; a hang is cut off here
 
@@ -74,16 +73,8 @@ def _worker(backend: str) -> None:
     """One rank: the checks of step 2 (RANK, WORLD_SIZE, MASTER_ADDR/PORT from the environment)."""
     from ddp_from_scratch import collectives, work
 
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    # rank_device: cuda:RANK when every GPU is visible, cuda:0 when a scheduler gives each process its own
-    device = rank_device(int(os.environ.get("LOCAL_RANK", rank))) if backend == "nccl" else torch.device("cpu")
-    if backend == "nccl":
-        torch.cuda.set_device(device)
-    dist.init_process_group(
-        backend,
-        timeout=datetime.timedelta(seconds=WORKER_TIMEOUT_S // 2),
-        **({"device_id": device} if backend == "nccl" else {}),
-    )
+    env = join(backend, WORKER_TIMEOUT_S // 2)  # as training joins (rank_device picks this rank's GPU)
+    rank, world, device = env.rank, env.world_size, env.device
     want = world * (world - 1) / 2
     checks = {
         f"dist.all_reduce ({backend})": lambda x: dist.all_reduce(x),
@@ -138,34 +129,23 @@ def with_p2p_fallback(attempt: Callable[[dict], bool], backend: str = "nccl") ->
 
 
 def run_ranks(nproc: int, backend: str, port: int, extra_env: dict | None = None) -> tuple[bool, str]:
-    """Start `nproc` ranks running `_worker`; (all passed, what they printed). A hang counts as a failure."""
-    procs = []
-    for rank in range(nproc):
-        env = {
-            **os.environ,
-            **(extra_env or {}),
-            "RANK": str(rank),
-            "LOCAL_RANK": str(rank),
-            "WORLD_SIZE": str(nproc),
-            "LOCAL_WORLD_SIZE": str(nproc),
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(port),
-            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
-        }
-        cmd = [sys.executable, "-m", "experiments.doctor", "--worker", backend]
-        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    deadline, out, ok = time.monotonic() + WORKER_TIMEOUT_S, [], True
-    for p in procs:
+    """Start `nproc` ranks running `_worker` under torchrun (experiments/launch.py), meeting at `port`;
+    (all passed, what they printed). A hang counts as a failure: after WORKER_TIMEOUT_S torchrun gets
+    SIGTERM (it stops its ranks), then SIGKILL."""
+    cmd = Launch(nproc, master_port=port).command("experiments.doctor", ["--worker", backend])
+    env = {**os.environ, **(extra_env or {}), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        text, _ = proc.communicate(timeout=WORKER_TIMEOUT_S)
+        return proc.returncode == 0, text.strip()
+    except subprocess.TimeoutExpired:
+        proc.terminate()
         try:
-            text, _ = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
+            text, _ = proc.communicate(timeout=10)
         except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            text = (p.communicate()[0] or "") + f"\n(no answer within {WORKER_TIMEOUT_S} s: a hang)"
-            ok = False
-        ok = ok and p.returncode == 0
-        out.append(text)
-    return ok, "\n".join(t.strip() for t in out if t.strip())
+            proc.kill()
+            text, _ = proc.communicate()
+        return False, f"{(text or '').strip()}\n(no answer within {WORKER_TIMEOUT_S} s: a hang)"
 
 
 def main(argv=None) -> int:
@@ -175,14 +155,9 @@ def main(argv=None) -> int:
     p.add_argument("--master-port", type=int, default=None, help="rendezvous port (default: a free one)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: one rank
     a = p.parse_args(argv)
-    try:
-        if a.worker:
-            _worker(a.worker)
-            return 0
-        return check(a.nproc, a.backend, a.master_port, p)
-    except DistriNewsError as e:  # a broken collective on a rank, say
-        print(f"FAIL: {e}", flush=True)
-        return exit_code(e)
+    if a.worker:  # a broken collective on a rank, say: FAIL with what it gave
+        return guard(lambda: _worker(a.worker), prefix="FAIL: ")
+    return guard(lambda: check(a.nproc, a.backend, a.master_port, p), prefix="FAIL: ")
 
 
 def check(nproc: int | None, requested_backend: str, master_port: int | None, parser) -> int:

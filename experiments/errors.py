@@ -1,7 +1,8 @@
 """The project's error types and its one exit-code policy.
 
 Library code raises one of these types (never `SystemExit`); only an entry point (training,
-compare, bench, doctor, server) turns an error into an exit status, through `exit_code`. Callers
+compare, bench, doctor, gpu_check, the cluster, server) turns an error into an exit status, through
+`guard` (which says the error and returns `exit_code`). Callers
 tell errors apart by type (`except SnapshotMismatch`), never by searching the message.
 
 Exit statuses, the same for every entry point:
@@ -15,6 +16,9 @@ The module imports nothing heavy, so the server's image can carry it without the
 """
 
 from __future__ import annotations
+
+import sys
+from collections.abc import Callable
 
 EXIT_OK = 0
 EXIT_RUNTIME = 1
@@ -75,10 +79,18 @@ class ClusterSetupError(UsageError):
     CAP_NET_ADMIN, no `ip`/`tc`; the message says what is missing (exit 2)."""
 
 
-def system_exit(error: BaseException) -> SystemExit:
-    """For an entry point that stops at once, as argparse does for a bad option: a SystemExit with
-    status `exit_code(error)` whose text is the error's message. Print the message first: Python
-    prints nothing for a numeric status."""
-    stop = SystemExit(str(error))
-    stop.code = exit_code(error)
-    return stop
+def guard(body: Callable[[], int | None], prefix: str = "error: ", show: bool = True) -> int:
+    """The one entry-point guard: run an entry point's work, `body()`, and return its exit status.
+
+    `body` returns a status (None: 0) or raises; a project error (DistriNewsError) is printed on stderr as
+    `prefix` + its message (not with `show=False`: training's ranks other than 0) and becomes `exit_code`'s
+    status. argparse's own usage errors (SystemExit, status 2) and any other exception pass through.
+    Every command ends `sys.exit(main())` with `main` returning this.
+    """
+    try:
+        status = body()
+    except DistriNewsError as e:
+        if show:
+            print(f"{prefix}{e}", file=sys.stderr, flush=True)
+        return exit_code(e)
+    return EXIT_OK if status is None else status

@@ -7,7 +7,7 @@
 
 What it runs, each step reported as PASS, FAIL or SKIP (with the reason):
 1. the GPU test tiers (`pytest -m gpu tests/gpu/...`): the one-GPU tier always, the two-GPU tier on two;
-2. short trainings at world size 1 over NCCL of every stage in `TRAININGS` (one process; torch's and our
+2. short trainings at world size 1 over NCCL of every stage in `trainings()` (one process; torch's and our
    DDP, ours with torch's all-reduce and with our ring, the sparse embedding exchange, ZeRO-1 both ways,
    ZeRO-2, our FSDP and torch's FSDP2), through training's own `parallel.setup` and `optimizer_step`, in
    fp16 (autocast and GradScaler; ZeRO-2 and FSDP, which refuse fp16, in fp32) and in bf16: the tiny model
@@ -45,7 +45,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from experiments.errors import guard
 from experiments.features import missing
+from experiments.launch import Launch, run_target
 
 ROOT = Path(__file__).resolve().parents[1]
 KILL_GRACE_S = 5.0  # after SIGTERM at a step's limit, before SIGKILL
@@ -64,26 +66,37 @@ class Training:
     needs: tuple[str, ...] = ()
 
 
-SHARDED = ("fp32", "bf16")  # ZeRO-2 and FSDP refuse fp16 (train_args.py: no sharded loss scaler)
-TRAININGS = {
-    "none": Training({"ddp": "none"}, ("fp16", "fp32", "bf16")),  # the reference of every precision
-    "native": Training({"ddp": "native"}),
-    "scratch-torch": Training({"ddp": "scratch", "all_reduce": "torch", "sparse_embeddings": "off"}),
-    "scratch-ring": Training({"ddp": "scratch", "all_reduce": "ring", "sparse_embeddings": "off"}),
-    "sparse": Training({"ddp": "scratch", "sparse_embeddings": "on"}),
-    "zero1": Training({"ddp": "scratch", "parallel": "zero1"}),
-    "zero1-native": Training({"ddp": "native", "parallel": "zero1"}),
-    "zero2": Training({"ddp": "scratch", "parallel": "zero2"}, SHARDED),
-    "fsdp": Training({"ddp": "scratch", "parallel": "fsdp"}, SHARDED),
-    "fsdp-native": Training({"ddp": "native", "parallel": "fsdp"}, SHARDED, needs=("fsdp2",)),
+ONE_PROCESS = "none"  # --train none: one process, no wrapper: the reference of every precision
+PRECISIONS = ("fp16", "fp32", "bf16")
+OUR_DDP_VARIANTS = {  # our DDP's options worth a training of their own (its collectives, the sparse exchange)
+    "scratch-ring": {"all_reduce": "ring", "sparse_embeddings": "off"},
+    "sparse": {"sparse_embeddings": "on"},
 }
+
+
+def trainings() -> dict[str, Training]:
+    """The short trainings: none, one per entry of experiments/parallel.py's table (named by its `short_name`:
+    "native", "scratch", "zero1", "zero1-native", ...) and our DDP's variants. Each runs in fp16 (where the
+    stage takes it; else fp32) and bf16, and needs what its stage needs."""
+    from experiments import parallel as P
+
+    out = {ONE_PROCESS: Training({"ddp": ONE_PROCESS}, PRECISIONS)}
+    for s in P.STRATEGIES.values():
+        first = "fp16" if "fp16" in s.precisions else "fp32"
+        precisions = tuple(p for p in (first, "bf16") if p in s.precisions)
+        out[s.short_name] = Training({"parallel": s.stage, "impl": s.impl.name}, precisions, s.needs)
+    ours = P.reference()
+    for name, options in OUR_DDP_VARIANTS.items():
+        out[name] = Training({**out[ours.short_name].config, **options}, out[ours.short_name].precisions)
+    return out
+
+
 QUICK_TRAININGS = (("none", "fp16"), ("native", "fp16"), ("scratch-ring", "fp16"), ("none", "fp32"))
 QUICK_TRAININGS += (("fsdp-native", "fp32"),)
-PRECISIONS = ("fp16", "fp32", "bf16")
 
 
 def needs_of(training: str, precision: str) -> tuple[str, ...]:
-    return TRAININGS[training].needs + (("grad_scaler",) if precision == "fp16" else ())
+    return trainings()[training].needs + (("grad_scaler",) if precision == "fp16" else ())
 
 
 @dataclass
@@ -109,30 +122,29 @@ TWO_GPUS = "tests/gpu/test_gpu.py"
 
 def command(module_args: list[str], nproc: int | None = None) -> list[str]:
     """How a step starts (one place): `python -m ...`, or under torchrun with `nproc` ranks on this machine."""
-    py = sys.executable
-    if nproc is None:
-        return [py, *module_args]
-    return [py, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *module_args]
+    return [sys.executable, *module_args] if nproc is None else Launch(nproc).torchrun(module_args)
 
 
 def plan(out: Path, gpus: int, quick: bool = False) -> list[Step]:
     """The steps, in order (what --dry-run prints). `gpus`: visible CUDA devices (the doctor uses all)."""
+    known = trainings()
     if quick:
         steps = [Step("GPU tests, one-GPU tier", command(["-m", "pytest", "-q", "-x", "-m", "gpu", ONE_GPU]), 100)]
-        trainings = list(QUICK_TRAININGS)
+        chosen = list(QUICK_TRAININGS)
     else:
         steps = [Step("GPU tests, one-GPU tier", command(["-m", "pytest", "-q", "-m", "gpu", ONE_GPU]), 600)]
         if gpus >= 2:
             steps.append(Step("GPU tests, two-GPU tier", command(["-m", "pytest", "-q", "-m", "gpu", TWO_GPUS]), 600))
             steps[-1].needs_gpus, steps[-1].p2p_fallback = 2, True
-        trainings = [(t, p) for p in PRECISIONS for t, spec in TRAININGS.items() if p in spec.precisions]
-    for training, precision in trainings:
-        limit = (25 if training == "none" else 35) if quick else (60 if training == "none" else 90)
-        steps.append(training_step(out, training, precision, limit, None if training == "none" else 1))
+        chosen = [(t, p) for p in PRECISIONS for t, spec in known.items() if p in spec.precisions]
+    for training, precision in chosen:
+        alone = training == ONE_PROCESS
+        limit = (25 if alone else 35) if quick else (60 if alone else 90)
+        steps.append(training_step(out, training, precision, limit, None if alone else 1))
     if quick:
         return steps
     if gpus >= 2:  # every stage at 2 ranks, one GPU each, in its first precision (fp16; the sharded ones fp32)
-        steps += [training_step(out, t, spec.precisions[0], 90, 2) for t, spec in TRAININGS.items() if t != "none"]
+        steps += [training_step(out, t, spec.precisions[0], 90, 2) for t, spec in known.items() if t != ONE_PROCESS]
     doctor = ["-m", "experiments.doctor", "--backend", "nccl", "--nproc", str(max(1, gpus))]
     steps.append(Step("doctor, nccl", command(doctor), 300))
     bench = ["-m", "experiments.bench.step", "--gpu", "--quick", "--nproc", "1", "--precision", "fp16"]
@@ -182,7 +194,7 @@ def budget_text(steps: list[Step]) -> str:
 
 def train_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m experiments.gpu_check --train")
-    p.add_argument("--train", choices=tuple(TRAININGS), required=True)
+    p.add_argument("--train", choices=tuple(trainings()), required=True)
     p.add_argument("--precision", choices=PRECISIONS, required=True)
     p.add_argument("--out", required=True, help="JSON file for the losses; the full weights go to <out>.pt")
     p.add_argument("--steps", type=int, default=6)
@@ -210,10 +222,11 @@ def train(a: argparse.Namespace) -> dict:
     from experiments.step import optimizer_step
     from experiments.train_args import TrainConfig
 
-    spec = TRAININGS[a.train].config
+    spec = trainings()[a.train].config
     config = TrainConfig(model="tiny", precision=a.precision, lr=3e-3, seed=0, **spec).check()
-    backend = "gloo" if a.cpu else ("nccl" if config.ddp != "none" else None)
-    env = D.setup(config.ddp, backend, timeout_s=120)
+    distributed = config.strategy is not None
+    backend = "gloo" if a.cpu else ("nccl" if distributed else None)
+    env = D.setup(distributed, backend, timeout_s=120)
     try:
         if env.device.type != "cuda" and not a.cpu:
             raise RuntimeError(f"expected a GPU, got {env.device}")
@@ -259,10 +272,10 @@ def compare_weights(out: Path, precision: str) -> str:
         return "no weights from --train none"
     ref = torch.load(ref_path)
     problems = []
-    for training, suffix in [(t, suffix) for suffix in ("", "-2gpus") for t in TRAININGS]:
+    for training, suffix in [(t, suffix) for suffix in ("", "-2gpus") for t in trainings()]:
         path = out / f"{training}-{precision}{suffix}.json.pt"  # training_step's file names
         name = training + (", 2 GPUs" if suffix else "")
-        if name == "none" or not path.exists():
+        if name == ONE_PROCESS or not path.exists():
             continue
         theirs = torch.load(path)
         if theirs.keys() != ref.keys():
@@ -284,9 +297,7 @@ def parses(step: Step) -> str:
     same arguments and --help last, must exit 0 (argparse checks types and choices in order, and
     prints help at --help). pytest: the test paths must exist.
     """
-    args = step.cmd[1:]
-    if args[:2] == ["-m", "torch.distributed.run"]:
-        args = args[args.index("-m", 2) :]
+    args = run_target(step.cmd)  # `-m MODULE ARGS`, under torchrun or not
     module = args[1]
     if importlib.util.find_spec(module) is None:
         return f"no module {module}"
@@ -437,12 +448,44 @@ def summary(steps: list[Step], extra: list[tuple[str, str, str]]) -> str:
     return "\n".join(["gpu-check summary:"] + [f"  {st:4}  {t:>6}  {name:{width}}  {d}" for st, t, name, d in rows])
 
 
+def dry_run(steps: list[Step]) -> int:
+    """Print each step's command, marked ok / SKIP (a feature missing) / BAD (it does not parse); 1 if one is BAD."""
+    bad = 0
+    for s in steps:
+        why = parses(s)
+        bad += bool(why)
+        skip = missing(s.needs)
+        mark = "BAD" if why else "SKIP" if skip else "ok "
+        print(f"{mark} {' '.join(s.cmd)}" + (f"  <- {why or skip}" if why or skip else ""))
+    return 1 if bad else 0
+
+
+def run_steps(steps: list[Step], out: Path, gpus: int, capability: tuple[int, int] | None) -> None:
+    """Run each step that can run here (`skip_reason`), its log in <out>/logs; the two-GPU ones with the
+    NCCL_P2P_DISABLE fallback. Sets every step's status."""
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    for s in steps:
+        s.detail = skip_reason(s, gpus, capability)
+        if s.detail:
+            print(f"SKIP {s.name}: {s.detail}", flush=True)
+            continue
+        print(f"... {s.name} (at most {s.timeout_s:.0f} s)", flush=True)
+        log = out / "logs" / (s.name.split(" (")[0].replace(" ", "-").replace(",", "") + ".log")
+        if s.p2p_fallback:
+            run_with_p2p_fallback(s, log)
+        else:
+            run_step(s, log)
+
+
 def main(argv=None) -> int:
     if argv is None:
         argv = sys.argv[1:]
-    if "--train" in argv:
-        train(train_args(argv))
-        return 0
+    if "--train" in argv:  # one short training (a step of the plan): a UsageError is its status 2
+
+        def one_training() -> None:
+            train(train_args(argv))
+
+        return guard(one_training)
     p = argparse.ArgumentParser(prog="python -m experiments.gpu_check", description=__doc__.split("\n")[0])
     p.add_argument("--out", default="runs/gpu-check", help="directory for weights, logs and the summary")
     p.add_argument(
@@ -466,32 +509,14 @@ def main(argv=None) -> int:
     print(facts + (f"; planned for {a.gpus} GPU(s) (--gpus)" if a.gpus is not None else ""))
     print(budget_text(steps), flush=True)
     if a.dry_run:
-        bad = 0
-        for s in steps:
-            why = parses(s)
-            bad += bool(why)
-            skip = missing(s.needs)
-            mark = "BAD" if why else "SKIP" if skip else "ok "
-            print(f"{mark} {' '.join(s.cmd)}" + (f"  <- {why or skip}" if why or skip else ""))
-        return 1 if bad else 0
+        return dry_run(steps)
     if gpus == 0:
         print(
             "FAIL: no CUDA GPU visible (a CPU build of torch, or no device): nothing to check. On a GPU machine, "
             "with its CUDA build of torch: make gpu-check PY=python3 (or python -m experiments.gpu_check)."
         )
         return 1
-    (out / "logs").mkdir(parents=True, exist_ok=True)
-    for s in steps:
-        s.detail = skip_reason(s, gpus, capability)
-        if s.detail:
-            print(f"SKIP {s.name}: {s.detail}", flush=True)
-            continue
-        print(f"... {s.name} (at most {s.timeout_s:.0f} s)", flush=True)
-        log = out / "logs" / (s.name.split(" (")[0].replace(" ", "-").replace(",", "") + ".log")
-        if s.p2p_fallback:
-            run_with_p2p_fallback(s, log)
-        else:
-            run_step(s, log)
+    run_steps(steps, out, gpus, capability)
     extra = []
     for precision in PRECISIONS:
         ran = [s for s in steps if s.name.startswith("train ") and s.precision == precision and s.status != "SKIP"]

@@ -119,6 +119,15 @@ def optimizer_step(
         intervals += [("forward", t0, t1), ("backward", t1, t2)]
         loss_sum += loss.item()
     t2 = time.perf_counter()
+    lr, skipped, scale = _update(model, opt, sched, scaler, max_grad_norm)
+    sync()
+    intervals.append(("optimizer", t2, time.perf_counter()))
+    return StepResult(loss=loss_sum, lr=lr, skipped=skipped, scale=scale, intervals=intervals)
+
+
+def _update(model, opt, sched, scaler, max_grad_norm: float) -> tuple[float, bool, float | None]:
+    """The update after the last backward: unscale (fp16), clip, step (skipped by the scaler on inf/NaN),
+    schedule, zero the gradients. Returns (the rate this step used, skipped, the scale before it or None)."""
     if scaler:
         scaler.unscale_(opt)  # clip the true gradients, not the scaled ones
     if max_grad_norm > 0:
@@ -135,6 +144,4 @@ def optimizer_step(
     if sched is not None and not skipped:
         sched.step()
     opt.zero_grad(set_to_none=True)
-    sync()
-    intervals.append(("optimizer", t2, time.perf_counter()))
-    return StepResult(loss=loss_sum, lr=lr, skipped=skipped, scale=scale, intervals=intervals)
+    return lr, skipped, scale

@@ -51,11 +51,11 @@ from . import faults, peers
 from . import parallel as P
 from . import snapshot as S
 from .checkpoint import save_checkpoint
-from .cluster import topology_record
 from .comm_timing import bytes_per_step, exposed_seconds, place_on_host_clock, record_allreduces, step_origin
 from .data import load_ag_news, make_collator, tokenize
-from .errors import DistributedSetupError, DistriNewsError, exit_code, system_exit
+from .errors import guard
 from .evaluate import evaluate
+from .launch import topology_record
 from .length_grouping import LengthGroupedBatchSampler, lengths_of
 from .metrics import MetricsLog
 from .model import build_model, build_tokenizer
@@ -135,9 +135,9 @@ def make_loader(config: TrainConfig, env: D.DistEnv, dataset, make_sampler, coll
 
 
 def default_output_dir(config: TrainConfig, world_size: int) -> str:
-    """runs/<ddp>-np<N> for DDP and one process (as before the sharded stages), runs/<parallel>-<impl>-np<N> else."""
-    kind = config.ddp if config.ddp == "none" or config.parallel == "ddp" else f"{config.parallel}-{config.impl}"
-    return os.path.join("runs", f"{kind}-np{world_size}")
+    """runs/<run name>-np<N>: native / scratch for DDP, none for one process, <parallel>-<impl> else
+    (experiments/parallel.py's `run_name`)."""
+    return os.path.join("runs", f"{P.run_name(config.strategy)}-np{world_size}")
 
 
 def build(config: TrainConfig, env: D.DistEnv) -> Run:
@@ -207,7 +207,7 @@ def resume(run: Run) -> None:
         # torch's DDP is timed through a comm hook (comm_timing.py); with --comm-hook, setup put the timer there
         run.comm = run.parallel.comm_records
         if run.comm is None:
-            run.comm = record_allreduces(run.model, native=config.ddp == "native")
+            run.comm = record_allreduces(run.model, native=run.parallel.strategy.impl.native)
     if not env.is_main:
         return
     os.makedirs(run.out_dir, exist_ok=True)
@@ -301,25 +301,8 @@ def train_epoch(run: Run, epoch: int) -> None:
         p.batches_done += len(group)
         bar.update()
         if env.is_main:
-            row = {
-                "type": "step",
-                "step": p.global_step,
-                "epoch": epoch,
-                "loss": r.loss,
-                "lr": r.lr,
-                "samples": n,
-                "micro_batches": len(group),
-                "tokens": tokens,
-                "padded_tokens": padded,
-                "data_s": t0 - t_prev,
-                "forward_s": r.seconds("forward"),
-                "backward_s": r.seconds("backward"),
-                "optimizer_s": r.seconds("optimizer"),
-                "step_s": t3 - t_prev,
-            }
-            if run.scaler is not None:
-                row.update(skipped=r.skipped, loss_scale=r.scale)
-            run.log.write({**row, **_tensorboard_only(run, r, n, t3 - t_prev, origin)} if run.log.writer else row)
+            row = {"epoch": epoch, "samples": n, "micro_batches": len(group), "tokens": tokens, "padded_tokens": padded}
+            log_step(run, r, row, data_s=t0 - t_prev, step_s=t3 - t_prev, origin=origin)
             bar.set_postfix(loss=f"{r.loss:.3f}")
         # mid-epoch snapshots only; the epoch's last step is covered by the epoch-end one
         if config.save_every and p.global_step % config.save_every == 0 and p.batches_done < len(run.loader):
@@ -331,13 +314,26 @@ def train_epoch(run: Run, epoch: int) -> None:
     p.epoch_elapsed_s = 0.0
 
 
+def log_step(run: Run, r, fields: dict, data_s: float, step_s: float, origin=None) -> None:
+    """Rank 0's metrics.jsonl row of one optimizer step (`r`: its StepResult; `fields`: epoch, samples,
+    micro_batches, tokens, padded_tokens), with the TensorBoard-only scalars when TensorBoard is on."""
+    row = {"type": "step", "step": run.progress.global_step, "epoch": fields["epoch"], "loss": r.loss, "lr": r.lr}
+    row |= {k: fields[k] for k in ("samples", "micro_batches", "tokens", "padded_tokens")}
+    row |= {"data_s": data_s, **{f"{k}_s": r.seconds(k) for k in ("forward", "backward", "optimizer")}}
+    row["step_s"] = step_s
+    if run.scaler is not None:
+        row.update(skipped=r.skipped, loss_scale=r.scale)
+    samples = fields["samples"]
+    run.log.write({**row, **_tensorboard_only(run, r, samples, step_s, origin)} if run.log.writer else row)
+
+
 def _tensorboard_only(run: Run, r, samples: int, step_s: float, origin=None) -> dict:
     """The scalars a step row gets for TensorBoard only (metrics.jsonl keeps its fields)."""
     extra = {"samples_per_s": samples / max(step_s, 1e-9)}
     if run.comm is not None:
         backward = next(iv for iv in reversed(r.intervals) if iv[0] == "backward")[1:]  # the synced micro-batch
         extra.update(
-            comm_bytes=bytes_per_step(run.model, run.config.ddp == "native", run.config.comm_hook),
+            comm_bytes=bytes_per_step(run.model, run.parallel.strategy.impl.native, run.config.comm_hook),
             comm_exposed_s=exposed_seconds(place_on_host_clock(run.comm, origin), backward),
         )
     return extra
@@ -365,7 +361,7 @@ def summarize(run: Run, test: dict | None) -> dict:
     memory = D.all_gather_object(env, (D.peak_memory_bytes(env.device), D.device_name(env.device)))
     return {
         "ddp": config.ddp,
-        "parallel": config.parallel if config.ddp != "none" else "none",
+        "parallel": config.parallel if config.strategy is not None else "none",
         "impl": config.impl,
         "world_size": env.world_size,
         # where it ran: the emulated cluster's nodes and link rate, else "1 node, unshaped"
@@ -435,21 +431,21 @@ def train(config: TrainConfig, env: D.DistEnv) -> dict:
     return finish(run)
 
 
+def _no_status(summary: dict) -> None:
+    """A finished run's status is 0, whatever its summary."""
+
+
 def main(argv=None) -> int:
     """`python -m experiments.train`: the exit status of errors.py's policy (0 ok, 1 runtime, 2 usage, 3 model)."""
     config = parse_args(argv)
-    try:
-        env = D.setup(config.ddp, config.backend, config.timeout)
-    except DistributedSetupError as e:  # before any process group: stop as argparse does for a bad option
-        print(f"error: {e}", file=sys.stderr)
-        raise system_exit(e) from None
+    joined: list[D.DistEnv] = []
+    status = guard(lambda: joined.append(D.setup(config.strategy is not None, config.backend, config.timeout)))
+    if status:  # before any process group (--ddp none under torchrun, nccl without GPUs): every rank says it
+        return status
+    env = joined[0]
     addresses = peers.gather(env)  # to name an unreachable peer if a collective fails (experiments/peers.py)
     try:
-        train(config, env)
-    except DistriNewsError as e:
-        if env.is_main:
-            print(f"error: {e}", file=sys.stderr)
-        return exit_code(e)
+        return guard(lambda: _no_status(train(config, env)), show=env.is_main)  # only rank 0 prints errors
     except Exception as e:  # a collective failed on the network: say which peer is unreachable
         note = peers.explain(e, env, addresses)
         if note is None:
@@ -461,7 +457,6 @@ def main(argv=None) -> int:
         os._exit(1)
     finally:
         D.teardown()  # always, also after an error: frees the port and the peers
-    return 0
 
 
 if __name__ == "__main__":

@@ -15,13 +15,13 @@ import dataclasses
 import os
 from dataclasses import dataclass
 
+from . import parallel as P
 from .errors import UsageError
 
 DESCRIPTION = "Train an AG News classifier with data parallelism: the one training loop of the project."
-COMBINATIONS = (
-    "--parallel ddp, zero1 or fsdp with --impl scratch or native; --parallel zero2 with --impl scratch;"
-    " --ddp none (one process)"
-)
+
+
+ONE_PROCESS = "none"  # --ddp none: one process, no wrapper (no entry of the table)
 
 
 def option(default, help: str | None = None, *, defines_run: bool = False, choices=None, type=None, metavar=None):
@@ -43,19 +43,19 @@ class TrainConfig:
         None,
         "none: one process, no wrapper; native / scratch: short for --parallel ddp --impl native / scratch"
         " (default: scratch)",
-        choices=["none", "native", "scratch"],
+        choices=lambda: [ONE_PROCESS, *P.IMPLEMENTATIONS],
         type=str,
     )
     parallel: str = option(
-        "ddp",
+        P.DDP,
         "what is sharded: ddp (nothing, everything replicated), zero1 (optimizer state), zero2 (and gradients),"
-        " fsdp (and parameters: ZeRO-3); experiments/parallel.py",
-        choices=["ddp", "zero1", "zero2", "fsdp"],
+        " fsdp (and parameters: ZeRO-3); the table: experiments/parallel.py",
+        choices=P.stages,
     )
     impl: str | None = option(
         None,
         "whose implementation: scratch (ddp_from_scratch/) or native (torch's); default: --ddp's, else scratch",
-        choices=["scratch", "native"],
+        choices=lambda: list(P.IMPLEMENTATIONS),
         type=str,
     )
     model: str = option("distilbert", "preset (distilbert, minilm-l6, tiny), hub id or path", defines_run=True)
@@ -159,53 +159,57 @@ class TrainConfig:
         return found + self._parallel_problems()
 
     def _parallel_problems(self) -> list[str]:
-        """The combinations of --ddp / --parallel / --impl / --precision that do not exist."""
-        if self.ddp == "none" and (self.parallel != "ddp" or self.impl is not None):
+        """The combinations of --ddp / --parallel / --impl / --precision / --comm-hook that do not exist."""
+        if self.ddp == ONE_PROCESS and (self.parallel != P.DDP or self.impl is not None):
             return [
                 "--ddp none is one process without a wrapper: drop --parallel/--impl, or use"
-                f" --parallel {self.parallel} --impl {self.impl or 'scratch'} under torchrun"
+                f" --parallel {self.parallel} --impl {self.impl or P.DEFAULT_IMPL} under torchrun"
             ]
-        if self.ddp in ("native", "scratch") and self.impl not in (None, self.ddp):
+        if self.ddp not in (None, ONE_PROCESS) and self.impl not in (None, self.ddp):
             return [f"--ddp {self.ddp} and --impl {self.impl} disagree: give one of them"]
-        if self.parallel == "zero2" and self.resolved().impl == "native":
-            return [
-                "--parallel zero2 --impl native does not exist: torch has no separate ZeRO-2 (its FSDP2 shards the"
-                f" parameters too). The combinations that exist: {COMBINATIONS}"
-            ]
-        if self.comm_hook != "none" and (self.ddp == "none" or self.parallel not in ("ddp", "zero1")):
-            where = "one process has none" if self.ddp == "none" else f"--parallel {self.parallel} reduce-scatters"
+        resolved = self.resolved()
+        strategy = resolved.strategy
+        if resolved.ddp != ONE_PROCESS and strategy is None:
+            return [P.missing_note(self.parallel, resolved.impl)]
+        if self.comm_hook != "none" and (strategy is None or not strategy.comm_hook):
+            where = "one process has none" if strategy is None else f"--parallel {self.parallel} reduce-scatters"
             return [
                 f"--comm-hook {self.comm_hook} compresses a DDP bucket's all-reduce, and {where}:"
                 " use it with --parallel ddp or zero1 under torchrun, or drop it"
             ]
-        if self.wrapper and (self.ddp == "none" or self.parallel != "ddp" or self.resolved().impl != "scratch"):
+        if self.wrapper and (strategy is None or strategy.key != (P.DDP, P.DEFAULT_IMPL)):
             return [f"--wrapper {self.wrapper} takes the place of our DDP: use it with --ddp scratch under torchrun"]
         if self.wrapper and (self.comm_hook != "none" or self.grad_accum_steps > 1):
             return [
                 f"--wrapper {self.wrapper}: the exercises' wrappers have no comm hooks and no no_sync: drop"
                 " --comm-hook and --grad-accum-steps"
             ]
-        if self.parallel == "fsdp" and self.resolved().impl == "native":
-            from .features import missing
+        if strategy is None:
+            return []
+        from .features import missing
 
-            lacking = missing(["fsdp2"])
-            if lacking:
-                return [f"--parallel fsdp --impl native {lacking}: use --impl scratch (ours), or a newer torch"]
-        if self.precision == "fp16" and self.parallel in ("zero2", "fsdp"):
+        lacking = missing(strategy.needs)
+        if lacking:
             return [
-                f"--precision fp16 with --parallel {self.parallel}: each rank holds only its shard of the gradients,"
-                " so the loss scaler's inf/NaN check would differ between ranks (torch needs its ShardedGradScaler);"
-                " use --precision bf16 (no scaler) or --parallel ddp|zero1"
+                f"--parallel {self.parallel} --impl {resolved.impl} {lacking}: use --impl {P.DEFAULT_IMPL} (ours),"
+                " or a newer torch"
             ]
+        if self.precision not in strategy.precisions:
+            return [f"--precision {self.precision} with --parallel {self.parallel}: {strategy.refused}"]
         return []
 
     def resolved(self) -> TrainConfig:
         """`--ddp` and `--impl` brought to one form: `ddp` is "none" or the implementation
         (native / scratch), `impl` the same (None for none); `parallel` what is sharded."""
-        if self.ddp == "none":
+        if self.ddp == ONE_PROCESS:
             return self
-        impl = self.impl or self.ddp or "scratch"
+        impl = self.impl or self.ddp or P.DEFAULT_IMPL
         return dataclasses.replace(self, ddp=impl, impl=impl)
+
+    @property
+    def strategy(self) -> P.Strategy | None:
+        """The table's entry this (resolved) config names; None for one process or a combination not in it."""
+        return None if self.ddp == ONE_PROCESS else P.lookup(self.parallel, self.impl or self.ddp or P.DEFAULT_IMPL)
 
     def check(self) -> TrainConfig:
         """`self` resolved, or UsageError naming the first problem (for a config made in code, not parsed)."""
@@ -217,6 +221,19 @@ class TrainConfig:
         """What defines the run: the fields made with `defines_run=True`, and the world size."""
         run = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata["defines_run"]}
         return {**run, "world_size": world_size}
+
+    def to_argv(self) -> list[str]:
+        """This config as experiments.train's command line: one flag per field that differs from its default,
+        in field order (`--flag` for a set bool, `--flag VALUE` else); `parse_args(c.to_argv())` gives back
+        `c.resolved()`. Compare, the tests and the benchmarks write a run's options through it."""
+        argv = []
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value == f.default:
+                continue
+            flag = "--" + f.name.replace("_", "-")
+            argv += [flag] if value is True else [flag, str(value)]
+        return argv
 
     def as_dict(self) -> dict:
         """Every option by field name (summary.json's `args`, the checkpoint's training record)."""
@@ -232,9 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument(flag, action="store_true", help=meta["help"])
             continue
         kind = meta["type"] or type(f.default)
-        p.add_argument(
-            flag, type=kind, default=f.default, choices=meta["choices"], help=meta["help"], metavar=meta["metavar"]
-        )
+        choices = meta["choices"]() if callable(meta["choices"]) else meta["choices"]  # the table's, as of now
+        p.add_argument(flag, type=kind, default=f.default, choices=choices, help=meta["help"], metavar=meta["metavar"])
     return p
 
 

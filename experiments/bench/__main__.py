@@ -44,10 +44,10 @@ import sys
 import time
 from pathlib import Path
 
-from experiments.errors import ClusterSetupError, DistriNewsError, exit_code
+from experiments.errors import ClusterSetupError, DistriNewsError, exit_code, guard
 
-from .common.launch import on_cluster, topology
-from .common.report import add_cluster_arguments, machine, result_files
+from .common.launch import topology
+from .common.report import add_cluster_arguments, cluster_of, machine, result_files
 
 PARTS = (
     "step",
@@ -79,22 +79,18 @@ def main(argv=None) -> int:
     out = Path(args.out or os.path.join("runs", "bench", time.strftime("%Y%m%d-%H%M%S")))
     out.mkdir(parents=True, exist_ok=True)
     command = "python -m experiments.bench " + " ".join(argv if argv is not None else sys.argv[1:])
-    try:
-        with on_cluster(args.cluster, args.link):
-            return run_parts(parts, args.quick, out, command)
-    except DistriNewsError as e:  # a bad --cluster / --link
-        print(f"error: {e}", file=sys.stderr)
-        return exit_code(e)
+    return guard(lambda: run_parts(parts, args.quick, out, command, cluster_of(args)))  # a bad --cluster / --link
 
 
-def run_parts(parts: list[str], quick: bool, out: Path, command: str) -> int:
-    """Run each part into `out/<part>`, then write README.md and summary.json; the exit status."""
+def run_parts(parts: list[str], quick: bool, out: Path, command: str, cluster=None) -> int:
+    """Run each part into `out/<part>` (on `cluster`, an experiments.launch.Cluster, if given), then write
+    README.md and summary.json; the exit status."""
     sections, summary = [], {}
     for name in parts:
         print(f"=== {name}", flush=True)
         t0 = time.perf_counter()
         try:
-            result = importlib.import_module(f"experiments.bench.{name}").run(out / name, quick=quick)
+            result = importlib.import_module(f"experiments.bench.{name}").run(out / name, quick=quick, cluster=cluster)
         except ClusterSetupError as e:  # the link part needs root and namespaces: the others still run
             print(f"skipped: part {name}: {e}", file=sys.stderr)
             sections.append(f"## {name}\n\nSkipped: {e}")
@@ -109,7 +105,7 @@ def run_parts(parts: list[str], quick: bool, out: Path, command: str) -> int:
             + ", ".join(f"`{os.path.relpath(f, out)}`" for f in result_files(result))
         )
         print(result["markdown"], flush=True)
-    where = topology()
+    where = topology(cluster)
     header = (
         f"# Benchmark run\n\nCommand: `{command.strip()}`\n\nMachine: {machine()}\n\n"
         f"Topology: {where['description']}\n\n"

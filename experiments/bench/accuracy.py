@@ -18,6 +18,7 @@ import json
 import sys
 from pathlib import Path
 
+from experiments.launch import Cluster
 from experiments.model import LABELS
 
 from .common.launch import compare_flags, run_command
@@ -81,7 +82,13 @@ def plot(out_dir: Path, runs: dict, best: str) -> list[Path]:
     return [out_dir / "loss_curves.png", out_dir / "confusion.png"]
 
 
-def run(out_dir: Path, quick: bool = False, data_dir: Path = DATA_DIR, overrides: list[str] = ()) -> dict:
+def run(
+    out_dir: Path,
+    quick: bool = False,
+    data_dir: Path = DATA_DIR,
+    overrides: list[str] = (),
+    cluster: Cluster | None = None,
+) -> dict:
     """Train both, plot, tabulate. Raises FileNotFoundError if `data_dir` is missing.
 
     `overrides`: extra `experiments.train` flags placed after the defaults (FULL or QUICK), so
@@ -104,7 +111,7 @@ def run(out_dir: Path, quick: bool = False, data_dir: Path = DATA_DIR, overrides
         str(data_dir),
         *(QUICK if quick else FULL),
         *overrides,
-        *compare_flags(),  # on the emulated cluster: compare's --cluster/--link (launch.py)
+        *compare_flags(cluster),  # on the emulated cluster: compare's --cluster/--link (launch.py)
     ]
     run_command(cmd, quiet=quick)
     result = json.loads((out_dir / "comparison.json").read_text())
@@ -125,7 +132,8 @@ def run(out_dir: Path, quick: bool = False, data_dir: Path = DATA_DIR, overrides
         f"{result['max_weight_diff_native_vs_scratch']:.3g}. Command: `{' '.join(cmd[1:])}`"
     )
     data = {"best": best, **result}
-    return write_result(out_dir, "accuracy", md, data, files, best=best, test_accuracy=runs[best]["test_accuracy"])
+    best_accuracy = runs[best]["test_accuracy"]
+    return write_result(out_dir, "accuracy", md, data, files, cluster=cluster, best=best, test_accuracy=best_accuracy)
 
 
 def main(argv=None) -> None:

@@ -44,6 +44,7 @@ import torch
 import torch.distributed as dist
 
 from ddp_from_scratch import collectives, collectives_classic, work
+from experiments.launch import Cluster
 
 from .common.launch import launch_ranks
 from .common.report import network, part_main, pyplot, write_result
@@ -209,12 +210,12 @@ def _metrics(row: dict) -> dict:
     }
 
 
-def _markdown(rows: list[dict], quick: bool, gpu: bool = False) -> str:
+def _markdown(rows: list[dict], quick: bool, gpu: bool = False, cluster: Cluster | None = None) -> str:
     cores = os.cpu_count() or 1
     where = (
         f"NCCL on {torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
         if gpu
-        else f"gloo over {network()}, {cores} CPU cores"
+        else f"gloo over {network(cluster)}, {cores} CPU cores"
     )
     lines = [
         f"All-reduce, float32 SUM, {where}, torch {torch.__version__}"
@@ -294,7 +295,7 @@ def _overlap_markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run(out_dir: pathlib.Path, quick: bool = False, gpu: bool = False) -> dict:
+def run(out_dir: pathlib.Path, quick: bool = False, gpu: bool = False, cluster: Cluster | None = None) -> dict:
     """Benchmark the four all-reduces and the overlap check; write allreduce.json/.md/.png into `out_dir`.
 
     Args:
@@ -326,6 +327,7 @@ def run(out_dir: pathlib.Path, quick: bool = False, gpu: bool = False) -> dict:
             quiet=quick,
             timeout_s=timeout_s,
             backend="nccl" if gpu else "gloo",
+            cluster=cluster,
         )
         rows += [_metrics(r) for r in ranks[0]["results"]]
         checks += ranks[0]["overlap"]
@@ -341,10 +343,11 @@ def run(out_dir: pathlib.Path, quick: bool = False, gpu: bool = False) -> dict:
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "seconds": time.time() - started,
     }
-    markdown = _markdown(rows, quick, gpu) + (_overlap_markdown(checks) if checks else "")
+    markdown = _markdown(rows, quick, gpu, cluster) + (_overlap_markdown(checks) if checks else "")
     _plot(rows, out_dir / "allreduce.png")
     data = {"meta": meta, "results": rows, "overlap": checks}
-    written = write_result(out_dir, "allreduce", markdown.splitlines(), data, [out_dir / "allreduce.png"])
+    plots = [out_dir / "allreduce.png"]
+    written = write_result(out_dir, "allreduce", markdown.splitlines(), data, plots, cluster=cluster)
     files = dict(zip(("json", "md", "png"), map(pathlib.Path, written["files"])))
     return {"results": rows, "overlap": checks, "markdown": written["markdown"], "files": files, "meta": meta}
 

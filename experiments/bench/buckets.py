@@ -39,6 +39,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from experiments.launch import Cluster
+
 from .common.intervals import overlap, paired_ratios
 from .common.launch import launch_ranks
 from .common.report import part_main, pyplot, write_result
@@ -136,12 +138,12 @@ def plot(results: dict, caps: list, impls: list, path: Path) -> None:
     plt.close(fig)
 
 
-def run(out_dir: Path, quick: bool = False, nproc: int = 2) -> dict:
+def run(out_dir: Path, quick: bool = False, nproc: int = 2, cluster: Cluster | None = None) -> dict:
     """Launch the ranks, then write buckets.json, buckets.md and buckets.png."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg, caps = (QUICK, QUICK_CAPS) if quick else (FULL, CAPS_MB)
-    ranks = launch_ranks("buckets", nproc, {**cfg, "caps": list(caps)}, quiet=quick)
+    ranks = launch_ranks("buckets", nproc, {**cfg, "caps": list(caps)}, quiet=quick, cluster=cluster)
     events = [e for r in ranks for e in r["events"]]
     results = {f"{impl}|{cap_label(c)}": summarize(events, f"{impl}|{cap_label(c)}") for c in caps for impl in IMPLS}
     for c in caps:  # paired: same cap, same round, both started after the same barrier
@@ -186,7 +188,15 @@ def run(out_dir: Path, quick: bool = False, nproc: int = 2) -> dict:
         "results": results,
     }
     return write_result(
-        out_dir, "buckets", md, data, [out_dir / "buckets.png"], results=results, n_params=n_params, config=cfg
+        out_dir,
+        "buckets",
+        md,
+        data,
+        [out_dir / "buckets.png"],
+        results=results,
+        n_params=n_params,
+        config=cfg,
+        cluster=cluster,
     )
 
 

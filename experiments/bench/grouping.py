@@ -20,6 +20,8 @@ import math
 import tempfile
 from pathlib import Path
 
+from experiments.launch import Cluster
+
 from .accuracy import DATA_DIR
 from .common.launch import run_training
 from .common.report import part_main, write_result
@@ -28,7 +30,9 @@ FULL = dict(model="minilm-l6", lengths=[64, 128], rows=4000, eval_rows=None)
 QUICK = dict(model="tiny", lengths=[256], rows=64, eval_rows=40)
 
 
-def measure(cfg: dict, length: int, grouped: bool, data_dir: Path, out: Path, quick: bool) -> dict:
+def measure(
+    cfg: dict, length: int, grouped: bool, data_dir: Path, out: Path, quick: bool, cluster: Cluster | None = None
+) -> dict:
     """One training run; its time, padding and accuracy from summary.json and metrics.jsonl."""
     run_dir = out / f"len{length}-{'grouped' if grouped else 'random'}"
     # fmt: skip below: argv, each flag beside its value
@@ -37,7 +41,7 @@ def measure(cfg: dict, length: int, grouped: bool, data_dir: Path, out: Path, qu
             "--epochs", "1", "--lr", "1e-4", "--no-save", *(["--group-by-length"] if grouped else []),
             *(["--max-eval-samples", str(cfg["eval_rows"])] if cfg["eval_rows"] else [])]  # fmt: skip
     with tempfile.TemporaryDirectory() as cache:
-        run_training(2, [*args, "--cache-dir", cache], quiet=quick)
+        run_training(2, [*args, "--cache-dir", cache], quiet=quick, cluster=cluster)
     summary = json.loads((run_dir / "summary.json").read_text())
     steps = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if '"type": "step"' in x]
     return {
@@ -51,14 +55,14 @@ def measure(cfg: dict, length: int, grouped: bool, data_dir: Path, out: Path, qu
     }
 
 
-def run(out_dir: Path, quick: bool = False, data_dir: Path = DATA_DIR) -> dict:
+def run(out_dir: Path, quick: bool = False, data_dir: Path = DATA_DIR, cluster: Cluster | None = None) -> dict:
     """Train with and without grouping for each length, then write grouping.json and grouping.md."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if not (Path(data_dir) / "train.csv").exists():
         raise FileNotFoundError(f"{data_dir}: AG News CSVs not found (pass data_dir, e.g. ../shared/ag_news)")
     cfg = QUICK if quick else FULL
-    rows = [measure(cfg, n, g, Path(data_dir), out_dir, quick) for n in cfg["lengths"] for g in (False, True)]
+    rows = [measure(cfg, n, g, Path(data_dir), out_dir, quick, cluster) for n in cfg["lengths"] for g in (False, True)]
     md = [
         f"2 ranks, gloo, ours (`--ddp scratch`), {cfg['model']}, {cfg['rows']} rows, micro-batch 16, 1 epoch; "
         "time = the epoch's training time (evaluation excluded); padding = rank 0's batch tokens / real tokens.",
@@ -77,7 +81,7 @@ def run(out_dir: Path, quick: bool = False, data_dir: Path = DATA_DIR) -> dict:
             f"{r['time_ratio']:.2f} | {r['padding']:.2f}x | {r['test_accuracy']:.4f} ({r['test_n']}) | "
             f"{r['accuracy_diff_in_se']:+.1f} |"
         )
-    return write_result(out_dir, "grouping", md, {"config": cfg, "rows": rows}, rows=rows)
+    return write_result(out_dir, "grouping", md, {"config": cfg, "rows": rows}, cluster=cluster, rows=rows)
 
 
 def _arguments(p) -> None:

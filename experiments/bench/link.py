@@ -7,8 +7,8 @@
 
 Every measurement runs on the emulated cluster (experiments/cluster/: 2 nodes x 1 rank, each node
 a network namespace pinned to its own core, joined by links shaped to the rate; needs root), one
-launch per link rate (common.launch's `on_cluster`). Inside a launch, the configurations take
-turns, one training step each (common.wrappers.timed_step: experiments/step.py's optimizer step,
+launch per link rate (a `Cluster` of experiments/launch.py given to each launch). Inside a launch, the
+configurations take turns, one training step each (common.wrappers.timed_step: experiments/step.py's optimizer step,
 AdamW, minilm-l6, micro-batch 16 x 64), in an order that rotates every round, as in the step part,
 so every figure is a ratio of steps of one run; a round's time is the slowest rank's.
 
@@ -40,12 +40,13 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..parallel import compress_hook
+from experiments.launch import Cluster
+
 from .accuracy import DATA_DIR
 from .common.intervals import paired_ratios, slowest_median
-from .common.launch import launch_ranks, on_cluster, run_command
+from .common.launch import compare_flags, launch_ranks, run_command
 from .common.report import part_main, write_result
-from .common.wrappers import bytes_per_step, model_and_batches, rotated, timed_step, wrap
+from .common.wrappers import bytes_per_step, compress_hook, model_and_batches, rotated, timed_step, wrap
 
 RATES = ("500mbit", "1gbit", "2500mbit", "10gbit", "none")
 MEASURES = ("rates", "caps", "collectives", "main")
@@ -60,6 +61,7 @@ CONFIGS = {
     "ours-bf16": ("scratch-torch", "auto", "bf16"),
 }
 COMPUTE_ONLY = "compute-only"
+GIGABIT = Cluster(2, 1, "1gbit")  # 2 nodes x 1 rank at 1 Gbit/s: where the caps, collectives and main job run
 CAPS_MB = (1, 2.5, 5, 10, 25, 100)
 FULL = dict(model="minilm-l6", steps=10, warmup=2, batch_size=16, seq_len=64)
 QUICK = dict(model="tiny", steps=2, warmup=1, batch_size=8, seq_len=32)
@@ -158,23 +160,22 @@ def measure_rates(cfg: dict, rates, quick: bool) -> dict:
     configs = [[name, None] for name in (*CONFIGS, COMPUTE_ONLY)]
     out = {}
     for rate in rates:
-        with on_cluster("2x1", rate):
-            out[rate] = _rows(launch_ranks("link", 2, {**cfg, "configs": configs}, quiet=quick), rate)
+        ranks = launch_ranks("link", 2, {**cfg, "configs": configs}, quiet=quick, cluster=Cluster(2, 1, rate))
+        out[rate] = _rows(ranks, rate)
     return out
 
 
 def measure_caps(cfg: dict, caps, quick: bool) -> dict:
     """At 1 Gbit/s: native and ours at each bucket cap, and compute-only, interleaved in one launch."""
     configs = [[name, float(c)] for c in caps for name in ("native", "ours")] + [[COMPUTE_ONLY, None]]
-    with on_cluster("2x1", "1gbit"):
-        return _rows(launch_ranks("link", 2, {**cfg, "configs": configs}, quiet=quick), "1gbit", reference="native@25")
+    ranks = launch_ranks("link", 2, {**cfg, "configs": configs}, quiet=quick, cluster=GIGABIT)
+    return _rows(ranks, "1gbit", reference="native@25")
 
 
 def measure_collectives(quick: bool) -> list[dict]:
     """At 1 Gbit/s: the allreduce part's four algorithms (its worker), median ms and busbw."""
     plan = [(2**20, 2)] if quick else COLLECTIVE_PLAN
-    with on_cluster("2x1", "1gbit"):
-        ranks = launch_ranks("allreduce", 2, {"plan": plan, "overlap_bytes": 0}, quiet=quick)
+    ranks = launch_ranks("allreduce", 2, {"plan": plan, "overlap_bytes": 0}, quiet=quick, cluster=GIGABIT)
     rows = []
     for r in ranks[0]["results"]:
         t = statistics.median(r["times_s"])
@@ -197,44 +198,16 @@ def measure_main(out_dir: Path, quick: bool, data_dir: Path) -> dict:
 
     main_dir = out_dir / "main"
     job = ["--model", "tiny", "--max-train-samples", "64", "--max-eval-samples", "32"] if quick else MAIN_JOB
-    cmd = [sys.executable, "-m", "experiments.compare", "--cluster", "2x1", "--link", "1gbit", "--out", str(main_dir)]
+    cmd = [sys.executable, "-m", "experiments.compare", *compare_flags(GIGABIT), "--out", str(main_dir)]
     run_command([*cmd, "--data-dir", str(data_dir), *job], quiet=quick)
     md = (main_dir / "comparison.md").read_text()
     return {"table": md, "runs": json.loads((main_dir / "comparison.json").read_text())["runs"]}
 
 
-def run(
-    out_dir: Path,
-    quick: bool = False,
-    measure: str | None = None,
-    rates: str = ",".join(RATES),
-    data_dir: Path = DATA_DIR,
-) -> dict:
-    """Run the `measure` parts (comma-separated MEASURES; None: all, quick: rates at 1 Gbit/s only)
-    on the emulated cluster, then write link.json and link.md.
-
-    Raises: ClusterSetupError at once without root, namespaces, `ip` or `tc` (what is missing);
-    UsageError for an unknown `measure` or a bad rate.
-    """
-    from experiments.cluster import check_environment
-    from experiments.errors import UsageError
-
-    check_environment()
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    measure = measure or ",".join(QUICK_MEASURES if quick else MEASURES)
-    which = [m.strip() for m in measure.split(",") if m.strip()]
-    if set(which) - set(MEASURES) or not which:
-        raise UsageError(f"--measure {measure!r}: choose from {', '.join(MEASURES)}")
-    cfg = QUICK if quick else FULL
-    chosen = QUICK_RATES if quick else tuple(r.strip() for r in rates.split(",") if r.strip())
-    data: dict = {"config": cfg}
-    md = [
-        f"2 nodes x 1 rank (each node one core), gloo, {cfg['model']}, micro-batch {cfg['batch_size']} x "
-        f"{cfg['seq_len']} tokens, AdamW, each DDP at its defaults (torch's 25 MiB buckets, first 1 MiB); "
-        f"{cfg['steps']} interleaved rounds (after {cfg['warmup']} warm-up) per launch, slowest rank per round; "
-        "every ratio is paired: two configurations' steps in the same round.",
-    ]
+def measure_each(which: list[str], cfg: dict, rates, quick: bool, out_dir: Path, data_dir: Path, md: list) -> dict:
+    """Each of the `which` measurements (MEASURES) on the cluster, its table appended to `md`; their data."""
+    data: dict = {}
+    chosen = rates
     if "rates" in which:
         data["rates"] = measure_rates(cfg, chosen, quick)
         md += ["", "**Step time against link rate**", ""]
@@ -259,8 +232,46 @@ def run(
             for r in data["collectives"]
         ]
     if "main" in which:
-        data["main"] = measure_main(out_dir, quick, Path(data_dir))
+        data["main"] = measure_main(out_dir, quick, data_dir)
         md += ["", "**The main job on 2 nodes at 1 Gbit/s**", "", data["main"]["table"]]
+    return data
+
+
+def run(
+    out_dir: Path,
+    quick: bool = False,
+    measure: str | None = None,
+    rates: str = ",".join(RATES),
+    data_dir: Path = DATA_DIR,
+    cluster: Cluster | None = None,
+) -> dict:
+    """Run the `measure` parts (comma-separated MEASURES; None: all, quick: rates at 1 Gbit/s only)
+    on the emulated cluster, then write link.json and link.md (`cluster` is not used: this part makes
+    its own, 2 nodes x 1 rank at each rate).
+
+    Raises: ClusterSetupError at once without root, namespaces, `ip` or `tc` (what is missing);
+    UsageError for an unknown `measure` or a bad rate.
+    """
+    from experiments.cluster import check_environment
+    from experiments.errors import UsageError
+
+    check_environment()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    measure = measure or ",".join(QUICK_MEASURES if quick else MEASURES)
+    which = [m.strip() for m in measure.split(",") if m.strip()]
+    if set(which) - set(MEASURES) or not which:
+        raise UsageError(f"--measure {measure!r}: choose from {', '.join(MEASURES)}")
+    cfg = QUICK if quick else FULL
+    chosen = QUICK_RATES if quick else tuple(r.strip() for r in rates.split(",") if r.strip())
+    data: dict = {"config": cfg}
+    md = [
+        f"2 nodes x 1 rank (each node one core), gloo, {cfg['model']}, micro-batch {cfg['batch_size']} x "
+        f"{cfg['seq_len']} tokens, AdamW, each DDP at its defaults (torch's 25 MiB buckets, first 1 MiB); "
+        f"{cfg['steps']} interleaved rounds (after {cfg['warmup']} warm-up) per launch, slowest rank per round; "
+        "every ratio is paired: two configurations' steps in the same round.",
+    ]
+    data.update(measure_each(which, cfg, chosen, quick, out_dir, Path(data_dir), md))
     where = {
         "nodes": 2,
         "nproc_per_node": 1,

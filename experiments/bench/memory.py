@@ -42,24 +42,15 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .common.launch import launch_ranks, topology
-from .common.report import part_main, write_result
-from .common.wrappers import timed_step
+from experiments import parallel as P
+from experiments.launch import Cluster
 
-STAGES = {"ddp": "DDP", "zero1": "ZeRO-1", "zero2": "ZeRO-2", "fsdp": "FSDP (ZeRO-3)"}
-# (stage, whose); torch has no ZeRO-2 of its own: its nearest is FSDP2 without resharding after forward
-VARIANTS = [
-    ("ddp", "ours"),
-    ("ddp", "torch"),
-    ("zero1", "ours"),
-    ("zero1", "torch"),
-    ("zero2", "ours"),
-    ("fsdp", "ours"),
-    ("fsdp", "torch"),
-]
-NO_COUNTERPART = {
-    "zero2": "torch has no ZeRO-2 (its nearest, fully_shard(reshard_after_forward=False), shards parameters too)"
-}
+from .common.launch import launch_ranks
+from .common.report import part_main, write_result
+from .common.wrappers import device, timed_step
+
+# every (stage, implementation) of experiments/parallel.py's table, in its order; where one is missing
+# (torch's ZeRO-2), the table's `MISSING` says why in a row of its own
 FULL = dict(models=["minilm-l6", "distilbert"], micro_batch=8, seq=128, steps=3)
 QUICK = dict(models=["quick"], micro_batch=4, seq=16, steps=1)
 LABELS = 4
@@ -95,21 +86,6 @@ def held_bytes(params, optim_state: dict) -> dict[str, int]:
         "grads": storage_bytes(p.grad for p in params),
         "optim": storage_bytes(state),
     }
-
-
-def predicted(stage: str, psi: int, n: int) -> dict[str, float]:
-    """The ZeRO paper's bytes per rank for fp32 AdamW (4 + 4 + 8 per parameter), sharded terms / n."""
-    return {
-        "ddp": {"params": 4 * psi, "grads": 4 * psi, "optim": 8 * psi},
-        "zero1": {"params": 4 * psi, "grads": 4 * psi, "optim": 8 * psi / n},
-        "zero2": {"params": 4 * psi, "grads": 4 * psi / n, "optim": 8 * psi / n},
-        "fsdp": {"params": 4 * psi / n, "grads": 4 * psi / n, "optim": 8 * psi / n},
-    }[stage]
-
-
-def predicted_sent(stage: str, psi: int, n: int) -> float:
-    """Bytes each rank sends per step by the formula (fp32, ring algorithms): units of (n-1)/n 4 Psi."""
-    return {"ddp": 2, "zero1": 3, "zero2": 2, "fsdp": 3}[stage] * (n - 1) / n * 4 * psi
 
 
 # ---- what a rank communicates --------------------------------------------------------------
@@ -270,52 +246,18 @@ def batch_of(step: int, rank: int, vocab: int, batch: int, seq: int) -> tuple[to
     return torch.randint(1, vocab, (batch, seq), generator=g), torch.randint(0, LABELS, (batch,), generator=g)
 
 
-def wrap(stage: str, whose: str, model: nn.Module, lr: float = 1e-3):
-    """(wrapped model, optimizer, the tensors this rank holds as parameters, the optimizer state dict)."""
-    import ddp_native.sharded
-    from ddp_from_scratch import DistributedDataParallel
-    from ddp_from_scratch.fsdp import FullyShardedDataParallel
-    from ddp_from_scratch.zero import ZeroRedundancyOptimizer
-    from ddp_from_scratch.zero2 import Zero2Optimizer
+def wrap(stage: str, impl: str, model: nn.Module, lr: float = 1e-3):
+    """(wrapped model, optimizer, what this rank holds: () -> {"params", "grads", "optim"} bytes), built by
+    experiments/parallel.py's table with gradients as views of DDP's buckets and torch's DDP all-reducing
+    through its Python `allreduce_hook` (so that `CollectiveCounter` sees its all-reduces)."""
+    options = P.Options(lr=lr, gradient_as_bucket_view=True, python_allreduce=True)
+    run = P.build(P.lookup(stage, impl), model, options, device())
 
-    adamw = torch.optim.AdamW
-    if stage in ("ddp", "zero1"):
-        if whose == "ours":
-            m = DistributedDataParallel(model, gradient_as_bucket_view=True)
-        else:
-            from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
-            from torch.nn.parallel import DistributedDataParallel as TorchDDP
+    def held() -> dict[str, int]:
+        params, with_grads, state = run.held()
+        return held_bytes(with_grads, state) | {"params": storage_bytes(params)}
 
-            m = TorchDDP(model, gradient_as_bucket_view=True)
-            m.register_comm_hook(None, default_hooks.allreduce_hook)  # in Python: its all-reduce is counted
-        if stage == "ddp":
-            opt = adamw(m.parameters(), lr=lr)
-            return m, opt, lambda: held_bytes(model.parameters(), opt.state)
-        zero = ZeroRedundancyOptimizer if whose == "ours" else ddp_native.sharded.ZeroRedundancyOptimizer
-        opt = zero(m.parameters(), adamw, lr=lr)
-        return m, opt, lambda: held_bytes(model.parameters(), opt.optim.state)
-    if stage == "zero2":
-        opt = Zero2Optimizer(model.parameters(), adamw, lr=lr)
-
-        def held():
-            res = held_bytes(opt.optim.param_groups[0]["params"], opt.optim.state)
-            return res | {"params": storage_bytes(model.parameters())}  # the shards are views of these flats
-
-        return model, opt, held
-    if whose == "ours":
-        m = FullyShardedDataParallel(model)
-        opt = adamw(m.parameters(), lr=lr)
-
-        def held():
-            extra = [t for mod in model.modules() for t in vars(mod).values() if torch.is_tensor(t)]
-            return held_bytes(list(m.parameters()), opt.state) | {
-                "params": storage_bytes([*m.parameters(), *extra])  # with any full parameter still gathered
-            }
-
-        return m, opt, held
-    m = ddp_native.sharded.fsdp(model)
-    opt = adamw(m.parameters(), lr=lr)
-    return m, opt, lambda: held_bytes(m.parameters(), opt.state)
+    return run.model, run.opt, held
 
 
 def worker(models: list[str], micro_batch: int, seq: int, steps: int, show_progress: bool = False) -> list[dict]:
@@ -323,10 +265,10 @@ def worker(models: list[str], micro_batch: int, seq: int, steps: int, show_progr
     import torch.distributed as dist
 
     rank, n = dist.get_rank(), dist.get_world_size()
-    wrap("ddp", "ours", build("quick"))  # imports and first allocations, outside every variant's peak RSS
+    wrap(*P.reference().key, build("quick"))  # imports and first allocations, outside every variant's peak RSS
     out = []
     for name in models:
-        for stage, whose in VARIANTS:
+        for stage, impl in list(P.STRATEGIES):
             resettable = reset_peak_rss()
             rss0 = rss_bytes()
             model = build(name)
@@ -335,7 +277,7 @@ def worker(models: list[str], micro_batch: int, seq: int, steps: int, show_progr
             counter = CollectiveCounter(n)
             times = []
             with counter.counting():
-                m, opt, held = wrap(stage, whose, model)
+                m, opt, held = wrap(stage, impl, model)
                 for k in range(1 + steps):  # step 0 warms up (our FSDP learns its order, DDP its buckets)
                     counter.active = k > 0
                     # training's one optimizer step (experiments/step.py), unclipped: clipping's norm
@@ -352,7 +294,7 @@ def worker(models: list[str], micro_batch: int, seq: int, steps: int, show_progr
                 {
                     "model": name,
                     "stage": stage,
-                    "whose": whose,
+                    "impl": impl,
                     "n": n,
                     "psi": psi,
                     "held": held(),
@@ -366,23 +308,25 @@ def worker(models: list[str], micro_batch: int, seq: int, steps: int, show_progr
                 }
             )
             if show_progress:
-                print(f"{name} {stage}/{whose}: {out[-1]['held']}", flush=True)
+                print(f"{name} {stage}/{impl}: {out[-1]['held']}", flush=True)
             del m, opt, held, model
     return out
 
 
 # ---- the table -------------------------------------------------------------------------------
 def summarize(ranks: list[list[dict]]) -> list[dict]:
-    """One row per (model, n, stage, whose): the largest rank's bytes (the one that runs out first), formulas."""
-    rows = []
+    """One row per (model, n, stage, impl): the largest rank's bytes (the one that runs out first), formulas."""
+    rows, ref = [], P.reference().key
     for i, r in enumerate(ranks[0]):
         per_rank = [rk[i] for rk in ranks]
         held = {k: max(x["held"][k] for x in per_rank) for k in ("params", "grads", "optim")}
-        want = predicted(r["stage"], r["psi"], r["n"])
+        strategy = P.lookup(r["stage"], r["impl"])
+        want = strategy.predicted(r["psi"], r["n"])
         times = [max(x["step_s"][j] for x in per_rank) for j in range(len(r["step_s"]))]
         rows.append(
             {
-                **{k: r[k] for k in ("model", "stage", "whose", "n", "psi", "calls", "coll_bytes")},
+                **{k: r[k] for k in ("model", "stage", "impl", "n", "psi", "calls", "coll_bytes")},
+                "whose": strategy.impl.whose,
                 "held": held,
                 "predicted": want,
                 "total": sum(held.values()),
@@ -391,14 +335,12 @@ def summarize(ranks: list[list[dict]]) -> list[dict]:
                 "peak_rss": max(x["peak_rss"] for x in per_rank),
                 "peak_reset": all(x["peak_reset"] for x in per_rank),
                 "sent": max(x["sent"] for x in per_rank),
-                "predicted_sent": predicted_sent(r["stage"], r["psi"], r["n"]),
+                "predicted_sent": strategy.predicted_sent(r["psi"], r["n"]),
                 "step_ms": 1e3 * statistics.median(times),
             }
         )
     for r in rows:  # ratios to DDP (ours) of the same model and world size
-        ddp = next(
-            x for x in rows if (x["model"], x["n"], x["stage"], x["whose"]) == (r["model"], r["n"], "ddp", "ours")
-        )
+        ddp = next(x for x in rows if (x["model"], x["n"], (x["stage"], x["impl"])) == (r["model"], r["n"], ref))
         r["total_vs_ddp"] = r["total"] / ddp["total"]
         r["sent_vs_ddp"] = r["sent"] / ddp["sent"]
         r["step_vs_ddp"] = r["step_ms"] / ddp["step_ms"]
@@ -420,29 +362,34 @@ def table(rows: list[dict], oversubscribed: int) -> list[str]:
         "| sent MiB/step | vs DDP | collectives per step | step ms | vs DDP |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    done = set()
+    done, title = set(), {s.stage: s.title for s in P.STRATEGIES.values()}
     for r in rows:
         h, w = r["held"], r["predicted"]
         calls = ", ".join(f"{op} x{c}" for op, c in sorted(r["calls"].items()))
         slow = " (oversubscribed)" if r["n"] > oversubscribed else ""
         md.append(
-            f"| {r['model']} ({r['psi'] / 1e6:.2f}M) | {r['n']} | {STAGES[r['stage']]} | {r['whose']} "
+            f"| {r['model']} ({r['psi'] / 1e6:.2f}M) | {r['n']} | {title[r['stage']]} | {r['whose']} "
             + " ".join(f"| {_mb(h[k])} / {_mb(w[k])}" for k in ("params", "grads", "optim"))
             + f" | {_mb(r['total'])} / {_mb(r['predicted_total'])} | {r['total_vs_ddp']:.2f} "
             f"| {_mb(r['peak_rss_growth'])} | {_mb(r['sent'])} / {_mb(r['predicted_sent'])} | {r['sent_vs_ddp']:.2f} "
             f"| {calls} | {r['step_ms']:.0f}{slow} | {r['step_vs_ddp']:.2f} |"
         )
-        key = (r["model"], r["n"], r["stage"])
-        if r["stage"] in NO_COUNTERPART and key not in done:
-            done.add(key)
-            md.append(
-                f"| {r['model']} | {r['n']} | {STAGES[r['stage']]} | torch | {NO_COUNTERPART[r['stage']]} |" + " |" * 10
-            )
+        for (stage, impl), why in P.MISSING.items():  # once per model and world size, after the stage's rows
+            key = (r["model"], r["n"], stage)
+            if stage == r["stage"] and key not in done:
+                done.add(key)
+                whose = P.IMPLEMENTATIONS[impl].whose
+                md.append(f"| {r['model']} | {r['n']} | {title[stage]} | {whose} | {why} |" + " |" * 10)
     return md
 
 
 def run(
-    out_dir: Path, quick: bool = False, models: str = "minilm-l6,distilbert", nprocs: str = "2,4", steps: int = 3
+    out_dir: Path,
+    quick: bool = False,
+    models: str = "minilm-l6,distilbert",
+    nprocs: str = "2,4",
+    steps: int = 3,
+    cluster: Cluster | None = None,
 ) -> dict:
     """Launch the ranks for each world size (one launch per model), then write memory.json and memory.md."""
     import os
@@ -454,16 +401,16 @@ def run(
     rows = []
     for n in worlds:
         for name in cfg["models"]:
-            ranks = launch_ranks("memory", n, {**cfg, "models": [name]}, quiet=quick, timeout_s=600)
+            ranks = launch_ranks("memory", n, {**cfg, "models": [name]}, quiet=quick, timeout_s=600, cluster=cluster)
             rows += summarize(ranks)
-    where = "over the emulated cluster's links" if topology()["emulated"] else "on this machine's loopback"
+    where = "on this machine's loopback" if cluster is None else "over the emulated cluster's links"
     md = [
         f"AdamW fp32, every parameter trainable, micro-batch {cfg['micro_batch']} x {cfg['seq']} tokens per rank, "
         f"gloo {where}, {cfg['steps']} timed steps after one warm-up.",
         "",
         *table(rows, os.cpu_count() or 1),
     ]
-    return write_result(out_dir, "memory", md, {"config": cfg, "rows": rows}, rows=rows)
+    return write_result(out_dir, "memory", md, {"config": cfg, "rows": rows}, cluster=cluster, rows=rows)
 
 
 def main(argv=None) -> None:

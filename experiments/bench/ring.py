@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 
 from ddp_from_scratch import collectives
+from experiments.launch import Cluster
 
 from .common.intervals import slowest_median
 from .common.launch import launch_ranks
@@ -105,7 +106,7 @@ def worker(nbytes: int, runs: int, show_progress: bool = False) -> dict:
     return {"times_s": times, "small_messages": -(-min(x.numel() // n, 2**18) // 256)}  # 1 KB pieces
 
 
-def run(out_dir: Path, quick: bool = False, nprocs: str = "2,4") -> dict:
+def run(out_dir: Path, quick: bool = False, nprocs: str = "2,4", cluster: Cluster | None = None) -> dict:
     """Launch the ranks for each world size, then write ring.json and ring.md."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -113,14 +114,17 @@ def run(out_dir: Path, quick: bool = False, nprocs: str = "2,4") -> dict:
     worlds = [2] if quick else [int(x) for x in str(nprocs).split(",")]
     tables = {}
     for n in worlds:
-        ranks = launch_ranks("ring", n, cfg, quiet=quick)
+        ranks = launch_ranks("ring", n, cfg, quiet=quick, cluster=cluster)
         names = list(ranks[0]["times_s"])
         ms = {k: 1e3 * slowest_median([r["times_s"][k] for r in ranks]) for k in names}
         per_message_ms = ms["1 MiB in 1 KB messages"] / ranks[0]["small_messages"]
         ideal = 2 * (n - 1) * ms["one ring step, one message"]
         tables[n] = {"ms": ms, "per_message_ms": per_message_ms, "ideal_ring_ms": ideal}
     S = cfg["nbytes"]
-    md = [f"float32, S = {S / 2**20:.0f} MiB, gloo over {network()}; median of {cfg['runs']} runs, slowest rank.", ""]
+    md = [
+        f"float32, S = {S / 2**20:.0f} MiB, gloo over {network(cluster)}; median of {cfg['runs']} runs, slowest rank.",
+        "",
+    ]
     for n, t in tables.items():
         md += [f"**{n} ranks**", "", "| operation | ms | vs gloo all-reduce |", "|---|---|---|"]
         base = t["ms"]["gloo all-reduce"]
@@ -133,7 +137,7 @@ def run(out_dir: Path, quick: bool = False, nprocs: str = "2,4") -> dict:
             f"copy_ bandwidth {S / t['ms']['copy_ of S'] / 1e6:.1f} GB/s",
             "",
         ]
-    return write_result(out_dir, "ring", md, {"config": cfg, "tables": tables}, tables=tables)
+    return write_result(out_dir, "ring", md, {"config": cfg, "tables": tables}, cluster=cluster, tables=tables)
 
 
 def main(argv=None) -> None:

@@ -44,6 +44,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from experiments.launch import Cluster
+
 from .common.launch import launch_ranks
 from .common.report import part_main, pyplot, write_result
 from .common.wrappers import model_and_batches, timed_step, wrap
@@ -80,11 +82,11 @@ def worker(
     return {"threads": torch.get_num_threads(), "accum": accum, "times": times}
 
 
-def measure(world: int, cfg: dict, global_batch: int, quick: bool) -> dict:
+def measure(world: int, cfg: dict, global_batch: int, quick: bool, cluster: Cluster | None = None) -> dict:
     """One launch with `world` processes: median step times (s, slowest rank per round)."""
     cores = os.cpu_count() or 1
     config = {k: v for k, v in cfg.items() if k != "world_sizes"} | {"global_batch": global_batch}
-    ranks = launch_ranks("scaling", world, config, quiet=quick, threads=max(1, cores // world))
+    ranks = launch_ranks("scaling", world, config, quiet=quick, threads=max(1, cores // world), cluster=cluster)
     out = {"threads_per_process": ranks[0]["threads"], "micro_batches_per_rank": ranks[0]["accum"]}
     for key in ranks[0]["times"]:
         slowest = [max(r["times"][key][s] for r in ranks) for s in range(len(ranks[0]["times"][key]))]
@@ -153,16 +155,8 @@ def plot(rows: dict, worlds: list, path: Path, cores: int) -> None:
     plt.close(fig)
 
 
-def run(out_dir: Path, quick: bool = False) -> dict:
-    """One torchrun launch per world size, then scaling.json, scaling.md and scaling.png."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    cfg = QUICK if quick else FULL
-    worlds, cores = list(cfg["world_sizes"]), os.cpu_count() or 1
-    global_batch = cfg["micro_batch"] * max(worlds)
-    raw = {n: measure(n, cfg, global_batch, quick) for n in worlds}
-    rows = derive(raw, global_batch)
-    plot(rows, worlds, out_dir / "scaling.png", cores)
+def table(rows: dict, cfg: dict, worlds: list[int], global_batch: int, cores: int) -> list[str]:
+    """scaling.md's lines: the setting, one row per implementation and world size, how to read it."""
     md = [
         f"{cfg['model']}, global batch {global_batch} x {cfg['seq_len']} tokens per step (micro-batches of "
         f"{cfg['micro_batch']}, accumulated under no_sync), gloo, torch's default buckets, AdamW, "
@@ -204,9 +198,31 @@ def run(out_dir: Path, quick: bool = False) -> dict:
             else ""
         ),
     ]
+    return md
+
+
+def run(out_dir: Path, quick: bool = False, cluster: Cluster | None = None) -> dict:
+    """One torchrun launch per world size, then scaling.json, scaling.md and scaling.png."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cfg = QUICK if quick else FULL
+    worlds, cores = list(cfg["world_sizes"]), os.cpu_count() or 1
+    global_batch = cfg["micro_batch"] * max(worlds)
+    raw = {n: measure(n, cfg, global_batch, quick, cluster) for n in worlds}
+    rows = derive(raw, global_batch)
+    plot(rows, worlds, out_dir / "scaling.png", cores)
+    md = table(rows, cfg, worlds, global_batch, cores)
     data = {"config": {**cfg, "global_batch": global_batch, "cores": cores}, "raw_seconds": raw, "rows": rows}
     return write_result(
-        out_dir, "scaling", md, data, [out_dir / "scaling.png"], rows=rows, global_batch=global_batch, config=cfg
+        out_dir,
+        "scaling",
+        md,
+        data,
+        [out_dir / "scaling.png"],
+        rows=rows,
+        global_batch=global_batch,
+        config=cfg,
+        cluster=cluster,
     )
 
 

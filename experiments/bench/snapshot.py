@@ -22,6 +22,8 @@ import statistics
 import tempfile
 from pathlib import Path
 
+from experiments.launch import Cluster
+
 from .accuracy import DATA_DIR
 from .common.launch import run_training
 from .common.report import part_main, write_result
@@ -32,7 +34,9 @@ COMMON = ["--max-length", "64", "--batch-size", "16", "--epochs", "1", "--lr", "
           "--max-eval-samples", "64", "--save-every", "50"]  # argv: each flag beside its value  # fmt: skip
 
 
-def measure(model: str, extra: list[str], data_dir: Path, out: Path, quick: bool) -> dict:
+def measure(
+    model: str, extra: list[str], data_dir: Path, out: Path, quick: bool, cluster: Cluster | None = None
+) -> dict:
     """One training run with snapshots; the figures from its metrics.jsonl and summary.json."""
     run_dir = out / f"run-{model}"
     args = [
@@ -50,7 +54,7 @@ def measure(model: str, extra: list[str], data_dir: Path, out: Path, quick: bool
     if quick:
         args[args.index("--save-every") + 1] = "3"
     with tempfile.TemporaryDirectory() as cache:
-        run_training(2, [*args, "--cache-dir", cache], quiet=quick)
+        run_training(2, [*args, "--cache-dir", cache], quiet=quick, cluster=cluster)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     snaps = [r for r in rows if r["type"] == "snapshot"]
     steps = sum(r["type"] == "step" for r in rows)
@@ -69,13 +73,15 @@ def measure(model: str, extra: list[str], data_dir: Path, out: Path, quick: bool
     }
 
 
-def run(out_dir: Path, quick: bool = False, data_dir: Path = DATA_DIR) -> dict:
+def run(out_dir: Path, quick: bool = False, data_dir: Path = DATA_DIR, cluster: Cluster | None = None) -> dict:
     """Train with snapshots, then write snapshot.json and snapshot.md."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if not (Path(data_dir) / "train.csv").exists():
         raise FileNotFoundError(f"{data_dir}: AG News CSVs not found (pass data_dir, e.g. ../shared/ag_news)")
-    rows = [measure(m, extra, Path(data_dir), out_dir, quick) for m, extra in (QUICK if quick else FULL).items()]
+    rows = [
+        measure(m, extra, Path(data_dir), out_dir, quick, cluster) for m, extra in (QUICK if quick else FULL).items()
+    ]
     md = [
         f"2 ranks, gloo, ours (`--ddp scratch`), {'quick mode: a few steps, ' if quick else ''}a snapshot every "
         f"{3 if quick else 50} steps and at the epoch end.",
@@ -94,7 +100,7 @@ def run(out_dir: Path, quick: bool = False, data_dir: Path = DATA_DIR) -> dict:
         "A snapshot holds the weights, AdamW's two moments and every rank's random-number states "
         "(experiments/snapshot.py); seconds: gather, write, fsync, sha256, rename, on rank 0.",
     ]
-    return write_result(out_dir, "snapshot", md, {"rows": rows}, rows=rows)
+    return write_result(out_dir, "snapshot", md, {"rows": rows}, cluster=cluster, rows=rows)
 
 
 def main(argv=None) -> None:

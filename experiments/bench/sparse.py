@@ -23,6 +23,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from experiments.launch import Cluster
+
 from .common.intervals import slowest_median
 from .common.launch import launch_ranks
 from .common.report import network, part_main, write_result
@@ -78,7 +80,7 @@ def break_even(points: list[tuple[float, float]]) -> float | None:
     return points[0][0] if points and points[0][1] >= 1 else None
 
 
-def run(out_dir: Path, quick: bool = False, nprocs: str = "2,4") -> dict:
+def run(out_dir: Path, quick: bool = False, nprocs: str = "2,4", cluster: Cluster | None = None) -> dict:
     """Launch the ranks for each world size, then write sparse.json and sparse.md."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -86,7 +88,7 @@ def run(out_dir: Path, quick: bool = False, nprocs: str = "2,4") -> dict:
     worlds = [2] if quick else [int(x) for x in str(nprocs).split(",")]
     rows, crossings = [], {}
     for n in worlds:
-        ranks = launch_ranks("sparse", n, cfg, quiet=quick)
+        ranks = launch_ranks("sparse", n, cfg, quiet=quick, cluster=cluster)
         for i, r in enumerate(ranks[0]):
             t = {m: slowest_median([rk[i]["times_s"][m] for rk in ranks]) for m in ("sparse", "dense")}
             share = r["sent_bytes"]["sparse"] / r["sent_bytes"]["dense"]
@@ -104,7 +106,7 @@ def run(out_dir: Path, quick: bool = False, nprocs: str = "2,4") -> dict:
             crossings[f"{algorithm}, {n} ranks"] = break_even(pts)
     md = [
         f"Word embedding {cfg['vocab']} x {cfg['dim']} fp32 ({cfg['vocab'] * cfg['dim'] * 4 / 1e6:.1f} MB), gloo over "
-        f"{network()}, k distinct rows with a gradient on each rank (another set per rank), median of "
+        f"{network(cluster)}, k distinct rows with a gradient on each rank (another set per rank), median of "
         f"{cfg['runs']} runs of the slowest rank.",
         "",
         "| ranks | algorithm | rows k (share of table) | sparse bytes / dense bytes | sparse ms | dense ms "
@@ -122,7 +124,13 @@ def run(out_dir: Path, quick: bool = False, nprocs: str = "2,4") -> dict:
         + ", ".join(f"{k} {'not reached' if v is None else f'{v:.2f}'}" for k, v in crossings.items()),
     ]
     return write_result(
-        out_dir, "sparse", md, {"config": cfg, "rows": rows, "break_even": crossings}, rows=rows, break_even=crossings
+        out_dir,
+        "sparse",
+        md,
+        {"config": cfg, "rows": rows, "break_even": crossings},
+        rows=rows,
+        break_even=crossings,
+        cluster=cluster,
     )
 
 

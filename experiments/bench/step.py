@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from experiments.launch import Cluster
 from experiments.precision import make_scaler
 
 from .common.intervals import paired_ratios
@@ -50,6 +51,7 @@ from .common.wrappers import (
 # --onramp: the on-ramp's steps 3 and 4 too (ddp_from_scratch/overlap.py, minimal_buckets.py, 25 MiB
 # buckets); step 1 (explicit.py) sends what step 2 (scratch-naive) sends, at the same moment.
 ONRAMP = ("step-overlap", "step-buckets")
+PER_PARAMETER = {"scratch-naive", "step-overlap"}  # one all-reduce per parameter: each gradient travels alone
 
 
 def _wrap_step(impl: str, module):
@@ -113,6 +115,26 @@ def worker(
     }
 
 
+def summarize(ranks: list[dict], impls, steps: int) -> dict:
+    """One row per implementation: the slowest rank's step times, its median and paired ratio to native,
+    all-reduces and bytes per step, and ours' sparse exchanges (what they sent, how many rows)."""
+    slowest = {impl: [max(r["times_s"][impl][s] for r in ranks) for s in range(steps)] for impl in impls}
+    rows = {
+        impl: {
+            "median_ms": 1e3 * statistics.median(ts),
+            "ratio_to_native": paired_ratios(ts, slowest["native"]),
+            "allreduces_per_step": ranks[0]["allreduces"][impl],
+            "mib_into_collectives": ranks[0]["bytes"][impl]["into"] / 2**20,
+            "mib_sent_per_rank": ranks[0]["bytes"][impl]["sent"] / 2**20,
+            "exchanges": sorted(set(x.split()[0] for r in ranks for x in r["exchanges"][impl])),
+            "sparse_rows": [int(x.split()[1]) for x in ranks[0]["exchanges"][impl]],
+            "step_ms": [1e3 * t for t in ts],
+        }
+        for impl, ts in slowest.items()
+    }
+    return rows
+
+
 def run(
     out_dir: Path,
     quick: bool = False,
@@ -121,6 +143,7 @@ def run(
     precision: str = "fp32",
     dense_embeddings: bool = False,
     onramp: bool = False,
+    cluster: Cluster | None = None,
 ) -> dict:
     """Launch the ranks, then write step.json and step.md.
 
@@ -136,22 +159,8 @@ def run(
         "onramp": onramp,
     }
     backend = "nccl" if gpu else "gloo"
-    ranks = launch_ranks("step", nproc, cfg, quiet=quick, backend=backend)
-    impls = (*IMPLS, *ONRAMP) if onramp else IMPLS
-    slowest = {impl: [max(r["times_s"][impl][s] for r in ranks) for s in range(cfg["steps"])] for impl in impls}
-    rows = {
-        impl: {
-            "median_ms": 1e3 * statistics.median(ts),
-            "ratio_to_native": paired_ratios(ts, slowest["native"]),
-            "allreduces_per_step": ranks[0]["allreduces"][impl],
-            "mib_into_collectives": ranks[0]["bytes"][impl]["into"] / 2**20,
-            "mib_sent_per_rank": ranks[0]["bytes"][impl]["sent"] / 2**20,
-            "exchanges": sorted(set(x.split()[0] for r in ranks for x in r["exchanges"][impl])),
-            "sparse_rows": [int(x.split()[1]) for x in ranks[0]["exchanges"][impl]],
-            "step_ms": [1e3 * t for t in ts],
-        }
-        for impl, ts in slowest.items()
-    }
+    ranks = launch_ranks("step", nproc, cfg, quiet=quick, backend=backend, cluster=cluster)
+    rows = summarize(ranks, (*IMPLS, *ONRAMP) if onramp else IMPLS, cfg["steps"])
     mb = ranks[0]["grad_bytes"] / 2**20
     md = [
         f"{nproc} ranks, {backend}, {cfg['model']} ({mb:.1f} MiB of fp32 gradients), {precision}, micro-batch "
@@ -164,9 +173,7 @@ def run(
         "|---|---|---|---|---|---|---|",
     ]
     for impl, r in rows.items():
-        ex = "/".join(r["exchanges"]) or (
-            "dense, alone" if impl in ("scratch-naive", "step-overlap") else "dense, in a bucket"
-        )
+        ex = "/".join(r["exchanges"]) or ("dense, alone" if impl in PER_PARAMETER else "dense, in a bucket")
         if r["sparse_rows"]:
             ex += f", median {statistics.median(r['sparse_rows']):.0f} rows"
         md.append(
@@ -183,7 +190,8 @@ def run(
         "unused.py); naive.py sends one blocking all-reduce per parameter after backward, so every "
         "fixed per-message cost is paid once per parameter and nothing overlaps.",
     ]
-    return write_result(out_dir, "step", md, {"config": cfg, "nproc": nproc, "rows": rows}, rows=rows, config=cfg)
+    data = {"config": cfg, "nproc": nproc, "rows": rows}
+    return write_result(out_dir, "step", md, data, cluster=cluster, rows=rows, config=cfg)
 
 
 def _arguments(p) -> None:

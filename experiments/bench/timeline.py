@@ -33,6 +33,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from experiments.launch import Cluster
+
 from .common.intervals import overlap
 from .common.launch import launch_ranks
 from .common.report import network, part_main, pyplot, write_result
@@ -163,37 +165,11 @@ def plot(events: list[dict], path: Path, step: int) -> None:
     plt.close(fig)
 
 
-def run(
-    out_dir: Path,
-    quick: bool = False,
-    nproc: int = 2,
-    bucket_cap_mb: float | None = None,
-    freeze_embeddings: bool = False,
-    dense_embeddings: bool = False,
-) -> dict:
-    """Launch the ranks, then write timeline.json, trace.json, timeline.png, timeline.md.
-
-    `bucket_cap_mb` (MiB; None = torch's default 25 with a 1 MiB first bucket) applies to all three.
-    `freeze_embeddings` trains everything but the word embeddings (see `worker`): an experiment on
-    what overlap can reach when the last gradient computed is small, not the default workload.
-    `dense_embeddings`: ours sends the word embedding's gradient dense, in a bucket, as torch does.
-    """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    cfg = QUICK if quick else FULL
-    config = {
-        **cfg,
-        "bucket_cap_mb": bucket_cap_mb,
-        "freeze_embeddings": freeze_embeddings,
-        "dense_embeddings": dense_embeddings,
-    }
-    ranks = launch_ranks("timeline", nproc, config, quiet=quick)
-    events = [e for r in ranks for e in r]
-    (out_dir / "trace.json").write_text(json.dumps(chrome_trace(events)))
-    plot(events, out_dir / "timeline.png", step=cfg["steps"] - 1)
-    stats = {impl: overlap(events, impl) for impl in IMPLS}
+def table(stats: dict, nproc: int, cfg: dict, bucket_cap_mb, freeze_embeddings: bool, dense_embeddings: bool,
+          cluster: Cluster | None) -> list[str]:  # fmt: skip
+    """timeline.md's lines: the setting, one row per implementation (`overlap`'s stats), how to read it."""
     md = [
-        f"{nproc} ranks, gloo over {network()}, {cfg['model']}, micro-batch {cfg['batch_size']} x "
+        f"{nproc} ranks, gloo over {network(cluster)}, {cfg['model']}, micro-batch {cfg['batch_size']} x "
         f"{cfg['seq_len']} tokens, "
         + (f"bucket cap {bucket_cap_mb:g} MiB" if bucket_cap_mb is not None else "torch's default buckets")
         + (", word embeddings frozen (not all-reduced)" if freeze_embeddings else "")
@@ -221,9 +197,43 @@ def run(
         "(in BERT-style encoders it holds the word-embedding gradient: the first layer is the last to "
         "get its gradient).",
     ]
+    return md
+
+
+def run(
+    out_dir: Path,
+    quick: bool = False,
+    nproc: int = 2,
+    bucket_cap_mb: float | None = None,
+    freeze_embeddings: bool = False,
+    dense_embeddings: bool = False,
+    cluster: Cluster | None = None,
+) -> dict:
+    """Launch the ranks, then write timeline.json, trace.json, timeline.png, timeline.md.
+
+    `bucket_cap_mb` (MiB; None = torch's default 25 with a 1 MiB first bucket) applies to all three.
+    `freeze_embeddings` trains everything but the word embeddings (see `worker`): an experiment on
+    what overlap can reach when the last gradient computed is small, not the default workload.
+    `dense_embeddings`: ours sends the word embedding's gradient dense, in a bucket, as torch does.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cfg = QUICK if quick else FULL
+    config = {
+        **cfg,
+        "bucket_cap_mb": bucket_cap_mb,
+        "freeze_embeddings": freeze_embeddings,
+        "dense_embeddings": dense_embeddings,
+    }
+    ranks = launch_ranks("timeline", nproc, config, quiet=quick, cluster=cluster)
+    events = [e for r in ranks for e in r]
+    (out_dir / "trace.json").write_text(json.dumps(chrome_trace(events)))
+    plot(events, out_dir / "timeline.png", step=cfg["steps"] - 1)
+    stats = {impl: overlap(events, impl) for impl in IMPLS}
+    md = table(stats, nproc, cfg, bucket_cap_mb, freeze_embeddings, dense_embeddings, cluster)
     plots = [out_dir / "trace.json", out_dir / "timeline.png"]
     data = {"config": config, "events": events}
-    return write_result(out_dir, "timeline", md, data, plots, stats=stats, config=config)
+    return write_result(out_dir, "timeline", md, data, plots, cluster=cluster, stats=stats, config=config)
 
 
 def _arguments(p) -> None:

@@ -12,7 +12,9 @@ One concept per file:
 - network.py: the namespaces (a star of nodes on a switch), their links and `tbf` shaping, the
   checks that this machine can build them, and cleaning up (also after a crashed launcher).
 - launcher.py: one torchrun agent per node (rendezvous, cores, environment), logs prefixed
-  `[node K]`, the `--fault`s at a step, supervision and the exit status; `wrap_torchrun`.
+  `[node K]`, the `--fault`s at a step, supervision and the exit status.
+Where a job runs (`Cluster`, parsed from NODESxRANKS once) and the torchrun command of each node's
+agent are experiments/launch.py's: `Launch(n, cluster=...).command(...)` runs a job here.
 - __main__.py: the command line.
 
 Errors: without Linux, root (or CAP_NET_ADMIN and CAP_SYS_ADMIN), `ip` or `tc`, it stops at once
@@ -20,16 +22,7 @@ with ClusterSetupError (exit 2) saying what is missing. Exit status: 0 when ever
 succeeded, 1 when one failed (or was killed), 2 for a usage error, 130/143 after Ctrl-C/SIGTERM.
 """
 
-from .launcher import (
-    TOPOLOGY_ENV,
-    Fault,
-    describe_topology,
-    parse_fault,
-    run,
-    topology,
-    topology_record,
-    wrap_torchrun,
-)
+from .launcher import Fault, parse_fault, run
 from .network import (
     IFNAME,
     PREFIX,
@@ -45,19 +38,14 @@ from .network import (
 __all__ = [
     "IFNAME",
     "PREFIX",
-    "TOPOLOGY_ENV",
     "Fault",
     "Network",
     "_running",
     "check_environment",
-    "describe_topology",
     "namespace_pids",
     "our_namespaces",
     "parse_fault",
     "rate_bits_per_s",
     "remove_stale",
     "run",
-    "topology",
-    "topology_record",
-    "wrap_torchrun",
 ]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from experiments.errors import UsageError, exit_code
+from experiments.errors import UsageError, guard
 
 from . import __doc__ as PACKAGE_DOC
 from .launcher import parse_fault, run
@@ -46,12 +46,11 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
+    def body() -> int:
         args, command = parse_args(sys.argv[1:] if argv is None else argv)
         return run(args, command)
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return exit_code(e)
+
+    return guard(body)
 
 
 if __name__ == "__main__":

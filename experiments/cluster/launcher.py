@@ -5,8 +5,8 @@ inside its namespace (network.py), as on N machines, pinned to its own cores: `o
 of them (OMP_NUM_THREADS = cores / nproc-per-node). With more nodes than cores, nodes share
 cores round-robin (node K on core K mod cores) and a warning says so: the link is still emulated
 exactly, but compute then competes, so step times no longer mean what they would on N machines.
-Every rank gets DISTRINEWS_CLUSTER=NODESxRANKS@RATE (e.g. `2x1@1gbit`), so what it writes can say
-where it ran (`topology()`).
+Every rank gets DISTRINEWS_CLUSTER=NODESxRANKS@RATE (e.g. `2x1@1gbit`, experiments/launch.py's
+`TOPOLOGY_ENV`), so what it writes can say where it ran (`Cluster.from_env`).
 
 Faults, on purpose (`--fault`, repeatable; "at step K" = after optimizer step K, before step K+1):
     partition,node=K,step=S,seconds=T   node K's link is down for T seconds
@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import fcntl
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -37,6 +36,7 @@ from pathlib import Path
 
 from experiments import faults
 from experiments.errors import EXIT_RUNTIME, UsageError
+from experiments.launch import RDZV_PORT, TOPOLOGY_ENV, Cluster, Launch, Rendezvous
 
 from .network import (
     IFNAME,
@@ -51,10 +51,8 @@ from .network import (
     remove_stale,
 )
 
-RDZV_PORT = 29500
 GRACE_S = 15.0  # after one node's agent failed, the others get this long to stop by themselves
 FAULT_KINDS = {"partition": {"seconds"}, "slow": {"rate"}, "kill": set()}
-TOPOLOGY_ENV = "DISTRINEWS_CLUSTER"  # set for every rank: "NODESxRANKS@RATE", e.g. 2x1@1gbit (summaries say it)
 
 
 @dataclass(frozen=True)
@@ -121,25 +119,48 @@ def agent_command(args, net: Network, k: int, command: list[str]) -> list[str]:
     """Node k's torchrun agent: c10d rendezvous at node 0 (`is_host` said outright: torchrun guesses
     it from the hostname, which is the host's in every namespace), its own address as --local-addr
     (what the workers publish; the hostname would resolve to the host's address, unreachable here)."""
-    return [
-        "ip",
-        "netns",
-        "exec",
-        net.node_ns(k),
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        f"--nnodes={args.nodes}",
-        f"--node-rank={k}",
-        f"--nproc-per-node={args.nproc_per_node}",
-        "--rdzv-backend=c10d",
-        f"--rdzv-endpoint={net.address(0)}:{RDZV_PORT}",
-        f"--rdzv-id={PREFIX}{net.run_id}",
-        f"--rdzv-conf=is_host={int(k == 0)}",
-        f"--local-addr={net.address(k)}",
-        f"--max-restarts={args.max_restarts}",
-        *command,
-    ]
+    here = Rendezvous(
+        args.nodes,
+        k,
+        f"{net.address(0)}:{RDZV_PORT}",
+        f"{PREFIX}{net.run_id}",
+        is_host=k == 0,
+        local_addr=net.address(k),
+    )
+    agent = Launch(args.nproc_per_node, rendezvous=here, max_restarts=args.max_restarts)
+    return ["ip", "netns", "exec", net.node_ns(k), *agent.torchrun(command)]
+
+
+def agent_env(args, k: int, cores: list[int], step_dir: Path) -> dict:
+    """Node k's agent's environment: this process's, the cluster's settings for its ranks, its threads."""
+    env = {
+        **os.environ,
+        "GLOO_SOCKET_IFNAME": os.environ.get("GLOO_SOCKET_IFNAME", IFNAME),  # set it to see a wrong interface
+        "PYTHONUNBUFFERED": "1",
+        # a fresh store for every rendezvous round (on rank 0, at a new port): agents on
+        # different nodes can count restarts differently (a node whose ranks outlived a
+        # partition restarts them as a "membership change", uncounted), and keys in one
+        # store shared across rounds, prefixed with that count, then disagree
+        "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",
+        TOPOLOGY_ENV: Cluster(args.nodes, args.nproc_per_node, args.link).env_value(),
+        faults.CLUSTER_DIR_ENV: str(step_dir),
+        faults.CLUSTER_STEPS_ENV: ",".join(str(f.step) for f in args.faults),
+    }
+    env.setdefault("OMP_NUM_THREADS", str(max(1, len(cores) // args.nproc_per_node)))
+    return env
+
+
+def start_agent(args, net: Network, k: int, command: list[str], cores: list[int], env: dict) -> subprocess.Popen:
+    """Node k's torchrun agent, in a session of its own, pinned to `cores`, its output piped."""
+    return subprocess.Popen(
+        agent_command(args, net, k, command),
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        preexec_fn=lambda: os.sched_setaffinity(0, cores),
+    )
 
 
 def run(args, command: list[str]) -> int:
@@ -171,32 +192,8 @@ def run(args, command: list[str]) -> int:
         )
         out_lock = threading.Lock()
         for k in range(args.nodes):
-            ifname = os.environ.get("GLOO_SOCKET_IFNAME", IFNAME)  # set it to see a wrong interface
-            env = {
-                **os.environ,
-                "GLOO_SOCKET_IFNAME": ifname,
-                "PYTHONUNBUFFERED": "1",
-                # a fresh store for every rendezvous round (on rank 0, at a new port): agents on
-                # different nodes can count restarts differently (a node whose ranks outlived a
-                # partition restarts them as a "membership change", uncounted), and keys in one
-                # store shared across rounds, prefixed with that count, then disagree
-                "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",
-                TOPOLOGY_ENV: f"{args.nodes}x{args.nproc_per_node}@{args.link}",
-                faults.CLUSTER_DIR_ENV: str(step_dir),
-                faults.CLUSTER_STEPS_ENV: ",".join(str(f.step) for f in args.faults),
-            }
-            env.setdefault("OMP_NUM_THREADS", str(max(1, len(cores[k]) // args.nproc_per_node)))
-            proc = subprocess.Popen(
-                agent_command(args, net, k, command),
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                preexec_fn=lambda c=cores[k]: os.sched_setaffinity(0, c),
-            )
-            agents[k] = proc
-            threading.Thread(target=_pump, args=(proc.stdout, f"[node {k}] ", out_lock), daemon=True).start()
+            agents[k] = start_agent(args, net, k, command, cores[k], agent_env(args, k, cores[k], step_dir))
+            threading.Thread(target=_pump, args=(agents[k].stdout, f"[node {k}] ", out_lock), daemon=True).start()
         return supervise(args, net, agents, step_dir)
     except (KeyboardInterrupt, _Stop) as e:
         say(f"{'interrupted' if isinstance(e, KeyboardInterrupt) else 'SIGTERM'}: stopping every node")
@@ -273,65 +270,3 @@ def apply_fault(net: Network, f: Fault, heal: list, now: float) -> str:
         what = f"kill: every process of node {f.node} killed after step {f.step}"
     say(what)
     return what
-
-
-def wrap_torchrun(cmd: list[str], spec: str, link: str) -> list[str]:
-    """A `torchrun ... -m MODULE ARGS` command line, run on the emulated cluster instead.
-
-    `spec` is NODESxRANKS (`2x1`: 2 nodes with 1 rank each); torchrun's own options are dropped
-    (the launcher sets them per node). Used by experiments.compare's --cluster.
-
-    Raises:
-        UsageError: `spec` is not NODESxRANKS, or `cmd` has no `-m MODULE`.
-    """
-    m = re.fullmatch(r"(\d+)x(\d+)", spec)
-    if not m or "-m" not in cmd[3:]:
-        raise UsageError(f"--cluster {spec!r}: write NODESxRANKS, e.g. 2x1 (2 nodes, 1 rank each)")
-    module = cmd.index("-m", 3)  # cmd[1:3] is `-m torch.distributed.run`
-    return [
-        sys.executable,
-        "-m",
-        "experiments.cluster",
-        "--nodes",
-        m.group(1),
-        "--nproc-per-node",
-        m.group(2),
-        "--link",
-        link,
-        *cmd[module:],
-    ]
-
-
-def topology() -> dict | None:
-    """Where this process runs: {"nodes", "nproc_per_node", "link"} from TOPOLOGY_ENV, which the
-    launcher sets for every rank (`link` in tc units, or "none"); None outside the cluster."""
-    m = re.fullmatch(r"(\d+)x(\d+)@(\S+)", os.environ.get(TOPOLOGY_ENV, ""))
-    if not m:
-        return None
-    return {"nodes": int(m.group(1)), "nproc_per_node": int(m.group(2)), "link": m.group(3)}
-
-
-def describe_topology(nodes: int, nproc_per_node: int | None, link: str, emulated: bool = True) -> str:
-    """One line for tables: "2 nodes x 1 rank, links 1gbit (emulated cluster)", "1 node, unshaped"."""
-    if nodes == 1 and not emulated:
-        return "1 node, unshaped"
-    ranks = "" if nproc_per_node is None else f" x {nproc_per_node} rank{'s' if nproc_per_node != 1 else ''}"
-    where = f"links {link} (emulated cluster)" if emulated else "a real network (not emulated)"
-    return f"{nodes} node{'s' if nodes != 1 else ''}{ranks}, {where}"
-
-
-def topology_record(world_size: int, local_world_size: int) -> dict:
-    """What a run's summary.json records of where it ran: {"nodes", "nproc_per_node", "link",
-    "emulated", "description"}: the emulated cluster's from TOPOLOGY_ENV (`topology()`), else
-    torchrun's own counts (WORLD_SIZE / LOCAL_WORLD_SIZE nodes, link "none": unshaped)."""
-    t = topology()
-    if t is not None:
-        return {**t, "emulated": True, "description": describe_topology(t["nodes"], t["nproc_per_node"], t["link"])}
-    nodes = max(1, world_size // max(1, local_world_size))
-    return {
-        "nodes": nodes,
-        "nproc_per_node": local_world_size,
-        "link": "none",
-        "emulated": False,
-        "description": describe_topology(nodes, local_world_size, "none", emulated=False),
-    }

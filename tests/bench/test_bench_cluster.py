@@ -17,23 +17,22 @@ from experiments import cluster
 from experiments.bench.__main__ import main
 from experiments.bench.common import launch
 from experiments.errors import UsageError
+from experiments.launch import TOPOLOGY_ENV, Cluster, Launch
 
 
-def test_outside_a_cluster_every_result_says_one_node(monkeypatch):
-    monkeypatch.delenv(launch.CLUSTER_ENV, raising=False)
-    assert launch.topology()["description"] == "1 node, unshaped"
-    assert launch.launch_command(2, "m", [])[1:3] == ["-m", "torch.distributed.run"]
-    with launch.on_cluster("2x1", "500mbit"):
-        cmd = launch.launch_command(4, "experiments.bench.common", ["--part", "step"])
-        # 4 ranks on a 2-node cluster: 2 per node; 1 rank: one node
-        assert cmd[1:9] == ["-m", "experiments.cluster", "--nodes", "2", "--nproc-per-node", "2", "--link", "500mbit"]
-        assert launch.layout(1) == (1, 1) and launch.layout(3) == (1, 3)
-        assert launch.compare_flags() == ["--cluster", "2x1", "--link", "500mbit"]
-        assert launch.topology()["description"] == "2 nodes x 1 rank, links 500mbit (emulated cluster)"
-    assert launch.cluster() is None  # restored after the block
+def test_outside_a_cluster_every_result_says_one_node():
+    assert launch.topology(None)["description"] == "1 node, unshaped"
+    assert Launch(2).command("m", [])[1:3] == ["-m", "torch.distributed.run"]
+    two = Cluster.parse("2x1", "500mbit")
+    cmd = Launch(4, two).command("experiments.bench.common", ["--part", "step"])
+    # 4 ranks on a 2-node cluster: 2 per node; 1 rank: one node
+    assert cmd[1:9] == ["-m", "experiments.cluster", "--nodes", "2", "--nproc-per-node", "2", "--link", "500mbit"]
+    assert two.layout(1) == Cluster(1, 1, "500mbit") and two.layout(3) == Cluster(1, 3, "500mbit")
+    assert launch.compare_flags(two) == ["--cluster", "2x1", "--link", "500mbit"]
+    assert launch.topology(two)["description"] == "2 nodes x 1 rank, links 500mbit (emulated cluster)"
+    assert Cluster.from_env({TOPOLOGY_ENV: two.env_value()}) == two  # what the cluster's launcher tells a rank
     with pytest.raises(UsageError, match="NODESxRANKS"):
-        with launch.on_cluster("2by1"):
-            pass
+        Cluster.parse("2by1")
 
 
 def test_bad_cluster_option_is_a_usage_error(tmp_path, capsys):

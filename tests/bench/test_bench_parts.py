@@ -20,7 +20,8 @@ import pytest
 from support import bench
 from support.paths import AG_NEWS, needs_ag_news
 
-from experiments.bench import allreduce, buckets, memory, scaling, sparse, step, timeline
+from experiments import parallel
+from experiments.bench import allreduce, buckets, scaling, sparse, step, timeline
 from experiments.bench.__main__ import PARTS
 from experiments.bench.common.wrappers import IMPLS as STEP_IMPLS
 
@@ -244,7 +245,7 @@ def check_memory(result: dict, out: Path) -> None:
     by = {(r["stage"], r["whose"]): r for r in rows}
     for r in rows:
         n, psi = r["n"], r["psi"]
-        assert n == 2 and r["predicted"] == memory.predicted(r["stage"], psi, n)
+        assert n == 2 and r["predicted"] == parallel.lookup(r["stage"], r["impl"]).predicted(psi, n)
         for kind, want in r["predicted"].items():  # parameters, gradients, optimizer state: each within 10%
             assert abs(r["held"][kind] - want) <= 0.1 * want, (r["stage"], r["whose"], kind, r["held"][kind], want)
         factor = r["predicted_total"] / (16 * psi)  # below DDP by the predicted factor (1, 3/4, 5/8, 1/2 at 2 ranks)

@@ -247,7 +247,7 @@ def test_compare_runs_its_ddp_runs_through_the_launcher():
 
     args, train = compare.parse_args(["--cluster", "2x1", "--link", "500mbit", "--epochs", "1"])
     assert args.nproc == 2 and train == ["--epochs", "1"]
-    cmd = cluster.wrap_torchrun(compare.command("scratch", args.nproc, 16, "out", train), args.cluster, args.link)
+    cmd = compare.command("scratch", args.nproc, 16, "out", train, cluster=args.cluster)
     assert cmd[1:10] == [
         "-m",
         "experiments.cluster",

@@ -6,6 +6,12 @@
 - One owner for the state of a backward pass: no module assigns a private attribute of
   another object (`other._x = ...`), and nothing outside reducer.py touches the reducer's
   private attributes.
+- The layers point down (issue 29's import contract, every import, also inside functions):
+  ddp_from_scratch/ and ddp_native/ side by side, neither importing the other nor anything above;
+  the harness core (experiments/*.py but the tools) above both, importing no benchmark, cluster,
+  tool or server module; the benchmarks, the cluster and the tools (compare, doctor, gpu_check)
+  above the core; the server needs nothing of training but the error types and a free port
+  (`SERVER_MAY_IMPORT`: its own errors module and the load generator's move are issue 29's rest).
 """
 
 from __future__ import annotations
@@ -159,3 +165,79 @@ def test_the_reducer_imports_no_skip_file():
     skip = {LINE.match(line).group(2) for line in lines if "- skip:" in line}
     assert {"comm_hooks.py", "unused.py", "debug.py", "sparse.py"} <= skip
     assert not imported_siblings(PKG / "reducer.py") & skip, imported_siblings(PKG / "reducer.py") & skip
+
+
+# ---- the layers' import contract --------------------------------------------------------------
+TOOLS = ("compare", "doctor", "gpu_check")  # experiments' command-line tools: above the core, beside bench
+UPPER = ("experiments.bench", "experiments.cluster", *(f"experiments.{t}" for t in TOOLS))
+SERVER_MAY_IMPORT = {"experiments.errors", "experiments.launch"}
+
+
+def imported_modules(path: Path, package: str) -> set[str]:
+    """Every module `path` (in `package`, dotted) imports, resolved to absolute dotted names; `from m import x`
+    adds m and m.x (x may be a module). Imports inside functions count."""
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            parts = package.split(".")
+            base = (
+                ".".join(parts[: len(parts) - node.level + 1] + [node.module or ""]).strip(".")
+                if node.level
+                else node.module
+            )
+            out.add(base)
+            out.update(f"{base}.{a.name}" for a in node.names)
+    return out
+
+
+def layer_violations(package_dir: str, forbidden: tuple[str, ...], allowed: set[str] = frozenset()) -> list[str]:
+    """`file: module` for each import under `package_dir` of a module in (or below) `forbidden`, but `allowed`."""
+    bad = []
+    for path in sorted((ROOT / package_dir).rglob("*.py")):
+        rel = path.relative_to(ROOT).with_suffix("")
+        package = ".".join(rel.parts[:-1])
+        for mod in sorted(imported_modules(path, package)):
+            if any(mod == f or mod.startswith(f + ".") for f in forbidden) and mod not in allowed:
+                bad.append(f"{rel}: {mod}")
+    return bad
+
+
+def core_files() -> list[Path]:
+    return [p for p in sorted((ROOT / "experiments").glob("*.py")) if p.stem not in TOOLS]
+
+
+@pytest.mark.parametrize(
+    ("package", "forbidden"),
+    [
+        ("ddp_from_scratch", ("ddp_native", "experiments", "server")),
+        ("ddp_native", ("ddp_from_scratch", "experiments", "server")),
+    ],
+)
+def test_the_two_implementations_stand_side_by_side(package, forbidden):
+    bad = layer_violations(package, forbidden)
+    assert not bad, f"{package}/ imports what it must not (the reference never depends on what it checks): {bad}"
+
+
+def test_the_core_imports_no_benchmark_cluster_tool_or_server():
+    bad = []
+    for path in core_files():
+        for mod in sorted(imported_modules(path, "experiments")):
+            if any(mod == f or mod.startswith(f + ".") for f in (*UPPER, "server")):
+                bad.append(f"{path.name}: {mod}")
+    assert not bad, f"the harness core imports a layer above it: {bad}"
+
+
+def test_the_server_needs_nothing_of_training():
+    bad = layer_violations("server", ("experiments", "ddp_from_scratch", "ddp_native"), allowed=SERVER_MAY_IMPORT)
+    bad = [b for b in bad if b.split(": ")[1].rsplit(".", 1)[0] not in SERVER_MAY_IMPORT]  # names from them
+    assert not bad, bad
+
+
+def test_the_contract_sees_relative_and_late_imports(tmp_path):
+    """The checker must be able to fail: a relative import hidden in a function resolves to its module."""
+    src = tmp_path / "m.py"
+    src.write_text("def f():\n    from .bench.common import launch\n    from ..cluster import run\n")
+    found = imported_modules(src, "experiments.sub")
+    assert "experiments.sub.bench.common.launch" in found and "experiments.cluster.run" in found

@@ -23,7 +23,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from support.paths import AG_NEWS
 
-from experiments.launch import free_port, torchrun_command
+from experiments.launch import Launch, free_port
 
 pytestmark = [pytest.mark.gpu, pytest.mark.two_gpus]
 ROOT = Path(__file__).resolve().parents[2]
@@ -84,7 +84,7 @@ def _train(tmp: Path, ddp: str, extra: list[str], nproc: int = 2) -> dict:
             "--max-train-samples", "256", "--max-eval-samples", "64", "--max-length", "64", "--epochs", "1",
             "--no-test", "--no-snapshots", "--cache-dir", str(tmp / "cache"),
             "--output-dir", str(out), *extra]  # argv: each flag beside its value  # fmt: skip
-    cmd = torchrun_command(nproc, "experiments.train", args[2:]) if ddp != "none" else [sys.executable, *args]
+    cmd = Launch(nproc).torchrun(args) if ddp != "none" else [sys.executable, *args]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "backend nccl" in r.stdout or ddp == "none", r.stdout[-2000:]

@@ -26,7 +26,7 @@ from support.training import tiny_train_args
 
 from experiments import faults
 from experiments import snapshot as S
-from experiments.launch import torchrun_command
+from experiments.launch import Launch, Rendezvous
 
 pytestmark = [needs_ag_news, pytest.mark.slow]  # torchrun trainings and restarts
 STEPS = 24  # 96 rows / global batch 8, 2 epochs
@@ -234,14 +234,8 @@ def test_two_agents_as_two_nodes_equal_one_agent(refs, ddp, per_node, free_port)
     port = free_port()
     procs = []
     for node in (0, 1):
-        rdzv = [
-            "--nnodes=2",
-            "--rdzv-backend=c10d",
-            f"--rdzv-endpoint=127.0.0.1:{port}",
-            "--rdzv-id=ft-test",
-            f"--node-rank={node}",
-        ]
-        cmd = torchrun_command(per_node, "experiments.train", train_args(out, cache, world, ddp)[2:], launcher=rdzv)
+        rdzv = Rendezvous(nodes=2, node_rank=node, endpoint=f"127.0.0.1:{port}", run_id="ft-test")
+        cmd = Launch(per_node, rendezvous=rdzv).torchrun(train_args(out, cache, world, ddp))
         procs.append(forkserver.start_torchrun(cmd[cmd.index("torch.distributed.run") + 1 :], {"OMP_NUM_THREADS": "1"}))
     procs = [p.wait(TIMEOUT_S) for p in procs]
     logs = [p.stdout + p.stderr for p in procs]

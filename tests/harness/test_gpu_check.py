@@ -68,7 +68,7 @@ def test_two_gpus_add_the_two_gpu_tier_and_every_stage_at_two_ranks(tmp_path):
     one, two = gpu_check.plan(tmp_path, 1), gpu_check.plan(tmp_path, 2)
     added = [s for s in two if s.name not in {o.name for o in one}]
     assert [s.name for s in added] == ["GPU tests, two-GPU tier"] + [
-        f"train {t} {spec.precisions[0]}, 2 GPUs" for t, spec in gpu_check.TRAININGS.items() if t != "none"
+        f"train {t} {spec.precisions[0]}, 2 GPUs" for t, spec in gpu_check.trainings().items() if t != "none"
     ]
     assert all(s.needs_gpus == 2 and s.p2p_fallback for s in added)
     assert not any(s.p2p_fallback for s in one)
@@ -80,7 +80,7 @@ def test_two_gpus_add_the_two_gpu_tier_and_every_stage_at_two_ranks(tmp_path):
     assert len(lines) == len(two) and all(line.startswith("ok ") for line in lines), lines
     assert any(line.endswith("tests/gpu/test_gpu.py") for line in lines)
     pairs = [line for line in lines if "--nproc_per_node=2" in line and "--train" in line]
-    assert len(pairs) == len(gpu_check.TRAININGS) - 1 and all("-2gpus.json" in line for line in pairs)
+    assert len(pairs) == len(gpu_check.trainings()) - 1 and all("-2gpus.json" in line for line in pairs)
 
 
 def test_gpus_is_refused_outside_a_dry_run(tmp_path, capsys):
@@ -118,7 +118,7 @@ def test_a_two_gpu_step_falls_back_to_nccl_p2p_disable_as_the_doctor_does(tmp_pa
 
 def test_every_training_is_planned_in_each_of_its_precisions(tmp_path):
     names = {s.name for s in gpu_check.plan(tmp_path, 1)}
-    for training, spec in gpu_check.TRAININGS.items():
+    for training, spec in gpu_check.trainings().items():
         for precision in spec.precisions:
             assert f"train {training} {precision}" in names
     assert "train zero2 fp16" not in names and "train fsdp fp16" not in names  # fp16 is refused there

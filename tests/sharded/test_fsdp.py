@@ -59,7 +59,7 @@ from support.spawn import run, world_sizes
 
 import ddp_native.sharded
 from ddp_from_scratch import debug
-from ddp_from_scratch.fsdp import FullyShardedDataParallel
+from ddp_from_scratch.fsdp import FullyShardedDataParallel, default_units
 
 CLIP = 0.2  # below the gradient norm of every step here, so clipping acts each step
 BF16 = {"compute_dtype": torch.bfloat16, "reduce_dtype": torch.float32}
@@ -69,6 +69,12 @@ LEADS = {"torch": ({}, ("ours", "ours/ring-no-prefetch")), "torch/bf16": (BF16, 
 
 def ours(base, name: str) -> FullyShardedDataParallel:
     return FullyShardedDataParallel(copy.deepcopy(base), **OURS[name])
+
+
+def torchs(base, **kw):
+    """torch's FSDP2 on a copy of `base`, on the units ours picks (each transformer layer), then the root."""
+    model = copy.deepcopy(base)
+    return ddp_native.sharded.fsdp(model, default_units(model), **kw)
 
 
 def _worker(rank, world_size, out_path):
@@ -81,12 +87,12 @@ def _worker(rank, world_size, out_path):
             res[name] = model.full_state_dict()
             res[f"{name}/shard-numel"] = sum(p.numel() for p in model.parameters())
         for name, (kw, _) in LEADS.items():
-            model = ddp_native.sharded.fsdp(copy.deepcopy(base), **kw)
+            model = torchs(base, **kw)
             train(model, adamw(model.parameters()), world_size, rank)
             res[name] = ddp_native.sharded.full_state_dict(model)
     else:  # torch's trains; ours follow it in lockstep
         for lead, (kw, names) in LEADS.items():
-            leader = TorchFSDP(ddp_native.sharded.fsdp(copy.deepcopy(base), **kw))
+            leader = TorchFSDP(torchs(base, **kw))
             followers = {n: OursFSDP(ours(base, n)) for n in names}
             terms = ReduceScatterTerms(followers[names[0]].model).terms
             opt = adamw(leader.model.parameters())
@@ -96,7 +102,7 @@ def _worker(rank, world_size, out_path):
                 res[n] = f.state()
                 res[f"{n}/shard-numel"] = sum(p.numel() for p in f.model.parameters())
     # gradient clipping by the global norm of sharded gradients (the harness clips every step), in lockstep
-    leader = TorchFSDP(ddp_native.sharded.fsdp(copy.deepcopy(base)))
+    leader = TorchFSDP(torchs(base))
     follower = OursFSDP(ours(base, "ours"))
     terms = ReduceScatterTerms(follower.model).terms if world_size > 2 else None
     opt = adamw(leader.model.parameters())

@@ -17,8 +17,9 @@ paper assumes one gradient copy). Each category must be within 10% of the formul
 and the total lower than DDP's by the predicted factor within 10%. What makes up the difference:
 AdamW's `step` counters (4 bytes per tensor), padding of flat tensors to a multiple of n, and
 ZeRO-1's whole-parameter partition, which cannot split the state exactly in n.
-The byte counter and the formula are the memory bench part's (experiments/bench/memory.py), which
-measures the same for minilm-l6 and distilbert, with torch's implementations beside ours.
+The byte counter is the memory bench part's (experiments/bench/memory.py), the formula the strategy
+table's (experiments/parallel.py, `Strategy.predicted`); that part measures the same for minilm-l6 and
+distilbert, with torch's implementations beside ours.
 The model is support/sharded.py's tiny transformer, with every parameter trainable (the formula has
 no frozen ones); the tied weight is one parameter.
 """
@@ -36,8 +37,9 @@ from ddp_from_scratch import DistributedDataParallel
 from ddp_from_scratch.fsdp import FullyShardedDataParallel
 from ddp_from_scratch.zero import ZeroRedundancyOptimizer
 from ddp_from_scratch.zero2 import Zero2Optimizer
+from experiments import parallel
 from experiments.bench.memory import held_bytes as measure
-from experiments.bench.memory import predicted, storage_bytes
+from experiments.bench.memory import storage_bytes
 
 
 def all_trainable():
@@ -80,7 +82,7 @@ def test_memory_per_rank_matches_the_zero_formula(tmp_path, world_size):
         res = torch.load(f"{out}.rank{r}")
         ddp_total = sum(res["ddp"].values())
         for stage, got in res.items():
-            want = predicted(stage, psi, world_size)
+            want = parallel.lookup(stage, parallel.OURS.name).predicted(psi, world_size)  # the table's formula
             for kind, value in got.items():
                 assert abs(value - want[kind]) <= 0.1 * want[kind], (stage, kind, r, value, want[kind])
             factor = sum(want.values()) / (16 * psi)  # predicted total / DDP's

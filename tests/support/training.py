@@ -2,10 +2,11 @@
 
 `tiny_train_args(out_dir, ...)` is that argv without `python -m experiments.train` (prepend it for a
 command; pass it as is to `parse_args` or `main`): `--data-dir <AG_NEWS> --model tiny`, the sample
-counts, `--max-length 32`, `--epochs 1`, then one flag per further keyword argument, then
-`--cache-dir` and `--output-dir` when given. A keyword is the flag's name with `_` for `-`:
-`batch_size=4` -> `--batch-size 4`, `no_test=True` -> `--no-test`; None or False leaves the flag out
-(`epochs=None`: the option's default). Each test file keeps its own values; this says the shape once.
+counts, `--max-length 32`, `--epochs 1`, one flag per further keyword argument, `--cache-dir` and
+`--output-dir` when given, written by `TrainConfig.to_argv` (field order; a value equal to the option's
+default is left out). A keyword is a TrainConfig field: `batch_size=4` -> `--batch-size 4`,
+`no_test=True` -> `--no-test`; None or False leaves the flag out (`epochs=None`: the option's default).
+Each test file keeps its own values; this says the shape once.
 
 `recorded_steps(log)` records, at the first optimizer steps of a training, the parameters and the
 averaged gradient before clipping: the point where runs that add in different orders, or clip by
@@ -18,6 +19,7 @@ import contextlib
 import copy
 from pathlib import Path
 
+from experiments.train_args import TrainConfig
 from support.paths import AG_NEWS
 
 
@@ -31,22 +33,14 @@ def tiny_train_args(
     epochs: int | None = 1,
     **flags,
 ) -> list[str]:
-    """experiments.train's options for the tiny model on `max_train_samples` real rows (see the module's docstring)."""
-    args = ["--data-dir", str(AG_NEWS), "--model", "tiny"]
-    args += ["--max-train-samples", str(max_train_samples), "--max-eval-samples", str(max_eval_samples)]
-    args += ["--max-length", str(max_length)]
-    if epochs is not None:
-        args += ["--epochs", str(epochs)]
-    for name, value in flags.items():
-        if value is None or value is False:
-            continue
-        flag = "--" + name.replace("_", "-")
-        args += [flag] if value is True else [flag, str(value)]
-    if cache_dir is not None:
-        args += ["--cache-dir", str(cache_dir)]
-    if out_dir is not None:
-        args += ["--output-dir", str(out_dir)]
-    return args
+    """experiments.train's options for the tiny model on `max_train_samples` real rows (see the module's docstring),
+    rendered by the config itself (`TrainConfig.to_argv`: a misspelled option is a TypeError here)."""
+    fields = dict(data_dir=str(AG_NEWS), model="tiny", max_train_samples=max_train_samples)
+    fields |= dict(max_eval_samples=max_eval_samples, max_length=max_length)
+    fields |= {k: v for k, v in {**flags, "epochs": epochs}.items() if v is not None}
+    paths = {"cache_dir": cache_dir, "output_dir": out_dir}
+    fields |= {k: str(v) for k, v in paths.items() if v is not None}
+    return TrainConfig(**fields).to_argv()
 
 
 @contextlib.contextmanager

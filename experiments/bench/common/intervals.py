@@ -1,25 +1,13 @@
 """Interval arithmetic of the measurements: union lengths, overlap of communication with backward,
-medians over ranks and rounds. Pure functions of perf_counter seconds; no torch, no processes.
+medians over ranks and rounds. Pure functions of perf_counter seconds; no processes. The union and
+the hidden part of intervals are the core's (experiments/comm_timing.py, which training uses too).
 """
 
 from __future__ import annotations
 
 import statistics
 
-
-def union_length(intervals: list[tuple[float, float]]) -> float:
-    """Total length of the union of `intervals` ((start, end) pairs, seconds): overlaps count once."""
-    total, end = 0.0, float("-inf")
-    for a, b in sorted(intervals):
-        if b > end:
-            total += b - max(a, end)
-            end = b
-    return total
-
-
-def hidden_length(comm: list[tuple[float, float]], start: float, end: float) -> float:
-    """Seconds of the union of `comm` that fall inside [start, end] (communication hidden behind compute)."""
-    return union_length([(max(a, start), min(b, end)) for a, b in comm if min(b, end) > max(a, start)])
+from experiments.comm_timing import hidden_length, union_length  # the core's arithmetic, used here too
 
 
 def overlap(events: list[dict], impl: str) -> dict:

@@ -8,15 +8,14 @@ import argparse
 import json
 import os
 import platform
-import sys
 from pathlib import Path
 
 import torch
 
-from experiments.errors import DistriNewsError, system_exit
+from experiments.errors import guard
+from experiments.launch import Cluster
 
-from .launch import on_cluster
-from .launch import topology as current_topology
+from .launch import topology as bench_topology
 
 
 def machine() -> str:
@@ -40,22 +39,28 @@ def print_result(result: dict) -> None:
     print("\nwritten:\n  " + "\n  ".join(result_files(result)))
 
 
-def network() -> str:
+def network(cluster: Cluster | None) -> str:
     """What the ranks' messages cross, for a part's first line: "loopback" on one node, else the links."""
-    t = current_topology()
-    return f"the emulated cluster's {t['link']} links" if t["emulated"] else "loopback"
+    return "loopback" if cluster is None else f"the emulated cluster's {cluster.link} links"
 
 
 def write_result(
-    out_dir: Path, part: str, md_lines: list[str], data: dict, plots=(), topology: dict | None = None, **returned
+    out_dir: Path,
+    part: str,
+    md_lines: list[str],
+    data: dict,
+    plots=(),
+    topology: dict | None = None,
+    cluster: Cluster | None = None,
+    **returned,
 ) -> dict:
     """Write `<part>.md` (the lines of its table) and `<part>.json` (`data`) into `out_dir`; return
     what a part's `run` returns: {"markdown", "files": [json, md, *plots], **returned}.
 
-    Both say where the ranks ran (launch.py's `topology()`: "1 node, unshaped", or the emulated
+    Both say where the ranks ran (launch.py's `topology(cluster)`: "1 node, unshaped", or the emulated
     cluster's nodes, ranks per node and link rate): the table's first line, the JSON's "topology".
     A part that sets the cluster itself (link.py, one launch per rate) passes its own `topology`."""
-    where = topology or current_topology()
+    where = topology or bench_topology(cluster)
     md = "\n".join([f"Topology: {where['description']}.", "", *md_lines])
     (out_dir / f"{part}.md").write_text(md + "\n")
     (out_dir / f"{part}.json").write_text(json.dumps({"topology": where, **data}, indent=2, default=str))
@@ -77,13 +82,11 @@ def part_main(part: str, doc: str, run, argv=None, add_arguments=None, pass_unkn
         add_arguments(p)
     a, unknown = p.parse_known_args(argv) if pass_unknown else (p.parse_args(argv), None)
     opts = {k: v for k, v in vars(a).items() if k not in ("out", "quick", "cluster", "link")}
-    try:
-        with on_cluster(a.cluster, a.link):
-            result = run(Path(a.out), quick=a.quick, **opts, **({"overrides": unknown} if pass_unknown else {}))
-        print_result(result)
-    except DistriNewsError as e:  # a rank or a training run failed: its output is in the message
-        print(f"error: {e}", file=sys.stderr)
-        raise system_exit(e) from None
+    extra = {"overrides": unknown} if pass_unknown else {}
+    # a rank or a training run failed: its output is in the error's message
+    status = guard(lambda: print_result(run(Path(a.out), quick=a.quick, cluster=cluster_of(a), **opts, **extra)))
+    if status:
+        raise SystemExit(status)
 
 
 def add_cluster_arguments(p: argparse.ArgumentParser) -> None:
@@ -94,6 +97,18 @@ def add_cluster_arguments(p: argparse.ArgumentParser) -> None:
         help="run the ranks on the emulated cluster (experiments/cluster/), e.g. 2x1",
     )
     p.add_argument("--link", default="1gbit", help="with --cluster: each node's link rate (tc units), or none")
+
+
+def cluster_of(a: argparse.Namespace) -> Cluster | None:
+    """The cluster --cluster/--link name (None without --cluster).
+
+    Raises: UsageError: --cluster is not NODESxRANKS, or --link not a rate (experiments/cluster/)."""
+    if a.cluster is None:
+        return None
+    from experiments.cluster import rate_bits_per_s
+
+    rate_bits_per_s(a.link)  # a clear error now, not from inside a launch
+    return Cluster.parse(a.cluster, a.link)
 
 
 def pyplot():

@@ -18,15 +18,18 @@ import time
 import torch
 import torch.distributed as dist
 
-from experiments.comm_timing import place_on_host_clock, record_allreduces, step_origin
+from experiments import parallel as P
+from experiments.comm_timing import gradient_bytes, place_on_host_clock, record_allreduces, step_origin
 from experiments.distributed import rank_device
 from experiments.step import optimizer_step
 from experiments.train_args import TrainConfig
 
-# native: torch's DDP; scratch-torch / scratch-ring: ours with dist.all_reduce / our ring;
-# scratch-naive: naive.py (one blocking all-reduce per parameter after backward)
-IMPLS = ("native", "scratch-torch", "scratch-ring", "scratch-naive")
-BUCKETED = IMPLS[:3]  # the ones with buckets (and so a bucket timeline)
+# The DDPs a benchmark times, built by experiments/parallel.py's table: name -> (implementation, ours'
+# collectives). native: torch's DDP; scratch-torch / scratch-ring: ours with dist.all_reduce / our ring.
+VARIANTS = {"native": (P.TORCHS, "torch"), "scratch-torch": (P.OURS, "torch"), "scratch-ring": (P.OURS, "ring")}
+ONRAMP = {"scratch-naive": "NaiveDistributedDataParallel"}  # naive.py: a blocking all-reduce per parameter
+IMPLS = (*VARIANTS, *ONRAMP)
+BUCKETED = tuple(VARIANTS)  # the ones with buckets (and so a bucket timeline)
 
 
 def device() -> torch.device:
@@ -74,22 +77,19 @@ def wrap(
     with a 1 MiB first bucket) applies to the three bucketed ones alike. `sparse_embeddings`: ours'
     option of that name ("auto": the word embedding's gradient by rows; False: all dense, as torch).
     """
-    import ddp_from_scratch
-    import ddp_native
+    if impl in ONRAMP:
+        import ddp_from_scratch
 
-    if impl == "scratch-naive":
-        return ddp_from_scratch.NaiveDistributedDataParallel(module), None
-    if impl == "native":
-        model = ddp_native.wrap(module, device(), bucket_cap_mb=bucket_cap_mb)
-    else:
-        model = ddp_from_scratch.wrap(
-            module,
-            device(),
-            bucket_cap_mb=bucket_cap_mb,
-            all_reduce=impl.removeprefix("scratch-"),
-            sparse_embeddings=sparse_embeddings,
-        )
-    return model, record_allreduces(model, native=impl == "native") if record else None
+        return getattr(ddp_from_scratch, ONRAMP[impl])(module), None
+    implementation, collectives = VARIANTS[impl]
+    options = P.Options(bucket_cap_mb=bucket_cap_mb, all_reduce=collectives, sparse_embeddings=sparse_embeddings)
+    model = implementation.ddp(module, options, device())
+    return model, record_allreduces(model, native=implementation.native) if record else None
+
+
+def compress_hook(impl: str, kind: str):
+    """`impl`'s (one of VARIANTS) fp16 / bf16 compression hook for `register_comm_hook(None, hook)`."""
+    return VARIANTS[impl][0].compress_hook(kind)
 
 
 def rotated(items: list, i: int) -> list:
@@ -102,9 +102,9 @@ def rotated(items: list, i: int) -> list:
 def allreduces_per_step(impl: str, model) -> int:
     """All-reduce calls one synced step makes: one per bucket, per parameter for naive, and for ours
     one more (the "got a gradient" counts, unused.py)."""
-    if impl == "scratch-naive":
+    if impl in ONRAMP:
         return len(model.params)
-    if impl == "native":
+    if VARIANTS[impl][0].native:
         return len(model.reducer._get_zeros_like_grad_buckets())  # torch has no public bucket list
     return len(model.reducer.buckets) + 1
 
@@ -118,13 +118,9 @@ def bytes_per_step(impl: str, model) -> dict:
     counts its sparse exchanges (sparse.py records) in place of the embedding's dense gradient.
     """
     n = dist.get_world_size()
-    factor = 2 * (n - 1) / n
-    if impl in ("native", "scratch-naive"):
-        b = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-        return {"into": b, "sent": factor * b}
-    dense = sum(bk.buffer.numel() * bk.buffer.element_size() for bk in model.reducer.buckets)
-    ex = model.reducer.exchanges
-    return {"into": dense + sum(r["bytes"] for r in ex), "sent": factor * dense + sum(r["sent_bytes"] for r in ex)}
+    native = impl in ONRAMP or VARIANTS[impl][0].native  # every gradient's bytes, no sparse exchange
+    dense, sparse, sparse_sent = gradient_bytes(model, native)  # experiments/comm_timing.py: one arithmetic
+    return {"into": dense + sparse, "sent": 2 * (n - 1) / n * dense + sparse_sent}
 
 
 def timed_step(
