@@ -1,7 +1,8 @@
 """Which tests share a pytest-xdist worker (`make test` runs `pytest -n 2 --dist loadgroup`).
 
 Each file goes to one worker, so its module fixtures (the spawned ranks of a file's cases) are made
-once; files that share a session fixture go together so it is made once too; and the files that
+once; files that share a costly session fixture (the bench command's quick run) go together so it is
+made once too; and the files that
 build network namespaces share one worker, since the cluster's launcher removes an earlier run's
 namespaces when it starts (experiments/cluster/network.py). Two workers pay off now that processes
 are forked (support/forkserver.py): the waits of one (timeouts, servers, shaped links) overlap the
@@ -23,11 +24,10 @@ GROUPS = {  # file name (without .py): group; every file not named here is a gro
     "test_bench_link": "namespaces",
     "test_bench_cli": "bench_quick",
     "test_bench_parts": "bench_quick",
-    "test_server": "checkpoint",
-    "test_server_serving": "checkpoint",
-    "test_static_space": "checkpoint",
-    "test_deploy_routes": "checkpoint",
 }
+# The server's files (test_server*, test_static_space, test_deploy_routes) each make the tiny served checkpoint
+# (conftest.py's session fixture, about a second) on the worker they run on, rather than queue behind one
+# another on one worker: together they are the suite's longest group.
 
 
 def group_of(nodeid: str, groups: dict[str, str] = GROUPS) -> str:
