@@ -65,11 +65,14 @@ def documented_copies() -> list[str]:
 
 def copy_as_documented(line: str, checkpoint, repo) -> None:
     """Run `line` in a stand-in repository: deploy/checkpoint/ holding its README (as in a clone),
-    the checkpoint at runs/compare/scratch/checkpoint (also reached as ../distrinews/...)."""
+    the checkpoint at runs/compare/scratch/checkpoint (also reached as ../distrinews/..., or as the
+    placeholder CKPT)."""
     (repo / "deploy" / "checkpoint").mkdir(parents=True)
     (repo / "deploy" / "checkpoint" / "README").write_text("placeholder\n")
     shutil.copytree(checkpoint, repo / "runs" / "compare" / "scratch" / "checkpoint")
-    line = line.replace("../distrinews/", "./")
+    line = line.replace("../distrinews/", "./").replace(
+        "CKPT/", "runs/compare/scratch/checkpoint/"
+    )  # CKPT: any checkpoint
     subprocess.run(["bash", "-euc", line], cwd=repo, check=True, timeout=30)
 
 
