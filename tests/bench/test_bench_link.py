@@ -1,4 +1,4 @@
-"""The link part in quick mode: on 2 emulated nodes at 1 Gbit/s (tiny model, 3 rounds), every
+"""The link part in quick mode: on 2 emulated nodes at 1 Gbit/s (tiny model, 6 rounds), every
 configuration and the compute-only step interleaved in one launch, ratios paired within it.
 
 Builds its own namespaces through experiments/cluster/ (a few MB between them, removed after);
