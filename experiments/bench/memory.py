@@ -217,6 +217,8 @@ def build(name: str) -> nn.Module:
     from transformers import DistilBertForSequenceClassification as DistilBert
 
     torch.manual_seed(0)
+    # every option in the one constructor call: a config rebuilt from another's to_dict() keeps that one's
+    # two-label id2label, and transformers 5.0 then ignores num_labels=4 (only a warning)
     if name == "minilm-l6":
         cfg = BertConfig(
             vocab_size=30522,
@@ -225,18 +227,18 @@ def build(name: str) -> nn.Module:
             num_attention_heads=12,
             intermediate_size=1536,
             num_labels=LABELS,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
         )
-        return BertForSequenceClassification(
-            cfg.__class__(**cfg.to_dict() | dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)),
-        ).train()
+        return BertForSequenceClassification(cfg).train()
     common = dict(num_labels=LABELS, dropout=0.0, attention_dropout=0.0, seq_classif_dropout=0.0)
     if name == "distilbert":
         return DistilBert(DistilBertConfig(**common)).train()
     if name == "quick":
         cfg = DistilBertConfig(
-            vocab_size=128, dim=64, n_layers=2, n_heads=2, hidden_dim=256, max_position_embeddings=32
+            vocab_size=128, dim=64, n_layers=2, n_heads=2, hidden_dim=256, max_position_embeddings=32, **common
         )
-        return DistilBert(cfg.__class__(**cfg.to_dict() | common)).train()
+        return DistilBert(cfg).train()
     raise ValueError(f"unknown model {name!r}: choose minilm-l6, distilbert or quick")
 
 
