@@ -28,10 +28,12 @@ Two forms of the same ring, read them in this order:
    of SEGMENT_BYTES, each passed on as soon as it is final, with WINDOW receives in flight, so
    the pieces stream round the ring without a pause between steps, and a rank adds piece k
    while piece k+1 is on the wire. What it buys over the plain ring, 2 ranks, gloo, 25 MiB
-   float32, the forms interleaved, median of 20 rounds: 90 ms streamed against 131 ms plain
-   (plain / streamed 1.45; a 10-round run: 61 against 99 ms), measured on 2 CPU cores shared
-   with other jobs (load average ~8), so a rough figure; rerun on an idle machine with
-   `python docs/examples/ring_forms.py --nproc 2 --mib 25 --reps 20`. Both forms give the same
+   float32, the forms interleaved, median of 20 rounds (`python docs/examples/ring_forms.py
+   --nproc 2 --mib 25 --reps 20`): on 2 idle CPU cores (2026-12-07, load average under 0.3 before
+   the first of three runs back to back) plain / streamed 1.10, 1.22, 1.02 (plain 23-32 ms,
+   streamed 23-26 ms), a few percent; on the same kind of cores shared with other jobs (load
+   average ~8) 1.45 (131 against 90 ms): streaming pays most when a rank is often descheduled,
+   since each piece moves on without waiting for the whole chunk. Both forms give the same
    sums (tests/ddp/test_ddp_equivalence.py runs the DDP with each).
 NCCL ignores message tags, so on GPUs our collectives of one group run from one thread in order: a
 blocking call while work.py's worker still issues launched ones on the group is refused (`check`),

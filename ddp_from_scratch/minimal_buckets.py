@@ -18,8 +18,8 @@ the averages back into `param.grad`.
 What it costs against step 3: one copy of every gradient into a bucket and one back (2 x the
 gradient bytes of memory traffic, and one extra buffer of the gradients' size); what it buys:
 a few all-reduces per step instead of one per parameter: 2 a step instead of 105 for minilm-l6
-at 25 MiB (`python -m experiments.bench.step --onramp`; its step times, from a busy machine, are
-within noise of each other: docs/benchmarks.md §2). A bucket waits for its last
+at 25 MiB, and a step at 1.002 times torch's DDP's against step 3's 1.076 (`python -m
+experiments.bench.step --onramp`, idle 2-core machine: docs/benchmarks.md §2). A bucket waits for its last
 gradient, so a larger cap means fewer messages but less overlap: 25 MiB is torch's default.
 
 What the full DDP (ddp.py, reducer.py) adds on top, none of it needed to be correct here:

@@ -18,9 +18,9 @@ does not touch it again in this backward, and the optimizer runs only after the 
 
 What it costs against step 2: the same all-reduces, the same bytes, one `Work` per parameter to
 keep and wait for; what it buys is communication hidden behind backward. Its time per step
-against steps 2 and 4 is `python -m experiments.bench.step --onramp`; the one run so far was on a
-busy machine (docs/benchmarks.md §2), where the steps differ by less than the noise, so no figure
-is quoted here until an idle run. What it still wastes: one
+against steps 2 and 4 is `python -m experiments.bench.step --onramp`: on an idle machine (2 CPU
+cores, gloo, minilm-l6, docs/benchmarks.md §2) a step takes 1.076 times torch's DDP's, against
+step 2's 1.143 and step 4's 1.002. What it still wastes: one
 message per parameter, each paying a fixed latency; on gloo each async call is also a task for
 the same worker thread. minimal_buckets.py (step 4) packs them into a few large messages.
 
