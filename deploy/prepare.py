@@ -18,7 +18,7 @@ also its parity check on the test split), unless it already holds onnx/model_qua
   image bakes in, with only what the ONNX server reads (no safetensors, no float32 ONNX), for a
   Render web service built from your repository. It prints the remaining steps.
 
-Exit statuses (experiments/errors.py): 0 done, 2 a bad checkpoint or option (the message says what
+Exit statuses (distrinews/errors.py): 0 done, 2 a bad checkpoint or option (the message says what
 to do), 1 a failure of a tool it runs (npm, the export's check).
 """
 
@@ -34,7 +34,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from experiments.errors import DistriNewsError, UsageError, exit_code
+from distrinews.errors import DistriNewsError, UsageError, exit_code
 
 ROOT = Path(__file__).resolve().parent.parent
 STATIC = ROOT / "deploy" / "static"

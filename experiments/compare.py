@@ -34,8 +34,9 @@ import sys
 import torch
 from safetensors.torch import load_file
 
+from distrinews.errors import UsageError, guard
+
 from . import parallel as P
-from .errors import UsageError, guard
 from .launch import Cluster, Launch
 from .train_args import ONE_PROCESS, TrainConfig, build_parser
 

@@ -26,7 +26,8 @@ import datasets
 from datasets import ClassLabel, DatasetDict, Features, List, Value
 from transformers import DataCollatorWithPadding
 
-from .errors import DataError  # defined with the other error types; importable from here as before
+from distrinews.errors import DataError  # defined with the other error types; importable from here as before
+
 from .hub import unreachable_reason
 from .model import LABELS
 

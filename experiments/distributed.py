@@ -18,7 +18,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .errors import DistributedSetupError
+from distrinews.errors import DistributedSetupError
+
 from .launch import free_port
 
 
@@ -88,7 +89,7 @@ def rank_device(local_rank: int) -> torch.device:
     Raises:
         DistributedSetupError: LOCAL_RANK is not a visible GPU (fewer GPUs than local ranks).
     """
-    from .errors import DistributedSetupError
+    from distrinews.errors import DistributedSetupError
 
     gpus = torch.cuda.device_count()
     if local_rank < gpus:

@@ -31,8 +31,9 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
+from distrinews.errors import DistributedSetupError, DistriNewsError, guard
+
 from .distributed import choose_backend, join
-from .errors import DistributedSetupError, DistriNewsError, guard
 from .launch import Launch, free_port
 
 WORKER_TIMEOUT_S = 60  # a healthy check takes seconds; a hang is cut off here

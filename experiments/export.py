@@ -32,7 +32,7 @@ run's max_length, else 128 tokens), each model on the same token ids:
 - int8 ONNX: accuracy within one standard error of torch's, sqrt(p (1 - p) / n) (for p = 0.88 and
   the full 7,600 texts, 0.0037): quantization may cost accuracy, but less than the test split's own
   sampling noise.
-Exit status (experiments/errors.py): 0 when both checks hold, 1 when one fails (the files are
+Exit status (distrinews/errors.py): 0 when both checks hold, 1 when one fails (the files are
 written all the same, for inspection), 2 for a checkpoint that cannot be exported (the message says
 why and what to do) or a bad option, 3 if its weights cannot be loaded.
 """
@@ -51,7 +51,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import DistriNewsError, ModelLoadError, UsageError, exit_code
+from distrinews.errors import DistriNewsError, ModelLoadError, UsageError, exit_code
 
 ONNX_DIR = "onnx"
 FP32_FILE = "model.onnx"

@@ -45,7 +45,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from experiments.errors import guard
+from distrinews.errors import guard
 from experiments.features import missing
 from experiments.launch import Launch, run_target
 

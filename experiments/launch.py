@@ -18,7 +18,7 @@ import socket
 import sys
 from dataclasses import dataclass
 
-from .errors import UsageError
+from distrinews.errors import UsageError
 
 TOPOLOGY_ENV = "DISTRINEWS_CLUSTER"  # set by the cluster's launcher for every rank: "NODESxRANKS@RATE", e.g. 2x1@1gbit
 RDZV_PORT = 29500  # the c10d rendezvous port on node 0 of a cluster

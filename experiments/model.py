@@ -29,7 +29,8 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from .errors import ModelLoadError
+from distrinews.errors import ModelLoadError
+
 from .hub import unreachable_reason
 
 LABELS = ("World", "Sports", "Business", "Sci/Tech")  # AG News classes 1..4 -> label ids 0..3

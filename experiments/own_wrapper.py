@@ -23,7 +23,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.autograd import Variable
 
-from .errors import UsageError
+from distrinews.errors import UsageError
 
 
 class AfterBackward(nn.Module):

@@ -66,8 +66,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from distrinews.errors import SnapshotError, SnapshotMismatch, WorldSizeMismatch
+
 from . import faults
-from .errors import SnapshotError, SnapshotMismatch, WorldSizeMismatch
 
 FORMAT, VERSION = "distrinews-snapshot", 1
 DIRNAME = "snapshots"

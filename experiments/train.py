@@ -46,6 +46,8 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
+from distrinews.errors import guard
+
 from . import distributed as D
 from . import faults, peers
 from . import parallel as P
@@ -53,7 +55,6 @@ from . import snapshot as S
 from .checkpoint import save_checkpoint
 from .comm_timing import bytes_per_step, exposed_seconds, place_on_host_clock, record_allreduces, step_origin
 from .data import load_ag_news, make_collator, tokenize
-from .errors import guard
 from .evaluate import evaluate
 from .launch import topology_record
 from .length_grouping import LengthGroupedBatchSampler, lengths_of

@@ -15,8 +15,9 @@ import dataclasses
 import os
 from dataclasses import dataclass
 
+from distrinews.errors import UsageError
+
 from . import parallel as P
-from .errors import UsageError
 
 DESCRIPTION = "Train an AG News classifier with data parallelism: the one training loop of the project."
 

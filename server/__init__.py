@@ -15,7 +15,9 @@ Where things are, in the order a request meets them:
     batcher.py      dynamic batching: concurrent requests in one forward pass
     metrics.py      Prometheus metrics and the middleware that counts requests
     pages.py        the page at / and the Swagger UI page at /docs
-    bench.py        python -m server.bench: requests/s and latency with wrk
+
+Its load generator lives with the benchmarks (python -m experiments.bench.serving): the service
+imports nothing of training, only the shared error types (distrinews/errors.py).
 """
 
 from server.app import create_app

@@ -4,7 +4,7 @@
     python -m server --checkpoint ckpt --max-batch-texts 32 --max-wait-ms 2 --max-concurrent-requests 128
 
 The limits' options come from server/config.py (`ServerConfig`); see server/app.py for the endpoints.
-Exit statuses follow experiments/errors.py: 0 after a graceful shutdown, 2 for a missing or invalid
+Exit statuses follow distrinews/errors.py: 0 after a graceful shutdown, 2 for a missing or invalid
 checkpoint or an option out of range (a one-line message, no traceback), 3 if the model cannot be
 loaded, 1 if the batcher dies of a bug (or uvicorn fails, e.g. a port already taken).
 """
@@ -18,7 +18,7 @@ import sys
 
 import uvicorn
 
-from experiments.errors import EXIT_OK, UsageError, exit_code
+from distrinews.errors import EXIT_OK, UsageError, exit_code
 from server.app import create_app
 from server.config import ServerConfig
 

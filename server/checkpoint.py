@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from experiments.errors import UsageError
+from distrinews.errors import UsageError
 
 HOW_TO_TRAIN = (
     "Produce a checkpoint with: torchrun --nproc-per-node N -m experiments.train ... "

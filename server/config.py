@@ -37,7 +37,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
-from experiments.errors import UsageError
+from distrinews.errors import UsageError
 
 from .predictor import BACKENDS
 

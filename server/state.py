@@ -26,7 +26,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 
-from experiments.errors import DistriNewsError, ModelLoadError
+from distrinews.errors import DistriNewsError, ModelLoadError
 
 from .batcher import Batcher
 from .checkpoint import HOW_TO_TRAIN, Checkpoint

@@ -44,7 +44,7 @@ import sys
 import time
 from pathlib import Path
 
-from experiments.errors import ClusterSetupError, DistriNewsError, exit_code, guard
+from distrinews.errors import ClusterSetupError, DistriNewsError, exit_code, guard
 
 from .common.launch import topology
 from .common.report import add_cluster_arguments, cluster_of, machine, result_files

@@ -253,8 +253,8 @@ def run(
     Raises: ClusterSetupError at once without root, namespaces, `ip` or `tc` (what is missing);
     UsageError for an unknown `measure` or a bad rate.
     """
+    from distrinews.errors import UsageError
     from experiments.cluster import check_environment
-    from experiments.errors import UsageError
 
     check_environment()
     out_dir = Path(out_dir)

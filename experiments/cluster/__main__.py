@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from experiments.errors import UsageError, guard
+from distrinews.errors import UsageError, guard
 
 from . import __doc__ as PACKAGE_DOC
 from .launcher import parse_fault, run

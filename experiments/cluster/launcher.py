@@ -34,8 +34,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from distrinews.errors import EXIT_RUNTIME, UsageError
 from experiments import faults
-from experiments.errors import EXIT_RUNTIME, UsageError
 from experiments.launch import RDZV_PORT, TOPOLOGY_ENV, Cluster, Launch, Rendezvous
 
 from .network import (

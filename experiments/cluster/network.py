@@ -31,7 +31,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from experiments.errors import ClusterSetupError, UsageError
+from distrinews.errors import ClusterSetupError, UsageError
 
 PREFIX = "dncl-"  # every namespace this package creates starts with it: cleanup touches nothing else
 SUBNET = "10.231.0"  # node K is 10.231.0.<K+1>/24; exists only inside our namespaces

@@ -13,10 +13,10 @@ import json
 import pytest
 from support.namespaces import needs_namespaces
 
+from distrinews.errors import UsageError
 from experiments import cluster
 from experiments.bench.__main__ import main
 from experiments.bench.common import launch
-from experiments.errors import UsageError
 from experiments.launch import TOPOLOGY_ENV, Cluster, Launch
 
 

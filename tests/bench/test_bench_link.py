@@ -12,8 +12,8 @@ import json
 import pytest
 from support.namespaces import WHY_NO_NAMESPACES, needs_namespaces
 
+from distrinews.errors import UsageError
 from experiments.bench.link import COMPUTE_ONLY, CONFIGS, QUICK, run
-from experiments.errors import UsageError
 
 
 def test_unknown_measure_is_a_usage_error(tmp_path):

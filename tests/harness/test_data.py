@@ -9,8 +9,8 @@ import datasets
 import pytest
 import torch
 
+from distrinews.errors import ModelLoadError
 from experiments.data import DataError, load_ag_news, make_collator, tokenize
-from experiments.errors import ModelLoadError
 from experiments.model import LABELS, build_tokenizer
 
 

@@ -7,9 +7,9 @@ import warnings
 import pytest
 import torch
 
+from distrinews.errors import DistributedSetupError
 from experiments import distributed as D
 from experiments import precision as P
-from experiments.errors import DistributedSetupError
 
 
 def fake_gpus(monkeypatch, count: int, capability=(8, 0)) -> None:

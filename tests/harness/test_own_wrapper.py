@@ -21,8 +21,8 @@ from support.paths import needs_ag_news
 from support.torchrun import ok, torchrun
 from support.training import tiny_train_args
 
+from distrinews.errors import UsageError
 from experiments import own_wrapper
-from experiments.errors import UsageError
 from experiments.train_args import TrainConfig
 
 

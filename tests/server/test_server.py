@@ -277,7 +277,7 @@ def test_a_negative_shutdown_timeout_is_a_usage_error(checkpoint, capsys, second
 
 def test_the_server_uses_only_what_its_image_installs(checkpoint):
     # deploy/Dockerfile installs torch and deploy/requirements-server.txt and copies server/ and
-    # experiments/errors.py, nothing else: a real load and prediction must need no more than that.
+    # distrinews/ (the shared error types), nothing else: a real load and prediction must need no more.
     code = f"""
 import sys, time
 from starlette.testclient import TestClient
@@ -292,7 +292,8 @@ print(" ".join(sorted(sys.modules)))
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     modules = set(r.stdout.split())
-    assert {m for m in modules if m.split(".")[0] == "experiments"} == {"experiments", "experiments.errors"}
+    assert not {m for m in modules if m.split(".")[0] in ("experiments", "ddp_from_scratch", "ddp_native")}
+    assert {m for m in modules if m.split(".")[0] == "distrinews"} == {"distrinews", "distrinews.errors"}
     assert not {m.split(".")[0] for m in modules} & {"datasets", "pandas", "pyarrow", "matplotlib"}
 
 

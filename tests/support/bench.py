@@ -57,7 +57,7 @@ class BenchRun:
 
 def quick(parts: tuple[str, ...], out: Path, timeout: float = TIMEOUT_S) -> BenchRun:
     """`python -m experiments.bench --quick --only <parts> --out <out>`, forked; it stops at the first
-    part that fails (exit status from experiments/errors.py)."""
+    part that fails (exit status from distrinews/errors.py)."""
     args = ["-m", "experiments.bench", "--quick", "--only", ",".join(parts), "--out", str(out)]
     return BenchRun(Path(out), tuple(parts), forkserver.python(args, timeout=timeout))
 

@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from distrinews.errors import LaunchError
 from experiments import distributed as D
-from experiments.errors import LaunchError
 from experiments.launch import ONE_NODE, Cluster, Launch
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from experiments.errors import guard
+from distrinews.errors import guard
 from experiments.launch import Cluster
 
 from .launch import topology as bench_topology

@@ -1,21 +1,27 @@
 """How many requests a second the server answers, and how fast: batching on and off, 1 to 64 connections.
 
-    python -m server.bench --checkpoint runs/compare/scratch/checkpoint --out runs/bench/server
-    python -m server.bench --checkpoint CKPT --quick --out /tmp/sb        # seconds per point, a smoke run
+    python -m experiments.bench.serving --checkpoint CKPT --data-dir DIR --out runs/bench/server
+    python -m experiments.bench.serving --checkpoint CKPT --quick --out /tmp/sb    # 2 s per point, a smoke run
+
+The load generator of server/ (the service of record), kept out of it: the server's image holds
+what serves, nothing that measures it. It starts `python -m server` as a user would, so it
+measures the server from outside, the way a client sees it.
 
 For each setting (dynamic batching on, the default; and off: `--no-batching`, one forward pass per
 request) the server runs in its own process on loopback, and `wrk` (Debian's C load generator:
 `apt-get install wrk`) sends `POST /predict` with real AG News test articles (one per request,
 rotating) over 1, 8 and 64 connections, `--duration` seconds each after a warm-up. Reported:
 requests/s, p50 and p99 latency (wrk `--latency`), and the server's own batch sizes (its
-/metrics). Beside them, measured in the same run:
+/metrics). The articles come from DIR/test.csv (`--data-dir`, AG News' CSVs), else from the
+page's built-in examples. Beside them, measured in the same run:
 - the load generator's ceiling: the same wrk against `GET /health` (no model), so the figures
   are known not to be wrk's limit;
 - the model's own throughput: the same articles classified in-process in batches of 32 and of 1
   (texts/s), the ceiling that batching can approach.
 Writes server.json, server.md and server.png to --out.
 
-    python -m server.bench --checkpoint CKPT --backends torch,onnx --rounds 3 --out runs/bench/backends
+    python -m experiments.bench.serving --checkpoint CKPT --data-dir DIR --backends torch,onnx --rounds 3 \
+        --out runs/bench/backends
 
 compares the backends instead (`--backend`, server/predictor.py; CKPT exported by
 `python -m experiments.export`): for each round, each backend in turn, the model's own batch rate
@@ -40,10 +46,11 @@ from pathlib import Path
 
 import httpx
 
+from distrinews.errors import LaunchError, UsageError, guard
 from experiments.launch import free_port
 
-REPO = Path(__file__).resolve().parents[1]
-AG_NEWS_TEST = REPO.parent / "shared" / "ag_news" / "test.csv"
+REPO = Path(__file__).resolve().parents[2]
+NO_WRK = "wrk is not installed: `apt-get install wrk` (Debian), `brew install wrk` (macOS)"
 CONNECTIONS = (1, 8, 64)
 LUA = """
 bodies = {}
@@ -58,14 +65,17 @@ end
 """
 
 
-def articles(n: int) -> list[str]:
-    """`n` real AG News test articles (title and description), or built-in examples without the CSVs."""
+def articles(n: int, data_dir: Path | None = None) -> list[str]:
+    """`n` real AG News test articles (title and description) from data_dir/test.csv, or the page's
+    built-in examples without `data_dir`. Raises UsageError if data_dir has no test.csv."""
     import csv
 
-    if AG_NEWS_TEST.exists():
-        with open(AG_NEWS_TEST, newline="", encoding="utf-8") as f:
+    if data_dir is not None:
+        if not (Path(data_dir) / "test.csv").is_file():
+            raise UsageError(f"--data-dir {data_dir}: no test.csv there (AG News' ag_news_csv folder has it)")
+        with open(Path(data_dir) / "test.csv", newline="", encoding="utf-8") as f:
             return [f"{title} {desc}" for _, title, desc in (row for _, row in zip(range(n), csv.reader(f)))]
-    from .pages import EXAMPLES
+    from server.pages import EXAMPLES
 
     return [EXAMPLES[i % len(EXAMPLES)] for i in range(n)]
 
@@ -75,10 +85,10 @@ def model_throughput(
 ) -> float:
     """Texts per second of the model alone, in batches of `batch` (tokenizing included), in this process,
     through the server's own tokenizer and `backend`'s predictor (the int8 model for onnx)."""
-    from .checkpoint import Checkpoint
-    from .config import ServerConfig
-    from .predictor import BACKENDS
-    from .tokenizer import TextTokenizer
+    from server.checkpoint import Checkpoint
+    from server.config import ServerConfig
+    from server.predictor import BACKENDS
+    from server.tokenizer import TextTokenizer
 
     ckpt, tok = Checkpoint.open(checkpoint), TextTokenizer(checkpoint, max_length)
     predictor = BACKENDS[backend].loader(ServerConfig().onnx_model, None)(ckpt, tok.pad_id)
@@ -133,7 +143,7 @@ def serve(checkpoint: Path, *flags: str) -> tuple[subprocess.Popen, str]:
             pass
         time.sleep(0.2)
     proc.kill()
-    raise RuntimeError("the server did not become ready in 120 s")
+    raise LaunchError(f"python -m server --checkpoint {checkpoint} was not ready in 120 s: run it alone to see why")
 
 
 def batch_counters(url: str) -> tuple[float, float]:
@@ -144,11 +154,13 @@ def batch_counters(url: str) -> tuple[float, float]:
     return (float(total.group(1)), float(count.group(1))) if total and count else (0.0, 0.0)
 
 
-def run(checkpoint: Path, out: Path, seconds: float, quick: bool) -> dict:
+def run(checkpoint: Path, out: Path, seconds: float, quick: bool, data_dir: Path | None = None) -> dict:
+    """Batching on and off at 1, 8 and 64 connections, `seconds` per point; writes server.json, .md and
+    .png to `out` and returns {"markdown", "rows"}. Raises UsageError without wrk."""
     if shutil.which("wrk") is None:
-        raise SystemExit("wrk is not installed: `apt-get install wrk` (Debian), `brew install wrk` (macOS)")
+        raise UsageError(NO_WRK)
     out.mkdir(parents=True, exist_ok=True)
-    texts = articles(64 if quick else 512)
+    texts = articles(64 if quick else 512, data_dir)
     max_length = _max_length(checkpoint)
     alone = 2 if quick else 10  # seconds of in-process classification per batch size
     rows = {
@@ -215,14 +227,21 @@ def _max_length(checkpoint: Path) -> int:
 
 
 def compare_backends(
-    checkpoint: Path, out: Path, backends: list[str], seconds: float, rounds: int, connections: int = 64
+    checkpoint: Path,
+    out: Path,
+    backends: list[str],
+    seconds: float,
+    rounds: int,
+    connections: int = 64,
+    data_dir: Path | None = None,
 ) -> dict:
     """Each round: for each backend in turn, its model batch rate (32 texts a pass) and its server's
-    requests/s and p99 at `connections` (batching on). Returns and writes backends.json and .md."""
+    requests/s and p99 at `connections` (batching on). Returns and writes backends.json and .md.
+    Raises UsageError without wrk."""
     if shutil.which("wrk") is None:
-        raise SystemExit("wrk is not installed: `apt-get install wrk` (Debian), `brew install wrk` (macOS)")
+        raise UsageError(NO_WRK)
     out.mkdir(parents=True, exist_ok=True)
-    texts, max_length = articles(512), _max_length(checkpoint)
+    texts, max_length = articles(512, data_dir), _max_length(checkpoint)
     runs: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
         bodies = Path(tmp) / "bodies.txt"
@@ -318,9 +337,10 @@ def _plot(rows: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="python -m server.bench", description=__doc__.split("\n")[0])
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m experiments.bench.serving", description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", type=Path, required=True)
+    p.add_argument("--data-dir", type=Path, default=None, help="AG News CSVs (test.csv): the articles sent")
     p.add_argument("--out", type=Path, default=Path("runs/bench/server"))
     p.add_argument("--duration", type=float, default=15.0, help="seconds per point")
     p.add_argument("--quick", action="store_true", help="2 s per point: checks that it runs")
@@ -328,11 +348,18 @@ def main(argv=None) -> None:
     p.add_argument("--rounds", type=int, default=3, help="with --backends: rounds, the backends in turn in each")
     a = p.parse_args(argv)
     seconds = 2.0 if a.quick else a.duration
-    if a.backends:
-        print(compare_backends(a.checkpoint, a.out, a.backends.split(","), seconds, a.rounds)["markdown"])
-        return
-    print(run(a.checkpoint, a.out, seconds, a.quick)["markdown"])
+
+    def body() -> None:
+        if a.backends:
+            result = compare_backends(
+                a.checkpoint, a.out, a.backends.split(","), seconds, a.rounds, data_dir=a.data_dir
+            )
+        else:
+            result = run(a.checkpoint, a.out, seconds, a.quick, a.data_dir)
+        print(result["markdown"])
+
+    return guard(body)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
