@@ -34,7 +34,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from distrinews.errors import DistriNewsError, UsageError, exit_code
+from distrinews.errors import DistriNewsError, UsageError, guard
 
 ROOT = Path(__file__).resolve().parent.parent
 STATIC = ROOT / "deploy" / "static"
@@ -219,23 +219,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`python -m deploy.prepare space|render`: the exit status of distrinews/errors.py's policy."""
     args = build_parser().parse_args(argv)
+    return guard(lambda: _prepare(args))
+
+
+def _prepare(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory(prefix="distrinews-route-") as tmp:
-        try:
-            checkpoint = open_checkpoint(args.checkpoint, Path(tmp) / "checkpoint")
-            model = exported(checkpoint, Path(tmp), args.data_dir)
-            f = model / "training_args.json"
-            name = args.model_name or (json.loads(f.read_text()).get("model") if f.is_file() else None) or "classifier"
-            if args.route == "space":
-                info = build_space(model, args.out, args.npm_cache, name)
-                print(space_done(args.out, info))
-            else:
-                copied = stage_for_render(model, args.into)
-                print(render_done(args.into, copied))
-        except DistriNewsError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return exit_code(e)
-    return 0
+        checkpoint = open_checkpoint(args.checkpoint, Path(tmp) / "checkpoint")
+        model = exported(checkpoint, Path(tmp), args.data_dir)
+        f = model / "training_args.json"
+        name = args.model_name or (json.loads(f.read_text()).get("model") if f.is_file() else None) or "classifier"
+        if args.route == "space":
+            info = build_space(model, args.out, args.npm_cache, name)
+            print(space_done(args.out, info))
+        else:
+            copied = stage_for_render(model, args.into)
+            print(render_done(args.into, copied))
 
 
 def space_done(out: Path, info: dict) -> str:

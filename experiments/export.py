@@ -51,7 +51,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from distrinews.errors import DistriNewsError, ModelLoadError, UsageError, exit_code
+from distrinews.errors import ModelLoadError, UsageError, guard
 
 ONNX_DIR = "onnx"
 FP32_FILE = "model.onnx"
@@ -344,31 +344,31 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """`python -m experiments.export`: the exit status of errors.py's policy (0 ok, 1 a check failed, 2, 3)."""
     args = build_parser().parse_args(argv)
-    try:
-        t0 = time.perf_counter()
-        exported = export(args.checkpoint, args.out)
-        mb = lambda f: f.stat().st_size / 1e6
-        print(
-            f"wrote {exported.fp32} ({mb(exported.fp32):.1f} MB, float32) and {exported.int8.name} "
-            f"({mb(exported.int8):.1f} MB, int8 weights) in {time.perf_counter() - t0:.0f} s"
-        )
-        if not args.check:
-            return 0
-        from .data import load_ag_news
+    return guard(lambda: _export_and_check(args))
 
-        test = load_ag_news(args.data_dir, max_eval_samples=args.max_eval_samples)["test"]
-        training = args.checkpoint / "training_args.json"
-        trained = json.loads(training.read_text()).get("max_length") if training.is_file() else None
-        r = check(
-            args.checkpoint,
-            exported,
-            list(test["text"]),
-            list(test["label"]),
-            args.max_length or trained or DEFAULT_MAX_LENGTH,
-        )
-    except DistriNewsError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return exit_code(e)
+
+def _export_and_check(args: argparse.Namespace) -> int:
+    t0 = time.perf_counter()
+    exported = export(args.checkpoint, args.out)
+    mb = lambda f: f.stat().st_size / 1e6
+    print(
+        f"wrote {exported.fp32} ({mb(exported.fp32):.1f} MB, float32) and {exported.int8.name} "
+        f"({mb(exported.int8):.1f} MB, int8 weights) in {time.perf_counter() - t0:.0f} s"
+    )
+    if not args.check:
+        return 0
+    from .data import load_ag_news
+
+    test = load_ag_news(args.data_dir, max_eval_samples=args.max_eval_samples)["test"]
+    training = args.checkpoint / "training_args.json"
+    trained = json.loads(training.read_text()).get("max_length") if training.is_file() else None
+    r = check(
+        args.checkpoint,
+        exported,
+        list(test["text"]),
+        list(test["label"]),
+        args.max_length or trained or DEFAULT_MAX_LENGTH,
+    )
     (exported.fp32.parent / "parity.json").write_text(json.dumps(r, indent=2) + "\n")
     print(report(r))
     return 0 if r["fp32_ok"] and r["int8_ok"] else 1

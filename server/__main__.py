@@ -18,7 +18,7 @@ import sys
 
 import uvicorn
 
-from distrinews.errors import EXIT_OK, UsageError, exit_code
+from distrinews.errors import EXIT_OK, exit_code, guard
 from server.app import create_app
 from server.config import ServerConfig
 
@@ -34,21 +34,26 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Parse the command line and serve until SIGTERM or Ctrl-C (then finish the requests in flight)."""
-    p = build_parser()
-    args = p.parse_args(argv)
+def main(argv: list[str] | None = None) -> int:
+    """Parse the command line and serve until SIGTERM or Ctrl-C (then finish the requests in flight);
+    returns the exit status (the module docstring's), a project error said in one line by `guard`."""
+    args = build_parser().parse_args(argv)
+    return guard(lambda: serve(args))
+
+
+def serve(args: argparse.Namespace) -> int:
+    """Serve `args.checkpoint` until a signal or a fatal model error; the exit status it ends with.
+
+    Raises UsageError (bad options or checkpoint) before anything listens.
+    """
     server: uvicorn.Server | None = None
 
     def on_fatal() -> None:  # the model did not load: stop instead of serving 503s forever
         if server is not None:
             server.should_exit = True
 
-    try:
-        config = ServerConfig.from_args(args)
-        app = create_app(args.checkpoint, config, on_fatal=on_fatal)
-    except UsageError as e:
-        p.exit(exit_code(e), f"error: {e}\n")
+    config = ServerConfig.from_args(args)
+    app = create_app(args.checkpoint, config, on_fatal=on_fatal)
     uv = uvicorn.Config(app, host=args.host, port=args.port, lifespan="on", **config.uvicorn_options())
     server = uvicorn.Server(uv)
     # uvicorn handles SIGTERM and Ctrl-C itself (stop accepting, finish what was accepted, run the
@@ -58,8 +63,8 @@ def main(argv: list[str] | None = None) -> None:
         signal.signal(sig, lambda *_: None)
     server.run()
     error = app.state.serving.error
-    sys.exit(exit_code(error) if error is not None else EXIT_OK)
+    return exit_code(error) if error is not None else EXIT_OK
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
