@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch.nn as nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from .atomic import replace_dir
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -32,9 +32,10 @@ def save_checkpoint(
 ) -> Path:
     """Save model (safetensors) and tokenizer to `out_dir`, atomically.
 
-    Everything is written to a temporary sibling directory first and renamed into
-    place, so a crash mid-save never leaves a half-written checkpoint where a server
-    or a later run would load it. An existing `out_dir` is replaced.
+    Everything is written to a temporary sibling directory first, fsynced and renamed into
+    place (experiments/atomic.py's `replace_dir`), so a crash mid-save never leaves a
+    half-written checkpoint where a server or a later run would load it. An existing
+    `out_dir` is replaced.
     Call on one rank only (rank 0).
 
     Args:
@@ -45,32 +46,17 @@ def save_checkpoint(
     Returns:
         The checkpoint directory.
     """
-    out = Path(out_dir).resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
     inner = unwrap(model)
     if not isinstance(inner, PreTrainedModel):
         raise TypeError(f"save_checkpoint needs a transformers model, got {type(inner).__name__}")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+
+    def build(tmp: Path) -> None:
         (inner if state_dict is None else _plain_copy(inner, state_dict)).save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         if metadata is not None:
             (tmp / "training_args.json").write_text(json.dumps(metadata, indent=2, default=str))
-        # mkdtemp makes a private (0700) directory; a checkpoint is meant to be shared (e.g. a server account)
-        os.chmod(tmp, 0o755)
-        for f in tmp.iterdir():
-            os.chmod(f, 0o644)
-        old = None
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.rename(out, old)
-        os.rename(tmp, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+
+    return replace_dir(Path(out_dir).resolve(), build)
 
 
 def _plain_copy(model: PreTrainedModel, state_dict: dict) -> PreTrainedModel:

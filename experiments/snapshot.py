@@ -69,6 +69,7 @@ import torch.distributed as dist
 from distrinews.errors import SnapshotError, SnapshotMismatch, WorldSizeMismatch
 
 from . import faults
+from .atomic import write_file
 
 FORMAT, VERSION = "distrinews-snapshot", 1
 DIRNAME = "snapshots"
@@ -238,24 +239,9 @@ def broadcast_state(state: TrainingState | None, env) -> TrainingState:
 # ----------------------------------------------------------------------------- writing
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_atomic(path: Path, write, step: int) -> None:
-    """`write(file)` into `path.tmp`, fsync, rename to `path`, fsync the directory."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    faults.fault_point("before-rename", step)
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    """atomic.py's `write_file`, with the fault tests' crash point between the fsync and the rename."""
+    write_file(path, write, before_rename=lambda: faults.fault_point("before-rename", step))
 
 
 def _sha256(path: Path) -> str:
