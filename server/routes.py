@@ -25,7 +25,7 @@ from starlette.staticfiles import StaticFiles
 
 from .pages import docs_page, index_page
 from .predictor import BACKENDS
-from .state import ClientDisconnected, ServingState
+from .state import ClientDisconnected, ServingState, Unavailable
 from .validation import check_text, field, json_type, read_json
 
 ENDPOINTS = (
@@ -249,6 +249,11 @@ async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
     return JSONResponse({"error": msg}, status_code=exc.status_code, headers=exc.headers)
 
 
+async def unavailable(request: Request, exc: Unavailable) -> JSONResponse:
+    """Unavailable (state.py) -> 503 {"error": ...}, Retry-After: 1: a client should come back shortly."""
+    return JSONResponse({"error": str(exc)}, status_code=503, headers={"Retry-After": "1"})
+
+
 async def client_left(request: Request, exc: ClientDisconnected) -> Response:
     return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
 
@@ -264,4 +269,9 @@ async def server_error(request: Request, exc: Exception) -> JSONResponse:
     )
 
 
-EXCEPTION_HANDLERS = {HTTPException: http_error, ClientDisconnected: client_left, Exception: server_error}
+EXCEPTION_HANDLERS = {
+    HTTPException: http_error,
+    Unavailable: unavailable,
+    ClientDisconnected: client_left,
+    Exception: server_error,
+}

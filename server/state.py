@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from typing import Literal
 
 from starlette.concurrency import run_in_threadpool
-from starlette.exceptions import HTTPException
 from starlette.requests import Request
 
 from distrinews.errors import DistriNewsError, ModelLoadError
@@ -41,6 +40,11 @@ log = logging.getLogger("server")
 
 class ClientDisconnected(Exception):
     """The client left before its prediction was ready; the route answers 499 (nobody reads it)."""
+
+
+class Unavailable(Exception):
+    """This request cannot be taken now: the model is loading or failed, or every admission slot is
+    taken. The routes answer 503 with Retry-After: 1 and this message; the state knows nothing of HTTP."""
 
 
 class BatcherDied(DistriNewsError):
@@ -133,20 +137,20 @@ class ServingState:
 
     # ---- requests --------------------------------------------------------------------
     def check_ready(self) -> None:
-        """Raises HTTPException 503 (Retry-After: 1) unless the model is ready."""
+        """Raises Unavailable unless the model is ready."""
         if self.status != "ready":
-            why = str(self.error) if self.error else "the model is still loading; retry in a moment (GET /ready)"
-            raise HTTPException(503, why, headers={"Retry-After": "1"})
+            raise Unavailable(
+                str(self.error) if self.error else "the model is still loading; retry in a moment (GET /ready)"
+            )
 
     @contextlib.contextmanager
     def _admitted(self):
         """One admission slot, for a request whose body has arrived and been checked.
-        Raises HTTPException 503 at once (Retry-After: 1) when every slot is taken."""
+        Raises Unavailable at once when every slot is taken."""
         self.check_ready()
         if self.in_flight >= self.config.max_concurrent_requests:
             limit = self.config.max_concurrent_requests
-            why = f"the server is at its limit of {limit} predictions in flight; retry shortly"
-            raise HTTPException(503, why, headers={"Retry-After": "1"})
+            raise Unavailable(f"the server is at its limit of {limit} predictions in flight; retry shortly")
         self.in_flight += 1
         self.received += 1
         try:
@@ -161,7 +165,7 @@ class ServingState:
     async def classify(self, request: Request, texts: list[str]) -> Classified:
         """Take an admission slot, tokenize (off the event loop), queue for a batch, wait.
 
-        Raises: HTTPException 503 when not ready or at the limit; ClientDisconnected if the client
+        Raises: Unavailable when not ready or at the limit; ClientDisconnected if the client
         left meanwhile (its request is dropped before it costs a forward pass); whatever the
         predictor raised for these texts.
         """
