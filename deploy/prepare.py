@@ -43,7 +43,6 @@ INT8 = "onnx/model_quantized.onnx"
 # what the page and the ONNX server read from an export (experiments/export.py's layout)
 MODEL_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", INT8)
 SERVER_EXTRA = ("special_tokens_map.json", "training_args.json")  # read when present
-DEFAULT_MAX_LENGTH = 128  # the server's own default when training_args.json has none (server/config.py)
 # stored through Git LFS / Xet by the Hub: files over 10 MB must be, and these may be
 LARGE = ("*.onnx", "*.wasm")
 
@@ -95,10 +94,10 @@ def exported(checkpoint: Path, work: Path, data_dir: str | None) -> Path:
 
 
 def max_length(model: Path) -> int:
-    """Tokens per text as the server keeps them: the training run's max_length, else 128."""
-    f = model / "training_args.json"
-    trained = json.loads(f.read_text()).get("max_length") if f.is_file() else None
-    return int(trained or DEFAULT_MAX_LENGTH)
+    """Tokens per text as the server keeps them (server/checkpoint.py's one rule)."""
+    from server.checkpoint import Checkpoint
+
+    return Checkpoint.open(model).max_length()
 
 
 # ---- the static Space -------------------------------------------------------------------------

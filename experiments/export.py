@@ -66,7 +66,6 @@ SIDE_FILES = (
     "special_tokens_map.json",
     "training_args.json",
 )
-DEFAULT_MAX_LENGTH = 128  # the server's own default (server/config.py) when training_args.json has none
 HOW_TO_TRAIN = "A checkpoint is DIR/checkpoint of `python -m experiments.train ... --output-dir DIR`."
 INSTALL = "pip install -e '.[onnx]' (or `make install`, which installs it)"
 
@@ -357,18 +356,13 @@ def _export_and_check(args: argparse.Namespace) -> int:
     )
     if not args.check:
         return 0
+    from server.checkpoint import Checkpoint  # the server's truncation rule: parity where it serves
+
     from .data import load_ag_news
 
     test = load_ag_news(args.data_dir, max_eval_samples=args.max_eval_samples)["test"]
-    training = args.checkpoint / "training_args.json"
-    trained = json.loads(training.read_text()).get("max_length") if training.is_file() else None
-    r = check(
-        args.checkpoint,
-        exported,
-        list(test["text"]),
-        list(test["label"]),
-        args.max_length or trained or DEFAULT_MAX_LENGTH,
-    )
+    max_length = Checkpoint.open(args.checkpoint).max_length(args.max_length)
+    r = check(args.checkpoint, exported, list(test["text"]), list(test["label"]), max_length)
     (exported.fp32.parent / "parity.json").write_text(json.dumps(r, indent=2) + "\n")
     print(report(r))
     return 0 if r["fp32_ok"] and r["int8_ok"] else 1

@@ -36,7 +36,7 @@ import os
 from starlette.applications import Starlette
 
 from .checkpoint import HOW_TO_TRAIN, Checkpoint, CheckpointInvalid
-from .config import DEFAULT_MAX_LENGTH, ConfigError, ServerConfig
+from .config import ConfigError, ServerConfig
 from .metrics import Metrics
 from .predictor import BACKENDS, PredictorLoader
 from .routes import EXCEPTION_HANDLERS, routes
@@ -75,7 +75,7 @@ def create_app(
     """
     checkpoint = Checkpoint.open(checkpoint_dir)
     config = config or ServerConfig()
-    max_length = config.max_length or checkpoint.training_args.get("max_length") or DEFAULT_MAX_LENGTH
+    max_length = checkpoint.max_length(config.max_length)
     if checkpoint.positions is not None and max_length > checkpoint.positions:  # would index past the embeddings
         raise ConfigError("max_length", f"must be at most the model's {checkpoint.positions} positions", max_length)
     if not (checkpoint.path / "tokenizer.json").is_file():

@@ -14,6 +14,8 @@ from pathlib import Path
 
 from distrinews.errors import UsageError
 
+DEFAULT_MAX_LENGTH = 128  # tokens per text, when the checkpoint's training_args.json has none
+
 HOW_TO_TRAIN = (
     "Produce a checkpoint with: torchrun --nproc-per-node N -m experiments.train ... "
     "--output-dir DIR, then pass DIR/checkpoint."
@@ -78,6 +80,11 @@ class Checkpoint:
         args = _training_args(p)
         labels, positions = _labels_and_positions(p / "config.json")
         return cls(p, labels, args.get("model") or str(p), args, positions)
+
+    def max_length(self, configured: int | None = None) -> int:
+        """Tokens kept per text, as the server truncates (and the export and the static page with it):
+        `configured` (--max-length) if given, else the training run's max_length, else DEFAULT_MAX_LENGTH."""
+        return int(configured or self.training_args.get("max_length") or DEFAULT_MAX_LENGTH)
 
     def training(self) -> dict:
         """The training options that made the model (a few of training_args.json)."""

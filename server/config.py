@@ -41,8 +41,6 @@ from distrinews.errors import UsageError
 
 from .predictor import BACKENDS
 
-DEFAULT_MAX_LENGTH = 128  # tokens per text, when the checkpoint's training_args.json has none
-
 
 class ConfigError(UsageError, ValueError):
     """A limit out of its range (exit 2). `name` is the field, or the command-line flag."""

@@ -48,6 +48,7 @@ import httpx
 
 from distrinews.errors import LaunchError, UsageError, guard
 from experiments.launch import free_port
+from server.checkpoint import Checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
 NO_WRK = "wrk is not installed: `apt-get install wrk` (Debian), `brew install wrk` (macOS)"
@@ -66,15 +67,13 @@ end
 
 
 def articles(n: int, data_dir: Path | None = None) -> list[str]:
-    """`n` real AG News test articles (title and description) from data_dir/test.csv, or the page's
-    built-in examples without `data_dir`. Raises UsageError if data_dir has no test.csv."""
-    import csv
-
+    """`n` real AG News test articles from `data_dir` (read by training's own loader, experiments/data.py:
+    title and description, cleaned as training cleans them), or the page's built-in examples without it.
+    Raises DataError (a UsageError) if `data_dir` does not hold AG News' CSVs."""
     if data_dir is not None:
-        if not (Path(data_dir) / "test.csv").is_file():
-            raise UsageError(f"--data-dir {data_dir}: no test.csv there (AG News' ag_news_csv folder has it)")
-        with open(Path(data_dir) / "test.csv", newline="", encoding="utf-8") as f:
-            return [f"{title} {desc}" for _, title, desc in (row for _, row in zip(range(n), csv.reader(f)))]
+        from experiments.data import load_ag_news
+
+        return list(load_ag_news(str(data_dir), max_eval_samples=n)["test"]["text"])
     from server.pages import EXAMPLES
 
     return [EXAMPLES[i % len(EXAMPLES)] for i in range(n)]
@@ -85,7 +84,6 @@ def model_throughput(
 ) -> float:
     """Texts per second of the model alone, in batches of `batch` (tokenizing included), in this process,
     through the server's own tokenizer and `backend`'s predictor (the int8 model for onnx)."""
-    from server.checkpoint import Checkpoint
     from server.config import ServerConfig
     from server.predictor import BACKENDS
     from server.tokenizer import TextTokenizer
@@ -161,7 +159,7 @@ def run(checkpoint: Path, out: Path, seconds: float, quick: bool, data_dir: Path
         raise UsageError(NO_WRK)
     out.mkdir(parents=True, exist_ok=True)
     texts = articles(64 if quick else 512, data_dir)
-    max_length = _max_length(checkpoint)
+    max_length = Checkpoint.open(checkpoint).max_length()
     alone = 2 if quick else 10  # seconds of in-process classification per batch size
     rows = {
         "model_batch32_texts_per_s": model_throughput(checkpoint, texts, 32, max_length, alone),
@@ -220,12 +218,6 @@ def run(checkpoint: Path, out: Path, seconds: float, quick: bool, data_dir: Path
     return {"markdown": md, "rows": rows}
 
 
-def _max_length(checkpoint: Path) -> int:
-    """The server's truncation for `checkpoint`: the training run's max_length, else 128."""
-    f = checkpoint / "training_args.json"
-    return (json.loads(f.read_text()).get("max_length") if f.exists() else None) or 128
-
-
 def compare_backends(
     checkpoint: Path,
     out: Path,
@@ -241,7 +233,7 @@ def compare_backends(
     if shutil.which("wrk") is None:
         raise UsageError(NO_WRK)
     out.mkdir(parents=True, exist_ok=True)
-    texts, max_length = articles(512, data_dir), _max_length(checkpoint)
+    texts, max_length = articles(512, data_dir), Checkpoint.open(checkpoint).max_length()
     runs: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
         bodies = Path(tmp) / "bodies.txt"

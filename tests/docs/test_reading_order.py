@@ -9,7 +9,7 @@
 - The layers point down (issue 29's import contract, every import, also inside functions):
   ddp_from_scratch/ and ddp_native/ side by side, neither importing the other nor anything above;
   the harness core (experiments/*.py but the tools) above both, importing no benchmark, cluster,
-  tool or server module; the benchmarks, the cluster and the tools (compare, doctor, gpu_check)
+  tool or server module; the benchmarks, the cluster and the tools (compare, doctor, gpu_check, export)
   above the core; the server needs nothing of training or of the implementations (its load
   generator lives with the benchmarks); distrinews/, the error types every layer shares, imports
   nothing of the project.
@@ -169,7 +169,7 @@ def test_the_reducer_imports_no_skip_file():
 
 
 # ---- the layers' import contract --------------------------------------------------------------
-TOOLS = ("compare", "doctor", "gpu_check")  # experiments' command-line tools: above the core, beside bench
+TOOLS = ("compare", "doctor", "gpu_check", "export")  # experiments' command-line tools: above the core, beside bench
 UPPER = ("experiments.bench", "experiments.cluster", *(f"experiments.{t}" for t in TOOLS))
 PROJECT = ("distrinews", "ddp_from_scratch", "ddp_native", "experiments", "server")
 

@@ -47,6 +47,6 @@ def test_without_wrk_it_says_how_to_install_it(checkpoint, tmp_path, monkeypatch
 
 
 def test_a_data_dir_without_the_test_split_is_refused(tmp_path):
-    with pytest.raises(serving.UsageError, match="no test.csv there"):
+    with pytest.raises(serving.UsageError, match="file not found"):
         serving.articles(4, tmp_path)
     assert len(serving.articles(4)) == 4  # no --data-dir: the page's built-in examples
