@@ -36,127 +36,21 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
-import shutil
-import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
-import httpx
-
-from distrinews.errors import LaunchError, UsageError, guard
-from experiments.launch import free_port
+from distrinews.errors import guard
 from server.checkpoint import Checkpoint
 
-REPO = Path(__file__).resolve().parents[2]
-NO_WRK = "wrk is not installed: `apt-get install wrk` (Debian), `brew install wrk` (macOS)"
+from .load import articles, batch_counters, in_child, model_throughput, predict_script, require_wrk, served, wrk
+
 CONNECTIONS = (1, 8, 64)
-LUA = """
-bodies = {}
-for line in io.lines("%s") do bodies[#bodies + 1] = line end
-counter = 0
-wrk.method = "POST"
-wrk.headers["Content-Type"] = "application/json"
-request = function()
-  counter = counter + 1
-  return wrk.format(nil, "/predict", nil, bodies[(counter %% #bodies) + 1])
-end
-"""
-
-
-def articles(n: int, data_dir: Path | None = None) -> list[str]:
-    """`n` real AG News test articles from `data_dir` (read by training's own loader, experiments/data.py:
-    title and description, cleaned as training cleans them), or the page's built-in examples without it.
-    Raises DataError (a UsageError) if `data_dir` does not hold AG News' CSVs."""
-    if data_dir is not None:
-        from experiments.data import load_ag_news
-
-        return list(load_ag_news(str(data_dir), max_eval_samples=n)["test"]["text"])
-    from server.pages import EXAMPLES
-
-    return [EXAMPLES[i % len(EXAMPLES)] for i in range(n)]
-
-
-def model_throughput(
-    checkpoint: Path, texts: list[str], batch: int, max_length: int, seconds: float, backend: str = "torch"
-) -> float:
-    """Texts per second of the model alone, in batches of `batch` (tokenizing included), in this process,
-    through the server's own tokenizer and `backend`'s predictor (the int8 model for onnx)."""
-    from server.config import ServerConfig
-    from server.predictor import BACKENDS
-    from server.tokenizer import TextTokenizer
-
-    ckpt, tok = Checkpoint.open(checkpoint), TextTokenizer(checkpoint, max_length)
-    predictor = BACKENDS[backend].loader(ServerConfig().onnx_model, None)(ckpt, tok.pad_id)
-    predictor(tok(texts[:batch]))  # warm-up: the first pass allocates
-    done, i, t0 = 0, 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        predictor(tok([texts[(i + k) % len(texts)] for k in range(batch)]))
-        done, i = done + batch, i + batch
-    return done / (time.perf_counter() - t0)
-
-
-def wrk(url: str, connections: int, seconds: float, script: Path | None = None) -> dict:
-    """One wrk run: {"rps", "p50_ms", "p99_ms", "errors"} from its --latency report."""
-    cmd = ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--latency", "--timeout", "10s"]
-    out = subprocess.run(
-        [*cmd, *(["-s", str(script)] if script else []), url], capture_output=True, text=True, timeout=seconds + 60
-    ).stdout
-
-    def ms(label: str) -> float:
-        m = re.search(rf"^\s+{label}%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
-        scale = {"us": 1e-3, "ms": 1.0, "s": 1e3}
-        return float(m.group(1)) * scale[m.group(2)] if m else float("nan")
-
-    rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
-    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    socket_errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
-    failed = (int(errors.group(1)) if errors else 0) + (sum(map(int, socket_errors.groups())) if socket_errors else 0)
-    return {
-        "rps": float(rps.group(1)) if rps else 0.0,
-        "p50_ms": ms("50"),
-        "p99_ms": ms("99"),
-        "errors": failed,
-        "raw": out,
-    }
-
-
-def serve(checkpoint: Path, *flags: str) -> tuple[subprocess.Popen, str]:
-    """Start `python -m server` on a free loopback port; return (process, url) once /ready says 200."""
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "server", "--checkpoint", str(checkpoint), "--port", str(port), *flags],
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    raise LaunchError(f"python -m server --checkpoint {checkpoint} was not ready in 120 s: run it alone to see why")
-
-
-def batch_counters(url: str) -> tuple[float, float]:
-    """(texts, forward passes) so far, from /metrics."""
-    text = httpx.get(f"{url}/metrics").text
-    total = re.search(r"^distrinews_batch_texts_sum ([\d.e+]+)$", text, re.M)
-    count = re.search(r"^distrinews_batch_texts_count ([\d.e+]+)$", text, re.M)
-    return (float(total.group(1)), float(count.group(1))) if total and count else (0.0, 0.0)
 
 
 def run(checkpoint: Path, out: Path, seconds: float, quick: bool, data_dir: Path | None = None) -> dict:
     """Batching on and off at 1, 8 and 64 connections, `seconds` per point; writes server.json, .md and
     .png to `out` and returns {"markdown", "rows"}. Raises UsageError without wrk."""
-    if shutil.which("wrk") is None:
-        raise UsageError(NO_WRK)
+    require_wrk()
     out.mkdir(parents=True, exist_ok=True)
     texts = articles(64 if quick else 512, data_dir)
     max_length = Checkpoint.open(checkpoint).max_length()
@@ -165,14 +59,9 @@ def run(checkpoint: Path, out: Path, seconds: float, quick: bool, data_dir: Path
         "model_batch32_texts_per_s": model_throughput(checkpoint, texts, 32, max_length, alone),
         "model_batch1_texts_per_s": model_throughput(checkpoint, texts, 1, max_length, alone),
     }
-    with tempfile.TemporaryDirectory() as tmp:
-        bodies = Path(tmp) / "bodies.txt"
-        bodies.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
-        script = Path(tmp) / "predict.lua"
-        script.write_text(LUA % bodies)
+    with predict_script(texts) as script:
         for mode, flags in (("batching", ()), ("no batching", ("--no-batching",))):
-            proc, url = serve(checkpoint, *flags)
-            try:
+            with served(checkpoint, *flags) as url:
                 if mode == "batching":
                     rows["wrk_ceiling_health"] = wrk(f"{url}/health", 64, seconds)
                 wrk(url, 8, 1 if quick else 3, script)  # warm-up
@@ -182,9 +71,6 @@ def run(checkpoint: Path, out: Path, seconds: float, quick: bool, data_dir: Path
                     texts1, passes1 = batch_counters(url)
                     r["mean_batch_texts"] = (texts1 - texts0) / max(passes1 - passes0, 1.0)  # during this point
                     rows[f"{mode}|{c}"] = r
-            finally:
-                proc.terminate()
-                proc.wait(timeout=60)
     import torch
 
     md = [
@@ -230,29 +116,20 @@ def compare_backends(
     """Each round: for each backend in turn, its model batch rate (32 texts a pass) and its server's
     requests/s and p99 at `connections` (batching on). Returns and writes backends.json and .md.
     Raises UsageError without wrk."""
-    if shutil.which("wrk") is None:
-        raise UsageError(NO_WRK)
+    require_wrk()
     out.mkdir(parents=True, exist_ok=True)
     texts, max_length = articles(512, data_dir), Checkpoint.open(checkpoint).max_length()
     runs: list[dict] = []
-    with tempfile.TemporaryDirectory() as tmp:
-        bodies = Path(tmp) / "bodies.txt"
-        bodies.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
-        script = Path(tmp) / "predict.lua"
-        script.write_text(LUA % bodies)
+    with predict_script(texts) as script:
         for k in range(rounds):
             for backend in backends:
                 row = {"round": k, "backend": backend, "load_before": os.getloadavg()[0]}
-                row["model_batch32_texts_per_s"] = _in_child(
+                row["model_batch32_texts_per_s"] = in_child(
                     model_throughput, checkpoint, texts, 32, max_length, seconds, backend
                 )
-                proc, url = serve(checkpoint, "--backend", backend)
-                try:
+                with served(checkpoint, "--backend", backend) as url:
                     wrk(url, 8, 3, script)  # warm-up
                     r = wrk(url, connections, seconds, script)
-                finally:
-                    proc.terminate()
-                    proc.wait(timeout=60)
                 row.update({key: r[key] for key in ("rps", "p50_ms", "p99_ms", "errors")})
                 row["load_after"] = os.getloadavg()[0]
                 runs.append(row)
@@ -289,20 +166,6 @@ def compare_backends(
     (out / "backends.json").write_text(json.dumps(result, indent=2))
     (out / "backends.md").write_text(md + "\n")
     return result
-
-
-def _in_child(fn, *args):
-    """fn(*args) in a forked child process (so that one backend's threads and memory do not stay in
-    this process for the next), its return value sent back through a pipe."""
-    import multiprocessing
-
-    ctx = multiprocessing.get_context("fork")
-    parent, child = ctx.Pipe(duplex=False)
-    p = ctx.Process(target=lambda: child.send(fn(*args)))
-    p.start()
-    value = parent.recv()
-    p.join()
-    return value
 
 
 def _plot(rows: dict, path: Path) -> None:

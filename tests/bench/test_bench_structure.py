@@ -62,6 +62,7 @@ def test_parts_use_the_shared_launcher_and_timed_step():
         text = path.read_text()
         assert "mp.spawn" not in text and "torch.distributed.run" not in text, f"{path.name} starts ranks itself"
         assert "init_process_group" not in text, f"{path.name} joins a process group itself"
-        no_step = ("accuracy.py", "allreduce.py", "snapshot.py", "sparse.py", "grouping.py", "ring.py", "serving.py")
+        no_step = ("accuracy.py", "allreduce.py", "snapshot.py", "sparse.py", "grouping.py", "ring.py")
+        no_step += ("serving.py", "load.py")  # the server's load generator: no training at all
         if path.name not in no_step:  # those time no training step
             assert "timed_step" in text and "launch_ranks" in text, path.name

@@ -1,4 +1,4 @@
-"""The server's load generator (experiments/bench/serving.py): wrk against a real `python -m server`.
+"""The server's load generator (experiments/bench/serving.py, load.py): wrk against a real `python -m server`.
 
 What it reports must be the server's behaviour, not the generator's: every request answered,
 dynamic batching seen from the server's own /metrics (more than one text per forward pass at 64
@@ -15,7 +15,8 @@ import pytest
 from support import forkserver
 from support.paths import AG_NEWS
 
-from experiments.bench import serving
+from distrinews.errors import UsageError
+from experiments.bench import load, serving
 
 needs_wrk = pytest.mark.skipif(
     shutil.which("wrk") is None, reason="needs wrk (apt-get install wrk; .ci/run installs it)"
@@ -41,12 +42,12 @@ def test_quick_run_measures_the_servers_batching(checkpoint, tmp_path):
 
 
 def test_without_wrk_it_says_how_to_install_it(checkpoint, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(serving.shutil, "which", lambda name: None)
+    monkeypatch.setattr(load.shutil, "which", lambda name: None)
     assert serving.main(["--checkpoint", str(checkpoint), "--out", str(tmp_path)]) == 2
     assert "wrk is not installed: `apt-get install wrk`" in capsys.readouterr().err
 
 
 def test_a_data_dir_without_the_test_split_is_refused(tmp_path):
-    with pytest.raises(serving.UsageError, match="file not found"):
-        serving.articles(4, tmp_path)
-    assert len(serving.articles(4)) == 4  # no --data-dir: the page's built-in examples
+    with pytest.raises(UsageError, match="file not found"):
+        load.articles(4, tmp_path)
+    assert len(load.articles(4)) == 4  # no --data-dir: the page's built-in examples
