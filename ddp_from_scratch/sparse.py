@@ -209,24 +209,32 @@ def exchange(
             w.grad = buf
         record.update(mode="dense", bytes=V * row_bytes, sent_bytes=dense_sent)
     else:
-        idx = torch.zeros(n, K, dtype=torch.int64, device=w.device)
-        vals = torch.zeros(n, K, D, dtype=w.dtype, device=w.device)
-        mine = rows.numel()
-        if mine:
-            idx[rank, :mine] = rows
-            torch.mul(grad.index_select(0, rows), scale, out=vals[rank, :mine])  # pre-divided, as in a bucket
-        f_idx, f_vals = comm.all_gather(idx), comm.all_gather(vals)
-        f_idx.wait(), f_vals.wait()
-        if contribute:
-            if grad is None:
-                grad = w.grad = torch.zeros_like(w)
-            else:
-                grad.index_fill_(0, rows, 0)  # now zero everywhere: the untouched rows already were
-            for r in range(n):  # in rank order, the same on every rank
-                grad.index_add_(0, idx[r, : k[r]], vals[r, : k[r]])
-        record.update(mode="sparse", bytes=idx.numel() * 8 + vals.numel() * w.element_size(), sent_bytes=sparse_sent)
+        sent = _gather_rows(comm, w, grad, rows, rank, k, scale, contribute)
+        record.update(mode="sparse", bytes=sent, sent_bytes=sparse_sent)
     record["done"] = time.perf_counter()
     if timer is not None:
         timer.stop()  # after the waits and the index_adds on this stream: the exchange's end in stream order
         record["timer"] = timer
     return record
+
+
+def _gather_rows(comm: CommState, w, grad, rows, rank: int, k: list[int], scale: float, contribute: bool) -> int:
+    """The sparse path: every rank all-gathers K = max(k) (index, row) pairs, padded, then adds them
+    in rank order into a zeroed gradient. Returns the bytes this rank put into the two all-gathers."""
+    n, K, D = len(k), max(k), w.shape[1]
+    idx = torch.zeros(n, K, dtype=torch.int64, device=w.device)
+    vals = torch.zeros(n, K, D, dtype=w.dtype, device=w.device)
+    mine = rows.numel()
+    if mine:
+        idx[rank, :mine] = rows
+        torch.mul(grad.index_select(0, rows), scale, out=vals[rank, :mine])  # pre-divided, as in a bucket
+    f_idx, f_vals = comm.all_gather(idx), comm.all_gather(vals)
+    f_idx.wait(), f_vals.wait()
+    if contribute:
+        if grad is None:
+            grad = w.grad = torch.zeros_like(w)
+        else:
+            grad.index_fill_(0, rows, 0)  # now zero everywhere: the untouched rows already were
+        for r in range(n):  # in rank order, the same on every rank
+            grad.index_add_(0, idx[r, : k[r]], vals[r, : k[r]])
+    return idx.numel() * 8 + vals.numel() * w.element_size()

@@ -149,13 +149,29 @@ def export(checkpoint: str | Path, out: str | Path | None = None) -> Exported:
         from onnxruntime.quantization import QuantType, quantize_dynamic
     except ImportError as e:
         raise ExportError(f"the export needs onnx, onnxscript and onnxruntime ({e}): {INSTALL}") from None
-    import torch
-
     checkpoint = Path(checkpoint).expanduser()
     model = _open_checkpoint(checkpoint)
     out = checkpoint if out is None else Path(out).expanduser()
     (out / ONNX_DIR).mkdir(parents=True, exist_ok=True)
     fp32, int8 = out / ONNX_DIR / FP32_FILE, out / ONNX_DIR / INT8_FILE
+    _export_fp32(model, fp32, checkpoint)
+    with _quiet():  # it suggests a pre-processing step (shape inference) that dynamic quantization does not need
+        quantize_dynamic(str(fp32), str(int8), weight_type=QuantType.QInt8)
+    if out.resolve() != checkpoint.resolve():
+        for name in SIDE_FILES:
+            if (checkpoint / name).is_file():
+                shutil.copy2(checkpoint / name, out / name)
+    return Exported(fp32, int8)
+
+
+def _export_fp32(model, fp32: Path, checkpoint: Path) -> None:
+    """torch's ONNX exporter (dynamo) on `model`: one graph, inputs `input_ids` and `attention_mask`
+    (int64, [batch, sequence], both dynamic), output `logits` (float32, [batch, labels]), in one file.
+
+    Raises:
+        ExportError: the exporter failed (its first line, with the checkpoint and model type).
+    """
+    import torch
 
     class Logits(torch.nn.Module):  # the model's output object -> its one tensor, named `logits` in the graph
         def __init__(self, inner):
@@ -193,13 +209,6 @@ def export(checkpoint: str | Path, out: str | Path | None = None) -> Exported:
             f"torch's ONNX exporter could not export {checkpoint} (model_type "
             f"{model.config.model_type!r}, {type(model).__name__}): {first}"
         ) from None
-    with _quiet():  # it suggests a pre-processing step (shape inference) that dynamic quantization does not need
-        quantize_dynamic(str(fp32), str(int8), weight_type=QuantType.QInt8)
-    if out.resolve() != checkpoint.resolve():
-        for name in SIDE_FILES:
-            if (checkpoint / name).is_file():
-                shutil.copy2(checkpoint / name, out / name)
-    return Exported(fp32, int8)
 
 
 # ---- the checks ----------------------------------------------------------------------------

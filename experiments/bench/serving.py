@@ -134,9 +134,18 @@ def compare_backends(
                 row["load_after"] = os.getloadavg()[0]
                 runs.append(row)
                 print(json.dumps(row), flush=True)
-    base, other = backends[0], backends[-1]
+    ratios = _ratios(runs, backends[0], backends[-1], rounds)
+    md = _backends_markdown(runs, ratios, backends[0], backends[-1], max_length, connections, seconds, rounds)
+    result = {"runs": runs, "ratios": ratios, "markdown": md}
+    (out / "backends.json").write_text(json.dumps(result, indent=2))
+    (out / "backends.md").write_text(md + "\n")
+    return result
+
+
+def _ratios(runs: list[dict], base: str, other: str, rounds: int) -> list[dict]:
+    """Per round, `other` over `base`: model texts/s, server requests/s, p99 (a pair measured back to back)."""
     by = {(r["round"], r["backend"]): r for r in runs}
-    ratios = [
+    return [
         {
             "round": k,
             "model": by[k, other]["model_batch32_texts_per_s"] / by[k, base]["model_batch32_texts_per_s"],
@@ -145,6 +154,19 @@ def compare_backends(
         }
         for k in range(rounds)
     ]
+
+
+def _backends_markdown(
+    runs: list[dict],
+    ratios: list[dict],
+    base: str,
+    other: str,
+    max_length: int,
+    connections: int,
+    seconds: float,
+    rounds: int,
+) -> str:
+    """backends.md: how it was measured, every run, then the per-round ratios."""
     md = [
         f"`POST /predict`, one AG News test article per request (max_length {max_length}), wrk -t1 -c{connections}, "
         f"{seconds:g} s per point after a 3 s warm-up, loopback; model alone: batches of 32 texts, {seconds:g} s, "
@@ -161,11 +183,7 @@ def compare_backends(
         )
     md += ["", f"| round | {other}/{base}: model texts/s | server requests/s | p99 |", "|---|---|---|---|"]
     md += [f"| {q['round']} | {q['model']:.2f} | {q['server_rps']:.2f} | {q['p99']:.2f} |" for q in ratios]
-    md = "\n".join(md)
-    result = {"runs": runs, "ratios": ratios, "markdown": md}
-    (out / "backends.json").write_text(json.dumps(result, indent=2))
-    (out / "backends.md").write_text(md + "\n")
-    return result
+    return "\n".join(md)
 
 
 def _plot(rows: dict, path: Path) -> None:
