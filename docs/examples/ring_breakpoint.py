@@ -242,6 +242,10 @@ def worker(args) -> None:
         dist.barrier()
     finally:
         dist.destroy_process_group()
+    # Done: leave without Python's finalization, where gloo's worker thread can abort the process after a
+    # backward (docs/troubleshooting.md, "terminate called without an active exception at exit").
+    sys.stdout.flush(), sys.stderr.flush()
+    os._exit(0)
 
 
 def launch(args) -> int:
