@@ -32,14 +32,13 @@ expects every trainable parameter to get a gradient in each synced backward.
 from __future__ import annotations
 
 import contextlib
-import functools
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch.autograd import Variable
 
-from .replicas import broadcast_from, verify_same_model
+from .replicas import broadcast_from, held_weakly, verify_same_model
 
 
 class Bucket:
@@ -107,9 +106,9 @@ class BucketedDistributedDataParallel(nn.Module):
         self.require_backward_grad_sync = True  # False inside no_sync()
         self._sync_this_backward = False
         self._callback_queued = False
-        for bucket in self.buckets:
-            for pos, p in enumerate(bucket.params):
-                p.register_post_accumulate_grad_hook(functools.partial(self._on_gradient, bucket, pos))
+        for k, bucket in enumerate(self.buckets):
+            for pos, p in enumerate(bucket.params):  # bucket k, position pos: indices, so the hook holds no tensor
+                p.register_post_accumulate_grad_hook(held_weakly(self._on_gradient, k, pos))
 
     def forward(self, *args, **kwargs):
         """The module's forward; remembers whether the backward that follows must sync."""
@@ -120,9 +119,10 @@ class BucketedDistributedDataParallel(nn.Module):
                 bucket.pending, bucket.work = len(bucket.params), None
         return self.module(*args, **kwargs)
 
-    def _on_gradient(self, bucket: Bucket, pos: int, param: torch.Tensor) -> None:
+    def _on_gradient(self, k: int, pos: int, param: torch.Tensor) -> None:
         if not self._sync_this_backward:
             return
+        bucket = self.buckets[k]
         if not self._callback_queued:  # once per backward: wait for everything at its end (see naive.py)
             Variable._execution_engine.queue_callback(self._wait_for_buckets)
             self._callback_queued = True

@@ -32,7 +32,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.autograd import Variable
 
-from .replicas import broadcast_from, verify_same_model
+from .replicas import broadcast_from, held_weakly, verify_same_model
 
 
 class NaiveDistributedDataParallel(nn.Module):
@@ -69,7 +69,7 @@ class NaiveDistributedDataParallel(nn.Module):
         self._sync_this_backward = False
         self._callback_queued = False
         for p in self.params:
-            p.register_post_accumulate_grad_hook(self._on_gradient)
+            p.register_post_accumulate_grad_hook(held_weakly(self._on_gradient))  # see held_weakly: no leak
 
     def forward(self, *args, **kwargs):
         """The module's forward; remembers whether the backward that follows must sync."""

@@ -48,14 +48,12 @@ Its public interface, all that ddp.py and join.py call:
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.distributed as dist
 from torch.autograd import Variable
 
 from .bucket import Bucket, build_buckets, rebuild_in_ready_order
-from .replicas import broadcast_from, check_same_numel
+from .replicas import broadcast_from, check_same_numel, held_weakly
 
 
 class Reducer:
@@ -122,7 +120,7 @@ class Reducer:
         self._next_bucket = 0  # buckets are launched strictly in index order
         self._comm_hook, self._hook_state = None, None
         self._hooks = [
-            p.register_post_accumulate_grad_hook(functools.partial(self._autograd_hook, i))
+            p.register_post_accumulate_grad_hook(held_weakly(self._autograd_hook, i))  # weakly, as reducer.cpp
             for i, p in enumerate(params)
         ]
 

@@ -9,6 +9,8 @@ shapes with `_verify_param_shape_across_processes` and copies rank 0's state wit
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -86,3 +88,25 @@ def check_same_numel(tensor: torch.Tensor, group=None, what: str = "the tensor")
             "broadcast, which NCCL would not catch. The ranks disagree on which parameters got gradients; "
             "check that every rank runs the same model and the same backward."
         )
+
+
+def held_weakly(method, *args):
+    """`functools.partial(method, *args)`, holding `method`'s object (a wrapper, a reducer) by a weak reference:
+    the gradient hook to register on a parameter, `p.register_post_accumulate_grad_hook(held_weakly(...))`.
+
+    Why: autograd keeps the hook in the parameter's C++ gradient-accumulation node, which Python's garbage
+    collector does not see into (pytorch/pytorch#7343). A hook holding the wrapper, which holds the model,
+    which holds the parameter, is then a cycle no `gc.collect()` frees: every wrapper ever built would keep its
+    model, buckets and optimizer shards until the process ends. torch's C++ Reducer does not own itself from its
+    hooks either (they capture a plain `this`, reducer.cpp), and its destructor removes them
+    (`remove_autograd_hooks`). `args` must not hold the parameter (pass indices, not buckets). Once the object
+    is gone the hook does nothing.
+    """
+    owner, func = weakref.ref(method.__self__), method.__func__
+
+    def hook(param: torch.Tensor) -> None:
+        me = owner()
+        if me is not None:
+            func(me, *args, param)
+
+    return hook

@@ -31,7 +31,7 @@ from torch.autograd import Variable
 from . import collectives, debug
 from .bucket import MB, assign_buckets
 from .flat_param import ShardComm, clip_grad_norm_
-from .replicas import broadcast_from
+from .replicas import broadcast_from, held_weakly
 from .zero import ShardedOptimizer, hyperparameters, load_hyperparameters
 
 
@@ -119,7 +119,9 @@ class Zero2Optimizer(ShardedOptimizer):
         self._local_optimizer(optimizer_class, local_groups, defaults)
         self._where = {id(p): b for b in self.buckets for p in b.params}
         self._next_bucket, self._callback_queued = 0, False
-        self._hooks = [p.register_post_accumulate_grad_hook(self._grad_hook) for p in everything if p.requires_grad]
+        self._hooks = [  # weakly: see held_weakly
+            p.register_post_accumulate_grad_hook(held_weakly(self._grad_hook)) for p in everything if p.requires_grad
+        ]
 
     def _make_bucket(self, index: int, params: list[torch.Tensor]) -> ShardedBucket:
         """Move `params` into one flat tensor (each becomes a view of it) and take chunk r of it as the shard."""

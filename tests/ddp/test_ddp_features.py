@@ -931,3 +931,44 @@ def test_the_graph_walk_finds_parameters_in_any_output_container():
     out = _Output(a(x), {"more": [b(x), 3]})
     assert params_reached_by(out) == {id(p) for p in (*a.parameters(), *b.parameters())}
     assert params_reached_by((c(x).detach(), None)) == set()
+
+
+def _freed_worker(rank: int, world: int, out_path: str) -> None:
+    """Each wrapper (and ZeRO-2, whose hooks follow the same rule) takes one step, is dropped, and
+    must then be gone, with its model and parameters, after one gc.collect(); torch's DDP is the reference."""
+    import gc
+    import weakref
+
+    from ddp_from_scratch import BucketedDistributedDataParallel, OverlapDistributedDataParallel
+    from ddp_from_scratch.zero2 import Zero2Optimizer
+
+    wrappers = {
+        "naive": Naive,
+        "overlap": OverlapDistributedDataParallel,
+        "buckets": lambda m: BucketedDistributedDataParallel(m, bucket_cap_mb=40 / 2**20),  # 2 buckets
+        "ours": Ours,
+        "torch": lambda m: ddp_native.wrap(m, torch.device("cpu")),
+        "zero2": lambda m: (m, Zero2Optimizer(m.parameters(), torch.optim.SGD, lr=0.1)),
+    }
+    alive = {}
+    for name, wrap in wrappers.items():
+        model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+        wrapped = wrap(model)
+        net, opt = wrapped if isinstance(wrapped, tuple) else (wrapped, torch.optim.SGD(wrapped.parameters(), lr=0.1))
+        net(torch.randn(4, 3)).sum().backward()
+        opt.step()
+        refs = [weakref.ref(o) for o in (model, net, opt, model[0].weight)]  # a parameter: a reducer would hold it
+        del model, wrapped, net, opt
+        gc.collect()
+        alive[name] = sum(r() is not None for r in refs)
+    torch.save(alive, f"{out_path}.rank{rank}")
+
+
+def test_a_dropped_wrapper_frees_its_model(tmp_path):
+    """A gradient hook lives in autograd's C++ node, out of the garbage collector's sight: one that held
+    its wrapper would keep every wrapper and model ever built alive (ddp_from_scratch/replicas.py,
+    held_weakly). torch's DDP is freed; so must ours be, each on-ramp step, the full DDP and ZeRO-2."""
+    run(_freed_worker, 2, tmp_path, str(tmp_path / "res"), timeout_s=PG_TIMEOUT_S)
+    for r in range(2):
+        alive = torch.load(f"{tmp_path / 'res'}.rank{r}")
+        assert alive == dict.fromkeys(alive, 0), (r, alive)
