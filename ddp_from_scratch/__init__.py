@@ -4,7 +4,7 @@ Read in this order (each file imports only files above it; tests/docs/test_readi
 The on-ramp (3-6) is four small steps, each equal to torch's DDP; lines marked "skip" are
 optimisations or corner cases a first pass may leave for later, with the reason each exists:
  1. sampler.py             - which samples each rank sees: disjoint, equal shards, reshuffled per epoch
- 2. replicas.py            - the same model on every rank: verify at wrap time, broadcast rank 0's state
+ 2. replicas.py            - the same model on every rank: verify at wrap time, broadcast rank 0's state; weak hooks
  3. explicit.py            - step 1: the loop calls sync_gradients(model) after backward: blocking, per parameter
  4. naive.py               - step 2: the same all-reduces, run by autograd at the end of backward (a hook, a callback)
  5. overlap.py             - step 3: each gradient's async all-reduce launched from its hook, all waited on at the end

@@ -4,7 +4,8 @@ Data parallelism only works if every rank holds the same model: the same paramet
 in the same order (or the all-reduces would add unrelated tensors together) with
 the same values (or the replicas would train different models). torch's DDP checks
 shapes with `_verify_param_shape_across_processes` and copies rank 0's state with
-`_sync_module_states` (torch/nn/parallel/distributed.py); these are ours.
+`_sync_module_states` (torch/nn/parallel/distributed.py); these are ours. Every wrapper then hooks
+the replica's parameters; `held_weakly` makes those hooks that let the wrapper be freed.
 """
 
 from __future__ import annotations
