@@ -100,6 +100,13 @@ def max_length(model: Path) -> int:
     return Checkpoint.open(model).max_length()
 
 
+def _trained_model_name(model: Path) -> str:
+    """The training run's --model (training_args.json, read as the server reads it), else "classifier"."""
+    from server.checkpoint import Checkpoint
+
+    return Checkpoint.open(model).training_args.get("model") or "classifier"
+
+
 # ---- the static Space -------------------------------------------------------------------------
 def node_modules(cache: Path) -> Path:
     """`npm ci` of deploy/static's package.json and package-lock.json into `cache` (once per lock:
@@ -227,8 +234,7 @@ def _prepare(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory(prefix="distrinews-route-") as tmp:
         checkpoint = open_checkpoint(args.checkpoint, Path(tmp) / "checkpoint")
         model = exported(checkpoint, Path(tmp), args.data_dir)
-        f = model / "training_args.json"
-        name = args.model_name or (json.loads(f.read_text()).get("model") if f.is_file() else None) or "classifier"
+        name = args.model_name or _trained_model_name(model)
         if args.route == "space":
             info = build_space(model, args.out, args.npm_cache, name)
             print(space_done(args.out, info))
