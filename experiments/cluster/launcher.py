@@ -37,13 +37,13 @@ from pathlib import Path
 from distrinews.errors import EXIT_RUNTIME, UsageError
 from experiments import faults
 from experiments.launch import RDZV_PORT, TOPOLOGY_ENV, Cluster, Launch, Rendezvous
+from experiments.processes import alive
 
 from .network import (
     IFNAME,
     LOCK_DIR,
     PREFIX,
     Network,
-    _running,
     check_environment,
     namespace_pids,
     node_cores,
@@ -238,8 +238,8 @@ def supervise(args, net: Network, agents: dict[int, subprocess.Popen], step_dir:
             heal.remove((t, k))
             say(f"node {k}'s link is up again")
         if watch is not None:
-            alive = {p for p in watch[1] if _running(p)}
-            if not alive:
+            left = {p for p in watch[1] if alive(p)}
+            if not left:
                 took = time.monotonic() - watch[0]
                 say(f"the ranks running at the {watch[2].split(':')[0]} had all exited {took:.1f} s after it")
                 watch = None

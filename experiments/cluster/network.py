@@ -139,15 +139,6 @@ def remove_stale() -> list[str]:
     return removed
 
 
-def _running(pid: int) -> bool:
-    """Whether process `pid` still runs (a zombie has exited: its agent may be too busy to reap it)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 def node_cores(nodes: int, available: list[int]) -> tuple[list[list[int]], str | None]:
     """The cores each node is pinned to, and a warning when nodes must share cores."""
     per = len(available) // nodes

@@ -14,7 +14,7 @@ import pytest
 from support.namespaces import needs_namespaces
 
 from distrinews.errors import UsageError
-from experiments import cluster
+from experiments import cluster, processes
 from experiments.bench.__main__ import main
 from experiments.bench.common import launch
 from experiments.launch import TOPOLOGY_ENV, Cluster, Launch
@@ -59,4 +59,4 @@ def test_a_part_runs_on_two_nodes_and_its_result_says_so(tmp_path):
     assert (tmp_path / "ring" / "ring.md").read_text().startswith(f"Topology: {want}.")
     assert json.loads((tmp_path / "summary.json").read_text())["topology"]["nodes"] == 2
     owners = [ns[len(cluster.PREFIX) :].split("-")[0] for ns in cluster.our_namespaces()]
-    assert not [o for o in owners if o.isdigit() and not cluster._running(int(o))]  # nothing left behind
+    assert not [o for o in owners if o.isdigit() and not processes.alive(int(o))]  # nothing left behind

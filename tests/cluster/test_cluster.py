@@ -29,7 +29,7 @@ from support.paths import ROOT
 from support.torchrun import ok
 from support.training import tiny_train_args
 
-from experiments import cluster
+from experiments import cluster, processes
 from experiments import snapshot as S
 
 pytestmark = [needs_namespaces, pytest.mark.slow]  # namespaces, trainings
@@ -82,7 +82,7 @@ def nothing_left_behind():
     # namespaces whose launcher has ended (a launcher running elsewhere at the same time keeps its own)
     yield
     owners = {ns: ns[len(cluster.PREFIX) :].split("-")[0] for ns in cluster.our_namespaces()}
-    left = [ns for ns, owner in owners.items() if owner.isdigit() and not cluster._running(int(owner))]
+    left = [ns for ns, owner in owners.items() if owner.isdigit() and not processes.alive(int(owner))]
     assert not left, left
 
 
@@ -238,7 +238,7 @@ def test_after_a_launcher_killed_with_sigkill_the_next_start_leaves_nothing():
     assert "removed what an earlier launcher left" in log and all(ns in log for ns in mine), log[-2000:]
     assert not set(mine) & set(cluster.our_namespaces())
     time.sleep(0.5)
-    assert not [p for p in pids if cluster._running(p)], pids
+    assert not [p for p in pids if processes.alive(p)], pids
 
 
 def test_compare_runs_its_ddp_runs_through_the_launcher():

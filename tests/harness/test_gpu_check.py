@@ -19,7 +19,7 @@ from support import forkserver
 from support.paths import ROOT
 
 from ddp_from_scratch.debug import CollectiveTimer
-from experiments import gpu_check
+from experiments import gpu_check, processes
 from experiments.features import FEATURES, Feature
 from experiments.train_args import TrainConfig
 
@@ -171,9 +171,9 @@ def test_a_step_at_its_limit_leaves_no_process_behind(tmp_path):
     assert time.monotonic() - start < 15
     grandchildren = [int(p) for p in pids.read_text().split()]
     deadline = time.monotonic() + 5  # SIGKILL is delivered at once; the check allows for the scheduler
-    while any(map(gpu_check.alive, grandchildren)) and time.monotonic() < deadline:
+    while any(map(processes.alive, grandchildren)) and time.monotonic() < deadline:
         time.sleep(0.05)
-    left = [p for p in grandchildren if gpu_check.alive(p)]
+    left = [p for p in grandchildren if processes.alive(p)]
     for p in left:  # never leave them running, even when the test fails
         os.kill(p, 9)
     assert not left, f"still running after the step was stopped: {left}"
