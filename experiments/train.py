@@ -61,6 +61,7 @@ from .length_grouping import LengthGroupedBatchSampler, lengths_of
 from .metrics import MetricsLog
 from .model import build_model, build_tokenizer
 from .precision import make_scaler
+from .resume import Choice, decide
 from .step import optimizer_step
 from .train_args import TrainConfig, parse_args
 
@@ -151,8 +152,8 @@ def build(config: TrainConfig, env: D.DistEnv) -> Run:
     model = build_model(config.model, vocab_size=len(tokenizer), dropout=config.dropout).to(env.device)
     # One snapshot holds the weights and AdamW's two moments: about 3x the parameters' bytes.
     state_bytes = 0 if config.no_snapshots else 3 * sum(p.numel() * p.element_size() for p in model.parameters())
-    decide = functools.partial(S.decide, config.resume, out_dir, config.identity(env.world_size), state_bytes)
-    choice = D.decide_on_main(env, decide, share=S.Choice.without_state)  # the others get path and warnings
+    choose = functools.partial(decide, config.resume, out_dir, config.identity(env.world_size), state_bytes)
+    choice = D.decide_on_main(env, choose, share=Choice.without_state)  # the others get path and warnings
     for w in choice.warnings if env.is_main else ():
         print(w, file=sys.stderr, flush=True)
     snapshot = S.broadcast_state(choice.state, env) if choice.path is not None else None

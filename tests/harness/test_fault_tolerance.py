@@ -24,7 +24,7 @@ from support.paths import needs_ag_news
 from support.torchrun import TIMEOUT_S, ok, python, torchrun
 from support.training import tiny_train_args
 
-from experiments import faults
+from experiments import faults, resume
 from experiments import snapshot as S
 from experiments.launch import Launch, Rendezvous
 
@@ -216,12 +216,12 @@ def test_no_room_for_a_snapshot_fails_before_any_step(tmp_path, monkeypatch, cap
         u = real(path)
         return u._replace(free=1 << 10) if Path(path) == tmp_path / "run" else u
 
-    monkeypatch.setattr(S.shutil, "disk_usage", one_kib_free)
+    monkeypatch.setattr(resume.shutil, "disk_usage", one_kib_free)
     assert main(train_args(tmp_path / "run", tmp_path / "cache", 1, "none")[2:]) == 2
     out = capsys.readouterr()
     assert "MiB free, one snapshot needs about" in out.err, out.err[-2000:]
     assert "optimizer steps" not in out.out and not (tmp_path / "run" / "metrics.jsonl").exists()
-    S.preflight(tmp_path, state_bytes=1 << 20)  # with the real disk a small one fits
+    resume.preflight(tmp_path, state_bytes=1 << 20)  # with the real disk a small one fits
 
 
 @pytest.mark.parametrize(("ddp", "per_node"), [("native", 1), ("scratch", 2)])
