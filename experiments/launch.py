@@ -185,7 +185,7 @@ class Launch:
         return [
             sys.executable,
             "-m",
-            "torch.distributed.run",
+            TORCHRUN,
             *where,
             *restarts,
             f"--nproc_per_node={self.nproc}",

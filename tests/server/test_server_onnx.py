@@ -84,6 +84,7 @@ def test_export_command_checks_parity_on_the_test_split(export_run):
     assert parity["standard_error"] == pytest.approx(se)
     assert parity["int8_ok"] == (abs(parity["accuracy_onnx_int8"] - parity["accuracy_torch"]) <= se)
     assert r.returncode == (0 if parity["int8_ok"] else 1)
+    assert ("train longer" in r.stdout) == (not parity["int8_ok"])  # a failed check says what to do
 
 
 def test_exported_model_has_the_agreed_interface(exported):
