@@ -14,10 +14,6 @@ import re
 
 from support.paths import ROOT
 
-# Pages outside this check, and why. fault-tolerance.md: owned by the fault-tolerance work (its
-# torchrun command at "Try it" still names ../shared/ag_news; to be labelled or moved to the hub
-# route there). deploy.md names ../shared/tools (this machine's docker script), in prose.
-NOT_CHECKED = {"docs/fault-tolerance.md", "docs/deploy.md"}
 OUTPUT = ("error:", "[rank")  # lines of a program's output shown in a block, not commands
 PAGES = sorted(str(p.relative_to(ROOT)) for p in [ROOT / "README.md", *ROOT.glob("docs/*.md")] if p.exists())
 
@@ -40,8 +36,6 @@ def unlabelled_shared_commands(text: str) -> list[str]:
 def test_no_learner_command_needs_shared_but_the_offline_route():
     bad = {}
     for page in PAGES:
-        if page in NOT_CHECKED:
-            continue
         found = unlabelled_shared_commands((ROOT / page).read_text())
         if found:
             bad[page] = found
