@@ -39,6 +39,8 @@ import os
 import sys
 from pathlib import Path
 
+import httpx
+
 from distrinews.errors import guard
 from server.checkpoint import Checkpoint
 
@@ -128,6 +130,9 @@ def compare_backends(
                     model_throughput, checkpoint, texts, 32, max_length, seconds, backend
                 )
                 with served(checkpoint, "--backend", backend) as url:
+                    # what the server says it runs (/info): the row measures that model, not the flag's promise
+                    b = httpx.get(f"{url}/info").json()["backend"]
+                    row["served"] = " ".join(x for x in (b["name"], b["model"]) if x)
                     wrk(url, 8, 3, script)  # warm-up
                     r = wrk(url, connections, seconds, script)
                 row.update({key: r[key] for key in ("rps", "p50_ms", "p99_ms", "errors")})
@@ -172,14 +177,15 @@ def _backends_markdown(
         f"{seconds:g} s per point after a 3 s warm-up, loopback; model alone: batches of 32 texts, {seconds:g} s, "
         f"tokenizing included. {rounds} rounds, the backends in turn within each.",
         "",
-        "| round | backend | model texts/s (batch 32) | server requests/s | p50 ms | p99 ms | errors "
+        "| round | backend (served model) | model texts/s (batch 32) | server requests/s | p50 ms | p99 ms | errors "
         "| load average (1 min) |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in runs:
         md.append(
-            f"| {r['round']} | {r['backend']} | {r['model_batch32_texts_per_s']:.1f} | {r['rps']:.1f} | "
-            f"{r['p50_ms']:.0f} | {r['p99_ms']:.0f} | {r['errors']} | {r['load_before']:.1f} -> {r['load_after']:.1f} |"
+            f"| {r['round']} | {r['backend']} ({r['served']}) | {r['model_batch32_texts_per_s']:.1f} | "
+            f"{r['rps']:.1f} | {r['p50_ms']:.0f} | {r['p99_ms']:.0f} | {r['errors']} | "
+            f"{r['load_before']:.1f} -> {r['load_after']:.1f} |"
         )
     md += ["", f"| round | {other}/{base}: model texts/s | server requests/s | p99 |", "|---|---|---|---|"]
     md += [f"| {q['round']} | {q['model']:.2f} | {q['server_rps']:.2f} | {q['p99']:.2f} |" for q in ratios]

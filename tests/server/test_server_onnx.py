@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import subprocess
 import sys
 
@@ -181,8 +182,6 @@ print(" ".join(sorted(sys.modules)))
     ids=["no-config", "no-tokenizer", "broken-weights"],
 )
 def test_export_refuses_a_bad_checkpoint_with_a_clear_message(checkpoint, tmp_path, breaks, words):
-    import shutil
-
     bad = shutil.copytree(checkpoint, tmp_path / "bad")
     breaks(bad)
     r = forkserver.python(["-m", "experiments.export", str(bad), "--no-check"])
@@ -195,3 +194,26 @@ def test_onnx_backend_without_an_export_is_refused(checkpoint):
 
     with pytest.raises(CheckpointInvalid, match="python -m experiments.export"):
         create_app(checkpoint, ServerConfig(backend="onnx"))
+
+
+@pytest.mark.skipif(shutil.which("wrk") is None, reason="needs wrk (apt-get install wrk; .ci/run installs it)")
+@pytest.mark.slow  # two servers, a 3 s warm-up and 1 s of wrk each, 1 s of model batches each: about 30 s
+def test_the_backend_comparison_measures_each_backend_it_names(checkpoint, exported, tmp_path):
+    both = shutil.copytree(checkpoint, tmp_path / "both")  # torch's weights and, beside them, the export
+    shutil.copytree(exported / "onnx", both / "onnx")
+    args = ["--checkpoint", str(both), "--backends", "torch,onnx", "--rounds", "1", "--duration", "1"]
+    r = forkserver.python(["-m", "experiments.bench.serving", *args, "--out", str(tmp_path / "out")], timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.loads((tmp_path / "out" / "backends.json").read_text())
+    torch_run, onnx_run = result["runs"]
+    # each server ran the backend it was started for (the folder holds both: the default would be onnx)
+    assert (torch_run["backend"], torch_run["served"]) == ("torch", "torch")
+    assert (onnx_run["backend"], onnx_run["served"]) == ("onnx", "onnx onnx/model_quantized.onnx")
+    for run in result["runs"]:
+        assert run["rps"] > 0 and run["errors"] == 0 and run["model_batch32_texts_per_s"] > 0, run
+    (ratio,) = result["ratios"]  # onnx over torch, within the round
+    assert ratio["server_rps"] == pytest.approx(onnx_run["rps"] / torch_run["rps"])
+    assert ratio["model"] == pytest.approx(
+        onnx_run["model_batch32_texts_per_s"] / torch_run["model_batch32_texts_per_s"]
+    )
+    assert "| 0 | onnx (onnx onnx/model_quantized.onnx) |" in (tmp_path / "out" / "backends.md").read_text()
