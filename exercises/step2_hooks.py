@@ -20,7 +20,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.autograd import Variable  # noqa: F401  (you will need it)
 
-from ddp_from_scratch.replicas import broadcast_from
+from ddp_from_scratch.replicas import broadcast_from, held_weakly
 
 
 class NaiveDistributedDataParallel(nn.Module):
@@ -37,8 +37,8 @@ class NaiveDistributedDataParallel(nn.Module):
         broadcast_from([p.data for p in module.parameters()] + list(module.buffers()), 0, process_group)
         self.params = [p for p in module.parameters() if p.requires_grad]
         self.callback_queued = False  # set when the end-of-backward callback is queued, cleared when it ran
-        for p in self.params:
-            p.register_post_accumulate_grad_hook(self._on_gradient)
+        for p in self.params:  # held_weakly: a hook that lets the wrapper be freed (ddp_from_scratch/replicas.py)
+            p.register_post_accumulate_grad_hook(held_weakly(self._on_gradient))
 
     def forward(self, *args, **kwargs):
         return self.module(*args, **kwargs)

@@ -11,15 +11,13 @@ Run: make exercise NAME=step4_buckets   (stuck: python -m exercises step4_bucket
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch.autograd import Variable  # noqa: F401  (you will need it)
 
 from ddp_from_scratch.minimal_buckets import Bucket, plan_buckets
-from ddp_from_scratch.replicas import broadcast_from
+from ddp_from_scratch.replicas import broadcast_from, held_weakly
 
 
 class BucketedDistributedDataParallel(nn.Module):
@@ -40,15 +38,15 @@ class BucketedDistributedDataParallel(nn.Module):
             Bucket([self.params[i] for i in b]) for b in plan_buckets(self.params, int(bucket_cap_mb * 2**20))
         ]
         self.callback_queued = False
-        for bucket in self.buckets:
+        for k, bucket in enumerate(self.buckets):  # the hook gets the bucket's index: see held_weakly
             for pos, p in enumerate(bucket.params):
-                p.register_post_accumulate_grad_hook(functools.partial(self._on_gradient, bucket, pos))
+                p.register_post_accumulate_grad_hook(held_weakly(self._on_gradient, k, pos))
 
     def forward(self, *args, **kwargs):
         return self.module(*args, **kwargs)
 
-    def _on_gradient(self, bucket: Bucket, pos: int, param: torch.Tensor) -> None:
-        """Queue the end-of-backward wait once; copy grad / world_size into `bucket.views[pos]`;
+    def _on_gradient(self, k: int, pos: int, param: torch.Tensor) -> None:
+        """Queue the end-of-backward wait once; copy grad / world_size into `self.buckets[k].views[pos]`;
         when the bucket's last gradient is in, launch its asynchronous all-reduce into `bucket.work`."""
         raise NotImplementedError("exercise 5: fill the bucket, launch it when full")
 
