@@ -42,6 +42,12 @@ calling its `nn.Embedding`). Weights shared with another module (tied to an outp
 a dense gradient every step and are never made sparse. With DDP_FROM_SCRATCH_DEBUG=1 every step
 also checks that no row outside the looked-up ones has a gradient (debug.py); a row that does
 makes that rank dirty, and a warning says so.
+
+Streams (CUDA): counts, indices and values are made on the caller's current stream and handed to
+`comm`'s collectives, which record them on the stream they run on (work.py's rule 3, or NCCL's
+own); every `.wait()` in `exchange` is a future's wait, which makes the current stream wait for the
+collective (no host sync). The one host sync is `counts.tolist()`, once: the sparse-or-dense
+decision and the all-gather's size K need the numbers on the CPU, the same on every rank.
 """
 
 from __future__ import annotations
@@ -170,11 +176,7 @@ def exchange(
         contribute: False for a rank that joined (join.py): it sends nothing (0 rows, or zeros
             in the dense all-reduce) and leaves its gradient alone.
         break_even: sparse while the all-gather sends at most this share of the all-reduce's bytes.
-    Streams (CUDA): counts, indices and values are made on the caller's current stream and handed
-    to `comm`'s collectives, which record them on the stream they run on (work.py's rule 3, or NCCL's
-    own); every `.wait()` below is a future's wait, which makes the current stream wait for the
-    collective (no host sync). The one host sync is `counts.tolist()`, once: the sparse-or-dense
-    decision and the all-gather's size K need the numbers on the CPU, the same on every rank.
+    Streams (CUDA): see the module docstring's last paragraph.
     Returns: one record {"bucket": "sparse:<name>", "mode": "sparse"|"dense"|"none", "rows" (K),
         "bytes" (put into the collectives by this rank), "sent_bytes" (sent per rank by the ring
         algorithms: (n-1) K (D b + 8), or 2 (n-1)/n V D b for dense), "launch", "done"

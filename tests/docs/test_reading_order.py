@@ -246,3 +246,31 @@ def test_the_contract_sees_relative_and_late_imports(tmp_path):
     src.write_text("def f():\n    from .bench.common import launch\n    from ..cluster import run\n")
     found = imported_modules(src, "experiments.sub")
     assert "experiments.sub.bench.common.launch" in found and "experiments.cluster.run" in found
+
+
+# ---- functions a reader can hold in view ---------------------------------------------------------
+MAX_FUNCTION_LINES = 60  # issue #29: a function, docstring included, fits a screen; argument parsers excepted
+
+
+def long_functions(paths) -> list[str]:
+    """`file:line name (N lines)` for each function over MAX_FUNCTION_LINES lines, def to last line, but the
+    argument parsers (a name with "parser" or "arguments": a flat list of options, read one at a time)."""
+    out = []
+    for path in paths:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                n = node.end_lineno - node.lineno + 1
+                if n > MAX_FUNCTION_LINES and not any(w in node.name for w in ("parser", "arguments")):
+                    out.append(f"{path.name}:{node.lineno} {node.name} ({n} lines)")
+    return out
+
+
+def test_no_function_is_longer_than_a_screen():
+    paths = [p for pkg in (*PROJECT, "deploy", "exercises") for p in sorted((ROOT / pkg).rglob("*.py"))]
+    assert not long_functions(paths), f"split these by what each part does: {long_functions(paths)}"
+
+
+def test_the_length_check_can_fail(tmp_path):
+    body = "".join(f"    x{i} = {i}\n" for i in range(MAX_FUNCTION_LINES))
+    (tmp_path / "m.py").write_text(f"def long():\n{body}\n\ndef build_parser():\n{body}")
+    assert long_functions([tmp_path / "m.py"]) == [f"m.py:1 long ({MAX_FUNCTION_LINES + 1} lines)"]
