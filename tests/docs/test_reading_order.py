@@ -274,3 +274,73 @@ def test_the_length_check_can_fail(tmp_path):
     body = "".join(f"    x{i} = {i}\n" for i in range(MAX_FUNCTION_LINES))
     (tmp_path / "m.py").write_text(f"def long():\n{body}\n\ndef build_parser():\n{body}")
     assert long_functions([tmp_path / "m.py"]) == [f"m.py:1 long ({MAX_FUNCTION_LINES + 1} lines)"]
+
+
+# ---- one place for each concept (issue #29), counted with the AST ---------------------------------
+def project_sources() -> list[Path]:
+    """Every .py file of the product (not the tests, not docs/examples: self-contained teaching scripts)."""
+    return [p for pkg in (*PROJECT, "deploy", "exercises") for p in sorted((ROOT / pkg).rglob("*.py"))]
+
+
+def places(paths, found, base: Path = ROOT) -> list[str]:
+    """`file:line` (file relative to `base`) for each AST node of `paths` for which `found(node)` holds."""
+    return [f"{p.relative_to(base)}:{n.lineno}" for p in paths for n in ast.walk(ast.parse(p.read_text())) if found(n)]
+
+
+def files(paths, found) -> set[str]:
+    """The files of `places`."""
+    return {place.split(":")[0] for place in places(paths, found)}
+
+
+def calls(name: str):
+    """A call of a function or method called `name`."""
+    return lambda n: isinstance(n, ast.Call) and name in (getattr(n.func, "attr", None), getattr(n.func, "id", None))
+
+
+def the_string(*values: str):
+    """A string constant equal to one of `values`."""
+    return lambda n: isinstance(n, ast.Constant) and n.value in values
+
+
+def compares_to(names: set[str]):
+    """A comparison (==, in, ...) with a string constant, or a tuple/set/list of them, in `names`."""
+
+    def found(n) -> bool:
+        if not isinstance(n, ast.Compare):
+            return False
+        sides = [n.left, *n.comparators]
+        consts = [e for s in sides for e in (s.elts if isinstance(s, (ast.Tuple, ast.Set, ast.List)) else [s])]
+        return any(isinstance(c, ast.Constant) and c.value in names for c in consts)
+
+    return found
+
+
+def test_one_process_group_setup_one_torchrun_command_one_cluster_spec_parser():
+    src = project_sources()
+    assert files(src, calls("init_process_group")) == {"experiments/distributed.py"}, "distributed.setup sets it up"
+    assert files(src, the_string("torch.distributed.run", "torchrun")) == {"experiments/launch.py"}, (
+        "torchrun's command line is written by experiments/launch.py's Launch.torchrun only"
+    )
+    spec = lambda n: isinstance(n, ast.Constant) and isinstance(n.value, str) and r"x(\d+)" in n.value  # noqa: E731
+    assert files(src, spec) == {"experiments/launch.py"}, "NODESxRANKS is read by experiments/launch.py's Cluster.parse"
+
+
+def test_no_module_but_the_registry_and_the_command_line_tests_a_stage_name():
+    from experiments import parallel
+
+    names = set(parallel.stages()) | set(parallel.IMPLEMENTATIONS)
+    allowed = {"experiments/parallel.py", "experiments/train_args.py"}
+    bad = [p for p in places(project_sources(), compares_to(names)) if p.split(":")[0] not in allowed]
+    assert not bad, f"look the stage up in experiments/parallel.py's table instead of testing its name: {bad}"
+
+
+def test_the_one_place_checks_can_fail(tmp_path):
+    (tmp_path / "pkg").mkdir()
+    src = tmp_path / "pkg" / "m.py"
+    src.write_text(
+        "import torch.distributed as dist\ndist.init_process_group('gloo')\n"
+        "cmd = ['python', '-m', 'torch.distributed.run']\nif impl == 'native' or stage in ('fsdp', 'x'):\n    pass\n"
+    )
+    assert places([src], calls("init_process_group"), tmp_path) == ["pkg/m.py:2"]
+    assert places([src], the_string("torch.distributed.run"), tmp_path) == ["pkg/m.py:3"]
+    assert places([src], compares_to({"native", "fsdp"}), tmp_path) == ["pkg/m.py:4", "pkg/m.py:4"]
