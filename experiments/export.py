@@ -308,7 +308,7 @@ def check(checkpoint: Path, exported: Exported, texts: list[str], labels: list[i
 # What a failed int8 check usually means: quantization moves each class probability a little (int8_max_prob_diff),
 # which changes a prediction only where two classes are close, and a briefly trained model is close on many texts.
 INT8_HINT = (
-    "hint: a model trained briefly (a smoke run, a few thousand rows) has many texts near a tie between two "
+    "hint: a model trained briefly (a smoke run) has many texts near a tie between two "
     "classes, where int8's small changes flip predictions: train longer (the Kaggle notebook's run, "
     "docs/kaggle.md) and export again"
 )
