@@ -22,6 +22,7 @@ import httpx
 
 from distrinews.errors import LaunchError, UsageError
 from experiments.launch import free_port
+from experiments.processes import stop_tree
 
 REPO = Path(__file__).resolve().parents[2]
 LUA = """
@@ -139,12 +140,7 @@ def served(checkpoint: Path, *flags: str) -> Iterator[str]:
             time.sleep(0.2)
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_tree(proc, grace_s=60)  # SIGTERM, time for a graceful shutdown, then SIGKILL
 
 
 def batch_counters(url: str) -> tuple[float, float]:
