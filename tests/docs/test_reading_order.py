@@ -252,6 +252,11 @@ def test_the_contract_sees_relative_and_late_imports(tmp_path):
 MAX_FUNCTION_LINES = 60  # issue #29: a function, docstring included, fits a screen; argument parsers excepted
 
 
+def project_sources() -> list[Path]:
+    """Every .py file of the product (not the tests, not docs/examples: self-contained teaching scripts)."""
+    return [p for pkg in (*PROJECT, "deploy", "exercises") for p in sorted((ROOT / pkg).rglob("*.py"))]
+
+
 def long_functions(paths) -> list[str]:
     """`file:line name (N lines)` for each function over MAX_FUNCTION_LINES lines, def to last line, but the
     argument parsers (a name with "parser" or "arguments": a flat list of options, read one at a time)."""
@@ -266,8 +271,8 @@ def long_functions(paths) -> list[str]:
 
 
 def test_no_function_is_longer_than_a_screen():
-    paths = [p for pkg in (*PROJECT, "deploy", "exercises") for p in sorted((ROOT / pkg).rglob("*.py"))]
-    assert not long_functions(paths), f"split these by what each part does: {long_functions(paths)}"
+    too_long = long_functions(project_sources())
+    assert not too_long, f"split these by what each part does: {too_long}"
 
 
 def test_the_length_check_can_fail(tmp_path):
@@ -277,11 +282,6 @@ def test_the_length_check_can_fail(tmp_path):
 
 
 # ---- one place for each concept (issue #29), counted with the AST ---------------------------------
-def project_sources() -> list[Path]:
-    """Every .py file of the product (not the tests, not docs/examples: self-contained teaching scripts)."""
-    return [p for pkg in (*PROJECT, "deploy", "exercises") for p in sorted((ROOT / pkg).rglob("*.py"))]
-
-
 def places(paths, found, base: Path = ROOT) -> list[str]:
     """`file:line` (file relative to `base`) for each AST node of `paths` for which `found(node)` holds."""
     return [f"{p.relative_to(base)}:{n.lineno}" for p in paths for n in ast.walk(ast.parse(p.read_text())) if found(n)]
